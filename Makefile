@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   # installs, then generates from the embedded demo checkpoint on a local Ray cluster
+#   make test   # installs, then runs the whole test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# NOTE: the CPU build of torch first; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/moeray generate --prompt "Hello, experts" --max-new-tokens 16 --workers 2
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: install
+	$(VENV)/bin/moeray bench layer

@@ -1,0 +1,45 @@
+"""Gated activations that sit between an expert's gate_up and down projections.
+
+Weights reach the kernels in one canonical layout, ``w_gate_up_S2IH`` with the gate rows first and the up rows
+second (concatenated); loaders de-interleave checkpoints that store them interleaved (GPT-OSS). So an activation
+only needs the ``[N, 2I]`` gate_up output and returns ``[N, I]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers.activations import ACT2FN
+
+GLU = "glu"
+CLAMPED_SWIGLU = "clamped_swiglu"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GatedActivation:
+    """How ``[gate; up]`` becomes the expert's hidden activation.
+
+    - ``glu``: ``act(gate) * up`` with ``act`` a transformers activation name (Mixtral, Qwen, DeepSeek, OLMoE: silu).
+    - ``clamped_swiglu``: GPT-OSS: ``gate.clamp(max=limit)``, ``up.clamp(-limit, limit)``,
+      ``(up + 1) * gate * sigmoid(alpha * gate)``.
+    """
+
+    kind: str = GLU
+    act: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in (GLU, CLAMPED_SWIGLU):
+            raise ValueError(f"activation kind {self.kind!r} is not one of {GLU!r}, {CLAMPED_SWIGLU!r}")
+        if self.kind == GLU and self.act not in ACT2FN:
+            raise ValueError(f"activation {self.act!r} is not a transformers activation name")
+
+    def __call__(self, gate_up_N2I: torch.Tensor) -> torch.Tensor:
+        gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
+        if self.kind == GLU:
+            return ACT2FN[self.act](gate_NI) * up_NI
+        gate_NI = gate_NI.clamp(max=self.limit)
+        up_NI = up_NI.clamp(min=-self.limit, max=self.limit)
+        return (up_NI + 1) * (gate_NI * torch.sigmoid(gate_NI * self.alpha))

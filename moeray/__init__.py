@@ -1,0 +1,21 @@
+"""moeray: elastic expert-parallel inference for Mixture-of-Experts models on Ray.
+
+One MoE layer of one step:
+
+    request ─▶ router actor ────────────────────────────────────────────────────────────▶ tokens
+                │ [Backbone]  transformers model, routed experts swapped out       (moeray.model)
+                │ [Gate]      the model's own router code: top-k ids and weights
+                │ [Dispatch]  (token, expert) pairs ─▶ a replica each ─▶ one call per worker  (moeray.router)
+                ├──▶ expert worker A ─┐ [Experts]  grouped GEMM over its slots    (moeray.experts, moeray.kernels)
+                ├──▶ expert worker B ─┤
+                │ [Combine]   weighted scatter-add back to token order
+                │ [Load]      tokens per (layer, expert) ─▶ placement controller  (moeray.placement)
+
+Entry points: ``moeray.Engine`` (Python API) and the ``moeray`` CLI.
+"""
+
+from moeray.engine import Engine, EngineConfig
+from moeray.request import GenerationResult, InvalidRequest, SamplingParams
+
+__all__ = ["Engine", "EngineConfig", "GenerationResult", "InvalidRequest", "SamplingParams"]
+__version__ = "0.1.0"

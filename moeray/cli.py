@@ -1,0 +1,157 @@
+"""The ``moeray`` command line.
+
+    moeray generate [--model DIR] --prompt-ids 1,2,3 [--prompt-ids 4,5 ...] [--prompt TEXT ...]
+                    --max-new-tokens N --workers W [--replicas R] [--dtype float32|bfloat16] [--json]
+    moeray info [--model DIR]
+    moeray bench layer [--tokens 16,256,2048] [--workers 2]
+
+With no --model, commands use the embedded demo checkpoint (created on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids {text!r} must be comma-separated integers") from None
+
+
+def _model_dir(arg: str | None) -> str:
+    if arg:
+        return arg
+    from moeray.model.demo import ensure_demo_checkpoint
+
+    return str(ensure_demo_checkpoint())
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or "local", log_to_driver=False, include_dashboard=False,
+                 logging_level=logging.WARNING)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from moeray.engine import Engine, EngineConfig
+    from moeray.request import InvalidRequest, SamplingParams
+
+    model = _model_dir(args.model)
+    prompts: list[list[int]] = list(args.prompt_ids or [])
+    texts: list[str | None] = [None] * len(prompts)
+    tokenizer = None
+    if args.prompt:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+        except (OSError, ValueError):
+            print(f"error: --prompt needs a tokenizer, and {model} has none; use --prompt-ids", file=sys.stderr)
+            return 2
+        for text in args.prompt:
+            prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            texts.append(text)
+    if not prompts:
+        print("error: give at least one --prompt-ids or --prompt", file=sys.stderr)
+        return 2
+    try:
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+        config = EngineConfig(model=model, workers=args.workers, replicas=args.replicas, dtype=args.dtype,
+                              placement=args.placement)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _init_ray(args.address)
+    with Engine(config) as engine:
+        logging.getLogger("moeray").info("memory: %s", json.dumps(engine.memory_report()))
+        try:
+            results = engine.generate(prompts, sampling)
+        except InvalidRequest as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    for result, text in zip(results, texts):
+        line = result.to_json()
+        if text is not None and tokenizer is not None:
+            line["text"] = tokenizer.decode(result.output_ids)
+        print(json.dumps(line) if args.json else _human(line), flush=True)
+    return 0
+
+
+def _human(line: dict) -> str:
+    out = f"prompt {line['prompt_ids']} -> {line['output_ids']}"
+    return out + (f"\n  {line['text']!r}" if "text" in line else "")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from moeray.model.backbone import inspect_checkpoint
+
+    spec = inspect_checkpoint(_model_dir(args.model)).spec
+    print(json.dumps({
+        "architecture": spec.architecture, "model_type": spec.model_type, "layers": spec.num_hidden_layers,
+        "moe_layers": len(spec.moe_layers), "experts": spec.num_experts, "top_k": spec.top_k,
+        "vocab_size": spec.vocab_size, "max_positions": spec.max_positions,
+        "total_params": spec.total_params, "active_params": spec.active_params, "dense_params": spec.dense_params,
+    }))
+    return 0
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
+    from moeray.bench.layer import run_layer_bench
+
+    _init_ray(None)
+    run_layer_bench(tokens=args.tokens, workers=args.workers, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate offline on a local Ray cluster")
+    gen.add_argument("--model", help="HF-format checkpoint directory (default: the embedded demo)")
+    gen.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids; repeatable")
+    gen.add_argument("--prompt", action="append", help="text prompt (needs a tokenizer); repeatable")
+    gen.add_argument("--max-new-tokens", type=int, default=16)
+    gen.add_argument("--workers", type=int, default=2)
+    gen.add_argument("--replicas", type=int, default=0, help="redundant expert slots per MoE layer")
+    gen.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="describe a checkpoint: architecture, experts, total vs active params")
+    info.add_argument("--model")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    layer = bench_sub.add_parser("layer", help="one MoE layer: moeray vs transformers in-process")
+    layer.add_argument("--tokens", type=_ids, default=[16, 256, 2048])
+    layer.add_argument("--workers", type=int, default=2)
+    layer.add_argument("--repeats", type=int, default=10)
+    layer.set_defaults(func=cmd_bench_layer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""``moeray.Engine``: the Python API. Validates a checkpoint, places expert workers and routers on a Ray cluster,
+and runs requests through them.
+
+    with Engine(EngineConfig(model="path/to/checkpoint", workers=2)) as engine:
+        results = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=16))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import ray
+import torch
+
+from moeray.experts.worker import ExpertWorker
+from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
+from moeray.placement.plan import Plan
+from moeray.placement.policies import STATIC_POLICIES, static_plan
+from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams
+from moeray.router.router import Router
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    model: str
+    workers: int = 2
+    replicas: int = 0  # redundant expert slots per MoE layer, beyond one copy of each expert
+    placement: str = "contiguous"
+    dtype: str = "float32"
+    routers: int = 1
+    max_batch_size: int = 32
+    max_new_tokens_cap: int = 4096
+    use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough, else CPU shares
+    worker_num_cpus: float = 0.25  # the CPU share a worker asks for when it runs without a GPU
+    router_num_cpus: float = 0.0
+    threads_per_actor: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "routers", "max_batch_size", "max_new_tokens_cap", "threads_per_actor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.replicas < 0:
+            raise ValueError(f"replicas must be >= 0; got {self.replicas}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.placement not in STATIC_POLICIES:
+            raise ValueError(f"placement {self.placement!r} is not one of {STATIC_POLICIES}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        # 1. Everything that can be checked without actors is checked first, so a bad checkpoint leaves none behind.
+        self.checkpoint: LoadedCheckpoint = inspect_checkpoint(config.model, config.torch_dtype)
+        self.spec = self.checkpoint.spec
+        self.plan: Plan = static_plan(config.placement, num_layers=len(self.spec.moe_layers),
+                                      num_experts=self.spec.num_experts, num_workers=config.workers,
+                                      redundant=config.replicas)
+        self.limits = RequestLimits(vocab_size=self.spec.vocab_size, max_positions=self.spec.max_positions,
+                                    max_new_tokens_cap=config.max_new_tokens_cap)
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+        self.workers: list = []
+        self.routers: list = []
+        try:
+            self._start_actors()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _worker_options(self) -> dict:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpus = self.config.use_gpus if self.config.use_gpus is not None else gpus >= self.config.workers
+        if use_gpus and gpus < self.config.workers:
+            raise ValueError(f"{self.config.workers} workers need one GPU each; the cluster has {gpus}")
+        return {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": self.config.worker_num_cpus}
+
+    def _start_actors(self) -> None:
+        config, path = self.config, self.checkpoint.checkpoint.path
+        options = self._worker_options()
+        log.info("starting %d expert workers (%s) for %s", config.workers, options, path)
+        worker_cls = ray.remote(ExpertWorker)
+        for w in range(config.workers):
+            self.workers.append(worker_cls.options(**options, max_concurrency=4).remote(
+                worker_index=w, checkpoint_path=path, spec=self.spec, sources=self.checkpoint.index.experts,
+                experts_per_layer=self.plan.experts_of(w), dtype=config.torch_dtype,
+                num_threads=config.threads_per_actor,
+            ))
+        ray.get([w.ping.remote() for w in self.workers])  # surfaces load errors now
+        router_cls = ray.remote(Router)
+        for _ in range(config.routers):
+            self.routers.append(router_cls.options(num_cpus=config.router_num_cpus, max_concurrency=1000).remote(
+                checkpoint_path=path, dtype=config.torch_dtype, plan=self.plan, workers=self.workers,
+                max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
+                num_threads=config.threads_per_actor,
+            ))
+        ray.get([r.ping.remote() for r in self.routers])
+        log.info("moeray engine ready: %d routers, %d workers", len(self.routers), len(self.workers))
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, router: int = 0):
+        """Start one request; returns an ObjectRef to its GenerationResult. Bad input raises here, at once."""
+        sampling = sampling or SamplingParams()
+        ids = self.limits.check(prompt_ids, sampling)
+        return self.routers[router % len(self.routers)].generate.remote(ids, sampling)
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
+        """Run prompts concurrently (they share batched steps); results in prompt order."""
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise InvalidRequest(f"{len(samplings)} sampling parameter sets for {len(prompts)} prompts")
+        for i, (p, s) in enumerate(zip(prompts, samplings)):
+            try:
+                self.limits.check(p, s or SamplingParams())
+            except InvalidRequest as e:
+                raise InvalidRequest(f"prompt {i}: {e}") from None
+        refs = [self.submit(p, s, router=i) for i, (p, s) in enumerate(zip(prompts, samplings))]
+        return ray.get(refs)
+
+    def score(self, input_ids_BT, attention_mask_BT=None, router: int = 0) -> np.ndarray:
+        """Logits [B, T, V] for whole prompts (no generation)."""
+        return ray.get(self.routers[router % len(self.routers)].score.remote(
+            np.asarray(input_ids_BT), None if attention_mask_BT is None else np.asarray(attention_mask_BT)))
+
+    # -- introspection -----------------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        spec = self.spec
+        itemsize = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        return {
+            "total_params": spec.total_params,
+            "active_params": spec.active_params,
+            "dense_params": spec.dense_params,
+            "expert_params": spec.expert_params,
+            "expert_bytes_total": spec.expert_params * itemsize,
+            "router_resident_bytes": ray.get([r.resident_bytes.remote() for r in self.routers]),
+            "router_expert_bytes": ray.get([r.expert_bytes_held.remote() for r in self.routers]),
+            "worker_resident_bytes": ray.get([w.resident_bytes.remote() for w in self.workers]),
+        }
+
+    def workers_info(self) -> list[dict]:
+        return ray.get([w.info.remote() for w in self.workers])
+
+    def take_load(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens per (MoE layer, logical expert) and per (MoE layer, worker) since the last call, all routers."""
+        loads = ray.get([r.take_load.remote() for r in self.routers])
+        return sum(l[0] for l in loads), sum(l[1] for l in loads)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        for router in self.routers:
+            try:
+                ray.get(router.shutdown.remote(), timeout=10)
+            except Exception:  # the router may already be gone; it is killed next either way
+                pass
+        for actor in self.routers + self.workers:
+            ray.kill(actor)
+        self.routers, self.workers = [], []
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,144 @@
+"""What moeray needs to know about an MoE architecture, read off transformers' own modules.
+
+transformers 5.x gives every MoE model one seam: an ``*Experts`` module decorated with
+``@use_experts_implementation`` and called as ``experts(hidden[T,H], top_k_index[T,K], top_k_weights[T,K])``.
+We build the model on the meta device (no memory), find those modules, and record per MoE layer its shapes and
+weight layout. The router's gate code stays the model's own, so routing is exactly what its authors wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.integrations import moe as hf_moe
+
+from moeray.kernels import CLAMPED_SWIGLU, GLU, GatedActivation
+from moeray.model.checkpoint import CheckpointError
+
+EXPERTS_IMPLEMENTATION = "moeray"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoELayerSpec:
+    """One MoE layer. ``index`` is its ordinal among MoE layers (the ``l`` of plans and load)."""
+
+    index: int
+    decoder_layer: int
+    module_path: str  # e.g. "model.layers.1.mlp.experts"
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    has_bias: bool
+    is_transposed: bool  # the model stores gate_up as [E, H, 2I] rather than [E, 2I, H]
+    is_concatenated: bool  # [gate; up] halves, rather than interleaved rows (GPT-OSS)
+
+    @property
+    def params_per_expert(self) -> int:
+        h, i = self.hidden_size, self.intermediate_size
+        return 3 * h * i + (2 * i + h if self.has_bias else 0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    model_type: str
+    architecture: str
+    num_hidden_layers: int
+    vocab_size: int
+    max_positions: int
+    top_k: int
+    activation: GatedActivation
+    moe_layers: tuple[MoELayerSpec, ...]
+    dense_params: int  # everything a router holds: embeddings, attention, norms, gates, shared experts, lm_head
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe_layers[0].num_experts
+
+    @property
+    def expert_params(self) -> int:
+        return sum(spec.num_experts * spec.params_per_expert for spec in self.moe_layers)
+
+    @property
+    def total_params(self) -> int:
+        return self.dense_params + self.expert_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token touches: the dense parts plus top_k experts per MoE layer."""
+        return self.dense_params + sum(self.top_k * spec.params_per_expert for spec in self.moe_layers)
+
+
+def _moeray_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    # NOTE: the backbone attaches `_moeray_dispatch` to every experts module it builds; see backbone.py.
+    return self._moeray_dispatch(self._moeray_layer, hidden_states, top_k_index, top_k_weights)
+
+
+@functools.cache
+def register_experts_implementation() -> None:
+    hf_moe.ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _moeray_experts_forward)
+
+
+def is_experts_module(module: torch.nn.Module) -> bool:
+    # `use_experts_implementation` sets these in the wrapped __init__; nothing else in transformers has them all.
+    return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "is_concatenated", "_is_expert_parallel"))
+
+
+def build_meta_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """The full model on the meta device, with its experts routed through moeray's implementation."""
+    register_experts_implementation()
+    config._experts_implementation = EXPERTS_IMPLEMENTATION
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise CheckpointError(f"architecture {config.model_type!r} is not a causal LM transformers can build: {e}")
+
+
+def _activation_of(module: torch.nn.Module, config: PretrainedConfig) -> GatedActivation:
+    apply_gate = type(module)._apply_gate
+    if apply_gate is hf_moe._default_apply_gate:
+        return GatedActivation(kind=GLU, act=config.hidden_act)
+    if config.model_type == "gpt_oss":
+        return GatedActivation(kind=CLAMPED_SWIGLU, alpha=float(module.alpha), limit=float(module.limit))
+    raise CheckpointError(f"{type(module).__name__} has a custom gated activation moeray does not implement yet")
+
+
+def describe(model: torch.nn.Module, config: PretrainedConfig) -> ModelSpec:
+    """Find the experts modules of a (meta) model and describe the architecture."""
+    layers = []
+    activation = None
+    for path, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        if not module.has_gate or getattr(module, "has_post_expert_norm", False):
+            raise CheckpointError(f"{type(module).__name__} (ungated or post-normed experts) is not supported yet")
+        parts = path.split(".")
+        decoder_layer = next((int(p) for p in parts if p.isdigit()), len(layers))
+        w = module.gate_up_proj  # [E, 2I, H], or [E, H, 2I] when transposed
+        num_experts, hidden = w.shape[0], (w.shape[1] if module.is_transposed else w.shape[2])
+        intermediate = (w.shape[2] if module.is_transposed else w.shape[1]) // 2
+        layers.append(MoELayerSpec(
+            index=len(layers), decoder_layer=decoder_layer, module_path=path, num_experts=num_experts,
+            hidden_size=hidden, intermediate_size=intermediate, has_bias=bool(module.has_bias),
+            is_transposed=bool(module.is_transposed), is_concatenated=bool(module.is_concatenated),
+        ))
+        activation = activation or _activation_of(module, config)
+    if not layers:
+        raise CheckpointError(f"{config.model_type!r} has no routed experts: it is not a Mixture-of-Experts model")
+    expert_paths = tuple(spec.module_path + "." for spec in layers)
+    dense = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(expert_paths))
+    text = config.get_text_config()
+    return ModelSpec(
+        model_type=config.model_type,
+        architecture=type(model).__name__,
+        num_hidden_layers=text.num_hidden_layers,
+        vocab_size=text.vocab_size,
+        max_positions=text.max_position_embeddings,
+        top_k=text.num_experts_per_tok,
+        activation=activation,
+        moe_layers=tuple(layers),
+        dense_params=dense,
+    )

@@ -1,0 +1,90 @@
+"""The plan: which worker holds which copy of which expert, per MoE layer, at one epoch.
+
+Shape legend: L MoE layers, P physical slots per layer, E logical experts, R max replicas of one expert.
+
+- ``phy2log_LP[l, p]``: the logical expert slot ``p`` of layer ``l`` holds.
+- ``slot_worker_LP[l, p]``: the worker that holds slot ``p``.
+- ``log2phy_LER[l, e, r]``: the r-th slot of logical expert ``e`` (-1 past ``replica_count_LE[l, e]``).
+
+A worker stores its slots of a layer in increasing slot order; ``local_slot_LP`` is a slot's index there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Plan:
+    epoch: int
+    num_workers: int
+    num_experts: int
+    phy2log_LP: torch.Tensor
+    slot_worker_LP: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.phy2log_LP.shape != self.slot_worker_LP.shape or self.phy2log_LP.dim() != 2:
+            raise ValueError(f"phy2log {tuple(self.phy2log_LP.shape)} and slot_worker "
+                             f"{tuple(self.slot_worker_LP.shape)} must both be [layers, slots]")
+        if self.num_workers < 1:
+            raise ValueError(f"a plan needs at least 1 worker; got {self.num_workers}")
+        for l in range(self.num_layers):
+            logical, workers = self.phy2log_LP[l], self.slot_worker_LP[l]
+            if logical.min() < 0 or logical.max() >= self.num_experts:
+                raise ValueError(f"layer {l}: logical expert ids must lie in [0, {self.num_experts})")
+            if workers.min() < 0 or workers.max() >= self.num_workers:
+                raise ValueError(f"layer {l}: worker ids must lie in [0, {self.num_workers})")
+            missing = set(range(self.num_experts)) - set(logical.tolist())
+            if missing:
+                raise ValueError(f"layer {l}: experts {sorted(missing)} have no replica")
+            pairs = set(zip(logical.tolist(), workers.tolist()))
+            if len(pairs) != logical.numel():
+                raise ValueError(f"layer {l}: two replicas of one expert on the same worker")
+
+    @property
+    def num_layers(self) -> int:
+        return self.phy2log_LP.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.phy2log_LP.shape[1]
+
+    @property
+    def replica_count_LE(self) -> torch.Tensor:
+        counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
+        return counts.scatter_add_(1, self.phy2log_LP, torch.ones_like(self.phy2log_LP))
+
+    @property
+    def log2phy_LER(self) -> torch.Tensor:
+        counts_LE = self.replica_count_LE
+        out = torch.full((self.num_layers, self.num_experts, int(counts_LE.max())), -1, dtype=torch.long)
+        for l in range(self.num_layers):
+            seen = [0] * self.num_experts
+            for p, e in enumerate(self.phy2log_LP[l].tolist()):
+                out[l, e, seen[e]] = p
+                seen[e] += 1
+        return out
+
+    @property
+    def local_slot_LP(self) -> torch.Tensor:
+        out = torch.empty_like(self.slot_worker_LP)
+        for l in range(self.num_layers):
+            seen = [0] * self.num_workers
+            for p, w in enumerate(self.slot_worker_LP[l].tolist()):
+                out[l, p] = seen[w]
+                seen[w] += 1
+        return out
+
+    def experts_of(self, worker: int) -> list[list[int]]:
+        """Per layer, the logical experts a worker holds, in its local slot order."""
+        return [self.phy2log_LP[l][self.slot_worker_LP[l] == worker].tolist() for l in range(self.num_layers)]
+
+    def describe(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "num_workers": self.num_workers,
+            "phy2log": self.phy2log_LP.tolist(),
+            "slot_worker": self.slot_worker_LP.tolist(),
+        }

@@ -1,0 +1,92 @@
+"""Dispatch and combine: the router's side of one MoE layer.
+
+    top_k_index[T,K], top_k_weights[T,K]  (the model's own gate)
+      -> pairs (token, expert, weight), pads dropped
+      -> pick a replica per pair (spread evenly over an expert's slots)
+      -> bucket by worker; one call per touched worker carrying only its tokens
+      -> combine: scatter-add each worker's weighted partial sums back to token order
+
+Shape legend: T tokens, H hidden, K top-k, N (token, expert) pairs, L MoE layers, E experts, W workers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import ray
+import torch
+
+from moeray.placement.plan import Plan
+from moeray.transport.object_store import pack, unpack
+
+WorkerCall = Callable[..., "ray.ObjectRef"]
+
+
+class ExpertDispatcher:
+    def __init__(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle]) -> None:
+        if len(workers) != plan.num_workers:
+            raise ValueError(f"the plan places experts on {plan.num_workers} workers; {len(workers)} were given")
+        self.workers = list(workers)
+        self._lock = threading.Lock()
+        self.set_plan(plan)
+        # Tokens routed per (layer, logical expert) and per (layer, worker) since the last `take_load`.
+        self.expert_load_LE = torch.zeros(plan.num_layers, plan.num_experts, dtype=torch.long)
+        self.worker_load_LW = torch.zeros(plan.num_layers, plan.num_workers, dtype=torch.long)
+        # Set by the scheduler around each forward: which of the flattened tokens are real (False for padding).
+        self.token_mask_T: torch.Tensor | None = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Switch to a new epoch's plan; call between steps only."""
+        self.plan = plan
+        self._log2phy_LER = plan.log2phy_LER
+        self._replicas_LE = plan.replica_count_LE
+        self._slot_worker_LP = plan.slot_worker_LP
+        self._local_slot_LP = plan.local_slot_LP
+
+    def take_load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            load = (self.expert_load_LE.clone(), self.worker_load_LW.clone())
+            self.expert_load_LE.zero_()
+            self.worker_load_LW.zero_()
+        return load
+
+    def __call__(
+        self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index_TK.shape
+        # 1. Flatten to (token, expert, weight) pairs, dropping padding tokens.
+        pair_token_N = torch.arange(num_tokens).repeat_interleave(top_k)
+        pair_expert_N = top_k_index_TK.reshape(-1).cpu()
+        pair_weight_N = top_k_weights_TK.reshape(-1).float().cpu()
+        if self.token_mask_T is not None:
+            keep_N = self.token_mask_T.repeat_interleave(top_k)
+            pair_token_N, pair_expert_N, pair_weight_N = pair_token_N[keep_N], pair_expert_N[keep_N], pair_weight_N[keep_N]
+        # 2. A replica per pair: consecutive pairs of one expert take its slots in turn.
+        replica_N = torch.arange(pair_expert_N.numel()) % self._replicas_LE[layer, pair_expert_N]
+        slot_N = self._log2phy_LER[layer, pair_expert_N, replica_N]
+        worker_N = self._slot_worker_LP[layer, slot_N]
+        local_slot_N = self._local_slot_LP[layer, slot_N]
+        # 3. One call per touched worker, carrying only the tokens it needs.
+        calls = []
+        for worker in worker_N.unique().tolist():
+            sel_N = worker_N == worker
+            tokens_T = pair_token_N[sel_N].unique()  # sorted
+            pair_local_token_N = torch.searchsorted(tokens_T, pair_token_N[sel_N])
+            ref = self.workers[worker].forward.remote(
+                layer,
+                pack(x_TH.index_select(0, tokens_T.to(x_TH.device))),
+                pair_local_token_N.to(torch.int32).numpy(),
+                local_slot_N[sel_N].to(torch.int32).numpy(),
+                pair_weight_N[sel_N].numpy(),
+            )
+            calls.append((tokens_T, ref))
+        with self._lock:
+            self.expert_load_LE[layer] += torch.bincount(pair_expert_N, minlength=self.plan.num_experts)
+            self.worker_load_LW[layer] += torch.bincount(worker_N, minlength=self.plan.num_workers)
+        # 4. Combine.
+        y_TH = torch.zeros_like(x_TH)
+        results = ray.get([ref for _, ref in calls])
+        for (tokens_T, _), wire in zip(calls, results):
+            y_TH.index_add_(0, tokens_T.to(x_TH.device), unpack(wire, x_TH.device))
+        return y_TH

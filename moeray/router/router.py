@@ -1,0 +1,134 @@
+"""The router actor: the dense parts of the model, the batching scheduler, and dispatch to expert workers.
+
+A threaded Ray actor: callers block in ``generate`` on their own thread while one loop thread steps the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import numpy as np
+import ray
+import torch
+from transformers import GenerationConfig
+
+from moeray.model.backbone import build_backbone, resident_bytes
+from moeray.placement.plan import Plan
+from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams
+from moeray.router.dispatch import ExpertDispatcher
+from moeray.router.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _eos_ids(checkpoint_path: str, config) -> frozenset[int]:
+    try:
+        eos = GenerationConfig.from_pretrained(checkpoint_path, local_files_only=True).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = getattr(config.get_text_config(), "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        checkpoint_path: str,
+        dtype: torch.dtype,
+        plan: Plan,
+        workers: list,
+        max_batch_size: int = 32,
+        max_new_tokens_cap: int = 4096,
+        num_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(num_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dispatcher = ExpertDispatcher(plan, workers)
+        self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
+        self.spec = loaded.spec
+        self.eos_ids = _eos_ids(checkpoint_path, loaded.checkpoint.config)
+        self.limits = RequestLimits(vocab_size=self.spec.vocab_size, max_positions=self.spec.max_positions,
+                                    max_new_tokens_cap=max_new_tokens_cap)
+        self.scheduler = Scheduler(self.model, set_token_mask=self._set_token_mask,
+                                   max_batch_size=max_batch_size, device=device)
+        self._stopped = threading.Event()
+        self._loop = threading.Thread(target=self._run, name="moeray-step-loop", daemon=True)
+        self._loop.start()
+
+    def _set_token_mask(self, mask_T: torch.Tensor | None) -> None:
+        self.dispatcher.token_mask_T = mask_T
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            if self.scheduler.wait_for_work(timeout=0.1):
+                self.scheduler.step()
+
+    def new_sequence(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
+                     on_token=None) -> Sequence:
+        ids = self.limits.check(prompt_ids, sampling)
+        stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_ids))
+        return Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=ids, sampling=sampling,
+                        stop_ids=frozenset(stop), on_token=on_token)
+
+    def generate(self, prompt_ids: list[int], sampling: SamplingParams,
+                 request_id: str | None = None) -> GenerationResult:
+        """Run one request to completion in the shared batch. Bad input raises InvalidRequest before it joins."""
+        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id))
+        seq.done.wait()
+        if seq.error is not None:
+            raise seq.error
+        return seq.result()
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def score(self, input_ids_BT: np.ndarray, attention_mask_BT: np.ndarray | None = None) -> np.ndarray:
+        """Logits [B, T, V] (float32) for a batch of prompts, as transformers' forward would give them."""
+        ids = torch.as_tensor(np.asarray(input_ids_BT), dtype=torch.long)
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise InvalidRequest(f"input_ids must be a non-empty [batch, tokens] array; got shape {tuple(ids.shape)}")
+        mask = torch.ones_like(ids) if attention_mask_BT is None else torch.as_tensor(np.asarray(attention_mask_BT),
+                                                                                        dtype=torch.long)
+        if mask.shape != ids.shape:
+            raise InvalidRequest(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
+        if ids.shape[1] > self.spec.max_positions:
+            raise InvalidRequest(f"{ids.shape[1]} tokens exceed the model's {self.spec.max_positions} positions")
+        if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
+        return self.scheduler.score(ids, mask).float().cpu().numpy()
+
+    def set_plan(self, plan: Plan) -> None:
+        with self.scheduler.forward_lock:
+            self.dispatcher.set_plan(plan)
+
+    def take_load(self) -> tuple[np.ndarray, np.ndarray]:
+        expert_LE, worker_LW = self.dispatcher.take_load()
+        return expert_LE.numpy(), worker_LW.numpy()
+
+    def resident_bytes(self) -> int:
+        return resident_bytes(self.model)
+
+    def expert_bytes_held(self) -> int:
+        """Bytes of routed-expert parameters with real storage here; always 0 (they stay on the meta device)."""
+        paths = tuple(layer.module_path + "." for layer in self.spec.moe_layers)
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters(remove_duplicate=False)
+                   if n.startswith(paths) and p.device.type != "meta")
+
+    def stats(self) -> dict:
+        return {"steps": self.scheduler.steps, "running": len(self.scheduler.running),
+                "waiting": self.scheduler.num_waiting}
+
+    def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._loop.join(timeout=5)
+
+
+RouterActor = ray.remote(Router)
