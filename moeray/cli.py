@@ -43,7 +43,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from moeray.engine import Engine, EngineConfig
-    from moeray.request import InvalidRequest, SamplingParams
+    from moeray.model.backbone import inspect_checkpoint
+    from moeray.model.checkpoint import CheckpointError
+    from moeray.request import InvalidRequest, RequestLimits, SamplingParams
 
     model = _model_dir(args.model)
     prompts: list[list[int]] = list(args.prompt_ids or [])
@@ -66,17 +68,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
         config = EngineConfig(model=model, workers=args.workers, replicas=args.replicas, dtype=args.dtype,
                               placement=args.placement)
-    except ValueError as e:
+        # Reject bad input before any cluster starts: the checks need only the checkpoint's headers.
+        spec = inspect_checkpoint(model, config.torch_dtype).spec
+        limits = RequestLimits.of(spec, config.max_new_tokens_cap)
+        for i, prompt in enumerate(prompts):
+            try:
+                limits.check(prompt, sampling)
+            except InvalidRequest as e:
+                raise InvalidRequest(f"prompt {i}: {e}") from None
+    except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _init_ray(args.address)
     with Engine(config) as engine:
         logging.getLogger("moeray").info("memory: %s", json.dumps(engine.memory_report()))
-        try:
-            results = engine.generate(prompts, sampling)
-        except InvalidRequest as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        results = engine.generate(prompts, sampling)
     for result, text in zip(results, texts):
         line = result.to_json()
         if text is not None and tokenizer is not None:

@@ -68,8 +68,7 @@ class Engine:
         self.plan: Plan = static_plan(config.placement, num_layers=len(self.spec.moe_layers),
                                       num_experts=self.spec.num_experts, num_workers=config.workers,
                                       redundant=config.replicas)
-        self.limits = RequestLimits(vocab_size=self.spec.vocab_size, max_positions=self.spec.max_positions,
-                                    max_new_tokens_cap=config.max_new_tokens_cap)
+        self.limits = RequestLimits.of(self.spec, config.max_new_tokens_cap)
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
         self.workers: list = []

@@ -55,6 +55,11 @@ class RequestLimits:
     max_positions: int
     max_new_tokens_cap: int
 
+    @classmethod
+    def of(cls, spec, max_new_tokens_cap: int) -> RequestLimits:
+        """The limits of a model (a ``ModelSpec``) with a deployment's cap on new tokens."""
+        return cls(vocab_size=spec.vocab_size, max_positions=spec.max_positions, max_new_tokens_cap=max_new_tokens_cap)
+
     def check(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> list[int]:
         ids = list(prompt_ids)
         if not ids:

@@ -83,6 +83,10 @@ class ExpertWorker:
         )
         return pack(y_TH)
 
+    def echo(self, payload):
+        """Return the payload untouched: ``moeray bench layer`` measures the bare transport floor with it."""
+        return payload[0]
+
     def resident_bytes(self) -> int:
         return sum(w.nbytes for w in self.layers if w is not None)
 

@@ -18,7 +18,7 @@ ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "g
 
 _COMMON = dict(vocab_size=131, hidden_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               tie_word_embeddings=False)
+               tie_word_embeddings=False, initializer_range=0.15)
 
 
 def tiny_config(arch: str, **overrides) -> PretrainedConfig:

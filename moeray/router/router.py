@@ -51,8 +51,7 @@ class Router:
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(checkpoint_path, loaded.checkpoint.config)
-        self.limits = RequestLimits(vocab_size=self.spec.vocab_size, max_positions=self.spec.max_positions,
-                                    max_new_tokens_cap=max_new_tokens_cap)
+        self.limits = RequestLimits.of(self.spec, max_new_tokens_cap)
         self.scheduler = Scheduler(self.model, set_token_mask=self._set_token_mask,
                                    max_batch_size=max_batch_size, device=device)
         self._stopped = threading.Event()

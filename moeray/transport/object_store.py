@@ -5,8 +5,13 @@ numpy has no bfloat16, so 16-bit floats travel as their raw int16 bits with the 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+
+# Arrays from the object store are read-only, zero-copy views; nothing here writes to the tensors made from them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 WireTensor = tuple[np.ndarray, str]
 
@@ -23,7 +28,6 @@ def pack(t: torch.Tensor) -> WireTensor:
 
 def unpack(wire: WireTensor, device: torch.device | str = "cpu") -> torch.Tensor:
     array, name = wire
-    # NOTE: arrays from the object store are read-only views; torch warns on those but never writes to them here.
     t = torch.from_numpy(np.asarray(array))
     if name in _RAW_16BIT:
         t = t.view(_RAW_16BIT[name])

@@ -1,0 +1,129 @@
+"""``moeray bench layer``: one MoE layer through moeray's workers vs transformers' experts in one process.
+
+For H=1024, I=2048, 16 experts, top-2, float32 (a Mixtral-style layer) at each token count it prints, in one run:
+- moeray: dispatch -> 2 expert worker actors (8 experts each, one thread each) -> combine, tokens/s;
+- transformers in-process: the same experts module with its eager loop and with every other registered
+  implementation that runs on CPU (all the machine's threads), tokens/s;
+- the floor: a bare Ray round trip of the same bytes to the same actors (no compute);
+and the ratios the engine issue sets targets for: moeray / best in-process (>= 0.8 at T=2048), and moeray's
+overhead above the in-process block / the bare round trip (<= 2 at T=16).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import ray
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moeray.experts.worker import ExpertWorker
+from moeray.model.backbone import inspect_checkpoint
+from moeray.model.tiny import save_random_checkpoint
+from moeray.placement.policies import static_plan
+from moeray.router.dispatch import ExpertDispatcher
+from moeray.transport.object_store import pack
+
+HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2048, 16, 2
+
+
+def _layer_checkpoint(path: str) -> str:
+    config = transformers.MixtralConfig(vocab_size=256, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                                        num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8,
+                                        num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    save_random_checkpoint(config, path, seed=0)
+    return path
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x_TH = torch.randn(tokens, HIDDEN, generator=g)
+    probs = torch.softmax(torch.randn(tokens, EXPERTS, generator=g), dim=-1)
+    weights_TK, index_TK = torch.topk(probs, TOP_K, dim=-1)
+    return x_TH, index_TK, weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+
+
+def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> list[dict]:
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _layer_checkpoint(tmp)
+        info = inspect_checkpoint(path)
+        plan = static_plan("contiguous", num_layers=1, num_experts=EXPERTS, num_workers=workers)
+        worker_cls = ray.remote(ExpertWorker).options(num_cpus=0)
+        actors = [worker_cls.remote(worker_index=w, checkpoint_path=path, spec=info.spec,
+                                    sources=info.index.experts, experts_per_layer=plan.experts_of(w),
+                                    dtype=torch.float32, num_threads=1) for w in range(workers)]
+        ray.get([a.ping.remote() for a in actors])
+        dispatch = ExpertDispatcher(plan, actors)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        experts = hf.model.layers[0].mlp.experts
+        implementations = ["eager"] + [name for name in ALL_EXPERTS_FUNCTIONS if name != "moeray"]
+
+        print(f"MoE layer H={HIDDEN} I={INTERMEDIATE} E={EXPERTS} top-{TOP_K} float32; moeray: {workers} workers x 1 "
+              f"thread; transformers {transformers.__version__} in-process: {torch.get_num_threads()} threads")
+        for t in tokens:
+            x_TH, index_TK, weights_TK = _routing(t, seed=t)
+            reps = max(2, repeats if t <= 256 else repeats // 3)
+            moeray_s = _timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps)
+            in_process = {}
+            with torch.no_grad():
+                for name in implementations:
+                    experts.config._experts_implementation = name
+                    try:
+                        in_process[name] = _timed(lambda: experts(x_TH, index_TK, weights_TK), reps)
+                    except Exception as e:  # noqa: BLE001 - an implementation that needs a GPU or a hub kernel
+                        print(f"  T={t}: transformers '{name}' unavailable on CPU ({type(e).__name__})")
+            best_name = min(in_process, key=in_process.get)
+            # The floor: the same per-worker payloads, echoed by the same actors, no compute.
+            payloads = _payloads(dispatch, x_TH, index_TK)
+            floor_s = _timed(lambda: ray.get([actors[w].echo.remote(p) for w, p in payloads]), reps)
+            row = {
+                "tokens": t,
+                "moeray_tok_s": t / moeray_s,
+                **{f"hf_{n}_tok_s": t / s for n, s in in_process.items()},
+                "hf_best": best_name,
+                "ratio_vs_best": in_process[best_name] / moeray_s,
+                "ratio_vs_eager": in_process["eager"] / moeray_s,
+                "floor_ms": floor_s * 1e3,
+                "overhead_ms": (moeray_s - in_process[best_name]) * 1e3,
+            }
+            row["overhead_over_floor"] = row["overhead_ms"] / row["floor_ms"]
+            rows.append(row)
+            hf_cols = "  ".join(f"hf[{n}] {t / s:9.0f}" for n, s in in_process.items())
+            print(f"T={t:5d}  moeray {row['moeray_tok_s']:9.0f} tok/s  {hf_cols}  "
+                  f"moeray/hf[{best_name}] {row['ratio_vs_best']:.2f}x  moeray/hf[eager] {row['ratio_vs_eager']:.2f}x  "
+                  f"floor {row['floor_ms']:.2f} ms  overhead {row['overhead_ms']:.2f} ms "
+                  f"({row['overhead_over_floor']:.2f}x floor)")
+        for a in actors:
+            ray.kill(a)
+    return rows
+
+
+def _payloads(dispatch: ExpertDispatcher, x_TH: torch.Tensor, index_TK: torch.Tensor) -> list[tuple[int, tuple]]:
+    """Per touched worker, arrays of the sizes dispatch sends it (x rows and the pair arrays)."""
+    worker_N = dispatch.plan.slot_worker_LP[0][dispatch.plan.log2phy_LER[0, index_TK.reshape(-1), 0]]
+    token_N = torch.arange(x_TH.shape[0]).repeat_interleave(index_TK.shape[1])
+    out = []
+    for w in worker_N.unique().tolist():
+        sel = worker_N == w
+        rows = token_N[sel].unique()
+        n = int(sel.sum())
+        out.append((w, (pack(x_TH[rows]), np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32))))
+    return out

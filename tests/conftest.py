@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny checkpoints of every architecture, transformers as the oracle, and Ray clusters.
+
+Ray fixtures follow Ray's own conftest: one ``_ray_start(**kwargs)`` and a module-scoped shared cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+torch.set_num_threads(2)
+
+
+@contextlib.contextmanager
+def _ray_start(**kwargs):
+    # NOTE: always address="local": a stale cluster file in Ray's temp folder otherwise breaks the next init.
+    kwargs = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, **kwargs}
+    ray.init(address="local", **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    with _ray_start():
+        yield
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """arch -> directory of a tiny seeded checkpoint, created on first use."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    made: dict[str, str] = {}
+
+    class _Lazy(dict):
+        def __missing__(self, arch):
+            made[arch] = str(save_tiny_checkpoint(arch, root / arch, seed=ARCHITECTURES.index(arch)))
+            self[arch] = made[arch]
+            return made[arch]
+
+    return _Lazy()
+
+
+class Oracle:
+    """transformers running a checkpoint in this process: the correctness reference."""
+
+    def __init__(self, path: str):
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos = {eos} if isinstance(eos, int) else set(eos or [])
+
+    @torch.no_grad()
+    def logits(self, prompt: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([prompt])).logits[0]
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], max_new_tokens: int = 16) -> list[int]:
+        out = self.model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, len(prompt):].tolist()
+        # generate pads after EOS; moeray stops there (finish_reason "stop")
+        for i, t in enumerate(new):
+            if t in self.eos:
+                return new[: i + 1]
+        return new
+
+
+@pytest.fixture(scope="session")
+def oracle(checkpoints):
+    cache: dict[str, Oracle] = {}
+
+    def get(arch: str) -> Oracle:
+        if arch not in cache:
+            cache[arch] = Oracle(checkpoints[arch])
+        return cache[arch]
+
+    return get
+
+
+def assert_logits_close(actual, expected, rel: float = 1e-4) -> None:
+    """max |a - b| <= rel * max |b|: 'within 1e-4 relative' for a whole logits tensor."""
+    actual = (actual if isinstance(actual, torch.Tensor) else torch.from_numpy(np.array(actual))).float()
+    expected = expected.float()
+    assert actual.shape == expected.shape
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rel * scale, f"max abs error {err:.3e} > {rel} * {scale:.3e}"
+
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25], [30], [40, 41, 42, 43, 44, 45, 46]]

@@ -1,0 +1,35 @@
+"""Workers across two fake-GPU nodes of a ray.cluster_utils.Cluster: one per device, same outputs."""
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from conftest import PROMPTS
+from moeray import Engine, EngineConfig, SamplingParams
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def two_gpu_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
+                                                            "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=2), cluster.add_node(num_cpus=1, num_gpus=1)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_workers_one_per_device_across_nodes(two_gpu_nodes, checkpoints, oracle):
+    _, nodes = two_gpu_nodes
+    ref = oracle("gpt_oss")
+    with Engine(EngineConfig(model=checkpoints["gpt_oss"], workers=3, replicas=2)) as engine:
+        info = engine.workers_info()
+        devices = [(w["node_id"], tuple(w["gpu_ids"])) for w in info]
+        assert all(len(w["gpu_ids"]) == 1 for w in info), "each worker owns exactly one GPU"
+        assert len(set(devices)) == 3, f"workers share a device: {devices}"
+        assert {w["node_id"] for w in info} == {n.node_id for n in nodes}, "workers span both GPU nodes"
+        results = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16))
+        assert [r.output_ids for r in results] == [ref.greedy(p) for p in PROMPTS]

@@ -1,0 +1,79 @@
+"""The torch grouped path against the naive per-pair loop, and its input checks."""
+
+import pytest
+import torch
+
+from moeray.kernels import CLAMPED_SWIGLU, ExpertWeights, GatedActivation, grouped_experts_torch, reference_experts
+
+ACTIVATIONS = [GatedActivation(), GatedActivation(act="gelu"), GatedActivation(kind=CLAMPED_SWIGLU, limit=0.5)]
+
+
+def _case(tokens, hidden, inter, slots, top_k, bias, seed=0, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    w = ExpertWeights(
+        w_gate_up_S2IH=torch.randn(slots, 2 * inter, hidden, generator=g) / hidden**0.5,
+        w_down_SHI=torch.randn(slots, hidden, inter, generator=g) / inter**0.5,
+        b_gate_up_S2I=torch.randn(slots, 2 * inter, generator=g) if bias else None,
+        b_down_SH=torch.randn(slots, hidden, generator=g) if bias else None,
+    )
+    x = torch.randn(tokens, hidden, generator=g)
+    pair_token = torch.arange(tokens).repeat_interleave(top_k)
+    if skew:  # every pair on slot 0: the others get nothing
+        pair_slot = torch.zeros(tokens * top_k, dtype=torch.long)
+    else:
+        pair_slot = torch.randint(0, slots, (tokens * top_k,), generator=g)
+    pair_weight = torch.rand(tokens * top_k, generator=g)
+    return x, pair_token, pair_slot, pair_weight, w
+
+
+@pytest.mark.parametrize("tokens,hidden,inter,slots,top_k", [(1, 96, 200, 1, 1), (7, 33, 20, 8, 2), (33, 40, 24, 64, 4),
+                                                             (300, 16, 12, 8, 8)])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=["silu", "gelu", "clamped"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_matches_reference(tokens, hidden, inter, slots, top_k, activation, bias):
+    x, pt, ps, pw, w = _case(tokens, hidden, inter, slots, top_k, bias)
+    got = grouped_experts_torch(x, pt, ps, pw, w, activation)
+    want = reference_experts(x, pt, ps, pw, w, activation)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_all_tokens_on_one_expert_and_empty_experts():
+    x, pt, ps, pw, w = _case(33, 40, 24, 8, 2, bias=True, skew=True)
+    got = grouped_experts_torch(x, pt, ps, pw, w, GatedActivation())
+    torch.testing.assert_close(got, reference_experts(x, pt, ps, pw, w, GatedActivation()), atol=1e-4, rtol=1e-4)
+
+
+def test_no_pairs_gives_zeros():
+    x, _, _, _, w = _case(5, 40, 24, 4, 1, bias=False)
+    empty = torch.empty(0, dtype=torch.long)
+    got = grouped_experts_torch(x, empty, empty, torch.empty(0), w, GatedActivation())
+    assert torch.equal(got, torch.zeros_like(x))
+
+
+def test_bfloat16_close_to_fp32_reference():
+    x, pt, ps, pw, w = _case(33, 40, 24, 8, 2, bias=False)
+    w16 = ExpertWeights(w_gate_up_S2IH=w.w_gate_up_S2IH.bfloat16(), w_down_SHI=w.w_down_SHI.bfloat16())
+    got = grouped_experts_torch((x / 10).bfloat16(), pt, ps, pw, w16, GatedActivation())
+    want = reference_experts(x / 10, pt, ps, pw, w, GatedActivation())
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda c: {**c, "x": c["x"][:, :-1]}, "hidden size"),
+    (lambda c: {**c, "ps": c["ps"] + 100}, "slot id"),
+    (lambda c: {**c, "pt": c["pt"] - 1}, "token index -1"),
+    (lambda c: {**c, "pw": c["pw"][:-1]}, "pair_weight"),
+    (lambda c: {**c, "x": c["x"].double()}, "dtype"),
+])
+def test_bad_input_is_rejected(mutate, message):
+    x, pt, ps, pw, w = _case(7, 40, 24, 4, 2, bias=False)
+    c = mutate({"x": x, "pt": pt, "ps": ps, "pw": pw})
+    with pytest.raises(ValueError, match=message):
+        grouped_experts_torch(c["x"], c["pt"], c["ps"], c["pw"], w, GatedActivation())
+
+
+def test_weights_shapes_are_checked():
+    with pytest.raises(ValueError, match="down weights"):
+        ExpertWeights(w_gate_up_S2IH=torch.zeros(2, 8, 5), w_down_SHI=torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="activation kind"):
+        GatedActivation(kind="relu2")
