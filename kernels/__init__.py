@@ -1,7 +1,8 @@
 """Expert compute kernels, imported as ``moeray.kernels``.
 
-``grouped_experts`` is the one place that picks an implementation for a device: the torch grouped path on CPU
-(and, until the Triton kernels land, everywhere).
+``grouped_experts`` is the one place that picks an implementation: the Triton kernels for CUDA tensors (for the
+activations they implement), the torch grouped path everywhere else. ``reference_experts`` is the naive loop that
+tests hold both to.
 """
 
 if __name__ != "moeray.kernels":
@@ -11,10 +12,28 @@ if __name__ != "moeray.kernels":
     # treats the package as absent instead of importing moeray half-way through its own import.
     __all__: list[str] = []
 else:
+    import torch
+
     from moeray.kernels.activation import CLAMPED_SWIGLU, GLU, GatedActivation
     from moeray.kernels.grouped import ExpertWeights, grouped_experts_torch, reference_experts
 
-    grouped_experts = grouped_experts_torch
+    def triton_supports(activation: GatedActivation) -> bool:
+        return activation.kind == CLAMPED_SWIGLU or activation.act == "silu"
+
+    def grouped_experts(
+        x_TH: torch.Tensor,
+        pair_token_N: torch.Tensor,
+        pair_slot_N: torch.Tensor,
+        pair_weight_N: torch.Tensor,
+        weights: ExpertWeights,
+        activation: GatedActivation,
+    ) -> torch.Tensor:
+        """y_TH = sum over a token's pairs of pair_weight * expert_slot(x_TH[token]); see grouped.py."""
+        if x_TH.is_cuda and triton_supports(activation):
+            from moeray.kernels.triton_grouped import grouped_experts_triton
+
+            return grouped_experts_triton(x_TH, pair_token_N, pair_slot_N, pair_weight_N, weights, activation)
+        return grouped_experts_torch(x_TH, pair_token_N, pair_slot_N, pair_weight_N, weights, activation)
 
     __all__ = [
         "CLAMPED_SWIGLU",
@@ -24,4 +43,5 @@ else:
         "grouped_experts",
         "grouped_experts_torch",
         "reference_experts",
+        "triton_supports",
     ]

@@ -1,8 +1,8 @@
 """Gated activations that sit between an expert's gate_up and down projections.
 
-Weights reach the kernels in one canonical layout, ``w_gate_up_S2IH`` with the gate rows first and the up rows
-second (concatenated); loaders de-interleave checkpoints that store them interleaved (GPT-OSS). So an activation
-only needs the ``[N, 2I]`` gate_up output and returns ``[N, I]``.
+An activation takes the ``[N, 2I]`` gate_up output and returns ``[N, I]``. Its gate and up halves are either
+concatenated (``[g0, g1, ..., u0, u1, ...]``, Mixtral, Qwen, DeepSeek, OLMoE) or interleaved
+(``[g0, u0, g1, u1, ...]``, GPT-OSS's on-disk layout).
 """
 
 from __future__ import annotations
@@ -36,8 +36,13 @@ class GatedActivation:
         if self.kind == GLU and self.act not in ACT2FN:
             raise ValueError(f"activation {self.act!r} is not a transformers activation name")
 
-    def __call__(self, gate_up_N2I: torch.Tensor) -> torch.Tensor:
-        gate_NI, up_NI = gate_up_N2I.chunk(2, dim=-1)
+    def __call__(self, gate_up_N2I: torch.Tensor, interleaved: bool = False, dim: int = -1) -> torch.Tensor:
+        """``dim`` is the feature dimension: -1 for [N, 2I], 0 for the transposed [2I, N]."""
+        if interleaved:
+            gate_NI = gate_up_N2I[0::2] if dim == 0 else gate_up_N2I[..., 0::2]
+            up_NI = gate_up_N2I[1::2] if dim == 0 else gate_up_N2I[..., 1::2]
+        else:
+            gate_NI, up_NI = gate_up_N2I.chunk(2, dim=dim)
         if self.kind == GLU:
             return ACT2FN[self.act](gate_NI) * up_NI
         gate_NI = gate_NI.clamp(max=self.limit)

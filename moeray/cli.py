@@ -4,6 +4,7 @@
                     --max-new-tokens N --workers W [--replicas R] [--dtype float32|bfloat16] [--json]
     moeray info [--model DIR]
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
+    moeray bench kernels [--tokens 16,256,2048]
 
 With no --model, commands use the embedded demo checkpoint (created on first use).
 """
@@ -117,6 +118,13 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from moeray.bench.kernels import run_kernels_bench
+
+    run_kernels_bench(tokens=args.tokens, repeats=args.repeats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--workers", type=int, default=2)
     layer.add_argument("--repeats", type=int, default=10)
     layer.set_defaults(func=cmd_bench_layer)
+    kernels = bench_sub.add_parser("kernels", help="grouped expert compute: moeray kernels vs transformers'")
+    kernels.add_argument("--tokens", type=_ids, default=[16, 256, 2048])
+    kernels.add_argument("--repeats", type=int, default=10)
+    kernels.set_defaults(func=cmd_bench_kernels)
     return parser
 
 

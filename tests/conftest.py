@@ -8,10 +8,16 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
+
+# Triton kernels run on CPU tensors through Triton's interpreter when there is no GPU. NOTE: this must be set
+# before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 import ray
-import torch
 from transformers import AutoModelForCausalLM
 
 from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint

@@ -3,35 +3,16 @@
 import pytest
 import torch
 
-from moeray.kernels import CLAMPED_SWIGLU, ExpertWeights, GatedActivation, grouped_experts_torch, reference_experts
-
-ACTIVATIONS = [GatedActivation(), GatedActivation(act="gelu"), GatedActivation(kind=CLAMPED_SWIGLU, limit=0.5)]
-
-
-def _case(tokens, hidden, inter, slots, top_k, bias, seed=0, skew=False):
-    g = torch.Generator().manual_seed(seed)
-    w = ExpertWeights(
-        w_gate_up_S2IH=torch.randn(slots, 2 * inter, hidden, generator=g) / hidden**0.5,
-        w_down_SHI=torch.randn(slots, hidden, inter, generator=g) / inter**0.5,
-        b_gate_up_S2I=torch.randn(slots, 2 * inter, generator=g) if bias else None,
-        b_down_SH=torch.randn(slots, hidden, generator=g) if bias else None,
-    )
-    x = torch.randn(tokens, hidden, generator=g)
-    pair_token = torch.arange(tokens).repeat_interleave(top_k)
-    if skew:  # every pair on slot 0: the others get nothing
-        pair_slot = torch.zeros(tokens * top_k, dtype=torch.long)
-    else:
-        pair_slot = torch.randint(0, slots, (tokens * top_k,), generator=g)
-    pair_weight = torch.rand(tokens * top_k, generator=g)
-    return x, pair_token, pair_slot, pair_weight, w
+from cases import ACTIVATIONS, make_case as _case
+from moeray.kernels import ExpertWeights, GatedActivation, grouped_experts_torch, reference_experts
 
 
 @pytest.mark.parametrize("tokens,hidden,inter,slots,top_k", [(1, 96, 200, 1, 1), (7, 33, 20, 8, 2), (33, 40, 24, 64, 4),
                                                              (300, 16, 12, 8, 8)])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=["silu", "gelu", "clamped"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_grouped_matches_reference(tokens, hidden, inter, slots, top_k, activation, bias):
-    x, pt, ps, pw, w = _case(tokens, hidden, inter, slots, top_k, bias)
+@pytest.mark.parametrize("bias,interleaved", [(False, False), (True, False), (True, True)])
+def test_grouped_matches_reference(tokens, hidden, inter, slots, top_k, activation, bias, interleaved):
+    x, pt, ps, pw, w = _case(tokens, hidden, inter, slots, top_k, bias, interleaved=interleaved)
     got = grouped_experts_torch(x, pt, ps, pw, w, activation)
     want = reference_experts(x, pt, ps, pw, w, activation)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -59,7 +40,9 @@ def test_bfloat16_close_to_fp32_reference():
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda c: {**c, "x": c["x"][:, :-1]}, "hidden size"),
+    (lambda c: {**c, "x": c["x"][:, :-1].contiguous()}, "hidden size"),
+    (lambda c: {**c, "x": c["x"].t().contiguous().t()}, "x must be contiguous"),
+    (lambda c: {**c, "ps": c["ps"].float()}, "pair_slot must hold integers"),
     (lambda c: {**c, "ps": c["ps"] + 100}, "slot id"),
     (lambda c: {**c, "pt": c["pt"] - 1}, "token index -1"),
     (lambda c: {**c, "pw": c["pw"][:-1]}, "pair_weight"),
