@@ -103,10 +103,11 @@ def check_inputs(
             raise ValueError(f"token index {bad} is out of range [0, {x_TH.shape[0]})")
 
 
-# Up to this many rows a slot's GEMMs run token-major (x @ W.T), which BLAS treats as a weight-streaming GEMV;
-# above it weight-major (W @ x.T), which measured 1.4-1.6x faster for 8-64 rows on this project's CPUs
-# (OpenBLAS/MKL pick a poor kernel for short-wide x @ W.T). See BENCHMARKS.md.
-TOKEN_MAJOR_MAX_ROWS = 2
+# A slot's GEMMs run weight-major (W @ x.T) for between these many rows, token-major (x @ W.T) otherwise:
+# weight-major measured 1.4-1.6x faster for 8-64 rows on this project's CPUs (BLAS picks a poor kernel for
+# short-wide x @ W.T), while token-major wins for 1-2 rows (a weight-streaming GEMV) and for long runs of rows,
+# where weight-major's transposed write-back costs more than it saves. See BENCHMARKS.md.
+WEIGHT_MAJOR_ROWS = range(3, 97)
 # Decode batches (at most this many rows per touched slot on average) go through torch's grouped GEMM instead.
 GROUPED_MM_MAX_ROWS_PER_SLOT = 4
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
@@ -159,7 +160,7 @@ def grouped_experts_torch(
         rows = slice(start, start + count)
         start += count
         x_nH = x_sorted_NH[rows]
-        if count <= TOKEN_MAJOR_MAX_ROWS:
+        if count not in WEIGHT_MAJOR_ROWS:
             gate_up_n2I = x_nH @ w_gu[slot].t() if b_gu is None else torch.addmm(b_gu[slot], x_nH, w_gu[slot].t())
             h_nI = activation(gate_up_n2I, weights.interleaved)
             if b_down is None:

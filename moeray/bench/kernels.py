@@ -21,6 +21,7 @@ SHAPES = [  # name, experts, top_k, hidden, intermediate
     ("mixtral-like", 16, 2, 1024, 2048),
     ("deepseek-like", 64, 6, 1024, 1408),
 ]
+BATCHED_MM_MAX_GB = 4.0
 # Dense peak TFLOP/s by device name fragment: (fp32 non-tensor, bf16 tensor core).
 PEAK_TFLOPS = {"H100": (67.0, 989.0), "H200": (67.0, 989.0), "A100": (19.5, 312.0), "L4": (30.3, 121.0)}
 
@@ -78,6 +79,11 @@ def _cpu_row(name, experts, top_k, hidden, inter, t, reps) -> dict:
                                                 GatedActivation()), reps)
     theirs = {}
     for impl in ["eager"] + [n for n in ALL_EXPERTS_FUNCTIONS if n != "moeray"]:
+        # batched_mm gathers a copy of its expert's weights for every (token, expert) pair
+        gathered_gb = t * top_k * 3 * hidden * inter * 4 / 1e9
+        if impl == "batched_mm" and gathered_gb > BATCHED_MM_MAX_GB:
+            print(f"  {name} T={t}: transformers 'batched_mm' skipped: it would gather {gathered_gb:.0f} GB of weights")
+            continue
         module.config._experts_implementation = impl
         try:
             theirs[impl] = _timed(lambda: module(x_TH, top_i, top_w), reps)

@@ -12,15 +12,13 @@ Shape legend: T tokens, H hidden, K top-k, N (token, expert) pairs, L MoE layers
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import ray
 import torch
 
 from moeray.placement.plan import Plan
 from moeray.transport.object_store import pack, unpack
-
-WorkerCall = Callable[..., "ray.ObjectRef"]
 
 
 class ExpertDispatcher:

@@ -7,7 +7,7 @@ from cases import ACTIVATIONS, make_case as _case
 from moeray.kernels import ExpertWeights, GatedActivation, grouped_experts_torch, reference_experts
 
 
-@pytest.mark.parametrize("tokens,hidden,inter,slots,top_k", [(1, 96, 200, 1, 1), (7, 33, 20, 8, 2), (33, 40, 24, 64, 4),
+@pytest.mark.parametrize("tokens,hidden,inter,slots,top_k", [(1, 96, 200, 1, 1), (7, 33, 20, 8, 2), (120, 33, 20, 8, 2), (33, 40, 24, 64, 4),
                                                              (300, 16, 12, 8, 8)])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=["silu", "gelu", "clamped"])
 @pytest.mark.parametrize("bias,interleaved", [(False, False), (True, False), (True, True)])
