@@ -5,7 +5,6 @@ A threaded Ray actor: callers block in ``generate`` on their own thread while on
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
 
@@ -19,8 +18,6 @@ from moeray.placement.plan import Plan
 from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams
 from moeray.router.dispatch import ExpertDispatcher
 from moeray.router.scheduler import Scheduler, Sequence
-
-log = logging.getLogger(__name__)
 
 
 def _eos_ids(checkpoint_path: str, config) -> frozenset[int]:

@@ -104,7 +104,6 @@ class Scheduler:
         self.forward_lock = threading.Lock()  # one forward at a time: the dispatcher's token mask is per forward
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._ids = itertools.count()
         self.running: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask_BS: torch.Tensor | None = None

@@ -5,7 +5,7 @@ import torch
 
 from conftest import PROMPTS, assert_logits_close
 from local_experts import LocalExperts
-from moeray.model.backbone import build_backbone, inspect_checkpoint, resident_bytes
+from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.model.tiny import ARCHITECTURES
 from moeray.request import SamplingParams
 from moeray.router.scheduler import Scheduler, Sequence
