@@ -15,7 +15,7 @@ Entry points: ``moeray.Engine`` (Python API) and the ``moeray`` CLI.
 """
 
 from moeray.engine import Engine, EngineConfig
-from moeray.request import GenerationResult, InvalidRequest, SamplingParams
+from moeray.request import GenerationResult, InvalidRequest, SamplingParams, StreamChunk
 
-__all__ = ["Engine", "EngineConfig", "GenerationResult", "InvalidRequest", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "GenerationResult", "InvalidRequest", "SamplingParams", "StreamChunk"]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import ray
@@ -20,7 +20,7 @@ from moeray.experts.worker import ExpertWorker
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.placement.plan import Plan
 from moeray.placement.policies import STATIC_POLICIES, static_plan
-from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams
+from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.router import Router
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,20 @@ class Engine:
         sampling = sampling or SamplingParams()
         ids = self.limits.check(prompt_ids, sampling)
         return self.routers[router % len(self.routers)].generate.remote(ids, sampling)
+
+    def stream(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, request_id: str | None = None,
+               router: int = 0) -> Iterator[StreamChunk]:
+        """Tokens as they are produced; the last chunk carries the finish reason. Bad input raises at once."""
+        sampling = sampling or SamplingParams()
+        ids = self.limits.check(prompt_ids, sampling)
+        chunks = self.routers[router % len(self.routers)].stream.options(num_returns="streaming").remote(
+            ids, sampling, request_id)
+        for ref in chunks:
+            yield ray.get(ref)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a running request on whichever router runs it; False if none does."""
+        return any(ray.get([r.abort.remote(request_id) for r in self.routers]))
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:

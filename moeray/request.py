@@ -50,6 +50,15 @@ class GenerationResult:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamChunk:
+    """New tokens of one streaming request since its previous chunk; the last chunk carries the finish reason."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # set on the last chunk only
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RequestLimits:
     vocab_size: int
     max_positions: int

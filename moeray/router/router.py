@@ -5,8 +5,10 @@ A threaded Ray actor: callers block in ``generate`` on their own thread while on
 
 from __future__ import annotations
 
+import queue
 import threading
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import ray
@@ -15,7 +17,7 @@ from transformers import GenerationConfig
 
 from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.placement.plan import Plan
-from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams
+from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.dispatch import ExpertDispatcher
 from moeray.router.scheduler import Scheduler, Sequence
 
@@ -78,6 +80,28 @@ class Router:
         if seq.error is not None:
             raise seq.error
         return seq.result()
+
+    def stream(self, prompt_ids: list[int], sampling: SamplingParams,
+               request_id: str | None = None) -> Iterator[StreamChunk]:
+        """Yield new tokens as the shared batch produces them (a Ray streaming generator). If the consumer goes
+        away mid-stream the request is aborted, freeing its batch slot."""
+        produced: queue.Queue[int] = queue.Queue()
+        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id, on_token=produced.put))
+        try:
+            while not (seq.done.is_set() and produced.empty()):
+                try:
+                    tokens = [produced.get(timeout=0.05)]
+                except queue.Empty:
+                    continue
+                while not produced.empty():
+                    tokens.append(produced.get_nowait())
+                yield StreamChunk(request_id=seq.request_id, token_ids=tokens)
+            if seq.error is not None:
+                raise seq.error
+            yield StreamChunk(request_id=seq.request_id, token_ids=[], finish_reason=seq.finish_reason)
+        finally:
+            if not seq.done.is_set():
+                self.scheduler.abort(seq.request_id)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)

@@ -125,3 +125,24 @@ def test_bfloat16_runs_close_to_float32(checkpoints, oracle, ray_local):
         expected = ref.logits(PROMPTS[1])
         assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
         assert len(engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0].output_ids) >= 1
+
+
+def test_streaming_matches_offline_and_abort_frees_the_slot(checkpoints, oracle, ray_local):
+    arch = "olmoe"
+    ref = oracle(arch)
+    with Engine(EngineConfig(model=checkpoints[arch], workers=2, max_batch_size=2)) as engine:
+        chunks = list(engine.stream(PROMPTS[1], SamplingParams(max_new_tokens=16)))
+        assert [t for c in chunks for t in c.token_ids] == ref.greedy(PROMPTS[1])
+        assert chunks[-1].finish_reason in ("stop", "length") and all(c.finish_reason is None for c in chunks[:-1])
+        assert len(chunks) >= 3, "tokens arrive as they are produced, not all at the end"
+        # Abort a long request mid-stream: its stream ends with "abort" and the batch slot is free again.
+        stream = engine.stream(PROMPTS[0], SamplingParams(max_new_tokens=200, ignore_eos=True), request_id="long")
+        first = next(stream)
+        assert first.request_id == "long" and first.token_ids
+        assert engine.abort("long")
+        rest = list(stream)
+        assert rest[-1].finish_reason == "abort"
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) < 200
+        results = engine.generate(PROMPTS[2:], SamplingParams(max_new_tokens=16))
+        assert [r.output_ids for r in results] == [ref.greedy(p) for p in PROMPTS[2:]]
+        assert not engine.abort("no-such-request")
