@@ -2,6 +2,8 @@
 
     moeray generate [--model DIR] --prompt-ids 1,2,3 [--prompt-ids 4,5 ...] [--prompt TEXT ...]
                     --max-new-tokens N --workers W [--replicas R] [--dtype float32|bfloat16] [--json]
+    moeray generate --target HOST:PORT --prompt-ids 1,2,3 ...     (calls a running server)
+    moeray serve [--model DIR] [--port 9000] [--workers N] [--routers N] [--address ADDR]
     moeray info [--model DIR]
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
     moeray bench kernels [--tokens 16,256,2048]
@@ -41,6 +43,8 @@ def _init_ray(address: str | None) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.target:
+        return _generate_remote(args)
     from transformers import AutoTokenizer
 
     from moeray.engine import Engine, EngineConfig
@@ -89,6 +93,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if text is not None and tokenizer is not None:
             line["text"] = tokenizer.decode(result.output_ids)
         print(json.dumps(line) if args.json else _human(line), flush=True)
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """Call a running server's GenerateService (the offline mode needs no server)."""
+    import grpc
+
+    from moeray.serving.gen import generate_pb2, generate_pb2_grpc
+
+    requests = [generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=p)) for p in args.prompt_ids or []]
+    requests += [generate_pb2.GenerateRequest(prompt_text=t) for t in args.prompt or []]
+    if not requests:
+        print("error: give at least one --prompt-ids or --prompt", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(args.target) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        for request in requests:
+            request.sampling.CopyFrom(generate_pb2.SamplingParams(
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, ignore_eos=args.ignore_eos))
+            try:
+                chunks = list(stub.Generate(request, timeout=args.timeout))
+            except grpc.RpcError as e:
+                print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 2
+            line = {"prompt_ids": list(request.prompt_ids.ids), "output_ids": [t for c in chunks for t in c.token_ids]}
+            if request.HasField("prompt_text"):
+                line["text"] = "".join(c.text for c in chunks)
+            print(json.dumps(line) if args.json else _human(line), flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ray import serve
+
+    from moeray.engine import Engine, EngineConfig
+    from moeray.serving.app import start_serving
+
+    try:
+        config = EngineConfig(model=_model_dir(args.model), workers=args.workers, replicas=args.replicas,
+                              routers=args.routers, dtype=args.dtype, placement=args.placement,
+                              max_new_tokens_cap=args.max_new_tokens_cap)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _init_ray(args.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with Engine(config) as engine:
+        try:
+            name = start_serving(engine, grpc_port=args.port, http_port=args.http_port, host=args.host)
+            print(f"moeray: serving model {name!r} over gRPC on {args.host}:{args.port} "
+                  f"({len(engine.routers)} routers, {len(engine.workers)} expert workers); Ctrl-C stops", flush=True)
+            stop.wait()
+        finally:
+            serve.shutdown()
     return 0
 
 
@@ -145,7 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
+    gen.add_argument("--target", help="HOST:PORT of a running `moeray serve` (default: run offline)")
+    gen.add_argument("--timeout", type=float, default=300.0, help="per-request deadline with --target, seconds")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve over gRPC (moeray.v1, KServe v2, health) until Ctrl-C / SIGTERM")
+    srv.add_argument("--model", help="HF-format checkpoint directory (default: the embedded demo)")
+    srv.add_argument("--port", type=int, default=9000, help="gRPC port")
+    srv.add_argument("--http-port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (see README on the gRPC bind)")
+    srv.add_argument("--workers", type=int, default=2)
+    srv.add_argument("--replicas", type=int, default=0)
+    srv.add_argument("--routers", type=int, default=1)
+    srv.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    srv.add_argument("--max-new-tokens-cap", type=int, default=4096)
+    srv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    srv.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, experts, total vs active params")
     info.add_argument("--model")

@@ -1,7 +1,7 @@
 """Regenerate moeray/serving/gen/ from protos/ (run after editing a .proto; a test checks they agree).
 
 protoc names Python modules after proto packages (``moeray.v1``, ``inference``); the generated files are
-flattened into ``moeray.serving.gen`` and their cross-imports rewritten to match.
+flattened into ``moeray.serving.gen`` and their cross-imports and module names rewritten to match.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def generate(out_dir: Path) -> None:
         for file in sorted(Path(tmp).rglob("*_pb2*.py*")):
             text = re.sub(r"^from (moeray\.v1|inference) import", "from moeray.serving.gen import", file.read_text(),
                           flags=re.M)
+            # the module name the builder gives the message classes: pickling (Serve's proxy does) imports it
+            text = re.sub(r"'(?:moeray\.v1|inference)\.(\w+_pb2)'", r"'moeray.serving.gen.\1'", text)
             (out_dir / file.name).write_text(HEADER + text)
     (out_dir / "__init__.py").write_text('"""Generated gRPC stubs; only moeray.serving imports them."""\n')
 

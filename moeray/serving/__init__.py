@@ -1,4 +1,7 @@
-"""gRPC serving: the public contract's generated stubs (``gen/``, from protos/ by scripts/gen_protos.py).
+"""gRPC serving on Ray Serve.
 
-The servicers, the proto <-> tensor codec and the Ray Serve application land here with the gRPC endpoint issue.
+- ``app``: the ingress deployment behind Serve's gRPC proxy (GenerateService, PlacementService, KServe v2,
+  grpc.health.v1) and ``start_serving``;
+- ``codec``: proto <-> engine types;
+- ``gen``: stubs generated from protos/ by scripts/gen_protos.py (only this package imports them).
 """

@@ -25,18 +25,30 @@ def test_generated_stubs_are_in_sync(tmp_path):
     assert not mismatch, f"run scripts/gen_protos.py: {mismatch} differ from protos/"
 
 
-def test_kserve_field_numbers_match_the_published_protocol():
-    from moeray.serving.gen import grpc_predict_v2_pb2 as pb
+@pytest.mark.skipif(importlib.util.find_spec("grpc_tools") is None, reason="grpcio-tools is not installed")
+def test_kserve_field_numbers_match_the_published_protocol(tmp_path):
+    # Read the compiled descriptor rather than importing the stubs: tritonclient (in the serving tests of the same
+    # process) registers its own copy of these messages in protobuf's default pool.
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
 
-    fields = lambda message: {f.name: f.number for f in message.DESCRIPTOR.fields}
-    assert fields(pb.ModelInferRequest) == {"model_name": 1, "model_version": 2, "id": 3, "parameters": 4,
-                                            "inputs": 5, "outputs": 6, "raw_input_contents": 7}
-    assert fields(pb.ModelInferResponse) == {"model_name": 1, "model_version": 2, "id": 3, "parameters": 4,
-                                             "outputs": 5, "raw_output_contents": 6}
-    assert fields(pb.ModelInferRequest.InferInputTensor) == {"name": 1, "datatype": 2, "shape": 3, "parameters": 4,
-                                                             "contents": 5}
-    assert fields(pb.InferTensorContents)["int64_contents"] == 3 and fields(pb.InferTensorContents)["fp32_contents"] == 6
-    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    assert pb.DESCRIPTOR.package == "inference"
+    out = tmp_path / "kserve.pb"
+    assert protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--descriptor_set_out={out}",
+                        "inference/grpc_predict_v2.proto"]) == 0
+    (file,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    messages = {m.name: m for m in file.message_type}
+    fields = lambda message: {f.name: f.number for f in message.field}
+    nested = lambda message, name: next(n for n in message.nested_type if n.name == name)
+    assert fields(messages["ModelInferRequest"]) == {"model_name": 1, "model_version": 2, "id": 3, "parameters": 4,
+                                                     "inputs": 5, "outputs": 6, "raw_input_contents": 7}
+    assert fields(messages["ModelInferResponse"]) == {"model_name": 1, "model_version": 2, "id": 3, "parameters": 4,
+                                                      "outputs": 5, "raw_output_contents": 6}
+    assert fields(nested(messages["ModelInferRequest"], "InferInputTensor")) == {
+        "name": 1, "datatype": 2, "shape": 3, "parameters": 4, "contents": 5}
+    contents = fields(messages["InferTensorContents"])
+    assert contents["int64_contents"] == 3 and contents["fp32_contents"] == 6
+    assert file.package == "inference"
+    (service,) = file.service
+    assert service.name == "GRPCInferenceService"
     assert {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"} <= \
-        set(service.methods_by_name)
+        {m.name for m in service.method}

@@ -6,7 +6,7 @@ import warnings
 
 from moeray.serving.gen import generate_pb2 as moeray_dot_v1_dot_generate__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class GenerateServiceStub:
+class GenerateServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -52,7 +52,7 @@ class GenerateServiceStub:
                 _registered_method=True)
 
 
-class GenerateServiceServicer:
+class GenerateServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -103,7 +103,7 @@ def add_GenerateServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class GenerateService:
+class GenerateService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

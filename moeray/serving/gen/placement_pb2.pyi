@@ -79,7 +79,7 @@ class RebalanceRequest(_message.Message):
     __slots__ = ("dry_run",)
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     dry_run: bool
-    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+    def __init__(self, dry_run: bool = ...) -> None: ...
 
 class RebalanceResponse(_message.Message):
     __slots__ = ("epoch", "moves", "imbalance_before", "imbalance_after")

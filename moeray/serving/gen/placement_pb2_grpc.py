@@ -6,7 +6,7 @@ import warnings
 
 from moeray.serving.gen import placement_pb2 as moeray_dot_v1_dot_placement__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class PlacementServiceStub:
+class PlacementServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -62,7 +62,7 @@ class PlacementServiceStub:
                 _registered_method=True)
 
 
-class PlacementServiceServicer:
+class PlacementServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetPlacement(self, request, context):
@@ -136,7 +136,7 @@ def add_PlacementServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class PlacementService:
+class PlacementService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -1,0 +1,255 @@
+"""The Ray Serve application: one ingress deployment behind Serve's gRPC proxy, fronting the routers.
+
+It serves moeray.v1.GenerateService, moeray.v1.PlacementService, the KServe v2 GRPCInferenceService and
+grpc.health.v1.Health (Serve's proxy routes each RPC to the ingress method of the same name; reflection comes
+from the proxy). Requests spread round-robin over the routers, which share one pool of expert workers.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import os
+
+import grpc
+import numpy as np
+import ray
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+
+from moeray.request import InvalidRequest, RequestLimits
+
+# NOTE: the generated stubs are imported inside the ingress only (see _stubs). A process that starts the app may
+# also hold tritonclient, whose own copy of the KServe messages would clash with ours in protobuf's default pool.
+
+log = logging.getLogger(__name__)
+
+SERVICER_FUNCTIONS = [
+    "moeray.serving.gen.generate_pb2_grpc.add_GenerateServiceServicer_to_server",
+    "moeray.serving.gen.placement_pb2_grpc.add_PlacementServiceServicer_to_server",
+    "moeray.serving.gen.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV = "MOERAY_ADMIN_TOKEN", "MOERAY_ADMIN_TOKEN_FILE"
+
+
+def _stubs():
+    from grpc_health.v1 import health_pb2
+
+    from moeray.serving import codec
+    from moeray.serving.gen import generate_pb2, grpc_predict_v2_pb2, placement_pb2
+
+    return codec, generate_pb2, placement_pb2, grpc_predict_v2_pb2, health_pb2
+
+
+def read_admin_token() -> str | None:
+    """The bearer token that placement mutations need: $MOERAY_ADMIN_TOKEN, or the file $MOERAY_ADMIN_TOKEN_FILE
+    names (re-read on every check, so rotating the file rotates the token)."""
+    path = os.environ.get(ADMIN_TOKEN_FILE_ENV)
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return os.environ.get(ADMIN_TOKEN_ENV) or None
+
+
+class _Fail(Exception):
+    pass
+
+
+def _fail(ctx: RayServegRPCContext, code: grpc.StatusCode, message: str):
+    ctx.set_code(code)
+    ctx.set_details(message)
+    raise _Fail(message)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, max_queued_requests=256)
+class Ingress:
+    def __init__(self, *, model_name: str, engine_state: dict, env: dict | None = None) -> None:
+        os.environ.update(env or {})
+        global codec, generate_pb2, placement_pb2, kserve_pb2, health_pb2
+        codec, generate_pb2, placement_pb2, kserve_pb2, health_pb2 = _stubs()
+        self.model_name = model_name
+        self.routers = engine_state["routers"]
+        self.workers = engine_state["workers"]
+        self.spec = engine_state["spec"]
+        self.plan = engine_state["plan"]
+        self.limits: RequestLimits = engine_state["limits"]
+        self._next_router = itertools.cycle(range(len(self.routers)))
+        self.tokenizer = None
+        if engine_state.get("has_tokenizer"):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(engine_state["checkpoint_path"], local_files_only=True)
+
+    def _router(self):
+        return self.routers[next(self._next_router)]
+
+    # -- moeray.v1.GenerateService -----------------------------------------------------------------------
+    async def Generate(self, request: generate_pb2.GenerateRequest, grpc_context: RayServegRPCContext):
+        try:
+            ids = self._prompt_ids(request)
+            sampling = codec.sampling_from_proto(request.sampling)
+            ids = self.limits.check(ids, sampling)
+        except InvalidRequest as e:
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        chunks = self._router().stream.options(num_returns="streaming").remote(ids, sampling,
+                                                                                request.request_id or None)
+        produced = 0
+        try:
+            async for ref in chunks:
+                chunk = await ref
+                produced += len(chunk.token_ids)
+                response = generate_pb2.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids)
+                if self.tokenizer is not None and chunk.token_ids:
+                    response.text = self.tokenizer.decode(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    response.finish_reason = codec.FINISH_REASONS[chunk.finish_reason]
+                    response.usage.prompt_tokens = len(ids)
+                    response.usage.completion_tokens = produced
+                yield response
+        finally:
+            ray.cancel(chunks)  # a client that leaves (cancel, deadline) stops its generation and frees its slot
+
+    def _prompt_ids(self, request: generate_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "prompt_ids":
+            return [int(t) for t in request.prompt_ids.ids]
+        if kind == "prompt_text":
+            if self.tokenizer is None:
+                raise InvalidRequest("prompt_text needs a checkpoint with a tokenizer; send prompt_ids")
+            return self.tokenizer(request.prompt_text, add_special_tokens=False)["input_ids"]
+        raise InvalidRequest("prompt is empty: set prompt_ids or prompt_text")
+
+    async def Abort(self, request: generate_pb2.AbortRequest) -> generate_pb2.AbortResponse:
+        aborted = await _gather([r.abort.remote(request.request_id) for r in self.routers])
+        return generate_pb2.AbortResponse(aborted=any(aborted))
+
+    def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest) -> generate_pb2.GetModelInfoResponse:
+        s = self.spec
+        return generate_pb2.GetModelInfoResponse(
+            model_name=self.model_name, architecture=s.architecture, num_layers=s.num_hidden_layers,
+            num_moe_layers=len(s.moe_layers), num_experts=s.num_experts, top_k=s.top_k, vocab_size=s.vocab_size,
+            max_positions=s.max_positions, total_params=s.total_params, active_params=s.active_params,
+            has_tokenizer=self.tokenizer is not None)
+
+    # -- moeray.v1.PlacementService ----------------------------------------------------------------------
+    async def GetPlacement(self, request) -> placement_pb2.GetPlacementResponse:
+        info = await _gather([w.info.remote() for w in self.workers])
+        response = placement_pb2.GetPlacementResponse(epoch=self.plan.epoch, policy="static")
+        for l in range(self.plan.num_layers):
+            response.layers.add(phy2log=self.plan.phy2log_LP[l].tolist(),
+                                slot_worker=self.plan.slot_worker_LP[l].tolist())
+        for w in info:
+            response.workers.add(index=w["worker"], node_id=w["node_id"], device=w["device"],
+                                 resident_bytes=w["resident_bytes"])
+        return response
+
+    async def GetLoad(self, request) -> placement_pb2.GetLoadResponse:
+        loads = await _gather([r.take_load.remote() for r in self.routers])
+        expert_LE, worker_LW = sum(l[0] for l in loads), sum(l[1] for l in loads)
+        response = placement_pb2.GetLoadResponse()
+        for e_E, w_W in zip(expert_LE, worker_LW):
+            imbalance = float(w_W.max() / w_W.mean()) if w_W.sum() else 1.0
+            response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=imbalance)
+        return response
+
+    def _authorize(self, ctx: RayServegRPCContext) -> None:
+        expected = read_admin_token()
+        given = dict(ctx.invocation_metadata()).get("authorization", "")
+        if expected is None:
+            _fail(ctx, grpc.StatusCode.PERMISSION_DENIED, "placement changes are disabled: no admin token is set")
+        if not given.startswith("Bearer "):
+            _fail(ctx, grpc.StatusCode.UNAUTHENTICATED, "placement changes need 'authorization: Bearer <token>'")
+        if not hmac.compare_digest(given.removeprefix("Bearer ").encode(), expected.encode()):
+            _fail(ctx, grpc.StatusCode.PERMISSION_DENIED, "the admin token is wrong")  # never echo either token
+
+    def _not_yet(self, ctx: RayServegRPCContext, what: str):
+        self._authorize(ctx)
+        _fail(ctx, grpc.StatusCode.UNIMPLEMENTED, f"{what} arrives with the live-placement issue")
+
+    def Rebalance(self, request, grpc_context: RayServegRPCContext):
+        self._not_yet(grpc_context, "Rebalance")
+
+    def SetPolicy(self, request, grpc_context: RayServegRPCContext):
+        self._not_yet(grpc_context, "SetPolicy")
+
+    def ScaleWorkers(self, request, grpc_context: RayServegRPCContext):
+        self._not_yet(grpc_context, "ScaleWorkers")
+
+    # -- KServe v2 ---------------------------------------------------------------------------------------
+    def ServerLive(self, request) -> kserve_pb2.ServerLiveResponse:
+        return kserve_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request) -> kserve_pb2.ServerReadyResponse:
+        return kserve_pb2.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, grpc_context: RayServegRPCContext) -> kserve_pb2.ModelReadyResponse:
+        self._check_model(request.name, grpc_context)
+        return kserve_pb2.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(self, request) -> kserve_pb2.ServerMetadataResponse:
+        from moeray import __version__
+
+        return kserve_pb2.ServerMetadataResponse(name="moeray", version=__version__, extensions=[])
+
+    def ModelMetadata(self, request, grpc_context: RayServegRPCContext) -> kserve_pb2.ModelMetadataResponse:
+        self._check_model(request.name, grpc_context)
+        response = kserve_pb2.ModelMetadataResponse(name=self.model_name, versions=["1"], platform="moeray")
+        response.inputs.add(name="input_ids", datatype="INT64", shape=[-1, -1])
+        response.inputs.add(name="attention_mask", datatype="INT64", shape=[-1, -1])
+        response.outputs.add(name="logits", datatype="FP32", shape=[-1, -1, self.spec.vocab_size])
+        return response
+
+    async def ModelInfer(self, request, grpc_context: RayServegRPCContext) -> kserve_pb2.ModelInferResponse:
+        self._check_model(request.model_name, grpc_context)
+        try:
+            ids, mask = codec.kserve_inputs(request)
+            if ids.shape[1] > self.spec.max_positions:
+                raise InvalidRequest(f"input_ids has {ids.shape[1]} tokens; the model has {self.spec.max_positions} "
+                                     "positions")
+            if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+                bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+                raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
+        except InvalidRequest as e:
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        logits = await self._router().score.remote(ids, mask)
+        return codec.kserve_logits_response(request, self.model_name, np.asarray(logits))
+
+    def _check_model(self, name: str, ctx: RayServegRPCContext) -> None:
+        if name != self.model_name:
+            _fail(ctx, grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served here; this server serves "
+                                                  f"{self.model_name!r}")
+
+    # -- grpc.health.v1 ----------------------------------------------------------------------------------
+    def Check(self, request) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _gather(refs):
+    import asyncio
+
+    return await asyncio.gather(*refs)
+
+
+def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
+                  model_name: str | None = None, app_name: str = "moeray") -> str:
+    """Start Serve's proxies and deploy the ingress in front of ``engine``'s routers; returns the model name.
+
+    NOTE: Ray 2.60's gRPC proxy binds every interface ([::]:port) whatever ``host`` says; ``host`` binds the
+    HTTP proxy. Put a firewall or a Kubernetes Service in front when the machine is reachable from outside.
+    """
+    from ray.serve.config import gRPCOptions
+
+    model_name = model_name or os.path.basename(engine.checkpoint.checkpoint.path.rstrip("/"))
+    serve.start(http_options={"host": host, "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+                logging_config={"enable_access_log": False})
+    state = {"routers": engine.routers, "workers": engine.workers, "spec": engine.spec, "plan": engine.plan,
+             "limits": engine.limits, "checkpoint_path": engine.checkpoint.checkpoint.path,
+             "has_tokenizer": engine.checkpoint.checkpoint.has_tokenizer}
+    env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV)}
+    # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
+    serve.run(Ingress.bind(model_name=model_name, engine_state=state, env=env), name=app_name, route_prefix="/",
+              logging_config={"enable_access_log": False})
+    return model_name

@@ -1,0 +1,207 @@
+"""The gRPC endpoint on a real server (Serve's gRPC proxy on 127.0.0.1), against clients this project did not
+write (tritonclient.grpc, grpcurl through reflection) and against its own generated stubs."""
+
+import json
+import os
+import socket
+import subprocess
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+
+from conftest import PROMPTS, _ray_start, assert_logits_close
+from moeray import Engine, EngineConfig, SamplingParams
+from moeray.serving.app import start_serving
+from moeray.serving.gen import generate_pb2, generate_pb2_grpc, placement_pb2, placement_pb2_grpc
+
+pytestmark = pytest.mark.ray
+ADMIN_TOKEN = "s3cret-admin-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    os.environ["MOERAY_ADMIN_TOKEN_FILE"] = str(token_file)
+    try:
+        with _ray_start():
+            engine = Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, max_new_tokens_cap=64))
+            port = _free_port()
+            model_name = start_serving(engine, grpc_port=port, http_port=_free_port())
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            grpc.channel_ready_future(channel).result(timeout=60)
+            yield {"address": f"127.0.0.1:{port}", "channel": channel, "model": model_name, "engine": engine}
+            channel.close()
+            serve.shutdown()
+            engine.shutdown()
+    finally:
+        os.environ.pop("MOERAY_ADMIN_TOKEN_FILE", None)
+
+
+def _generate(stub, prompt, max_new_tokens=16, **kw):
+    request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=prompt),
+                                           sampling=generate_pb2.SamplingParams(max_new_tokens=max_new_tokens), **kw)
+    return list(stub.Generate(request, timeout=60))
+
+
+def test_streaming_equals_offline_greedy(server, oracle):
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    ref = oracle("mixtral")
+    for prompt in PROMPTS:
+        chunks = _generate(stub, prompt)
+        assert [t for c in chunks for t in c.token_ids] == ref.greedy(prompt)
+        last = chunks[-1]
+        assert last.finish_reason in (generate_pb2.FINISH_REASON_STOP, generate_pb2.FINISH_REASON_LENGTH)
+        assert last.usage.prompt_tokens == len(prompt)
+        assert last.usage.completion_tokens == len(ref.greedy(prompt))
+        assert len(chunks) >= 2, "tokens stream as they are produced"
+    info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest())
+    spec = server["engine"].spec
+    assert (info.num_experts, info.top_k, info.vocab_size) == (spec.num_experts, spec.top_k, spec.vocab_size)
+    assert info.total_params == spec.total_params > info.active_params == spec.active_params
+
+
+def test_tritonclient_model_infer_matches_transformers(server, oracle):
+    client = triton.InferenceServerClient(url=server["address"])
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(server["model"])
+    meta = client.get_model_metadata(server["model"], as_json=True)
+    assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask"]
+    ids = np.array([PROMPTS[1], PROMPTS[1][::-1]], dtype=np.int64)
+    inp = triton.InferInput("input_ids", list(ids.shape), "INT64")
+    inp.set_data_from_numpy(ids)
+    result = client.infer(server["model"], [inp], outputs=[triton.InferRequestedOutput("logits")])
+    logits = result.as_numpy("logits")
+    assert logits.shape == (2, len(PROMPTS[1]), server["engine"].spec.vocab_size)
+    ref = oracle("mixtral")
+    assert_logits_close(logits[0], ref.logits(PROMPTS[1]))
+    assert_logits_close(logits[1], ref.logits(PROMPTS[1][::-1]))
+
+
+@pytest.mark.parametrize("datatype,shape,payload,message", [
+    ("FP32", [1, 3], np.zeros((1, 3), np.float32), "datatype 'FP32'"),
+    ("INT64", [3], np.zeros(3, np.int64), "expected \\[batch, tokens\\]"),
+    ("INT64", [1, 3], np.zeros((1, 2), np.int64), "hold 16 bytes; shape \\[1, 3\\] of INT64 needs 24"),
+    ("INT64", [1, 2], np.array([[1, 10**6]], np.int64), "token id 1000000 is outside the vocabulary"),
+])
+def test_model_infer_bad_tensors(server, datatype, shape, payload, message):
+    client = triton.InferenceServerClient(url=server["address"])
+    inp = triton.InferInput("input_ids", shape, datatype)
+    inp._raw_content = payload.tobytes()  # bypass the client's own shape check: the server must catch it
+    inp._input.ClearField("contents")
+    with pytest.raises(triton.InferenceServerException, match=message) as err:
+        client.infer(server["model"], [inp])
+    assert "INVALID_ARGUMENT" in str(err.value.status())
+
+
+def test_unknown_model_is_not_found(server):
+    client = triton.InferenceServerClient(url=server["address"])
+    inp = triton.InferInput("input_ids", [1, 2], "INT64")
+    inp.set_data_from_numpy(np.array([[1, 2]], np.int64))
+    with pytest.raises(triton.InferenceServerException, match="model 'nope' is not served here") as err:
+        client.infer("nope", [inp])
+    assert "NOT_FOUND" in str(err.value.status())
+
+
+@pytest.mark.parametrize("prompt,max_new,message", [
+    ([1, 10**6], 4, "token id 1000000 is outside the vocabulary"),
+    ([], 4, "prompt is empty"),
+    ([1] * 300, 4, "exceeds the model's 256 positions"),
+    ([1], 0, "max_new_tokens must be a positive integer; got 0"),
+    ([1], 65, "above the cap 64"),
+])
+def test_generate_bad_input_is_invalid_argument(server, prompt, max_new, message):
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    with pytest.raises(grpc.RpcError) as err:
+        _generate(stub, prompt, max_new_tokens=max_new)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_bad_input_does_not_disturb_requests_in_flight(server, oracle):
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    ref = oracle("mixtral")
+    request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=PROMPTS[1]),
+                                           sampling=generate_pb2.SamplingParams(max_new_tokens=16))
+    in_flight = stub.Generate(request, timeout=60)
+    first = next(in_flight)
+    with pytest.raises(grpc.RpcError):
+        _generate(stub, [1, 10**6])
+    rest = list(in_flight)
+    assert [t for c in [first, *rest] for t in c.token_ids] == ref.greedy(PROMPTS[1])
+
+
+def test_placement_reads_and_admin_auth(server):
+    stub = placement_pb2_grpc.PlacementServiceStub(server["channel"])
+    placement = stub.GetPlacement(placement_pb2.GetPlacementRequest())
+    assert len(placement.layers) == len(server["engine"].spec.moe_layers)
+    assert sorted(set(placement.layers[0].phy2log)) == list(range(server["engine"].spec.num_experts))
+    assert [w.index for w in placement.workers] == [0, 1] and all(w.resident_bytes > 0 for w in placement.workers)
+    _generate(generate_pb2_grpc.GenerateServiceStub(server["channel"]), PROMPTS[0], max_new_tokens=2)
+    load = stub.GetLoad(placement_pb2.GetLoadRequest())
+    assert sum(load.layers[0].expert_tokens) == sum(load.layers[0].worker_tokens) > 0
+    assert load.layers[0].imbalance >= 1.0
+    request = placement_pb2.RebalanceRequest(dry_run=True)
+    cases = [(None, grpc.StatusCode.UNAUTHENTICATED), ("Bearer wrong", grpc.StatusCode.PERMISSION_DENIED),
+             (f"Bearer {ADMIN_TOKEN}", grpc.StatusCode.UNIMPLEMENTED)]
+    for header, code in cases:
+        metadata = [("authorization", header)] if header else []
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rebalance(request, metadata=metadata, timeout=30)
+        assert err.value.code() == code, err.value.details()
+        assert ADMIN_TOKEN not in err.value.details() and "wrong" not in err.value.details().replace("is wrong", "")
+
+
+def test_health_and_reflection_with_grpcurl(server):
+    health = health_pb2_grpc.HealthStub(server["channel"])
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    listed = subprocess.run(["grpcurl", "-plaintext", server["address"], "list"], capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    services = set(listed.stdout.split())
+    assert {"moeray.v1.GenerateService", "moeray.v1.PlacementService", "inference.GRPCInferenceService",
+            "grpc.health.v1.Health"} <= services
+    call = subprocess.run(["grpcurl", "-plaintext", "-d", json.dumps({"prompt_ids": {"ids": PROMPTS[0]},
+                                                                      "sampling": {"max_new_tokens": 3}}),
+                           server["address"], "moeray.v1.GenerateService/Generate"],
+                          capture_output=True, text=True, timeout=60)
+    assert call.returncode == 0, call.stderr
+    assert '"finish_reason": "FINISH_REASON_LENGTH"' in call.stdout
+
+
+def test_moeray_serve_and_generate_target(tmp_path, checkpoints, oracle):
+    """`moeray serve` as a user runs it, called by `moeray generate --target`; SIGTERM shuts it all down."""
+    import signal
+    import sys
+    import time
+
+    port = _free_port()
+    env = {**os.environ, "MOERAY_HOME": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, "-m", "moeray.cli", "serve", "--model", checkpoints["mixtral"],
+                               "--port", str(port), "--http-port", str(_free_port()), "--workers", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        banner = server.stdout.readline()
+        assert f"127.0.0.1:{port}" in banner, banner
+        proc = subprocess.run([sys.executable, "-m", "moeray.cli", "generate", "--target", f"127.0.0.1:{port}",
+                               "--prompt-ids", ",".join(map(str, PROMPTS[1])), "--max-new-tokens", "16", "--json"],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout) == {"prompt_ids": PROMPTS[1], "output_ids": oracle("mixtral").greedy(PROMPTS[1])}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 0
