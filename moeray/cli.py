@@ -7,6 +7,7 @@
     moeray info [--model DIR]
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
     moeray bench kernels [--tokens 16,256,2048]
+    moeray bench serve [--model DIR] [--concurrency 1,8,32]
 
 With no --model, commands use the embedded demo checkpoint (created on first use).
 """
@@ -189,6 +190,14 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from moeray.bench.serve import run_serve_bench
+
+    _init_ray(None)
+    run_serve_bench(_model_dir(args.model), args.concurrency, args.requests, args.max_new_tokens, args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--tokens", type=_ids, default=[16, 256, 2048])
     kernels.add_argument("--repeats", type=int, default=10)
     kernels.set_defaults(func=cmd_bench_kernels)
+    bserve = bench_sub.add_parser("serve", help="load over gRPC vs transformers' generate in one process")
+    bserve.add_argument("--model", help="checkpoint (default: the embedded demo)")
+    bserve.add_argument("--concurrency", type=_ids, default=[1, 8, 32])
+    bserve.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    bserve.add_argument("--max-new-tokens", type=int, default=32)
+    bserve.add_argument("--workers", type=int, default=2)
+    bserve.set_defaults(func=cmd_bench_serve)
     return parser
 
 

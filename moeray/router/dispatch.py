@@ -12,6 +12,7 @@ Shape legend: T tokens, H hidden, K top-k, N (token, expert) pairs, L MoE layers
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import ray
@@ -33,6 +34,7 @@ class ExpertDispatcher:
         self.worker_load_LW = torch.zeros(plan.num_layers, plan.num_workers, dtype=torch.long)
         # Set by the scheduler around each forward: which of the flattened tokens are real (False for padding).
         self.token_mask_T: torch.Tensor | None = None
+        self.dispatch_s = 0.0  # wall time in dispatch/combine, expert compute included
 
     def set_plan(self, plan: Plan) -> None:
         """Switch to a new epoch's plan; call between steps only."""
@@ -52,6 +54,14 @@ class ExpertDispatcher:
     def __call__(
         self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
     ) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return self._dispatch(layer, x_TH, top_k_index_TK, top_k_weights_TK)
+        finally:
+            self.dispatch_s += time.perf_counter() - started
+
+    def _dispatch(self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor,
+                  top_k_weights_TK: torch.Tensor) -> torch.Tensor:
         num_tokens, top_k = top_k_index_TK.shape
         # 1. Flatten to (token, expert, weight) pairs, dropping padding tokens.
         pair_token_N = torch.arange(num_tokens).repeat_interleave(top_k)

@@ -140,8 +140,9 @@ class Router:
                    if n.startswith(paths) and p.device.type != "meta")
 
     def stats(self) -> dict:
-        return {"steps": self.scheduler.steps, "running": len(self.scheduler.running),
-                "waiting": self.scheduler.num_waiting}
+        s = self.scheduler
+        return {"steps": s.steps, "running": len(s.running), "waiting": s.num_waiting, "step_s": s.step_s,
+                "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s}
 
     def ping(self) -> bool:
         return True

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -108,6 +109,8 @@ class Scheduler:
         self._cache: DynamicCache | None = None
         self._mask_BS: torch.Tensor | None = None
         self.steps = 0
+        self.step_s = 0.0  # wall time in steps, and the part of it inside the model's forward
+        self.forward_s = 0.0
 
     # -- submission (any thread) -------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Sequence:
@@ -136,6 +139,7 @@ class Scheduler:
 
     # -- stepping (the loop thread) ----------------------------------------------------------------------
     def step(self) -> None:
+        started = time.perf_counter()
         with self._cond:
             free = self.max_batch_size - len(self.running)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
@@ -152,6 +156,7 @@ class Scheduler:
                 seq.done.set()
             self.running, self._cache, self._mask_BS = [], None, None
         self.steps += 1
+        self.step_s += time.perf_counter() - started
 
     def _finish_if_aborted(self, seq: Sequence) -> bool:
         if seq.aborted:
@@ -162,11 +167,13 @@ class Scheduler:
     def _forward(self, ids_BQ, mask_BS, pos_BQ, cache, token_mask_T) -> torch.Tensor:
         with self.forward_lock, torch.no_grad():
             self.set_token_mask(token_mask_T)
+            started = time.perf_counter()
             try:
                 out = self.model(input_ids=ids_BQ.to(self.device), attention_mask=mask_BS.to(self.device),
                                  position_ids=pos_BQ.to(self.device), past_key_values=cache, use_cache=True,
                                  logits_to_keep=1)
             finally:
+                self.forward_s += time.perf_counter() - started
                 self.set_token_mask(None)
         return out.logits[:, -1]
 

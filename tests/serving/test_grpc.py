@@ -240,3 +240,19 @@ def ray_get(ref):
     import ray
 
     return ray.get(ref)
+
+
+@pytest.mark.parametrize("concurrency", [1, 8, 32])
+def test_bounded_load_has_no_failures_and_exact_outputs(server, oracle, concurrency):
+    from moeray.bench.serve import run_load
+
+    ref = oracle("mixtral")
+    prompts = [PROMPTS[i % len(PROMPTS)][: 3 + i % 5] for i in range(max(concurrency, 8))]
+    result = run_load(server["address"], prompts, concurrency, max_new_tokens=8, timeout_s=120)
+    summary = result.summary()
+    print(summary)
+    assert result.failed == 0, result.errors
+    assert result.outputs == [ref.greedy(p, 8) for p in prompts]
+    assert summary["tokens_per_s"] > 0 and len(result.ttft_s) == len(prompts)
+    # the ingress spreads requests over both routers, which share the expert workers
+    assert all(ray_get(r.stats.remote())["steps"] > 0 for r in server["engine"].routers)

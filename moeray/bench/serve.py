@@ -1,0 +1,157 @@
+"""Load against a running gRPC endpoint, and ``moeray bench serve``.
+
+``run_load`` is a bounded asyncio client: a fixed number of streaming Generate requests, at most ``concurrency``
+in flight, stopping by itself. It reports tokens/s, time to first token and inter-token latency (p50/p99) and the
+failed requests. ``moeray bench serve`` starts a server on 127.0.0.1, runs the load at each concurrency, and in the
+same run measures transformers' own ``generate`` on the same checkpoint in one process with the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoadResult:
+    concurrency: int
+    requests: int
+    failed: int
+    tokens: int
+    seconds: float
+    ttft_s: list[float]
+    itl_s: list[float]
+    outputs: list[list[int]]
+    errors: list[str]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def summary(self) -> dict:
+        pct = lambda xs, q: float(np.percentile(xs, q) * 1e3) if xs else float("nan")
+        return {"concurrency": self.concurrency, "requests": self.requests, "failed": self.failed,
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "ttft_ms_p50": round(pct(self.ttft_s, 50), 2), "ttft_ms_p99": round(pct(self.ttft_s, 99), 2),
+                "itl_ms_p50": round(pct(self.itl_s, 50), 2), "itl_ms_p99": round(pct(self.itl_s, 99), 2)}
+
+
+async def _load(address: str, prompts: list[list[int]], concurrency: int, max_new_tokens: int,
+                timeout_s: float) -> LoadResult:
+    import grpc
+
+    from moeray.serving.gen import generate_pb2, generate_pb2_grpc
+
+    gate = asyncio.Semaphore(concurrency)
+    ttft, itl, outputs, errors = [], [], [None] * len(prompts), []
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+
+        async def one(i: int, prompt: list[int]) -> None:
+            request = generate_pb2.GenerateRequest(
+                prompt_ids=generate_pb2.TokenIds(ids=prompt),
+                sampling=generate_pb2.SamplingParams(max_new_tokens=max_new_tokens))
+            async with gate:
+                start = last = time.perf_counter()
+                tokens: list[int] = []
+                try:
+                    async for chunk in stub.Generate(request, timeout=timeout_s):
+                        now = time.perf_counter()
+                        if chunk.token_ids:
+                            if not tokens:
+                                ttft.append(now - start)
+                            else:  # a chunk may carry several tokens: spread its gap over them
+                                itl.extend([(now - last) / len(chunk.token_ids)] * len(chunk.token_ids))
+                            last = now
+                        tokens.extend(chunk.token_ids)
+                    outputs[i] = tokens
+                except grpc.aio.AioRpcError as e:
+                    errors.append(f"{e.code().name}: {e.details()}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        seconds = time.perf_counter() - started
+    done = [o for o in outputs if o is not None]
+    return LoadResult(concurrency=concurrency, requests=len(prompts), failed=len(prompts) - len(done),
+                      tokens=sum(len(o) for o in done), seconds=seconds, ttft_s=ttft, itl_s=itl, outputs=outputs,
+                      errors=errors)
+
+
+def run_load(address: str, prompts: list[list[int]], concurrency: int, max_new_tokens: int = 16,
+             timeout_s: float = 300.0) -> LoadResult:
+    return asyncio.run(_load(address, prompts, concurrency, max_new_tokens, timeout_s))
+
+
+def _prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=int(rng.integers(4, 24))).tolist() for _ in range(count)]
+
+
+def transformers_tokens_per_s(path: str, prompts: list[list[int]], max_new_tokens: int) -> float:
+    """transformers' own generate in one process, the same prompts as one left-padded batch, greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    length = max(map(len, prompts))
+    ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        model.generate(ids[:1, -4:], attention_mask=mask[:1, -4:], max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
+        seconds = time.perf_counter() - start
+    return (out.shape[1] - length) * len(prompts) / seconds
+
+
+def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: int, max_new_tokens: int,
+                    workers: int = 2) -> list[dict]:
+    import socket
+
+    import ray
+    from ray import serve
+
+    from moeray.engine import Engine, EngineConfig
+    from moeray.serving.app import start_serving
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    rows = []
+    with Engine(EngineConfig(model=model, workers=workers, max_batch_size=max(concurrencies))) as engine:
+        port = free_port()
+        start_serving(engine, grpc_port=port, http_port=free_port())
+        address = f"127.0.0.1:{port}"
+        vocab = engine.spec.vocab_size
+        run_load(address, _prompts(2, vocab, seed=99), 2, 4)  # warm-up
+        print(f"moeray bench serve: {model}, {workers} workers, greedy, {max_new_tokens} new tokens per request")
+        for c in concurrencies:
+            prompts = _prompts(max(requests_per_level, c), vocab, seed=c)
+            before = ray.get([r.stats.remote() for r in engine.routers])
+            result = run_load(address, prompts, c, max_new_tokens)
+            after = ray.get([r.stats.remote() for r in engine.routers])
+            hf = transformers_tokens_per_s(engine.checkpoint.checkpoint.path, prompts[:c], max_new_tokens)
+            row = {**result.summary(), "hf_generate_tokens_per_s": round(hf, 1),
+                   "ratio_vs_hf": round(result.tokens_per_s / hf, 3), **_step_breakdown(before, after)}
+            rows.append(row)
+            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        serve.shutdown()
+    return rows
+
+
+def _step_breakdown(before: list[dict], after: list[dict]) -> dict:
+    """Per engine step: wall time, time in the model's forward, and the part of it waiting on expert workers."""
+    delta = {k: sum(a[k] - b[k] for a, b in zip(after, before)) for k in ("steps", "step_s", "forward_s",
+                                                                          "dispatch_s")}
+    steps = max(delta["steps"], 1)
+    return {"step_ms": round(1e3 * delta["step_s"] / steps, 2),
+            "dense_ms": round(1e3 * (delta["forward_s"] - delta["dispatch_s"]) / steps, 2),
+            "dispatch_ms": round(1e3 * delta["dispatch_s"] / steps, 2),
+            "outside_forward_ms": round(1e3 * (delta["step_s"] - delta["forward_s"]) / steps, 2)}
