@@ -191,10 +191,15 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from moeray.bench.serve import run_serve_bench
+    from moeray.bench.serve import medium_checkpoint, run_serve_bench
 
+    model = args.model
+    if model == "medium":
+        from moeray.model.demo import demo_checkpoint_dir
+
+        model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
     _init_ray(None)
-    run_serve_bench(_model_dir(args.model), args.concurrency, args.requests, args.max_new_tokens, args.workers)
+    run_serve_bench(_model_dir(model), args.concurrency, args.requests, args.max_new_tokens, args.workers)
     return 0
 
 
@@ -252,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--repeats", type=int, default=10)
     kernels.set_defaults(func=cmd_bench_kernels)
     bserve = bench_sub.add_parser("serve", help="load over gRPC vs transformers' generate in one process")
-    bserve.add_argument("--model", help="checkpoint (default: the embedded demo)")
+    bserve.add_argument("--model", help="checkpoint, or 'medium' (built on first use; default: the embedded demo)")
     bserve.add_argument("--concurrency", type=_ids, default=[1, 8, 32])
     bserve.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     bserve.add_argument("--max-new-tokens", type=int, default=32)

@@ -86,6 +86,23 @@ def run_load(address: str, prompts: list[list[int]], concurrency: int, max_new_t
     return asyncio.run(_load(address, prompts, concurrency, max_new_tokens, timeout_s))
 
 
+def medium_checkpoint(path: str) -> str:
+    """The serving issue's medium model: Mixtral-style, H=1024, 4 layers, 16 experts, I=2048, top-2 (1.7 GB fp32)."""
+    import os
+
+    import transformers
+
+    from moeray.model.tiny import save_random_checkpoint
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        config = transformers.MixtralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2048,
+                                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                                            num_local_experts=16, num_experts_per_tok=2, max_position_embeddings=4096,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        save_random_checkpoint(config, path, seed=0)
+    return path
+
+
 def _prompts(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab, size=int(rng.integers(4, 24))).tolist() for _ in range(count)]
