@@ -4,7 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: install demo test bench protos-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,7 +21,15 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/moeray generate --prompt "Hello, experts" --max-new-tokens 16 --workers 2
 
-test: install
+$(BUF):
+	npm install --silent --prefix .tools @bufbuild/buf@1.75.0
+
+# buf lint (KServe's package excepted, see protos/buf.yaml) and no breaking change against main
+protos-check: $(BUF)
+	$(BUF) lint protos
+	if git rev-parse --verify -q main >/dev/null; then $(BUF) breaking protos --against '.git#branch=main,subdir=protos'; fi
+
+test: install protos-check
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: install
