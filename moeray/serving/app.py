@@ -7,6 +7,7 @@ from the proxy). Requests spread round-robin over the routers, which share one p
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import logging
@@ -125,7 +126,7 @@ class Ingress:
         raise InvalidRequest("prompt is empty: set prompt_ids or prompt_text")
 
     async def Abort(self, request: generate_pb2.AbortRequest) -> generate_pb2.AbortResponse:
-        aborted = await _gather([r.abort.remote(request.request_id) for r in self.routers])
+        aborted = await asyncio.gather(*[r.abort.remote(request.request_id) for r in self.routers])
         return generate_pb2.AbortResponse(aborted=any(aborted))
 
     def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest) -> generate_pb2.GetModelInfoResponse:
@@ -138,7 +139,7 @@ class Ingress:
 
     # -- moeray.v1.PlacementService ----------------------------------------------------------------------
     async def GetPlacement(self, request) -> placement_pb2.GetPlacementResponse:
-        info = await _gather([w.info.remote() for w in self.workers])
+        info = await asyncio.gather(*[w.info.remote() for w in self.workers])
         response = placement_pb2.GetPlacementResponse(epoch=self.plan.epoch, policy="static")
         for l in range(self.plan.num_layers):
             response.layers.add(phy2log=self.plan.phy2log_LP[l].tolist(),
@@ -149,7 +150,7 @@ class Ingress:
         return response
 
     async def GetLoad(self, request) -> placement_pb2.GetLoadResponse:
-        loads = await _gather([r.take_load.remote() for r in self.routers])
+        loads = await asyncio.gather(*[r.take_load.remote() for r in self.routers])
         expert_LE, worker_LW = sum(l[0] for l in loads), sum(l[1] for l in loads)
         response = placement_pb2.GetLoadResponse()
         for e_E, w_W in zip(expert_LE, worker_LW):
@@ -227,12 +228,6 @@ class Ingress:
     # -- grpc.health.v1 ----------------------------------------------------------------------------------
     def Check(self, request) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-
-async def _gather(refs):
-    import asyncio
-
-    return await asyncio.gather(*refs)
 
 
 def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from conftest import PROMPTS, _ray_start, assert_logits_close
-from moeray import Engine, EngineConfig, SamplingParams
+from moeray import Engine, EngineConfig
 from moeray.serving.app import start_serving
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc, placement_pb2, placement_pb2_grpc
 
