@@ -148,7 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     with Engine(config) as engine:
         try:
-            name = start_serving(engine, grpc_port=args.port, http_port=args.http_port, host=args.host)
+            name = start_serving(engine, grpc_port=args.port, http_port=args.http_port, host=args.host,
+                                 max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued)
             print(f"moeray: serving model {name!r} over gRPC on {args.host}:{args.port} "
                   f"({len(engine.routers)} routers, {len(engine.workers)} expert workers); Ctrl-C stops", flush=True)
             stop.wait()
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     srv.add_argument("--max-new-tokens-cap", type=int, default=4096)
+    srv.add_argument("--max-ongoing", type=int, default=256, help="requests in flight before queueing")
+    srv.add_argument("--max-queued", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
     srv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     srv.set_defaults(func=cmd_serve)
 

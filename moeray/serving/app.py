@@ -231,8 +231,12 @@ class Ingress:
 
 
 def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
-                  model_name: str | None = None, app_name: str = "moeray") -> str:
+                  model_name: str | None = None, app_name: str = "moeray", route_prefix: str = "/",
+                  max_ongoing_requests: int = 256, max_queued_requests: int = 256) -> str:
     """Start Serve's proxies and deploy the ingress in front of ``engine``'s routers; returns the model name.
+
+    Admission control: beyond ``max_ongoing_requests`` in flight and ``max_queued_requests`` waiting, Serve's proxy
+    answers RESOURCE_EXHAUSTED at once.
 
     NOTE: Ray 2.60's gRPC proxy binds every interface ([::]:port) whatever ``host`` says; ``host`` binds the
     HTTP proxy. Put a firewall or a Kubernetes Service in front when the machine is reachable from outside.
@@ -247,7 +251,8 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
              "limits": engine.limits, "checkpoint_path": engine.checkpoint.checkpoint.path,
              "has_tokenizer": engine.checkpoint.checkpoint.has_tokenizer}
     env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV)}
+    ingress = Ingress.options(max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
     # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
-    serve.run(Ingress.bind(model_name=model_name, engine_state=state, env=env), name=app_name, route_prefix="/",
-              logging_config={"enable_access_log": False})
+    serve.run(ingress.bind(model_name=model_name, engine_state=state, env=env), name=app_name,
+              route_prefix=route_prefix, logging_config={"enable_access_log": False})
     return model_name

@@ -256,3 +256,31 @@ def test_bounded_load_has_no_failures_and_exact_outputs(server, oracle, concurre
     assert summary["tokens_per_s"] > 0 and len(result.ttft_s) == len(prompts)
     # the ingress spreads requests over both routers, which share the expert workers
     assert all(ray_get(r.stats.remote())["steps"] > 0 for r in server["engine"].routers)
+
+
+def test_admission_control_rejects_beyond_the_queue(server):
+    """Last in this module: it deploys a second application (1 in flight, 1 queued) and removes it again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = int(server["address"].rsplit(":", 1)[1])
+    start_serving(server["engine"], grpc_port=port, http_port=_free_port(), app_name="moeray-small",
+                  route_prefix="/small", max_ongoing_requests=1, max_queued_requests=1)
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=PROMPTS[0]),
+                                           sampling=generate_pb2.SamplingParams(max_new_tokens=48, ignore_eos=True))
+
+    def call(_):
+        try:
+            return len([t for c in stub.Generate(request, metadata=[("application", "moeray-small")], timeout=120)
+                        for t in c.token_ids])
+        except grpc.RpcError as e:
+            return e.code()
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(call, range(6)))
+    finally:
+        serve.delete("moeray-small")
+    rejected = [o for o in outcomes if o == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    served = [o for o in outcomes if o == 48]
+    assert rejected and served and len(rejected) + len(served) == 6, outcomes
