@@ -81,6 +81,42 @@ class Plan:
         """Per layer, the logical experts a worker holds, in its local slot order."""
         return [self.phy2log_LP[l][self.slot_worker_LP[l] == worker].tolist() for l in range(self.num_layers)]
 
+    def holders(self, layer: int) -> set[tuple[int, int]]:
+        """The (logical expert, worker) pairs resident in one layer: what a plan change loads or drops."""
+        return set(zip(self.phy2log_LP[layer].tolist(), self.slot_worker_LP[layer].tolist()))
+
+    def moved_slots(self, new: Plan) -> int:
+        """Slots ``new`` loads that this plan does not hold (a replica that only changes slot index moves nothing)."""
+        if new.num_layers != self.num_layers:
+            raise ValueError(f"plans differ in layers: {self.num_layers} vs {new.num_layers}")
+        return sum(len(new.holders(l) - self.holders(l)) for l in range(self.num_layers))
+
+    @classmethod
+    def from_replicas(cls, replica_workers: list[list[list[int]]], *, epoch: int, num_workers: int) -> Plan:
+        """Build a plan from ``replica_workers[layer][expert]`` = the workers holding that expert. Slots are
+        numbered worker by worker, each worker's in increasing expert order."""
+        num_experts = len(replica_workers[0]) if replica_workers else 0
+        phy2log, slot_worker = [], []
+        for layer, experts in enumerate(replica_workers):
+            if len(experts) != num_experts:
+                raise ValueError(f"layer {layer} has {len(experts)} experts; layer 0 has {num_experts}")
+            pairs = sorted((w, e) for e, workers in enumerate(experts) for w in workers)
+            slot_worker.append([w for w, _ in pairs])
+            phy2log.append([e for _, e in pairs])
+        if len({len(p) for p in phy2log}) > 1:
+            raise ValueError(f"layers hold different slot counts {sorted({len(p) for p in phy2log})}; "
+                             "every layer must hold the same number")
+        return cls(epoch=epoch, num_workers=num_workers, num_experts=num_experts,
+                   phy2log_LP=torch.tensor(phy2log, dtype=torch.long), slot_worker_LP=torch.tensor(slot_worker, dtype=torch.long))
+
+    def replica_workers(self) -> list[list[list[int]]]:
+        """``[layer][expert]`` -> the workers holding that expert (the inverse of ``from_replicas``)."""
+        out = [[[] for _ in range(self.num_experts)] for _ in range(self.num_layers)]
+        for l in range(self.num_layers):
+            for e, w in zip(self.phy2log_LP[l].tolist(), self.slot_worker_LP[l].tolist()):
+                out[l][e].append(w)
+        return out
+
     def describe(self) -> dict:
         return {
             "epoch": self.epoch,

@@ -1,4 +1,12 @@
-"""Initial placement policies: pure functions from sizes to a plan, used before any load is known.
+"""Placement policies: pure functions ``(load_LE, topology, current plan, budget, **params) -> plan``, and the
+registry that finds one by name or import path.
+
+Built in (see each module): ``contiguous`` and ``round_robin`` (static baselines, here), ``greedy``,
+``replicated`` and ``replicated_hierarchical`` (moeray.placement.balanced), ``migration_aware``
+(moeray.placement.migration), ``optimal`` (moeray.placement.optimal). A user's own policy plugs in by import path,
+``package.module:function``, with the same signature; its parameters come from the config as keyword arguments.
+
+Static baselines, used before any load is known:
 
 - ``contiguous``: worker w holds experts [w*E/W, (w+1)*E/W) of every layer (DeepSeek's and vLLM's default).
 - ``round_robin``: expert e goes to worker e % W, so neighbouring (often co-activated) experts spread out.
@@ -9,9 +17,26 @@ each on the worker with the fewest slots that does not already hold that expert.
 
 from __future__ import annotations
 
+import functools
+import importlib
+from collections.abc import Callable
+
 import torch
 
 from moeray.placement.plan import Plan
+from moeray.placement.topology import Budget, Topology
+
+Policy = Callable[[torch.Tensor, Topology, "Plan | None", Budget], Plan]
+
+BUILTIN_POLICIES = {
+    "contiguous": "moeray.placement.policies:contiguous",
+    "round_robin": "moeray.placement.policies:round_robin",
+    "greedy": "moeray.placement.balanced:greedy",
+    "replicated": "moeray.placement.balanced:replicated",
+    "replicated_hierarchical": "moeray.placement.balanced:replicated_hierarchical",
+    "migration_aware": "moeray.placement.migration:migration_aware",
+    "optimal": "moeray.placement.optimal:optimal",
+}
 
 STATIC_POLICIES = ("contiguous", "round_robin")
 
@@ -51,3 +76,31 @@ def static_plan(
     slot_worker_LP = torch.tensor([workers] * num_layers, dtype=torch.long).reshape(num_layers, -1)
     return Plan(epoch=epoch, num_workers=num_workers, num_experts=num_experts,
                 phy2log_LP=phy2log_LP, slot_worker_LP=slot_worker_LP)
+
+
+def _static(policy: str, load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget) -> Plan:
+    budget.check_fits(load_LE.shape[1], topology)
+    return static_plan(policy, num_layers=load_LE.shape[0], num_experts=load_LE.shape[1],
+                       num_workers=topology.num_workers, redundant=budget.redundant,
+                       epoch=0 if current is None else current.epoch + 1)
+
+
+contiguous = functools.partial(_static, "contiguous")
+round_robin = functools.partial(_static, "round_robin")
+
+
+def resolve_policy(name: str, params: dict | None = None) -> Policy:
+    """A policy by built-in name or by import path (``pkg.module:function`` or ``pkg.module.function``), with
+    ``params`` bound as keyword arguments."""
+    path = BUILTIN_POLICIES.get(name, name)
+    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"placement policy {name!r} is neither a built-in ({', '.join(BUILTIN_POLICIES)}) nor an "
+                         "import path like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"placement policy {name!r} could not be loaded from {path!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"placement policy {name!r} ({path}) is not callable")
+    return functools.partial(fn, **params) if params else fn
