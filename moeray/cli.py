@@ -8,6 +8,8 @@
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
     moeray bench kernels [--tokens 16,256,2048]
     moeray bench serve [--model DIR] [--concurrency 1,8,32]
+    moeray placement synth --kind zipf|drifting|bursty ... --out FILE
+    moeray placement simulate --trace FILE --policy NAME[,NAME...] --workers N [--nodes M] [--redundant R] [--json]
 
 With no --model, commands use the embedded demo checkpoint (created on first use).
 """
@@ -204,6 +206,16 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_placement(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The ``moeray placement`` group; each placement module registers its own commands in it."""
+    from moeray.placement.offline_cli import add_offline_commands
+
+    placement = sub.add_parser("placement", help="expert placement: offline simulator, synthetic traces")
+    placement_sub = placement.add_subparsers(dest="placement", required=True)
+    add_offline_commands(placement_sub)
+    return placement_sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--max-new-tokens", type=int, default=32)
     bserve.add_argument("--workers", type=int, default=2)
     bserve.set_defaults(func=cmd_bench_serve)
+
+    _add_placement(sub)
     return parser
 
 

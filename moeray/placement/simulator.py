@@ -1,0 +1,205 @@
+"""The offline placement simulator: replay a load trace through a policy, as the controller would.
+
+Shape legend: L MoE layers, E logical experts, W workers, N windows.
+
+    plan_0 = static plan (round_robin), or the policy applied to the first ``warmup`` windows
+    for each window t:
+        judge the CURRENT plan on window t's load      -> worker_load_LW, imbalance_L   (load it has not seen)
+        history += load_t
+        every ``rebalance_every`` windows (never after the last): plan = policy(history, topology, plan, budget),
+            count the slots it loads (Plan.moved_slots) and their bytes; history *= decay
+
+``decay = 0`` hands the policy the windows since its last rebalance (with ``rebalance_every = 1``, the last
+window); ``decay = 1`` everything seen so far. ``optimal_bounds`` solves the oracle per (window, layer): the least
+max worker load any placement of that window's own load could reach, a lower bound to compare policies against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from moeray.placement.load import imbalance_L, worker_load_LW
+from moeray.placement.plan import Plan
+from moeray.placement.policies import resolve_policy, static_plan
+from moeray.placement.topology import Budget, Topology
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WindowRecord:
+    window: int  # index in the trace
+    epoch: int  # epoch of the plan judged on this window
+    worker_load_LW: torch.Tensor  # expected tokens per (layer, worker) under that plan
+    imbalance_L: torch.Tensor
+    moved_slots: int = 0  # slots the rebalance after this window loaded (0: no rebalance)
+    rebalanced: bool = False
+    policy_s: float = 0.0  # wall time of that rebalance's policy call
+
+    def to_json(self) -> dict:
+        return {"window": self.window, "epoch": self.epoch, "mean_imbalance": float(self.imbalance_L.mean()),
+                "max_imbalance": float(self.imbalance_L.max()), "rebalanced": self.rebalanced,
+                "moved_slots": self.moved_slots}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Bounds:
+    """optimal's lower bound on max worker load, per solved (window, layer), as a ratio to the mean worker load."""
+
+    cells: tuple[tuple[int, int], ...]  # (window index, layer)
+    ratio: tuple[float, ...]  # lower bound on max load / mean worker load, per cell
+    proven: tuple[bool, ...]  # the solver proved the bound optimal (else it is the best bound at its time limit)
+    attempted: int  # cells asked for
+    seconds: float
+
+    def layers_solved(self) -> int:
+        return len({layer for _, layer in self.cells})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimResult:
+    policy: str
+    records: list[WindowRecord]
+    expert_bytes: int
+    bounds: Bounds | None = None
+
+    @property
+    def imbalance_NL(self) -> torch.Tensor:
+        return torch.stack([r.imbalance_L for r in self.records])
+
+    def summary(self) -> dict:
+        imb = self.imbalance_NL.numpy()
+        rebalances = [r for r in self.records if r.rebalanced]
+        moved = sum(r.moved_slots for r in rebalances)
+        out = {
+            "policy": self.policy,
+            "windows": len(self.records),
+            "mean_imbalance": float(imb.mean()),
+            "p50_imbalance": float(np.percentile(imb, 50)),
+            "max_imbalance": float(imb.max()),
+            "moved_slots": moved,
+            "rebalances": len(rebalances),
+            "moved_slots_per_rebalance": moved / len(rebalances) if rebalances else 0.0,
+            "moved_bytes": moved * self.expert_bytes,
+            "policy_ms_per_rebalance": 1e3 * sum(r.policy_s for r in rebalances) / max(1, len(rebalances)),
+        }
+        if self.bounds is not None and self.bounds.cells:
+            by_window = {r.window: r for r in self.records}
+            mine = [float(by_window[w].imbalance_L[l]) for w, l in self.bounds.cells]
+            bound = float(np.mean(self.bounds.ratio))
+            out.update({
+                "bound_imbalance": bound,
+                "imbalance_on_bound_cells": float(np.mean(mine)),
+                "vs_bound": float(np.mean(mine)) / bound,
+                "bound_cells": len(self.bounds.cells),
+                "bound_proven": int(sum(self.bounds.proven)),
+                "bound_layers": self.bounds.layers_solved(),
+            })
+        return out
+
+
+def _check_plan(plan: Plan, name: str, load_LE: torch.Tensor, topology: Topology, budget: Budget) -> None:
+    L, E = load_LE.shape
+    if (plan.num_layers, plan.num_experts, plan.num_workers) != (L, E, topology.num_workers):
+        raise ValueError(f"policy {name!r} returned a plan of {plan.num_layers} layers x {plan.num_experts} experts "
+                         f"on {plan.num_workers} workers; expected {L} x {E} on {topology.num_workers}")
+    if plan.num_slots > budget.slots_per_layer(E):
+        raise ValueError(f"policy {name!r} used {plan.num_slots} slots per layer; the budget allows "
+                         f"{budget.slots_per_layer(E)} ({E} experts + {budget.redundant} redundant)")
+    fill_LW = torch.zeros(L, topology.num_workers, dtype=torch.long)
+    fill_LW.scatter_add_(1, plan.slot_worker_LP, torch.ones_like(plan.slot_worker_LP))
+    if int(fill_LW.max()) > topology.slots_per_worker:
+        l, w = divmod(int(fill_LW.argmax()), topology.num_workers)
+        raise ValueError(f"policy {name!r} put {int(fill_LW[l, w])} slots of layer {l} on worker {w}, which holds "
+                         f"{topology.slots_per_worker}")
+
+
+def simulate(
+    windows: Sequence[torch.Tensor],
+    policy: str | Callable[..., Plan],
+    topology: Topology,
+    budget: Budget,
+    *,
+    params: dict | None = None,
+    name: str | None = None,
+    rebalance_every: int = 1,
+    decay: float = 0.0,
+    warmup: int = 0,
+    initial: str = "round_robin",
+    bounds: Bounds | None = None,
+) -> SimResult:
+    """Replay ``windows`` (each ``load_LE``) through ``policy`` (a name or import path resolved with ``params``, or
+    a callable) and judge every plan on the windows after it. See the module docstring."""
+    if rebalance_every < 1:
+        raise ValueError(f"rebalance_every must be >= 1; got {rebalance_every}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1]; got {decay}")
+    if not 0 <= warmup < len(windows):
+        raise ValueError(f"warmup must lie in [0, {len(windows)}) for {len(windows)} windows; got {warmup}")
+    name = name or (policy if isinstance(policy, str) else getattr(policy, "__name__", repr(policy)))
+    fn = resolve_policy(policy, params) if isinstance(policy, str) else policy
+    num_layers, num_experts = windows[0].shape
+    budget.check_fits(num_experts, topology)
+    # 1. The plan before any load is known: a static one, or the policy applied to the warm-up windows.
+    plan = static_plan(initial, num_layers=num_layers, num_experts=num_experts, num_workers=topology.num_workers,
+                       redundant=budget.redundant)
+    if warmup:
+        seen_LE = torch.stack([torch.as_tensor(w) for w in windows[:warmup]]).sum(0)
+        plan = fn(seen_LE, topology, plan, budget)
+        _check_plan(plan, name, seen_LE, topology, budget)
+    history_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64 if decay else torch.long)
+    records = []
+    for t in range(warmup, len(windows)):
+        load_LE = torch.as_tensor(windows[t])
+        if load_LE.shape != (num_layers, num_experts):
+            raise ValueError(f"window {t}: load shape {tuple(load_LE.shape)} is not [{num_layers}, {num_experts}]")
+        # 2. Judge the current plan on load it has not seen.
+        load_LW = worker_load_LW(load_LE, plan)
+        record = dict(window=t, epoch=plan.epoch, worker_load_LW=load_LW, imbalance_L=imbalance_L(load_LW))
+        history_LE += load_LE.to(history_LE.dtype)
+        # 3. Rebalance from the history; the last window's plan would never be judged, so none is made.
+        if (t - warmup + 1) % rebalance_every == 0 and t + 1 < len(windows):
+            start = time.perf_counter()
+            new = fn(history_LE.clone(), topology, plan, budget)
+            elapsed = time.perf_counter() - start
+            _check_plan(new, name, load_LE, topology, budget)
+            record.update(moved_slots=plan.moved_slots(new), rebalanced=True, policy_s=elapsed)
+            plan = new
+            history_LE = history_LE * decay if decay else torch.zeros_like(history_LE)
+        records.append(WindowRecord(**record))
+    return SimResult(policy=name, records=records, expert_bytes=budget.expert_bytes, bounds=bounds)
+
+
+def optimal_bounds(
+    windows: Sequence[torch.Tensor],
+    topology: Topology,
+    budget: Budget,
+    *,
+    window_ids: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    time_limit_s: float = 2.0,
+    budget_s: float = 60.0,
+) -> Bounds:
+    """optimal's lower bound for each (window, layer) asked (default: every one), each solve limited to
+    ``time_limit_s``; stop starting new solves once ``budget_s`` has passed, and say how many were solved."""
+    from moeray.placement.optimal import optimal_bound
+
+    window_ids = list(range(len(windows))) if window_ids is None else list(window_ids)
+    layers = list(range(windows[0].shape[0])) if layers is None else list(layers)
+    cells, ratio, proven = [], [], []
+    start = time.perf_counter()
+    for t in window_ids:
+        for l in layers:
+            if time.perf_counter() - start > budget_s:
+                break
+            load_E = torch.as_tensor(windows[t][l])
+            _, lower, ok = optimal_bound(load_E, topology, budget, time_limit_s)
+            mean = float(load_E.sum()) / topology.num_workers
+            cells.append((t, l))
+            ratio.append(float(lower) / mean if mean > 0 else 1.0)
+            proven.append(bool(ok))
+    return Bounds(cells=tuple(cells), ratio=tuple(ratio), proven=tuple(proven),
+                  attempted=len(window_ids) * len(layers), seconds=time.perf_counter() - start)

@@ -1,0 +1,188 @@
+"""Load traces: what the offline simulator replays, read from JSON Lines files or synthesised from a seed.
+
+Shape legend: N windows, L MoE layers, E logical experts.
+
+The file format is JSON Lines with no header: every non-blank line is one window,
+
+    {"window": 0, "load": [[tokens of expert 0, expert 1, ...], ...one list per MoE layer]}
+
+``window`` (optional) is the window's index; ``load`` holds non-negative integers, with the same layer and expert
+counts on every line. ``moeray.engine.Engine.take_load()`` returns the same ``[L, E]`` counts, one window per call.
+
+Synthetic kinds (each deterministic for a seed; tokens are sampled multinomially, ``tokens x top_k`` (token,
+expert) pairs per layer and window, so one token may count twice for one expert):
+
+- ``zipf``: expert load ∝ rank^-s, the ranks randomly permuted per layer and fixed for the trace.
+- ``drifting``: the same Zipf law, but every ``drift_every`` windows ``drift_experts`` experts of each layer's hot
+  set (the top eighth of the ranks) swap ranks with random colder experts: the hot set drifts.
+- ``bursty``: the Zipf law plus bursts: a window starts one with probability ``burst_prob``, and for
+  ``burst_len`` windows ``burst_experts`` random experts of every layer get ``burst_factor`` times their weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+KINDS = ("zipf", "drifting", "bursty")
+
+
+class TraceError(ValueError):
+    """A trace file that does not follow the format; the message names the file, the line and the bad value."""
+
+
+def _check_count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TraceError(f"{where}: token count {value!r} is not an integer")
+    if value < 0:
+        raise TraceError(f"{where}: token count {value} is negative")
+    return value
+
+
+def parse_window(line: str, *, where: str, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """One trace line -> ``load_LE`` (int64). ``shape``, when given, is the (layers, experts) it must have."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or "load" not in obj:
+        raise TraceError(f"{where}: expected an object with a 'load' key, got {line.strip()[:80]!r}")
+    window = obj.get("window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise TraceError(f"{where}: 'window' {window!r} is not an integer")
+    load = obj["load"]
+    if not isinstance(load, list) or not load or not all(isinstance(row, list) for row in load):
+        raise TraceError(f"{where}: 'load' must be a non-empty list of per-layer lists of token counts")
+    num_experts = len(load[0])
+    if num_experts == 0:
+        raise TraceError(f"{where}: layer 0 has no experts")
+    for l, row in enumerate(load):
+        if len(row) != num_experts:
+            raise TraceError(f"{where}: layer {l} has {len(row)} experts but layer 0 has {num_experts}")
+        for e, value in enumerate(row):
+            _check_count(value, f"{where}: layer {l}, expert {e}")
+    if shape is not None and (len(load), num_experts) != shape:
+        raise TraceError(f"{where}: {len(load)} layers x {num_experts} experts, but earlier lines have "
+                         f"{shape[0]} layers x {shape[1]} experts")
+    return torch.tensor(load, dtype=torch.long)
+
+
+def iter_trace(path: str | os.PathLike) -> Iterator[torch.Tensor]:
+    """Yield each window's ``load_LE`` (int64) as its line is read; raise ``TraceError`` naming the line."""
+    shape = None
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            load_LE = parse_window(line, where=f"{path}, line {lineno}", shape=shape)
+            shape = tuple(load_LE.shape)
+            yield load_LE
+
+
+def read_trace(path: str | os.PathLike) -> list[torch.Tensor]:
+    """Every window of a trace file, validated; an empty file is an error."""
+    windows = list(iter_trace(path))
+    if not windows:
+        raise TraceError(f"{path}: the trace holds no window")
+    return windows
+
+
+def write_trace(path: str | os.PathLike, windows: Iterable) -> int:
+    """Write ``[L, E]`` loads (tensors, arrays or nested lists), one line per window; return the window count."""
+    count, shape = 0, None
+    with open(path, "w", encoding="utf-8") as f:
+        for i, load in enumerate(windows):
+            load_LE = np.asarray(torch.as_tensor(load).cpu())
+            if load_LE.ndim != 2 or (shape is not None and load_LE.shape != shape):
+                raise TraceError(f"window {i}: load shape {load_LE.shape} is not [layers, experts] "
+                                 f"{'' if shape is None else shape}")
+            if not np.issubdtype(load_LE.dtype, np.integer) or (load_LE < 0).any():
+                raise TraceError(f"window {i}: token counts must be non-negative integers")
+            shape = load_LE.shape
+            f.write(json.dumps({"window": i, "load": load_LE.tolist()}, separators=(",", ":")) + "\n")
+            count += 1
+    return count
+
+
+def _zipf_weights(rng: np.random.Generator, num_layers: int, num_experts: int, s: float) -> np.ndarray:
+    """[L, E] weights: expert e of layer l gets rank_l(e)^-s, rank_l a random permutation of 1..E."""
+    law_E = np.arange(1, num_experts + 1, dtype=np.float64) ** -s
+    return np.stack([law_E[rng.permutation(num_experts)] for _ in range(num_layers)])
+
+
+def _sample(rng: np.random.Generator, weights_LE: np.ndarray, draws: int) -> np.ndarray:
+    return rng.multinomial(draws, weights_LE / weights_LE.sum(axis=1, keepdims=True)).astype(np.int64)
+
+
+def synthesize(
+    kind: str,
+    *,
+    num_layers: int,
+    num_experts: int,
+    num_windows: int,
+    tokens: int,
+    top_k: int,
+    seed: int = 0,
+    s: float = 1.0,
+    drift_every: int = 4,
+    drift_experts: int = 2,
+    burst_prob: float = 0.15,
+    burst_len: int = 3,
+    burst_experts: int = 4,
+    burst_factor: float = 8.0,
+) -> list[torch.Tensor]:
+    """``num_windows`` loads ``[L, E]`` (int64) of the given kind (see the module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"trace kind {kind!r} is not one of {KINDS}")
+    for name, value in (("layers", num_layers), ("experts", num_experts), ("windows", num_windows),
+                        ("tokens", tokens), ("top_k", top_k), ("drift_every", drift_every),
+                        ("burst_len", burst_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1; got {value}")
+    if top_k > num_experts:
+        raise ValueError(f"top_k {top_k} exceeds the {num_experts} experts")
+    if s < 0:
+        raise ValueError(f"the Zipf exponent s must be >= 0; got {s}")
+    if not 0 <= burst_prob <= 1:
+        raise ValueError(f"burst_prob must lie in [0, 1]; got {burst_prob}")
+    rng = np.random.default_rng(seed)
+    draws = tokens * top_k
+    # 1. The per-layer Zipf law (ranks permuted per layer).
+    weights_LE = _zipf_weights(rng, num_layers, num_experts, s)
+    hot = max(1, num_experts // 8)
+    bursts: list[tuple[int, np.ndarray]] = []  # (last window of the burst, [L, burst_experts] expert ids)
+    out = []
+    for w in range(num_windows):
+        window_LE = weights_LE
+        # 2. Drift: a few hot experts trade ranks (weights) with colder ones, for good.
+        if kind == "drifting" and w > 0 and w % drift_every == 0:
+            for l in range(num_layers):
+                order = np.argsort(-weights_LE[l], kind="stable")
+                for _ in range(min(drift_experts, hot, num_experts - hot)):
+                    a, b = order[rng.integers(hot)], order[hot + rng.integers(num_experts - hot)]
+                    weights_LE[l, [a, b]] = weights_LE[l, [b, a]]
+                    order = np.argsort(-weights_LE[l], kind="stable")
+            window_LE = weights_LE
+        # 3. Bursts: a random expert set gets a multiplier for a few windows.
+        if kind == "bursty":
+            if rng.random() < burst_prob:
+                k = min(burst_experts, num_experts)
+                bursts.append((w + burst_len - 1, np.stack([rng.choice(num_experts, k, replace=False)
+                                                            for _ in range(num_layers)])))
+            bursts = [(end, ids) for end, ids in bursts if end >= w]
+            window_LE = weights_LE.copy()
+            for _, ids_LK in bursts:
+                np.put_along_axis(window_LE, ids_LK, np.take_along_axis(window_LE, ids_LK, 1) * burst_factor, 1)
+        # 4. Tokens: tokens x top_k (token, expert) pairs per layer.
+        out.append(torch.from_numpy(_sample(rng, window_LE, draws)))
+    return out
+
+
+def top_share(load_LE: torch.Tensor) -> float:
+    """Mean over layers of the hottest expert's share of the layer's tokens."""
+    load_LE = torch.as_tensor(load_LE, dtype=torch.float64)
+    return float((load_LE.max(dim=1).values / load_LE.sum(dim=1).clamp(min=1)).mean())
