@@ -320,17 +320,21 @@ def test_head_has_no_gpu_and_workers_fit(path, doc):
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in head_container(doc).get("resources", {}).get("limits", {})
-    gpu_slots = 0
+    min_gpus = max_gpus = 0
     for group in spec.get("workerGroupSpecs", []):
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
         limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
-        gpu_slots += int(limits.get("nvidia.com/gpu", 0)) * group["maxReplicas"]
-    if gpu_slots:
+        per_pod = int(limits.get("nvidia.com/gpu", 0))
+        min_gpus, max_gpus = min_gpus + per_pod * group["minReplicas"], max_gpus + per_pod * group["maxReplicas"]
+    if max_gpus:
         assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]
     if doc["kind"] == "RayService":
         args = serve_config(doc)["applications"][0]["args"]
         if args.get("use_gpus"):
-            assert args["workers"] <= gpu_slots, "more expert workers than GPUs the cluster can ever have"
+            # NOTE: the engine asks for all its workers' GPUs when it starts, so the minimum must hold them.
+            assert args["workers"] <= min_gpus, f"{args['workers']} GPU workers; the smallest cluster has {min_gpus}"
+        else:
+            assert not max_gpus, "GPU pods, yet the expert workers do not ask for GPUs"
 
 
 def test_admin_token_comes_from_the_secret():
