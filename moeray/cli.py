@@ -8,6 +8,7 @@
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
     moeray bench kernels [--tokens 16,256,2048]
     moeray bench serve [--model DIR] [--concurrency 1,8,32]
+    moeray bench placement [--windows 12]
     moeray placement synth --kind zipf|drifting|bursty ... --out FILE
     moeray placement simulate --trace FILE --policy NAME[,NAME...] --workers N [--nodes M] [--redundant R] [--json]
 
@@ -206,6 +207,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_placement(args: argparse.Namespace) -> int:
+    from moeray.bench.placement import run_placement_bench
+
+    run_placement_bench(windows=args.windows, tokens=args.tokens, bound_windows=args.bound_windows,
+                        bound_time_limit_s=args.bound_time_limit, bound_budget_s=args.bound_budget, seed=args.seed)
+    return 0
+
+
 def _add_placement(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The ``moeray placement`` group; each placement module registers its own commands in it."""
     from moeray.placement.offline_cli import add_offline_commands
@@ -278,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--max-new-tokens", type=int, default=32)
     bserve.add_argument("--workers", type=int, default=2)
     bserve.set_defaults(func=cmd_bench_serve)
+    bplace = bench_sub.add_parser("placement", help="placement policies on synthetic traces vs round_robin and "
+                                  "optimal's bound")
+    bplace.add_argument("--windows", type=int, default=12, help="windows per trace")
+    bplace.add_argument("--tokens", type=int, default=16384, help="tokens per window")
+    bplace.add_argument("--bound-windows", type=int, default=1, help="last windows of each trace to bound")
+    bplace.add_argument("--bound-time-limit", type=float, default=5.0, help="seconds per bound solve")
+    bplace.add_argument("--bound-budget", type=float, default=30.0, help="seconds of bound solves per trace")
+    bplace.add_argument("--seed", type=int, default=0)
+    bplace.set_defaults(func=cmd_bench_placement)
 
     _add_placement(sub)
     return parser

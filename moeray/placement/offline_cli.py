@@ -152,8 +152,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.plot:
         from moeray.placement.plots import write_plots
 
-        for path in write_plots(results, args.plot):
-            print(f"wrote {path}", file=note)
+        try:
+            for path in write_plots(results, args.plot):
+                print(f"wrote {path}", file=note)
+        except (OSError, RuntimeError) as e:
+            print(f"error: --plot: {e}", file=sys.stderr)
+            return 2
     for result in results:
         summary = result.summary()
         if args.json:

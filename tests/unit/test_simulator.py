@@ -231,3 +231,24 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["placement", "simulate", "--trace", _trace(tmp_path), "--policy", "round_robin",
                  "--workers", "2", "--slots-per-worker", "1"]) == 2
     assert "exceed the capacity of 2 workers x 1 slots" in capsys.readouterr().err
+
+
+def test_bench_targets_verdicts():
+    from moeray.bench.placement import _targets
+
+    def row(mean, moved=100.0, vs_bound=None):
+        return {"mean_imbalance": mean, "moved_slots_per_rebalance": moved, "vs_bound": vs_bound,
+                "in_sample_vs_bound": vs_bound, "bound_cells": 3}
+
+    summaries = {"zipf s=1.0": {"replicated": row(1.03, vs_bound=1.01), "replicated_hierarchical": row(1.05)},
+                 "zipf s=1.5": {"replicated": row(1.05, vs_bound=1.03)},
+                 "drifting s=1.0": {"replicated": row(1.20, moved=1000.0),
+                                    "migration_aware": row(1.25, moved=200.0)}}
+    verdicts = dict(_targets(summaries))
+    assert verdicts["replicated on zipf s=1.0: mean imbalance 1.030 <= 1.04"] is True
+    assert verdicts["replicated_hierarchical on zipf s=1.0: mean imbalance 1.050 <= 1.04"] is False
+    assert verdicts["replicated_hierarchical on zipf s=1.5: mean imbalance — <= 1.22"] is None
+    assert verdicts["replicated on zipf s=1.5: replay imbalance / optimal bound 1.0300 <= 1.02 (on 3 solved layers)"] \
+        is False
+    assert verdicts["migration_aware on drifting: moved slots 20.0% of replicated's (<= 25%)"] is True
+    assert verdicts["migration_aware on drifting: mean imbalance 1.0417x replicated's (<= 1.05)"] is True
