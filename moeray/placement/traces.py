@@ -7,7 +7,7 @@ The file format is JSON Lines with no header: every non-blank line is one window
     {"window": 0, "load": [[tokens of expert 0, expert 1, ...], ...one list per MoE layer]}
 
 ``window`` (optional) is the window's index; ``load`` holds non-negative integers, with the same layer and expert
-counts on every line. ``moeray.engine.Engine.take_load()`` returns the same ``[L, E]`` counts, one window per call.
+counts on every line: the ``[L, E]`` expert counts ``Engine.take_load()`` returns, one window per call.
 
 Synthetic kinds (each deterministic for a seed; tokens are sampled multinomially, ``tokens x top_k`` (token,
 expert) pairs per layer and window, so one token may count twice for one expert):
