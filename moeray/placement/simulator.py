@@ -86,17 +86,18 @@ class SimResult:
             "moved_bytes": moved * self.expert_bytes,
             "policy_ms_per_rebalance": 1e3 * sum(r.policy_s for r in rebalances) / max(1, len(rebalances)),
         }
-        if self.bounds is not None and self.bounds.cells:
-            by_window = {r.window: r for r in self.records}
-            mine = [float(by_window[w].imbalance_L[l]) for w, l in self.bounds.cells]
-            bound = float(np.mean(self.bounds.ratio))
+        by_window = {r.window: r for r in self.records}
+        cells = [(i, w, l) for i, (w, l) in enumerate(self.bounds.cells if self.bounds else ()) if w in by_window]
+        if cells:  # only the cells this replay judged (not its warm-up windows)
+            mine = float(np.mean([float(by_window[w].imbalance_L[l]) for _, w, l in cells]))
+            bound = float(np.mean([self.bounds.ratio[i] for i, _, _ in cells]))
             out.update({
                 "bound_imbalance": bound,
-                "imbalance_on_bound_cells": float(np.mean(mine)),
-                "vs_bound": float(np.mean(mine)) / bound,
-                "bound_cells": len(self.bounds.cells),
-                "bound_proven": int(sum(self.bounds.proven)),
-                "bound_layers": self.bounds.layers_solved(),
+                "imbalance_on_bound_cells": mine,
+                "vs_bound": mine / bound,
+                "bound_cells": len(cells),
+                "bound_proven": sum(self.bounds.proven[i] for i, _, _ in cells),
+                "bound_layers": len({l for _, _, l in cells}),
             })
         return out
 

@@ -252,3 +252,12 @@ def test_bench_targets_verdicts():
         is False
     assert verdicts["migration_aware on drifting: moved slots 20.0% of replicated's (<= 25%)"] is True
     assert verdicts["migration_aware on drifting: mean imbalance 1.0417x replicated's (<= 1.05)"] is True
+
+
+def test_bounds_on_warmup_windows_are_left_out(monkeypatch):
+    fake = types.ModuleType("moeray.placement.optimal")
+    fake.optimal_bound = lambda load_E, topology, budget, time_limit_s: (None, float(load_E.max()), False)
+    monkeypatch.setitem(sys.modules, "moeray.placement.optimal", fake)
+    bounds = optimal_bounds(GOLDEN, TWO_WORKERS, Budget())
+    summary = simulate(GOLDEN, "contiguous", TWO_WORKERS, Budget(), warmup=1, bounds=bounds).summary()
+    assert (summary["bound_cells"], summary["bound_proven"], summary["vs_bound"]) == (1, 0, 1.0)
