@@ -18,8 +18,11 @@ import torch
 
 from moeray.experts.worker import ExpertWorker
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
+from moeray.placement.actors import ControllerActor, topology_of
+from moeray.placement.controller import ControllerConfig
 from moeray.placement.plan import Plan
 from moeray.placement.policies import STATIC_POLICIES, static_plan
+from moeray.placement.topology import Budget, parse_bytes, slots_per_worker
 from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.router import Router
 
@@ -42,6 +45,9 @@ class EngineConfig:
     worker_num_cpus: float = 0.25  # the CPU share a worker asks for when it runs without a GPU
     router_num_cpus: float = 0.0
     threads_per_actor: int = 1
+    worker_memory: str | int | None = None  # per-worker budget for expert slots, e.g. '20GiB' (None: just enough)
+    track_tokens: bool = False  # count which token ids each expert receives (moeray placement inspect)
+    controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
 
     def __post_init__(self) -> None:
         for name in ("workers", "routers", "max_batch_size", "max_new_tokens_cap", "threads_per_actor"):
@@ -65,14 +71,27 @@ class Engine:
         # 1. Everything that can be checked without actors is checked first, so a bad checkpoint leaves none behind.
         self.checkpoint: LoadedCheckpoint = inspect_checkpoint(config.model, config.torch_dtype)
         self.spec = self.checkpoint.spec
-        self.plan: Plan = static_plan(config.placement, num_layers=len(self.spec.moe_layers),
-                                      num_experts=self.spec.num_experts, num_workers=config.workers,
-                                      redundant=config.replicas)
+        self.initial_plan: Plan = static_plan(config.placement, num_layers=len(self.spec.moe_layers),
+                                              num_experts=self.spec.num_experts, num_workers=config.workers,
+                                              redundant=config.replicas)
+        itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+        self.expert_bytes = self.spec.moe_layers[0].params_per_expert * itemsize
+        needed = -(-(self.spec.num_experts + config.replicas) // config.workers)
+        self.slots_per_worker = needed if config.worker_memory is None else slots_per_worker(
+            parse_bytes(config.worker_memory), self.expert_bytes, len(self.spec.moe_layers))
+        self.budget = Budget(redundant=config.replicas, expert_bytes=self.expert_bytes,
+                             max_moved_slots=config.controller.max_moved_slots,
+                             max_moved_bytes=config.controller.max_moved_bytes)
+        if self.slots_per_worker < needed:
+            raise ValueError(f"worker_memory {config.worker_memory!r} holds {self.slots_per_worker} slots per layer "
+                             f"per worker; {config.workers} workers need {needed} for {self.spec.num_experts} "
+                             f"experts + {config.replicas} redundant")
         self.limits = RequestLimits.of(self.spec, config.max_new_tokens_cap)
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
         self.workers: list = []
         self.routers: list = []
+        self.controller = None
         try:
             self._start_actors()
         except BaseException:
@@ -94,18 +113,23 @@ class Engine:
         for w in range(config.workers):
             self.workers.append(worker_cls.options(**options, max_concurrency=4).remote(
                 worker_index=w, checkpoint_path=path, spec=self.spec, sources=self.checkpoint.index.experts,
-                experts_per_layer=self.plan.experts_of(w), dtype=config.torch_dtype,
+                experts_per_layer=self.initial_plan.experts_of(w), dtype=config.torch_dtype,
                 num_threads=config.threads_per_actor,
             ))
         ray.get([w.ping.remote() for w in self.workers])  # surfaces load errors now
         router_cls = ray.remote(Router)
         for _ in range(config.routers):
             self.routers.append(router_cls.options(num_cpus=config.router_num_cpus, max_concurrency=1000).remote(
-                checkpoint_path=path, dtype=config.torch_dtype, plan=self.plan, workers=self.workers,
+                checkpoint_path=path, dtype=config.torch_dtype, plan=self.initial_plan, workers=self.workers,
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
-                num_threads=config.threads_per_actor,
+                num_threads=config.threads_per_actor, track_tokens=config.track_tokens,
             ))
         ray.get([r.ping.remote() for r in self.routers])
+        # NOTE: the controller is the only writer of the plan from here on.
+        self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8).remote(
+            config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
+            budget=self.budget, workers=self.workers, routers=self.routers)
+        ray.get(self.controller.ping.remote())
         log.info("moeray engine ready: %d routers, %d workers", len(self.routers), len(self.workers))
 
     # -- requests ----------------------------------------------------------------------------------------
@@ -168,11 +192,30 @@ class Engine:
 
     def take_load(self) -> tuple[np.ndarray, np.ndarray]:
         """Tokens per (MoE layer, logical expert) and per (MoE layer, worker) since the last call, all routers."""
-        loads = ray.get([r.take_load.remote() for r in self.routers])
-        return sum(l[0] for l in loads), sum(l[1] for l in loads)
+        return ray.get(self.controller.take_load.remote())
+
+    # -- placement ---------------------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The plan in force (the controller's)."""
+        return ray.get(self.controller.plan.remote())
+
+    def rebalance(self, *, dry_run: bool = False, policy: str | None = None, params: dict | None = None) -> dict:
+        """Rebalance now from the load window; returns the moves and the expected imbalance before and after."""
+        return ray.get(self.controller.rebalance.remote(dry_run=dry_run, policy=policy, params=params))
+
+    def set_policy(self, name: str, params: dict | None = None) -> None:
+        ray.get(self.controller.set_policy.remote(name, params))
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def shutdown(self) -> None:
+        if self.controller is not None:
+            try:
+                ray.get(self.controller.shutdown.remote(), timeout=10)
+            except Exception:  # already gone; killed next either way
+                pass
+            ray.kill(self.controller)
+            self.controller = None
         for router in self.routers:
             try:
                 ray.get(router.shutdown.remote(), timeout=10)

@@ -4,6 +4,11 @@ Per step and MoE layer a router makes one call per worker it needs, carrying onl
 worker and, per (token, slot) pair, the local slot and routing weight; the worker returns the weighted sum of its
 experts' outputs per token. Each worker reads only its own experts' tensors from the checkpoint.
 
+Slots belong to a plan epoch. A plan switch is two-phase (the placement controller drives it): ``prepare`` makes
+the new epoch's slots resident beside the current ones (reusing resident experts, fetching the others from a peer
+worker that holds them or reading them from the checkpoint), routers switch epoch between steps, then ``commit``
+drops every other epoch. A router call names its epoch, so a step in flight finishes on the slots it started with.
+
 Shape legend: T tokens sent to this worker, H hidden, N (token, slot) pairs, S local slots of one layer.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -24,9 +30,22 @@ from moeray.transport.object_store import WireTensor, pack, unpack
 
 log = logging.getLogger(__name__)
 
+ExpertTensors = dict[str, torch.Tensor]  # one expert in the canonical layout (see moeray.model.weights.read_expert)
 
-def _stack(experts: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor | None:
+
+class StaleEpoch(RuntimeError):
+    """A call named a plan epoch this worker does not hold (never prepared, or already dropped)."""
+
+
+def _stack(experts: list[ExpertTensors], key: str) -> torch.Tensor | None:
     return torch.stack([e[key] for e in experts]) if experts and key in experts[0] else None
+
+
+def _unstack(weights: ExpertWeights, slot: int) -> ExpertTensors:
+    out = {"gate_up": weights.w_gate_up_S2IH[slot], "down": weights.w_down_SHI[slot]}
+    if weights.b_gate_up_S2I is not None:
+        out["gate_up_bias"], out["down_bias"] = weights.b_gate_up_S2I[slot], weights.b_down_SH[slot]
+    return out
 
 
 class ExpertWorker:
@@ -40,38 +59,72 @@ class ExpertWorker:
         experts_per_layer: list[list[int]],
         dtype: torch.dtype,
         num_threads: int = 1,
+        epoch: int = 0,
     ) -> None:
         torch.set_num_threads(num_threads)
         self.worker_index = worker_index
         self.spec = spec
+        self.sources = sources
+        self.dtype = dtype
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.experts_per_layer = [list(e) for e in experts_per_layer]
-        reader = TensorReader()
-        total = sum(len(e) for e in experts_per_layer)
-        started, done = time.monotonic(), 0
-        self.layers: list[ExpertWeights | None] = []
-        for layer, experts in zip(spec.moe_layers, experts_per_layer):
-            loaded = []
-            for expert in experts:
-                loaded.append(read_expert(reader, layer, sources[layer.index], expert, dtype))
-                done += 1
-                if done % 256 == 0 or done == total:
-                    log.info("worker %d: loaded %d/%d expert slots in %.1fs",
-                             worker_index, done, total, time.monotonic() - started)
-            self.layers.append(None if not loaded else ExpertWeights(
-                w_gate_up_S2IH=_stack(loaded, "gate_up").to(self.device),
-                w_down_SHI=_stack(loaded, "down").to(self.device),
-                b_gate_up_S2I=None if not layer.has_bias else _stack(loaded, "gate_up_bias").to(self.device),
-                b_down_SH=None if not layer.has_bias else _stack(loaded, "down_bias").to(self.device),
-            ))
-        reader.close()
+        self._lock = threading.Lock()  # guards the epoch table; forward reads a snapshot of one entry
+        # epoch -> (experts per layer in local slot order, stacked weights per layer)
+        self._epochs: dict[int, tuple[list[list[int]], list[ExpertWeights | None]]] = {}
+        self.epoch = epoch  # the newest committed epoch
+        self.read_slots = self.fetched_slots = 0  # slots read from the checkpoint / fetched from peers, ever
+        self._epochs[epoch] = (self._copy(experts_per_layer), self._build(experts_per_layer, {}, {}))
 
-    def forward(
-        self, layer: int, x: WireTensor, pair_token_N: np.ndarray, pair_slot_N: np.ndarray, pair_weight_N: np.ndarray
-    ) -> WireTensor:
-        weights = self.layers[layer]
+    @staticmethod
+    def _copy(experts_per_layer: list[list[int]]) -> list[list[int]]:
+        return [list(map(int, e)) for e in experts_per_layer]
+
+    def _build(self, experts_per_layer: list[list[int]], resident: dict[tuple[int, int], ExpertTensors],
+               fetched: dict[tuple[int, int], ExpertTensors]) -> list[ExpertWeights | None]:
+        """Stack each layer's slots: resident experts are copied, fetched ones used, the rest read from disk."""
+        if len(experts_per_layer) != len(self.spec.moe_layers):
+            raise ValueError(f"worker {self.worker_index}: {len(experts_per_layer)} layers of slots given; the model "
+                             f"has {len(self.spec.moe_layers)} MoE layers")
+        reader, started, total = TensorReader(), time.monotonic(), sum(map(len, experts_per_layer))
+        layers: list[ExpertWeights | None] = []
+        try:
+            for layer, experts in zip(self.spec.moe_layers, experts_per_layer):
+                loaded = []
+                for expert in experts:
+                    key = (layer.index, expert)
+                    if key in resident:
+                        tensors = resident[key]
+                    elif key in fetched:
+                        tensors, self.fetched_slots = fetched[key], self.fetched_slots + 1
+                    else:
+                        tensors = read_expert(reader, layer, self.sources[layer.index], expert, self.dtype)
+                        self.read_slots += 1
+                    loaded.append(tensors)
+                layers.append(None if not loaded else ExpertWeights(
+                    w_gate_up_S2IH=_stack(loaded, "gate_up").to(self.device),
+                    w_down_SHI=_stack(loaded, "down").to(self.device),
+                    b_gate_up_S2I=None if not layer.has_bias else _stack(loaded, "gate_up_bias").to(self.device),
+                    b_down_SH=None if not layer.has_bias else _stack(loaded, "down_bias").to(self.device),
+                ))
+        finally:
+            reader.close()
+        log.info("worker %d: %d slots resident in %.1fs", self.worker_index, total, time.monotonic() - started)
+        return layers
+
+    def _resident(self) -> dict[tuple[int, int], ExpertTensors]:
+        experts_per_layer, layers = self._epochs[self.epoch]
+        return {(l, e): _unstack(layers[l], s) for l, experts in enumerate(experts_per_layer)
+                for s, e in enumerate(experts)}
+
+    # -- the hot path ------------------------------------------------------------------------------------
+    def forward(self, epoch: int, layer: int, x: WireTensor, pair_token_N: np.ndarray, pair_slot_N: np.ndarray,
+                pair_weight_N: np.ndarray) -> WireTensor:
+        entry = self._epochs.get(epoch)
+        if entry is None:
+            raise StaleEpoch(f"worker {self.worker_index} holds plan epochs {sorted(self._epochs)}; a call named "
+                             f"epoch {epoch}")
+        weights = entry[1][layer]
         if weights is None:
-            raise ValueError(f"worker {self.worker_index} holds no experts of MoE layer {layer}")
+            raise ValueError(f"worker {self.worker_index} holds no experts of MoE layer {layer} in epoch {epoch}")
         x_TH = unpack(x, self.device)
         y_TH = grouped_experts(
             x_TH,
@@ -83,23 +136,82 @@ class ExpertWorker:
         )
         return pack(y_TH)
 
+    # -- plan switches -----------------------------------------------------------------------------------
+    def prepare(self, epoch: int, experts_per_layer: list[list[int]], peers: list | None = None) -> dict:
+        """Phase 1: make ``epoch``'s slots resident beside the current epoch's. ``peers`` lists (worker handle,
+        (layer, expert) pairs to fetch from it); anything else not resident here is read from the checkpoint.
+        Returns what was loaded: slots kept, fetched, read, and bytes."""
+        experts_per_layer = self._copy(experts_per_layer)
+        with self._lock:
+            if epoch in self._epochs:
+                raise ValueError(f"worker {self.worker_index} already holds epoch {epoch}")
+            resident = self._resident()
+        wanted = {(l, e) for l, experts in enumerate(experts_per_layer) for e in experts}
+        fetched: dict[tuple[int, int], ExpertTensors] = {}
+        for peer, pairs in peers or ():
+            pairs = [p for p in map(tuple, pairs) if p in wanted and p not in resident]
+            if pairs:
+                for key, wire in zip(pairs, ray.get(peer.export_experts.remote(pairs))):
+                    fetched[key] = {name: unpack(t) for name, t in wire.items()}
+        before = (self.read_slots, self.fetched_slots)
+        layers = self._build(experts_per_layer, {k: v for k, v in resident.items() if k in wanted}, fetched)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        with self._lock:
+            self._epochs[epoch] = (experts_per_layer, layers)
+        read, from_peers = self.read_slots - before[0], self.fetched_slots - before[1]
+        loaded_bytes = sum(self.spec.moe_layers[l].params_per_expert * itemsize
+                           for l, e in wanted - set(resident))
+        return {"worker": self.worker_index, "epoch": epoch, "kept_slots": len(wanted & set(resident)),
+                "fetched_slots": from_peers, "read_slots": read, "loaded_bytes": loaded_bytes}
+
+    def commit(self, epoch: int) -> None:
+        """Phase 3: ``epoch`` is the plan every router uses now; drop the slots of every other epoch."""
+        with self._lock:
+            if epoch not in self._epochs:
+                raise StaleEpoch(f"worker {self.worker_index} cannot commit epoch {epoch}; it holds "
+                                 f"{sorted(self._epochs)}")
+            self._epochs = {epoch: self._epochs[epoch]}
+            self.epoch = epoch
+
+    def abort(self, epoch: int) -> None:
+        """Undo a ``prepare`` whose switch did not happen (the current epoch stays)."""
+        with self._lock:
+            if epoch != self.epoch:
+                self._epochs.pop(epoch, None)
+
+    def export_experts(self, pairs: list[tuple[int, int]]) -> list[dict[str, WireTensor]]:
+        """The current epoch's weights of ``(layer, expert)`` pairs, for a peer that is loading them."""
+        with self._lock:
+            resident = self._resident()
+        missing = [p for p in map(tuple, pairs) if p not in resident]
+        if missing:
+            raise ValueError(f"worker {self.worker_index} does not hold {missing} in epoch {self.epoch}")
+        return [{name: pack(t) for name, t in resident[tuple(p)].items()} for p in pairs]
+
+    # -- introspection -----------------------------------------------------------------------------------
     def echo(self, payload):
         """Return the payload untouched: ``moeray bench layer`` measures the bare transport floor with it."""
         return payload[0]
 
     def resident_bytes(self) -> int:
-        return sum(w.nbytes for w in self.layers if w is not None)
+        with self._lock:
+            return sum(w.nbytes for _, layers in self._epochs.values() for w in layers if w is not None)
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
+        with self._lock:
+            experts_per_layer = self._epochs[self.epoch][0]
         return {
             "worker": self.worker_index,
             "node_id": ctx.get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "pid": os.getpid(),
             "device": str(self.device),
-            "experts_per_layer": self.experts_per_layer,
+            "epoch": self.epoch,
+            "experts_per_layer": experts_per_layer,
             "resident_bytes": self.resident_bytes(),
+            "read_slots": self.read_slots,
+            "fetched_slots": self.fetched_slots,
         }
 
     def ping(self) -> bool:

@@ -43,22 +43,25 @@ class Router:
         max_batch_size: int = 32,
         max_new_tokens_cap: int = 4096,
         num_threads: int = 1,
+        track_tokens: bool = False,
     ) -> None:
         torch.set_num_threads(num_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dispatcher = ExpertDispatcher(plan, workers)
+        self.dispatcher = ExpertDispatcher(plan, workers, track_tokens=track_tokens)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(checkpoint_path, loaded.checkpoint.config)
         self.limits = RequestLimits.of(self.spec, max_new_tokens_cap)
-        self.scheduler = Scheduler(self.model, set_token_mask=self._set_token_mask,
+        self.scheduler = Scheduler(self.model, on_forward=self._on_forward,
                                    max_batch_size=max_batch_size, device=device)
         self._stopped = threading.Event()
         self._loop = threading.Thread(target=self._run, name="moeray-step-loop", daemon=True)
         self._loop.start()
 
-    def _set_token_mask(self, mask_T: torch.Tensor | None) -> None:
-        self.dispatcher.token_mask_T = mask_T
+    def _on_forward(self, mask_T: torch.Tensor | None, ids_T: torch.Tensor | None) -> None:
+        self.dispatcher.token_mask_T, self.dispatcher.token_ids_T = mask_T, ids_T
+        if mask_T is None and ids_T is None:  # a forward ended: its loads form one step record
+            self.dispatcher.load.end_step()
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -122,13 +125,18 @@ class Router:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
         return self.scheduler.score(ids, mask).float().cpu().numpy()
 
-    def set_plan(self, plan: Plan) -> None:
+    def set_plan(self, plan: Plan, workers: list | None = None) -> int:
+        """Switch to ``plan`` between forwards (a forward in flight finishes on the old epoch); returns the epoch."""
         with self.scheduler.forward_lock:
-            self.dispatcher.set_plan(plan)
+            self.dispatcher.set_plan(plan, workers)
+        return plan.epoch
 
-    def take_load(self) -> tuple[np.ndarray, np.ndarray]:
-        expert_LE, worker_LW = self.dispatcher.take_load()
-        return expert_LE.numpy(), worker_LW.numpy()
+    def epoch(self) -> int:
+        return self.dispatcher.plan.epoch
+
+    def take_load(self) -> dict:
+        """Step load records since the last call (the placement controller pulls them); see LoadCounter.take."""
+        return self.dispatcher.load.take()
 
     def resident_bytes(self) -> int:
         return resident_bytes(self.model)

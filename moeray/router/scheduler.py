@@ -94,12 +94,13 @@ class Scheduler:
         self,
         model: torch.nn.Module,
         *,
-        set_token_mask: Callable[[torch.Tensor | None], None],
+        on_forward: Callable[[torch.Tensor | None, torch.Tensor | None], None],
         max_batch_size: int = 32,
         device: torch.device | str = "cpu",
     ) -> None:
         self.model = model
-        self.set_token_mask = set_token_mask
+        # Told before each forward which flattened tokens are real (and their ids), and (None, None) after it.
+        self.on_forward = on_forward
         self.max_batch_size = max_batch_size
         self.device = torch.device(device)
         self.forward_lock = threading.Lock()  # one forward at a time: the dispatcher's token mask is per forward
@@ -166,7 +167,7 @@ class Scheduler:
 
     def _forward(self, ids_BQ, mask_BS, pos_BQ, cache, token_mask_T) -> torch.Tensor:
         with self.forward_lock, torch.no_grad():
-            self.set_token_mask(token_mask_T)
+            self.on_forward(token_mask_T, ids_BQ.reshape(-1))
             started = time.perf_counter()
             try:
                 out = self.model(input_ids=ids_BQ.to(self.device), attention_mask=mask_BS.to(self.device),
@@ -174,7 +175,7 @@ class Scheduler:
                                  logits_to_keep=1)
             finally:
                 self.forward_s += time.perf_counter() - started
-                self.set_token_mask(None)
+                self.on_forward(None, None)
         return out.logits[:, -1]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -245,10 +246,10 @@ class Scheduler:
         """Logits for every position of a right- or left-padded batch (no cache kept), [B, T, V]."""
         pos_BT = (mask_BT.cumsum(dim=1) - 1).clamp(min=0)
         with self.forward_lock, torch.no_grad():
-            self.set_token_mask(mask_BT.reshape(-1).bool())
+            self.on_forward(mask_BT.reshape(-1).bool(), ids_BT.reshape(-1))
             try:
                 out = self.model(input_ids=ids_BT.to(self.device), attention_mask=mask_BT.to(self.device),
                                  position_ids=pos_BT.to(self.device), use_cache=False)
             finally:
-                self.set_token_mask(None)
+                self.on_forward(None, None)
         return out.logits

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import json
 import logging
 import os
 import uuid
@@ -73,8 +74,8 @@ class Ingress:
         self.model_name = model_name
         self.routers = engine_state["routers"]
         self.workers = engine_state["workers"]
+        self.controller = engine_state["controller"]
         self.spec = engine_state["spec"]
-        self.plan = engine_state["plan"]
         self.limits: RequestLimits = engine_state["limits"]
         self._next_router = itertools.cycle(range(len(self.routers)))
         self.tokenizer = None
@@ -139,23 +140,30 @@ class Ingress:
 
     # -- moeray.v1.PlacementService ----------------------------------------------------------------------
     async def GetPlacement(self, request) -> placement_pb2.GetPlacementResponse:
+        state = await self.controller.describe.remote()
         info = await asyncio.gather(*[w.info.remote() for w in self.workers])
-        response = placement_pb2.GetPlacementResponse(epoch=self.plan.epoch, policy="static")
-        for l in range(self.plan.num_layers):
-            response.layers.add(phy2log=self.plan.phy2log_LP[l].tolist(),
-                                slot_worker=self.plan.slot_worker_LP[l].tolist())
-        for w in info:
+        plan, topology = state["plan"], state["topology"]
+        response = placement_pb2.GetPlacementResponse(
+            epoch=plan["epoch"], policy=state["policy"], slots_per_worker=topology["slots_per_worker"],
+            redundant_slots=state["redundant"], rebalances=state["rebalances"])
+        for phy2log, slot_worker in zip(plan["phy2log"], plan["slot_worker"]):
+            response.layers.add(phy2log=phy2log, slot_worker=slot_worker)
+        for w, node in zip(info, topology["worker_node"]):
             response.workers.add(index=w["worker"], node_id=w["node_id"], device=w["device"],
-                                 resident_bytes=w["resident_bytes"])
+                                 resident_bytes=w["resident_bytes"], node=node)
         return response
 
     async def GetLoad(self, request) -> placement_pb2.GetLoadResponse:
-        loads = await asyncio.gather(*[r.take_load.remote() for r in self.routers])
-        expert_LE, worker_LW = sum(l[0] for l in loads), sum(l[1] for l in loads)
-        response = placement_pb2.GetLoadResponse()
-        for e_E, w_W in zip(expert_LE, worker_LW):
+        expert_LE, worker_LW, steps = await self.controller.window_load.remote()
+        top = await self.controller.top_tokens.remote(request.top_tokens) if request.top_tokens else None
+        response = placement_pb2.GetLoadResponse(window_steps=steps)
+        for l, (e_E, w_W) in enumerate(zip(expert_LE, worker_LW)):
             imbalance = float(w_W.max() / w_W.mean()) if w_W.sum() else 1.0
-            response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=imbalance)
+            layer = response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=imbalance)
+            for tokens in top[l] if top else ():
+                ids = [t for t, _ in tokens]
+                texts = [self.tokenizer.decode([t]) for t in ids] if self.tokenizer is not None else []
+                layer.top_tokens.add(token_ids=ids, counts=[c for _, c in tokens], texts=texts)
         return response
 
     def _authorize(self, ctx: RayServegRPCContext) -> None:
@@ -168,18 +176,47 @@ class Ingress:
         if not hmac.compare_digest(given.removeprefix("Bearer ").encode(), expected.encode()):
             _fail(ctx, grpc.StatusCode.PERMISSION_DENIED, "the admin token is wrong")  # never echo either token
 
-    def _not_yet(self, ctx: RayServegRPCContext, what: str):
-        self._authorize(ctx)
-        _fail(ctx, grpc.StatusCode.UNIMPLEMENTED, f"{what} arrives with the live-placement issue")
+    def _params(self, text: str, ctx: RayServegRPCContext) -> dict | None:
+        if not text:
+            return None
+        try:
+            params = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(ctx, grpc.StatusCode.INVALID_ARGUMENT, f"params_json is not valid JSON: {e}")
+        if not isinstance(params, dict):
+            _fail(ctx, grpc.StatusCode.INVALID_ARGUMENT, f"params_json must be a JSON object; got {type(params).__name__}")
+        return params
 
-    def Rebalance(self, request, grpc_context: RayServegRPCContext):
-        self._not_yet(grpc_context, "Rebalance")
+    async def Rebalance(self, request, grpc_context: RayServegRPCContext) -> placement_pb2.RebalanceResponse:
+        self._authorize(grpc_context)
+        params = self._params(request.params_json, grpc_context)
+        try:
+            record = await self.controller.rebalance.remote(dry_run=request.dry_run, policy=request.policy or None,
+                                                            params=params)
+        except ValueError as e:  # a bad policy name or parameters, or a plan that does not fit
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        response = placement_pb2.RebalanceResponse(
+            epoch=record["epoch"], imbalance_before=record["expected_imbalance_before"],
+            imbalance_after=record["expected_imbalance_after"], applied=record["applied"],
+            moved_slots=record["moved_slots"], moved_bytes=record["moved_bytes"], policy=record["policy"])
+        for move in record["moves"]:
+            load = move["action"] == "load"
+            response.moves.add(layer=move["layer"], expert=move["expert"], from_worker=-1 if load else move["worker"],
+                               to_worker=move["worker"] if load else -1)
+        return response
 
-    def SetPolicy(self, request, grpc_context: RayServegRPCContext):
-        self._not_yet(grpc_context, "SetPolicy")
+    async def SetPolicy(self, request, grpc_context: RayServegRPCContext) -> placement_pb2.SetPolicyResponse:
+        self._authorize(grpc_context)
+        params = self._params(request.params_json, grpc_context)
+        try:
+            await self.controller.set_policy.remote(request.policy, params)
+        except ValueError as e:
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return placement_pb2.SetPolicyResponse(policy=request.policy)
 
     def ScaleWorkers(self, request, grpc_context: RayServegRPCContext):
-        self._not_yet(grpc_context, "ScaleWorkers")
+        self._authorize(grpc_context)
+        _fail(grpc_context, grpc.StatusCode.UNIMPLEMENTED, "ScaleWorkers arrives with the elastic-workers issue")
 
     # -- KServe v2 ---------------------------------------------------------------------------------------
     def ServerLive(self, request) -> kserve_pb2.ServerLiveResponse:
@@ -247,7 +284,7 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
     serve.start(http_options={"host": host, "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
                 logging_config={"enable_access_log": False})
-    state = {"routers": engine.routers, "workers": engine.workers, "spec": engine.spec, "plan": engine.plan,
+    state = {"routers": engine.routers, "workers": engine.workers, "controller": engine.controller, "spec": engine.spec,
              "limits": engine.limits, "checkpoint_path": engine.checkpoint.checkpoint.path,
              "has_tokenizer": engine.checkpoint.checkpoint.has_tokenizer}
     env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV)}

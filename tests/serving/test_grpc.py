@@ -149,16 +149,32 @@ def test_placement_reads_and_admin_auth(server):
     _generate(generate_pb2_grpc.GenerateServiceStub(server["channel"]), PROMPTS[0], max_new_tokens=2)
     load = stub.GetLoad(placement_pb2.GetLoadRequest())
     assert sum(load.layers[0].expert_tokens) == sum(load.layers[0].worker_tokens) > 0
-    assert load.layers[0].imbalance >= 1.0
+    assert load.layers[0].imbalance >= 1.0 and load.window_steps >= 2  # a prefill and a decode step
     request = placement_pb2.RebalanceRequest(dry_run=True)
-    cases = [(None, grpc.StatusCode.UNAUTHENTICATED), ("Bearer wrong", grpc.StatusCode.PERMISSION_DENIED),
-             (f"Bearer {ADMIN_TOKEN}", grpc.StatusCode.UNIMPLEMENTED)]
-    for header, code in cases:
+    for header, code in [(None, grpc.StatusCode.UNAUTHENTICATED), ("Bearer wrong", grpc.StatusCode.PERMISSION_DENIED)]:
         metadata = [("authorization", header)] if header else []
+        for call, message in [(stub.Rebalance, request), (stub.SetPolicy, placement_pb2.SetPolicyRequest()),
+                              (stub.ScaleWorkers, placement_pb2.ScaleWorkersRequest(workers=3))]:
+            with pytest.raises(grpc.RpcError) as err:
+                call(message, metadata=metadata, timeout=30)
+            assert err.value.code() == code, err.value.details()
+            assert ADMIN_TOKEN not in err.value.details()
+            assert "wrong" not in err.value.details().replace("is wrong", "")
+    admin = [("authorization", f"Bearer {ADMIN_TOKEN}")]
+    dry = stub.Rebalance(request, metadata=admin, timeout=60)
+    assert not dry.applied and dry.epoch == placement.epoch + 1 and dry.policy == "replicated"
+    assert dry.moved_slots == sum(m.from_worker == -1 for m in dry.moves)
+    assert stub.GetPlacement(placement_pb2.GetPlacementRequest()).epoch == placement.epoch, "a dry run moves nothing"
+    bad = [(stub.SetPolicy, placement_pb2.SetPolicyRequest(policy="no_such_policy"), "no_such_policy"),
+           (stub.SetPolicy, placement_pb2.SetPolicyRequest(policy="greedy", params_json="[1"), "params_json"),
+           (stub.Rebalance, placement_pb2.RebalanceRequest(policy="nope.module:fn"), "nope.module:fn")]
+    for call, message, named in bad:
         with pytest.raises(grpc.RpcError) as err:
-            stub.Rebalance(request, metadata=metadata, timeout=30)
-        assert err.value.code() == code, err.value.details()
-        assert ADMIN_TOKEN not in err.value.details() and "wrong" not in err.value.details().replace("is wrong", "")
+            call(message, metadata=admin, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and named in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ScaleWorkers(placement_pb2.ScaleWorkersRequest(workers=3), metadata=admin, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def _grpcurl() -> str:

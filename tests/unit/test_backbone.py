@@ -14,7 +14,7 @@ from moeray.router.scheduler import Scheduler, Sequence
 def _scheduler(path):
     experts = LocalExperts(path)
     model, loaded = build_backbone(path, torch.float32, experts)
-    return Scheduler(model, set_token_mask=lambda m: setattr(experts, "token_mask_T", m), max_batch_size=8), \
+    return Scheduler(model, on_forward=lambda m, ids: setattr(experts, "token_mask_T", m), max_batch_size=8), \
         model, loaded, experts
 
 

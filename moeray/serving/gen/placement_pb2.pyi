@@ -16,52 +16,76 @@ class LayerPlacement(_message.Message):
     def __init__(self, phy2log: _Optional[_Iterable[int]] = ..., slot_worker: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("index", "node_id", "device", "resident_bytes")
+    __slots__ = ("index", "node_id", "device", "resident_bytes", "node")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     index: int
     node_id: str
     device: str
     resident_bytes: int
-    def __init__(self, index: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    node: int
+    def __init__(self, index: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., node: _Optional[int] = ...) -> None: ...
 
 class GetPlacementRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetPlacementResponse(_message.Message):
-    __slots__ = ("epoch", "policy", "layers", "workers")
+    __slots__ = ("epoch", "policy", "layers", "workers", "slots_per_worker", "redundant_slots", "rebalances")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    REDUNDANT_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    REBALANCES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     policy: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, epoch: _Optional[int] = ..., policy: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    slots_per_worker: int
+    redundant_slots: int
+    rebalances: int
+    def __init__(self, epoch: _Optional[int] = ..., policy: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., slots_per_worker: _Optional[int] = ..., redundant_slots: _Optional[int] = ..., rebalances: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("top_tokens",)
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    top_tokens: int
+    def __init__(self, top_tokens: _Optional[int] = ...) -> None: ...
+
+class ExpertTokens(_message.Message):
+    __slots__ = ("token_ids", "counts", "texts")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerLoad(_message.Message):
-    __slots__ = ("expert_tokens", "worker_tokens", "imbalance")
+    __slots__ = ("expert_tokens", "worker_tokens", "imbalance", "top_tokens")
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     expert_tokens: _containers.RepeatedScalarFieldContainer[int]
     worker_tokens: _containers.RepeatedScalarFieldContainer[int]
     imbalance: float
-    def __init__(self, expert_tokens: _Optional[_Iterable[int]] = ..., worker_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ...) -> None: ...
+    top_tokens: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
+    def __init__(self, expert_tokens: _Optional[_Iterable[int]] = ..., worker_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("layers",)
+    __slots__ = ("layers", "window_steps")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_STEPS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerLoad]
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ...) -> None: ...
+    window_steps: int
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., window_steps: _Optional[int] = ...) -> None: ...
 
 class SlotMove(_message.Message):
     __slots__ = ("layer", "expert", "from_worker", "to_worker")
@@ -76,22 +100,34 @@ class SlotMove(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., from_worker: _Optional[int] = ..., to_worker: _Optional[int] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
-    __slots__ = ("dry_run",)
+    __slots__ = ("dry_run", "policy", "params_json")
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     dry_run: bool
-    def __init__(self, dry_run: bool = ...) -> None: ...
+    policy: str
+    params_json: str
+    def __init__(self, dry_run: bool = ..., policy: _Optional[str] = ..., params_json: _Optional[str] = ...) -> None: ...
 
 class RebalanceResponse(_message.Message):
-    __slots__ = ("epoch", "moves", "imbalance_before", "imbalance_after")
+    __slots__ = ("epoch", "moves", "imbalance_before", "imbalance_after", "applied", "moved_slots", "moved_bytes", "policy")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MOVES_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    MOVED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     moves: _containers.RepeatedCompositeFieldContainer[SlotMove]
     imbalance_before: float
     imbalance_after: float
-    def __init__(self, epoch: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[SlotMove, _Mapping]]] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ...) -> None: ...
+    applied: bool
+    moved_slots: int
+    moved_bytes: int
+    policy: str
+    def __init__(self, epoch: _Optional[int] = ..., moves: _Optional[_Iterable[_Union[SlotMove, _Mapping]]] = ..., imbalance_before: _Optional[float] = ..., imbalance_after: _Optional[float] = ..., applied: bool = ..., moved_slots: _Optional[int] = ..., moved_bytes: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
     __slots__ = ("policy", "params_json")

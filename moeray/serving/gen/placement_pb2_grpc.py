@@ -73,7 +73,7 @@ class PlacementServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetLoad(self, request, context):
-        """Tokens routed per (MoE layer, logical expert) and per worker since the previous call.
+        """Tokens routed per (MoE layer, logical expert) and per worker over the controller's load window.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,104 @@
+"""The placement controller as a Ray actor, and the one wrapper through which it calls workers and routers.
+
+``RayActorOps`` is the only placement code that calls Ray (tests of the controller's logic use a fake with the
+same methods). ``ControllerActor`` runs a ``PlacementController`` with a loop thread that pulls load from the
+routers every ``poll_interval_s``; it is threaded, so reads (plan, load) answer while a switch is under way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import ray
+
+from moeray.placement.controller import ControllerConfig, PlacementController
+from moeray.placement.plan import Plan
+from moeray.placement.topology import Budget, Topology
+
+log = logging.getLogger(__name__)
+
+
+class RayActorOps:
+    def __init__(self, workers: list, routers: list, timeout_s: float = 600.0) -> None:
+        self.workers, self.routers, self.timeout_s = list(workers), list(routers), timeout_s
+
+    def take_loads(self) -> list[dict]:
+        return ray.get([r.take_load.remote() for r in self.routers], timeout=self.timeout_s)
+
+    def prepare(self, epoch: int, experts_per_worker: list[list[list[int]]],
+                peers_per_worker: list[dict[int, list[tuple[int, int]]]]) -> list[dict]:
+        refs = [w.prepare.remote(epoch, experts, [(self.workers[p], pairs) for p, pairs in peers.items()])
+                for w, experts, peers in zip(self.workers, experts_per_worker, peers_per_worker)]
+        return ray.get(refs, timeout=self.timeout_s)
+
+    def switch(self, plan: Plan) -> None:
+        ray.get([r.set_plan.remote(plan) for r in self.routers], timeout=self.timeout_s)
+
+    def commit(self, epoch: int) -> None:
+        ray.get([w.commit.remote(epoch) for w in self.workers], timeout=self.timeout_s)
+
+    def abort(self, epoch: int) -> None:
+        for ref in [w.abort.remote(epoch) for w in self.workers]:
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except Exception:  # a worker that failed its prepare may be gone; the others still drop theirs
+                log.exception("abort of epoch %d failed on a worker", epoch)
+
+
+def topology_of(workers: list, slots_per_worker: int) -> Topology:
+    """Number the nodes the workers run on (in worker order) and build the topology."""
+    node_ids = [info["node_id"] for info in ray.get([w.info.remote() for w in workers])]
+    index = {n: i for i, n in enumerate(dict.fromkeys(node_ids))}
+    return Topology(worker_node=tuple(index[n] for n in node_ids), slots_per_worker=slots_per_worker)
+
+
+class ControllerActor:
+    def __init__(self, *, config: ControllerConfig, plan: Plan, topology: Topology, budget: Budget,
+                 workers: list, routers: list) -> None:
+        self.controller = PlacementController(config=config, plan=plan, topology=topology, budget=budget,
+                                              ops=RayActorOps(workers, routers))
+        self._stopped = threading.Event()
+        self._loop = threading.Thread(target=self._run, name="moeray-placement-loop", daemon=True)
+        self._loop.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.controller.config.poll_interval_s):
+            try:
+                self.controller.poll()
+            except Exception:  # a failed poll or automatic rebalance must not stop the loop
+                log.exception("placement poll failed")
+
+    def plan(self) -> Plan:
+        return self.controller.plan
+
+    def describe(self) -> dict:
+        return self.controller.describe()
+
+    def window_load(self):
+        """(tokens per (layer, expert), tokens per (layer, worker), step records) over the load window."""
+        self.controller.pull()
+        return (*self.controller.window_load(), len(self.controller.window))
+
+    def take_load(self):
+        return self.controller.take_load()
+
+    def top_tokens(self, k: int = 10):
+        self.controller.pull()
+        return self.controller.top_tokens(k)
+
+    def rebalance(self, **kwargs) -> dict:
+        return self.controller.rebalance(**kwargs)
+
+    def set_policy(self, name: str, params: dict | None = None) -> None:
+        self.controller.set_policy(name, params)
+
+    def history(self) -> list[dict]:
+        return list(self.controller.history)
+
+    def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._loop.join(timeout=5)

@@ -1,0 +1,255 @@
+"""The placement controller: the only writer of the plan.
+
+It pulls step load records from the routers into a sliding window, decides when to rebalance (on demand, on a
+schedule, or when the measured imbalance stays above a threshold for several consecutive windows: hysteresis, so
+it does not flap), asks the policy for a new plan, and switches to it in two phases:
+
+    1. prepare  every worker makes the new epoch's slots resident beside the current ones
+                (kept if resident, fetched from a peer worker that holds them, else read from the checkpoint)
+    2. switch   every router moves to the new epoch between two forwards (a forward in flight ends on the old one)
+    3. commit   every worker drops the other epochs' slots
+
+A failed prepare aborts the switch (workers drop what they loaded; the current plan stays). Requests never see a
+half-switched plan, so outputs are identical to a run that never rebalanced.
+
+All Ray calls go through ``ActorOps`` (moeray.placement.actors), so this logic is tested with a fake.
+
+Shape legend: L MoE layers, E logical experts, W workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from moeray.placement.load import LoadWindow, imbalance_L, worker_load_LW
+from moeray.placement.plan import Plan
+from moeray.placement.policies import resolve_policy
+from moeray.placement.topology import Budget, Topology
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ControllerConfig:
+    policy: str = "replicated"  # a built-in name or an import path 'package.module:function'
+    policy_params: dict = dataclasses.field(default_factory=dict)
+    window_steps: int = 64  # the load window: the last N step records of all routers
+    poll_interval_s: float = 0.5  # how often load is pulled from the routers
+    imbalance_threshold: float | None = None  # rebalance when measured imbalance stays above this ...
+    consecutive_windows: int = 3  # ... for this many consecutive full windows (None threshold: never)
+    rebalance_interval_s: float | None = None  # also rebalance on this schedule (None: never)
+    min_gain: float = 0.05  # automatic rebalances apply only if expected imbalance drops by this fraction
+    weight_source: str = "peer"  # 'peer': fetch a slot from a worker holding it; 'checkpoint': always re-read
+    max_moved_slots: int | None = None  # per rebalance, for policies that honour a budget (migration_aware)
+    max_moved_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_steps < 1 or self.consecutive_windows < 1:
+            raise ValueError(f"window_steps ({self.window_steps}) and consecutive_windows "
+                             f"({self.consecutive_windows}) must be >= 1")
+        if self.poll_interval_s <= 0:
+            raise ValueError(f"poll_interval_s must be > 0; got {self.poll_interval_s}")
+        if self.imbalance_threshold is not None and self.imbalance_threshold < 1.0:
+            raise ValueError(f"imbalance_threshold must be >= 1.0 (1.0 is perfect balance); "
+                             f"got {self.imbalance_threshold}")
+        if self.rebalance_interval_s is not None and self.rebalance_interval_s <= 0:
+            raise ValueError(f"rebalance_interval_s must be > 0 or None; got {self.rebalance_interval_s}")
+        if self.weight_source not in ("peer", "checkpoint"):
+            raise ValueError(f"weight_source {self.weight_source!r} is not one of ('peer', 'checkpoint')")
+        resolve_policy(self.policy)  # fail now, naming the policy, rather than at the first rebalance
+
+
+class ActorOps(Protocol):
+    def take_loads(self) -> list[dict]: ...
+    def prepare(self, epoch: int, experts_per_worker: list[list[list[int]]],
+                peers_per_worker: list[dict[int, list[tuple[int, int]]]]) -> list[dict]: ...
+    def switch(self, plan: Plan) -> None: ...
+    def commit(self, epoch: int) -> None: ...
+    def abort(self, epoch: int) -> None: ...
+
+
+class PlacementController:
+    def __init__(self, *, config: ControllerConfig, plan: Plan, topology: Topology, budget: Budget,
+                 ops: ActorOps, clock=time.monotonic) -> None:
+        if topology.num_workers != plan.num_workers:
+            raise ValueError(f"topology has {topology.num_workers} workers; the plan {plan.num_workers}")
+        self.config, self.plan, self.topology, self.budget, self.ops = config, plan, topology, budget, ops
+        self.clock = clock
+        self._policy_name, self._policy_params = config.policy, dict(config.policy_params)
+        self._policy = resolve_policy(self._policy_name, self._policy_params)
+        self._lock = threading.Lock()  # guards load state
+        self._switching = threading.Lock()  # one plan switch at a time
+        L, E, W = plan.num_layers, plan.num_experts, plan.num_workers
+        self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=config.window_steps)
+        self._since_take = (np.zeros((L, E), np.int64), np.zeros((L, W), np.int64))
+        self._token_counts: collections.Counter[tuple[int, int, int]] = collections.Counter()
+        self._steps_since_check, self._hot_windows = 0, 0
+        self._last_rebalance = clock()
+        self.history: list[dict] = []  # one record per applied rebalance
+        self.total_steps = 0
+
+    # -- load --------------------------------------------------------------------------------------------
+    def poll(self) -> dict | None:
+        """Pull the routers' step records into the window; rebalance if the hysteresis or schedule says so.
+        Returns the rebalance record when one was applied."""
+        self.pull()
+        with self._lock:
+            trigger = self._check_triggers()
+        return self.rebalance(reason=trigger) if trigger else None
+
+    def pull(self) -> None:
+        """Pull the routers' step records into the window (no decisions)."""
+        reports = self.ops.take_loads()
+        with self._lock:
+            for report in reports:
+                for expert_LE, worker_LW in report["steps"]:
+                    self._add_step(np.asarray(expert_LE), np.asarray(worker_LW))
+                for layer, expert, token, count in np.asarray(report.get("tokens", ())).reshape(-1, 4).tolist():
+                    self._token_counts[(layer, expert, token)] += count
+
+    def _add_step(self, expert_LE: np.ndarray, worker_LW: np.ndarray) -> None:
+        self.window.add(torch.from_numpy(expert_LE), torch.from_numpy(worker_LW))
+        self._since_take[0][...] += expert_LE
+        if worker_LW.shape == self._since_take[1].shape:
+            self._since_take[1][...] += worker_LW
+        self._steps_since_check += 1
+        self.total_steps += 1
+
+    def _check_triggers(self) -> str | None:
+        c = self.config
+        if c.imbalance_threshold is not None and self._steps_since_check >= c.window_steps:
+            self._steps_since_check = 0
+            measured = float(imbalance_L(self.window.total()[1]).mean())
+            self._hot_windows = self._hot_windows + 1 if measured > c.imbalance_threshold else 0
+            if self._hot_windows >= c.consecutive_windows:
+                self._hot_windows = 0
+                return f"imbalance {measured:.3f} > {c.imbalance_threshold} for {c.consecutive_windows} windows"
+        if c.rebalance_interval_s is not None and self.clock() - self._last_rebalance >= c.rebalance_interval_s:
+            self._last_rebalance = self.clock()
+            if len(self.window):
+                return "schedule"
+        return None
+
+    def window_load(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens per (layer, expert) and per (layer, worker) over the window (what GetLoad reports)."""
+        with self._lock:
+            expert_LE, worker_LW = self.window.total()
+        return expert_LE.numpy(), worker_LW.numpy()
+
+    def take_load(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens per (layer, expert) and per (layer, worker) since the previous call (pulls first)."""
+        self.pull()
+        with self._lock:
+            out = (self._since_take[0].copy(), self._since_take[1].copy())
+            self._since_take[0][...] = 0
+            self._since_take[1][...] = 0
+        return out
+
+    def top_tokens(self, k: int = 10) -> list[list[list[tuple[int, int]]]]:
+        """Per layer and expert, the ``k`` token ids routed to it most often, as (token id, count)."""
+        out = [[[] for _ in range(self.plan.num_experts)] for _ in range(self.plan.num_layers)]
+        with self._lock:
+            for (layer, expert, token), count in self._token_counts.items():
+                out[layer][expert].append((token, count))
+        return [[sorted(t, key=lambda tc: (-tc[1], tc[0]))[:k] for t in layer] for layer in out]
+
+    # -- decisions ---------------------------------------------------------------------------------------
+    def set_policy(self, name: str, params: dict | None = None) -> None:
+        policy = resolve_policy(name, params)  # raises ValueError naming a bad policy
+        self._policy_name, self._policy_params, self._policy = name, dict(params or {}), policy
+
+    @property
+    def policy(self) -> tuple[str, dict]:
+        return self._policy_name, dict(self._policy_params)
+
+    def rebalance(self, *, dry_run: bool = False, policy: str | None = None, params: dict | None = None,
+                  reason: str = "manual", load_LE: np.ndarray | None = None) -> dict:
+        """Ask the policy for a plan from the window's load and switch to it (unless ``dry_run``). Automatic
+        rebalances (any reason but 'manual') apply only if the expected imbalance drops by ``min_gain``."""
+        with self._switching:
+            fn = self._policy if policy is None else resolve_policy(policy, params)
+            if load_LE is None:
+                load_LE = self.window_load()[0]
+            load_LE = torch.as_tensor(np.asarray(load_LE), dtype=torch.float64)
+            current = self.plan
+            new = fn(load_LE, self.topology, current, self.budget)
+            before = float(imbalance_L(worker_load_LW(load_LE, current)).mean())
+            after = float(imbalance_L(worker_load_LW(load_LE, new)).mean())
+            record = {"reason": reason, "policy": policy or self._policy_name, "from_epoch": current.epoch,
+                      "epoch": new.epoch, "dry_run": dry_run, "moves": _moves(current, new),
+                      "moved_slots": current.moved_slots(new),
+                      "moved_bytes": current.moved_slots(new) * self.budget.expert_bytes,
+                      "expected_imbalance_before": before, "expected_imbalance_after": after, "applied": False}
+            worth = reason == "manual" or after <= before * (1 - self.config.min_gain)
+            if dry_run or not worth or record["moved_slots"] == 0 and _same_layout(current, new):
+                return record
+            record["workers"] = self._switch(new)
+            record["applied"] = True
+            self.history.append({k: v for k, v in record.items() if k != "moves"})
+            with self._lock:
+                self.window.clear()  # worker counts measured under the old plan no longer describe this one
+                self._hot_windows = self._steps_since_check = 0
+            self._last_rebalance = self.clock()
+            log.info("placement epoch %d -> %d (%s): %d slots moved, expected imbalance %.3f -> %.3f",
+                     current.epoch, new.epoch, reason, record["moved_slots"], before, after)
+            return record
+
+    def _switch(self, new: Plan) -> list[dict]:
+        experts = [new.experts_of(w) for w in range(new.num_workers)]
+        peers = [self._peers_for(w, new) for w in range(new.num_workers)]
+        try:
+            stats = self.ops.prepare(new.epoch, experts, peers)  # 1. prepare
+        except Exception:
+            self.ops.abort(new.epoch)
+            raise
+        self.ops.switch(new)  # 2. switch
+        self.plan = new
+        self.ops.commit(new.epoch)  # 3. commit
+        return stats
+
+    def _peers_for(self, worker: int, new: Plan) -> dict[int, list[tuple[int, int]]]:
+        """For each slot ``worker`` must load, a current holder to fetch it from (same node first)."""
+        if self.config.weight_source != "peer":
+            return {}
+        node = self.topology.worker_node
+        holders = self.plan.replica_workers()
+        out: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+        for layer in range(new.num_layers):
+            for expert in new.experts_of(worker)[layer]:
+                sources = holders[layer][expert]
+                if worker in sources or not sources:
+                    continue
+                peer = min(sources, key=lambda p: (node[p] != node[worker], p))
+                out[peer].append((layer, expert))
+        return dict(out)
+
+    def describe(self) -> dict[str, Any]:
+        name, params = self.policy
+        return {"plan": self.plan.describe(), "policy": name, "policy_params": params,
+                "topology": {"worker_node": list(self.topology.worker_node),
+                             "slots_per_worker": self.topology.slots_per_worker},
+                "redundant": self.budget.redundant, "expert_bytes": self.budget.expert_bytes,
+                "rebalances": len(self.history), "total_steps": self.total_steps}
+
+
+def _same_layout(a: Plan, b: Plan) -> bool:
+    return torch.equal(a.phy2log_LP, b.phy2log_LP) and torch.equal(a.slot_worker_LP, b.slot_worker_LP)
+
+
+def _moves(old: Plan, new: Plan) -> list[dict]:
+    """Per (layer, worker), the experts a switch loads there and the ones it drops."""
+    out = []
+    for layer in range(new.num_layers):
+        before, after = old.holders(layer), new.holders(layer)
+        for action, pairs in (("load", after - before), ("drop", before - after)):
+            for expert, worker in sorted(pairs, key=lambda p: (p[1], p[0])):
+                out.append({"layer": layer, "expert": expert, "worker": worker, "action": action})
+    return out

@@ -1,0 +1,184 @@
+"""The placement controller's logic with fake actors: hysteresis, the two-phase switch, aborts, peers, load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moeray.placement.controller import ControllerConfig, PlacementController
+from moeray.placement.plan import Plan
+from moeray.placement.policies import static_plan
+from moeray.placement.topology import Budget, Topology
+
+L, E, W = 2, 8, 4
+
+
+def lpt(load_LE, topology, current, budget):
+    """Longest-processing-time packing, no replicas: enough of a policy to drive the controller."""
+    replicas = []
+    for load_E in load_LE.tolist():
+        fill, slots, workers_of = [0.0] * topology.num_workers, [0] * topology.num_workers, []
+        placed = {}
+        for e in sorted(range(len(load_E)), key=lambda e: (-load_E[e], e)):
+            w = min((w for w in range(topology.num_workers) if slots[w] < topology.slots_per_worker),
+                    key=lambda w: (fill[w], w))
+            fill[w], slots[w], placed[e] = fill[w] + load_E[e], slots[w] + 1, w
+        replicas.append([[placed[e]] for e in range(len(load_E))])
+    return Plan.from_replicas(replicas, epoch=0 if current is None else current.epoch + 1,
+                              num_workers=topology.num_workers)
+
+
+class FakeOps:
+    def __init__(self, workers: int = W) -> None:
+        self.calls: list[tuple] = []
+        self.reports: list[dict] = []
+        self.fail_prepare = False
+
+    def take_loads(self):
+        reports, self.reports = self.reports, []
+        return reports
+
+    def prepare(self, epoch, experts_per_worker, peers_per_worker):
+        self.calls.append(("prepare", epoch, experts_per_worker, peers_per_worker))
+        if self.fail_prepare:
+            raise RuntimeError("worker 2 ran out of memory")
+        return [{"worker": w} for w in range(len(experts_per_worker))]
+
+    def switch(self, plan):
+        self.calls.append(("switch", plan.epoch))
+
+    def commit(self, epoch):
+        self.calls.append(("commit", epoch))
+
+    def abort(self, epoch):
+        self.calls.append(("abort", epoch))
+
+
+def hot_step(plan: Plan, hot=(0, 4), tokens=100):
+    """One step record where every token goes to the ``hot`` experts, counted per worker as the plan routes it."""
+    expert_LE = np.zeros((L, E), np.int64)
+    expert_LE[:, list(hot)] = tokens
+    worker_LW = np.zeros((L, plan.num_workers), np.int64)
+    for l in range(L):
+        for e in hot:
+            worker_LW[l, plan.replica_workers()[l][e][0]] += tokens
+    return expert_LE, worker_LW
+
+
+def make(config: ControllerConfig | None = None, clock=None, redundant=0, slots=2, nodes=1):
+    plan = static_plan("round_robin", num_layers=L, num_experts=E, num_workers=W, redundant=redundant)
+    ops = FakeOps()
+    kwargs = {"clock": clock} if clock else {}
+    controller = PlacementController(
+        config=config or ControllerConfig(policy="test_controller:lpt"), plan=plan,
+        topology=Topology.uniform(num_workers=W, num_nodes=nodes, slots_per_worker=slots),
+        budget=Budget(redundant=redundant, expert_bytes=1000), ops=ops, **kwargs)
+    return controller, ops
+
+
+def test_hysteresis_needs_consecutive_hot_windows():
+    config = ControllerConfig(policy="test_controller:lpt", window_steps=4, imbalance_threshold=1.5,
+                              consecutive_windows=3)
+    controller, ops = make(config)
+    plan0 = controller.plan
+    # Round-robin puts experts 0 and 4 on worker 0: measured imbalance 4.0. Two hot windows, then a cool one.
+    for window in range(2):
+        ops.reports = [{"steps": [hot_step(plan0)] * 4}]
+        assert controller.poll() is None
+    ops.reports = [{"steps": [hot_step(plan0, hot=(0, 1, 2, 3))] * 4}]  # balanced: resets the count
+    assert controller.poll() is None
+    for window in range(2):
+        ops.reports = [{"steps": [hot_step(plan0)] * 4}]
+        assert controller.poll() is None
+    assert ops.calls == []
+    ops.reports = [{"steps": [hot_step(plan0)] * 4}]
+    record = controller.poll()
+    assert record is not None and record["applied"] and record["reason"].startswith("imbalance 4.000 > 1.5")
+    assert [c[0] for c in ops.calls] == ["prepare", "switch", "commit"]
+    assert controller.plan.epoch == 1
+    assert record["expected_imbalance_before"] == pytest.approx(4.0)
+    assert record["expected_imbalance_after"] == pytest.approx(2.0)  # two hot experts, no replicas: 2 of 4 busy
+    holders = controller.plan.replica_workers()
+    assert holders[0][0] != holders[0][4], "the two hot experts now live on different workers"
+    assert len(controller.window) == 0, "loads measured under the old plan are dropped"
+
+
+def test_switch_order_moves_and_peers():
+    controller, ops = make(nodes=2)
+    ops.reports = [{"steps": [hot_step(controller.plan)]}]
+    controller.poll()
+    record = controller.rebalance()
+    prepare, switch, commit = ops.calls
+    assert prepare[0] == "prepare" and switch == ("switch", 1) and commit == ("commit", 1)
+    experts_per_worker, peers = prepare[2], prepare[3]
+    assert experts_per_worker == [controller.plan.experts_of(w) for w in range(W)]
+    loads = [m for m in record["moves"] if m["action"] == "load"]
+    drops = [m for m in record["moves"] if m["action"] == "drop"]
+    assert len(loads) == len(drops) == record["moved_slots"] > 0
+    assert record["moved_bytes"] == record["moved_slots"] * 1000
+    # Every loaded slot is fetched from a worker that held it under the old plan.
+    old = static_plan("round_robin", num_layers=L, num_experts=E, num_workers=W).replica_workers()
+    for m in loads:
+        sources = [p for p, pairs in peers[m["worker"]].items() if (m["layer"], m["expert"]) in pairs]
+        assert sources == [old[m["layer"]][m["expert"]][0]]
+
+
+def test_failed_prepare_aborts_and_keeps_the_plan():
+    controller, ops = make()
+    ops.reports = [{"steps": [hot_step(controller.plan)]}]
+    controller.poll()
+    ops.fail_prepare = True
+    before = controller.plan
+    with pytest.raises(RuntimeError, match="out of memory"):
+        controller.rebalance()
+    assert [c[0] for c in ops.calls] == ["prepare", "abort"]
+    assert controller.plan is before and controller.history == []
+
+
+def test_dry_run_and_min_gain_change_nothing():
+    controller, ops = make(ControllerConfig(policy="test_controller:lpt", rebalance_interval_s=1.0))
+    ops.reports = [{"steps": [hot_step(controller.plan)]}]
+    controller.poll()
+    record = controller.rebalance(dry_run=True)
+    assert record["moved_slots"] > 0 and not record["applied"] and ops.calls == []
+    assert controller.plan.epoch == 0
+    # A balanced load: an automatic rebalance would not pay for itself, so it is skipped.
+    controller.window.clear()
+    ops.reports = [{"steps": [hot_step(controller.plan, hot=tuple(range(E)))]}]
+    controller.poll()
+    assert not controller.rebalance(reason="schedule")["applied"] and ops.calls == []
+
+
+def test_schedule_trigger_uses_the_clock():
+    now = [0.0]
+    controller, ops = make(ControllerConfig(policy="test_controller:lpt", rebalance_interval_s=10.0),
+                           clock=lambda: now[0])
+    ops.reports = [{"steps": [hot_step(controller.plan)]}]
+    assert controller.poll() is None  # not yet time
+    now[0] = 10.5
+    record = controller.poll()
+    assert record["reason"] == "schedule" and record["applied"]
+
+
+def test_take_load_since_last_call_and_top_tokens():
+    controller, ops = make()
+    step = hot_step(controller.plan)
+    tokens = np.array([[0, 0, 65, 3], [0, 0, 66, 5], [1, 4, 65, 2]])
+    ops.reports = [{"steps": [step, step], "tokens": tokens}, {"steps": [step], "tokens": tokens[:1]}]
+    expert_LE, worker_LW = controller.take_load()
+    assert (expert_LE == 3 * step[0]).all() and (worker_LW == 3 * step[1]).all()
+    assert controller.take_load()[0].sum() == 0, "a second call sees only what came after the first"
+    assert controller.window_load()[0].sum() == 3 * step[0].sum(), "the window is not drained by take_load"
+    top = controller.top_tokens(k=1)
+    assert top[0][0] == [(65, 6)] and top[1][4] == [(65, 2)] and top[0][1] == []
+
+
+def test_policy_errors_name_the_policy():
+    with pytest.raises(ValueError, match="placement policy 'nope'"):
+        ControllerConfig(policy="nope")
+    controller, _ = make()
+    with pytest.raises(ValueError, match="no_such_module"):
+        controller.set_policy("no_such_module:fn")
+    with pytest.raises(ValueError, match="imbalance_threshold must be >= 1.0"):
+        ControllerConfig(imbalance_threshold=0.5)
