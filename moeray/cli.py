@@ -9,6 +9,7 @@
     moeray bench kernels [--tokens 16,256,2048]
     moeray bench serve [--model DIR] [--concurrency 1,8,32]
     moeray bench placement [--windows 12]
+    moeray placement show | rebalance [--dry-run] | policy NAME | record --out FILE | inspect   (a running server)
     moeray placement synth --kind zipf|drifting|bursty ... --out FILE
     moeray placement simulate --trace FILE --policy NAME[,NAME...] --workers N [--nodes M] [--redundant R] [--json]
 
@@ -138,11 +139,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from moeray.engine import Engine, EngineConfig
     from moeray.serving.app import start_serving
 
+    from moeray.placement.controller import ControllerConfig
+
     try:
+        controller = ControllerConfig.from_file(
+            args.placement_config, policy=args.policy, policy_params=args.policy_params,
+            imbalance_threshold=args.imbalance_threshold, consecutive_windows=args.consecutive_windows,
+            rebalance_interval_s=args.rebalance_interval_s, window_steps=args.window_steps)
         config = EngineConfig(model=_model_dir(args.model), workers=args.workers, replicas=args.replicas,
                               routers=args.routers, dtype=args.dtype, placement=args.placement,
-                              max_new_tokens_cap=args.max_new_tokens_cap)
-    except ValueError as e:
+                              max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
+                              track_tokens=args.track_tokens, controller=controller)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _init_ray(args.address)
@@ -218,9 +226,12 @@ def cmd_bench_placement(args: argparse.Namespace) -> int:
 def _add_placement(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """The ``moeray placement`` group; each placement module registers its own commands in it."""
     from moeray.placement.offline_cli import add_offline_commands
+    from moeray.placement.online_cli import add_online_commands
 
-    placement = sub.add_parser("placement", help="expert placement: offline simulator, synthetic traces")
+    placement = sub.add_parser("placement", help="expert placement: a live server's plan and load, the offline "
+                                                 "simulator, synthetic traces")
     placement_sub = placement.add_subparsers(dest="placement", required=True)
+    add_online_commands(placement_sub)
     add_offline_commands(placement_sub)
     return placement_sub
 
@@ -263,6 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-ongoing", type=int, default=256, help="requests in flight before queueing")
     srv.add_argument("--max-queued", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
     srv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    ctl = srv.add_argument_group("live placement (see README: Placement)")
+    ctl.add_argument("--placement-config", help="YAML/JSON file of controller settings (policy, policy_params, "
+                     "window_steps, imbalance_threshold, ...); the flags below override it")
+    ctl.add_argument("--policy", help="rebalancing policy: a built-in name or package.module:function "
+                     "(default: replicated)")
+    ctl.add_argument("--policy-params", type=json.loads, help="the policy's parameters as a JSON object")
+    ctl.add_argument("--worker-memory", help="memory budget for one worker's expert slots, e.g. 20GiB "
+                     "(default: just enough for the experts and --replicas)")
+    ctl.add_argument("--rebalance-threshold", type=float, dest="imbalance_threshold",
+                     help="rebalance when measured imbalance stays above this for --rebalance-windows windows")
+    ctl.add_argument("--rebalance-windows", type=int, dest="consecutive_windows")
+    ctl.add_argument("--rebalance-interval", type=float, dest="rebalance_interval_s", help="also every N seconds")
+    ctl.add_argument("--window-steps", type=int, help="load window, in steps (default 64)")
+    ctl.add_argument("--track-tokens", action="store_true", help="count token ids per expert (placement inspect)")
     srv.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, experts, total vs active params")

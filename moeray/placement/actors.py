@@ -75,10 +75,13 @@ class ControllerActor:
     def describe(self) -> dict:
         return self.controller.describe()
 
-    def window_load(self):
-        """(tokens per (layer, expert), tokens per (layer, worker), step records) over the load window."""
+    def window_load(self) -> dict:
+        """Tokens per (layer, expert) and per (layer, worker) over the load window, its step records, and tokens
+        per (layer, expert) since the start."""
         self.controller.pull()
-        return (*self.controller.window_load(), len(self.controller.window))
+        expert_LE, worker_LW = self.controller.window_load()
+        return {"expert_LE": expert_LE, "worker_LW": worker_LW, "steps": len(self.controller.window),
+                "total_LE": self.controller.total_LE.copy()}
 
     def take_load(self):
         return self.controller.take_load()

@@ -66,6 +66,25 @@ class ControllerConfig:
             raise ValueError(f"weight_source {self.weight_source!r} is not one of ('peer', 'checkpoint')")
         resolve_policy(self.policy)  # fail now, naming the policy, rather than at the first rebalance
 
+    @classmethod
+    def from_file(cls, path: str | None, **overrides) -> ControllerConfig:
+        """Fields from a YAML or JSON file (``policy``, ``policy_params``, ``window_steps``, ...), then the
+        ``overrides`` that are not None."""
+        import yaml  # YAML is a superset of JSON
+
+        fields = {}
+        if path:
+            with open(path) as f:
+                fields = yaml.safe_load(f) or {}
+            if not isinstance(fields, dict):
+                raise ValueError(f"placement config {path} must be a mapping of settings; got {type(fields).__name__}")
+            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ValueError(f"placement config {path}: unknown settings {unknown}; known: "
+                                 f"{sorted(f.name for f in dataclasses.fields(cls))}")
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
 
 class ActorOps(Protocol):
     def take_loads(self) -> list[dict]: ...
@@ -90,6 +109,7 @@ class PlacementController:
         L, E, W = plan.num_layers, plan.num_experts, plan.num_workers
         self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=config.window_steps)
         self._since_take = (np.zeros((L, E), np.int64), np.zeros((L, W), np.int64))
+        self.total_LE = np.zeros((L, E), np.int64)  # tokens per (layer, expert) since the start: a counter
         self._token_counts: collections.Counter[tuple[int, int, int]] = collections.Counter()
         self._steps_since_check, self._hot_windows = 0, 0
         self._last_rebalance = clock()
@@ -118,6 +138,7 @@ class PlacementController:
     def _add_step(self, expert_LE: np.ndarray, worker_LW: np.ndarray) -> None:
         self.window.add(torch.from_numpy(expert_LE), torch.from_numpy(worker_LW))
         self._since_take[0][...] += expert_LE
+        self.total_LE += expert_LE
         if worker_LW.shape == self._since_take[1].shape:
             self._since_take[1][...] += worker_LW
         self._steps_since_check += 1

@@ -154,12 +154,13 @@ class Ingress:
         return response
 
     async def GetLoad(self, request) -> placement_pb2.GetLoadResponse:
-        expert_LE, worker_LW, steps = await self.controller.window_load.remote()
+        load = await self.controller.window_load.remote()
         top = await self.controller.top_tokens.remote(request.top_tokens) if request.top_tokens else None
-        response = placement_pb2.GetLoadResponse(window_steps=steps)
-        for l, (e_E, w_W) in enumerate(zip(expert_LE, worker_LW)):
+        response = placement_pb2.GetLoadResponse(window_steps=load["steps"])
+        for l, (e_E, w_W, t_E) in enumerate(zip(load["expert_LE"], load["worker_LW"], load["total_LE"])):
             imbalance = float(w_W.max() / w_W.mean()) if w_W.sum() else 1.0
-            layer = response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=imbalance)
+            layer = response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=imbalance,
+                                        expert_tokens_total=t_E.tolist())
             for tokens in top[l] if top else ():
                 ids = [t for t, _ in tokens]
                 texts = [self.tokenizer.decode([t]) for t in ids] if self.tokenizer is not None else []

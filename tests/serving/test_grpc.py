@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 
 import grpc
 import numpy as np
@@ -35,7 +36,8 @@ def server(checkpoints, tmp_path_factory):
     os.environ["MOERAY_ADMIN_TOKEN_FILE"] = str(token_file)
     try:
         with _ray_start():
-            engine = Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, max_new_tokens_cap=64))
+            engine = Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, max_new_tokens_cap=64,
+                                         track_tokens=True))
             port = _free_port()
             model_name = start_serving(engine, grpc_port=port, http_port=_free_port())
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -175,6 +177,45 @@ def test_placement_reads_and_admin_auth(server):
     with pytest.raises(grpc.RpcError) as err:
         stub.ScaleWorkers(placement_pb2.ScaleWorkersRequest(workers=3), metadata=admin, timeout=30)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch, oracle):
+    from moeray.cli import main
+
+    target = ["--target", server["address"]]
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    assert main(["placement", "show", *target, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [w["index"] for w in shown["workers"]] == [0, 1] and shown["policy"] == "replicated"
+    assert sorted(sum((layers[0] for layers in shown["experts_per_worker"]), [])) == list(range(8))
+    assert main(["placement", "rebalance", *target, "--dry-run"]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    monkeypatch.setenv("MOERAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    assert main(["placement", "policy", *target, "greedy"]) == 0
+    assert capsys.readouterr().out.strip() == "policy greedy"
+    _generate(stub, [7] * 12, max_new_tokens=4)
+    assert main(["placement", "rebalance", *target, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["policy"] == "greedy" and record["applied"] and record["epoch"] == shown["epoch"] + 1
+    assert main(["placement", "show", *target, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == record["epoch"]
+    ref = oracle("mixtral")
+    assert [t for c in _generate(stub, PROMPTS[1]) for t in c.token_ids] == ref.greedy(PROMPTS[1])
+    # record: two windows while traffic flows, each window the per-expert token counts routed in it
+    trace = tmp_path / "live.jsonl"
+    sender = threading.Thread(target=lambda: [_generate(stub, PROMPTS[i % 4], max_new_tokens=8) for i in range(6)])
+    sender.start()
+    assert main(["placement", "record", *target, "--windows", "2", "--interval", "0.5", "--out", str(trace)]) == 0
+    sender.join()
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [line["window"] for line in lines] == [0, 1]
+    assert len(lines[0]["load"]) == len(server["engine"].spec.moe_layers) and len(lines[0]["load"][0]) == 8
+    capsys.readouterr()
+    assert main(["placement", "inspect", *target, "--top", "3", "--json"]) == 0
+    experts = json.loads(capsys.readouterr().out)
+    assert len(experts) == len(server["engine"].spec.moe_layers) * 8
+    counted = {t["token_id"] for e in experts for t in e["top"]}
+    assert 7 in counted and all(len(e["top"]) <= 3 for e in experts)
 
 
 def _grpcurl() -> str:

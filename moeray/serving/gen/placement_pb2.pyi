@@ -68,16 +68,18 @@ class ExpertTokens(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerLoad(_message.Message):
-    __slots__ = ("expert_tokens", "worker_tokens", "imbalance", "top_tokens")
+    __slots__ = ("expert_tokens", "worker_tokens", "imbalance", "top_tokens", "expert_tokens_total")
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     expert_tokens: _containers.RepeatedScalarFieldContainer[int]
     worker_tokens: _containers.RepeatedScalarFieldContainer[int]
     imbalance: float
     top_tokens: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
-    def __init__(self, expert_tokens: _Optional[_Iterable[int]] = ..., worker_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ...) -> None: ...
+    expert_tokens_total: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, expert_tokens: _Optional[_Iterable[int]] = ..., worker_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., expert_tokens_total: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
     __slots__ = ("layers", "window_steps")

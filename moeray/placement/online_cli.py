@@ -1,0 +1,195 @@
+"""``moeray placement show | rebalance | policy | record | inspect``: the placement API of a running server.
+
+    moeray placement show     --target HOST:PORT [--json]
+    moeray placement rebalance --target HOST:PORT [--dry-run] [--policy NAME] [--params JSON] [--json]
+    moeray placement policy   --target HOST:PORT NAME [--params JSON]
+    moeray placement record   --target HOST:PORT --windows N [--interval S] --out FILE
+    moeray placement inspect  --target HOST:PORT [--top 10] [--layer L] [--json]
+
+Mutations (rebalance, policy) send ``authorization: Bearer <token>`` with the token from ``--token-file`` or
+``$MOERAY_ADMIN_TOKEN`` (never from a flag's value, which would show in the process list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from moeray.placement.traces import write_trace
+
+
+def add_online_commands(placement_sub: argparse._SubParsersAction) -> None:
+    def command(name: str, help: str, func, mutates: bool = False) -> argparse.ArgumentParser:
+        p = placement_sub.add_parser(name, help=help)
+        p.add_argument("--target", default="127.0.0.1:9000", help="HOST:PORT of a running moeray serve")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+        if mutates:
+            p.add_argument("--token-file", help="file holding the admin token (default: $MOERAY_ADMIN_TOKEN)")
+        p.set_defaults(func=func)
+        return p
+
+    show = command("show", "the plan in force: experts per worker and layer, bytes resident", cmd_show)
+    show.add_argument("--json", action="store_true")
+    reb = command("rebalance", "compute a new plan from the load window and switch to it", cmd_rebalance, True)
+    reb.add_argument("--dry-run", action="store_true", help="show the moves without making them")
+    reb.add_argument("--policy", default="", help="use this policy for this rebalance only")
+    reb.add_argument("--params", default="", help="its parameters as a JSON object")
+    reb.add_argument("--json", action="store_true")
+    pol = command("policy", "choose the policy later rebalances use", cmd_policy, True)
+    pol.add_argument("name", help="a built-in name or an import path package.module:function")
+    pol.add_argument("--params", default="", help="its parameters as a JSON object")
+    rec = command("record", "write a load trace (JSON Lines) from a live server", cmd_record)
+    rec.add_argument("--windows", type=int, required=True, help="windows to record, then stop")
+    rec.add_argument("--interval", type=float, default=1.0, help="seconds per window")
+    rec.add_argument("--out", required=True)
+    ins = command("inspect", "the token ids each expert receives most (needs serve --track-tokens)", cmd_inspect)
+    ins.add_argument("--top", type=int, default=10)
+    ins.add_argument("--layer", type=int, help="only this MoE layer")
+    ins.add_argument("--json", action="store_true")
+
+
+def _stub(args):
+    import grpc
+
+    from moeray.serving.gen import placement_pb2, placement_pb2_grpc
+
+    channel = grpc.insecure_channel(args.target)
+    return channel, placement_pb2_grpc.PlacementServiceStub(channel), placement_pb2
+
+
+def _admin_metadata(args) -> list[tuple[str, str]]:
+    token = None
+    if getattr(args, "token_file", None):
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    token = token or os.environ.get("MOERAY_ADMIN_TOKEN")
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def _call(fn) -> int:
+    """Run one RPC-using command; a gRPC error becomes one line on stderr and exit code 2."""
+    import grpc
+
+    try:
+        return fn()
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+
+
+def cmd_show(args) -> int:
+    def run() -> int:
+        channel, stub, pb = _stub(args)
+        with channel:
+            r = stub.GetPlacement(pb.GetPlacementRequest(), timeout=args.timeout)
+        workers = [{"index": w.index, "node": w.node, "node_id": w.node_id, "device": w.device,
+                    "resident_bytes": w.resident_bytes} for w in r.workers]
+        experts = [[[e for e, sw in zip(layer.phy2log, layer.slot_worker) if sw == w["index"]] for layer in r.layers]
+                   for w in workers]
+        out = {"epoch": r.epoch, "policy": r.policy, "slots_per_worker": r.slots_per_worker,
+               "redundant_slots": r.redundant_slots, "rebalances": r.rebalances, "workers": workers,
+               "experts_per_worker": experts}
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        print(f"epoch {r.epoch}, policy {r.policy}, {r.rebalances} rebalances, {r.slots_per_worker} slots per worker "
+              f"and layer, {r.redundant_slots} redundant per layer")
+        for w, per_layer in zip(workers, experts):
+            print(f"worker {w['index']} (node {w['node']}, {w['device']}, {w['resident_bytes'] / 2**20:.1f} MiB): "
+                  + "; ".join(f"L{l}: {e}" for l, e in enumerate(per_layer)))
+        return 0
+
+    return _call(run)
+
+
+def cmd_rebalance(args) -> int:
+    def run() -> int:
+        channel, stub, pb = _stub(args)
+        with channel:
+            r = stub.Rebalance(pb.RebalanceRequest(dry_run=args.dry_run, policy=args.policy,
+                                                   params_json=args.params), metadata=_admin_metadata(args),
+                               timeout=args.timeout)
+        moves = [{"layer": m.layer, "expert": m.expert, "from_worker": m.from_worker, "to_worker": m.to_worker}
+                 for m in r.moves]
+        out = {"epoch": r.epoch, "applied": r.applied, "policy": r.policy, "moved_slots": r.moved_slots,
+               "moved_bytes": r.moved_bytes, "imbalance_before": r.imbalance_before,
+               "imbalance_after": r.imbalance_after, "moves": moves}
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        verb = "applied" if r.applied else "dry run" if args.dry_run else "not applied"
+        print(f"{verb}: epoch {r.epoch} ({r.policy}), {r.moved_slots} slots moved ({r.moved_bytes / 2**20:.1f} MiB), "
+              f"expected imbalance {r.imbalance_before:.3f} -> {r.imbalance_after:.3f}")
+        for m in moves:
+            where = f"load on worker {m['to_worker']}" if m["from_worker"] < 0 else f"drop from worker {m['from_worker']}"
+            print(f"  layer {m['layer']} expert {m['expert']}: {where}")
+        return 0
+
+    return _call(run)
+
+
+def cmd_policy(args) -> int:
+    def run() -> int:
+        channel, stub, pb = _stub(args)
+        with channel:
+            r = stub.SetPolicy(pb.SetPolicyRequest(policy=args.name, params_json=args.params),
+                               metadata=_admin_metadata(args), timeout=args.timeout)
+        print(f"policy {r.policy}")
+        return 0
+
+    return _call(run)
+
+
+def cmd_record(args) -> int:
+    """Each window is the difference of the server's per-expert token counters over ``--interval`` seconds."""
+    if args.windows < 1 or args.interval <= 0:
+        print(f"error: --windows ({args.windows}) must be >= 1 and --interval ({args.interval}) > 0", file=sys.stderr)
+        return 2
+
+    def run() -> int:
+        channel, stub, pb = _stub(args)
+        with channel:
+            def totals() -> list[list[int]]:
+                r = stub.GetLoad(pb.GetLoadRequest(), timeout=args.timeout)
+                return [list(layer.expert_tokens_total) for layer in r.layers]
+
+            previous, windows = totals(), []
+            for _ in range(args.windows):
+                time.sleep(args.interval)
+                current = totals()
+                windows.append([[c - p for c, p in zip(cl, pl)] for cl, pl in zip(current, previous)])
+                previous = current
+        write_trace(args.out, windows)
+        print(f"wrote {len(windows)} windows of {len(windows[0])} layers to {args.out}")
+        return 0
+
+    return _call(run)
+
+
+def cmd_inspect(args) -> int:
+    def run() -> int:
+        channel, stub, pb = _stub(args)
+        with channel:
+            r = stub.GetLoad(pb.GetLoadRequest(top_tokens=args.top), timeout=args.timeout)
+        out = []
+        for l, layer in enumerate(r.layers):
+            if args.layer is not None and l != args.layer:
+                continue
+            for e, top in enumerate(layer.top_tokens):
+                out.append({"layer": l, "expert": e, "tokens_in_window": layer.expert_tokens[e],
+                            "top": [{"token_id": t, "count": c, **({"text": x} if top.texts else {})}
+                                    for t, c, x in zip(top.token_ids, top.counts, list(top.texts) or top.token_ids)]})
+        if not any(o["top"] for o in out):
+            print("no token counts: start the server with --track-tokens and send it traffic", file=sys.stderr)
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        for o in out:
+            shown = ", ".join(f"{t.get('text', t['token_id'])!r}x{t['count']}" for t in o["top"])
+            print(f"layer {o['layer']} expert {o['expert']}: {shown}")
+        return 0
+
+    return _call(run)
