@@ -45,6 +45,7 @@ class EngineConfig:
     worker_num_cpus: float = 0.25  # the CPU share a worker asks for when it runs without a GPU
     router_num_cpus: float = 0.0
     threads_per_actor: int = 1
+    start_timeout_s: float = 600.0  # how long workers may wait for devices (an autoscaler adding nodes)
     worker_memory: str | int | None = None  # per-worker budget for expert slots, e.g. '20GiB' (None: just enough)
     track_tokens: bool = False  # count which token ids each expert receives (moeray placement inspect)
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
@@ -102,7 +103,9 @@ class Engine:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpus = self.config.use_gpus if self.config.use_gpus is not None else gpus >= self.config.workers
         if use_gpus and gpus < self.config.workers:
-            raise ValueError(f"{self.config.workers} workers need one GPU each; the cluster has {gpus}")
+            # NOTE: not an error: on an autoscaling cluster (KubeRay) the pending workers bring up GPU nodes.
+            log.warning("%d workers need one GPU each and the cluster has %d now: waiting up to %.0fs for more",
+                        self.config.workers, gpus, self.config.start_timeout_s)
         return {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": self.config.worker_num_cpus}
 
     def _start_actors(self) -> None:
@@ -116,7 +119,12 @@ class Engine:
                 experts_per_layer=self.initial_plan.experts_of(w), dtype=config.torch_dtype,
                 num_threads=config.threads_per_actor,
             ))
-        ray.get([w.ping.remote() for w in self.workers])  # surfaces load errors now
+        try:
+            ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{config.workers} expert workers asking {options} were not all placed within "
+                               f"start_timeout_s={config.start_timeout_s}s; the cluster has "
+                               f"{ray.cluster_resources()}") from None
         router_cls = ray.remote(Router)
         for _ in range(config.routers):
             self.routers.append(router_cls.options(num_cpus=config.router_num_cpus, max_concurrency=1000).remote(

@@ -281,16 +281,74 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
     """
     from ray.serve.config import gRPCOptions
 
-    model_name = model_name or os.path.basename(engine.checkpoint.checkpoint.path.rstrip("/"))
     serve.start(http_options={"host": host, "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
                 logging_config={"enable_access_log": False})
-    state = {"routers": engine.routers, "workers": engine.workers, "controller": engine.controller, "spec": engine.spec,
-             "limits": engine.limits, "checkpoint_path": engine.checkpoint.checkpoint.path,
-             "has_tokenizer": engine.checkpoint.checkpoint.has_tokenizer}
-    env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV)}
-    ingress = Ingress.options(max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests)
+    state = engine_state(engine)
+    ingress = _ingress(state, model_name, max_ongoing_requests, max_queued_requests)
     # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
-    serve.run(ingress.bind(model_name=model_name, engine_state=state, env=env), name=app_name,
-              route_prefix=route_prefix, logging_config={"enable_access_log": False})
-    return model_name
+    serve.run(ingress, name=app_name, route_prefix=route_prefix, logging_config={"enable_access_log": False})
+    return state["model_name"] if model_name is None else model_name
+
+
+def engine_state(engine) -> dict:
+    """What the ingress needs of an engine: actor handles and the checkpoint's facts (all serialisable)."""
+    path = engine.checkpoint.checkpoint.path
+    return {"routers": engine.routers, "workers": engine.workers, "controller": engine.controller,
+            "spec": engine.spec, "limits": engine.limits, "checkpoint_path": path,
+            "has_tokenizer": engine.checkpoint.checkpoint.has_tokenizer,
+            "model_name": os.path.basename(path.rstrip("/"))}
+
+
+def _ingress(state: dict, model_name: str | None, max_ongoing: int, max_queued: int):
+    env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV)}
+    return Ingress.options(max_ongoing_requests=max_ongoing, max_queued_requests=max_queued).bind(
+        model_name=model_name or state["model_name"], engine_state=state, env=env)
+
+
+class EngineHost:
+    """Owns an Engine (its workers, routers and controller) for an application Serve builds from a config file:
+    Serve calls the builder in a short-lived task, so the actors need an owner that outlives it."""
+
+    def __init__(self, config) -> None:
+        from moeray.engine import Engine
+
+        self.engine = Engine(config)
+
+    def state(self) -> dict:
+        return engine_state(self.engine)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def build_app(args: dict):
+    """The Serve application builder for ``serveConfigV2`` (``import_path: moeray.serving.app:build_app``).
+
+    ``args``: EngineConfig fields (``model`` defaults to the embedded demo; ``controller`` a mapping of
+    ControllerConfig fields), plus ``model_name``, ``max_ongoing_requests`` and ``max_queued_requests``. The engine
+    lives in a detached actor named ``moeray-engine-<app>`` (one per application name, ``app_name`` arg), reused when
+    Serve rebuilds the application, so expert workers keep their slots across redeploys of the ingress.
+    """
+    import ray
+
+    from moeray.engine import EngineConfig
+    from moeray.placement.controller import ControllerConfig
+
+    args = dict(args)
+    serving = {k: args.pop(k) for k in ("model_name", "max_ongoing_requests", "max_queued_requests", "app_name")
+               if k in args}
+    if not args.get("model"):
+        from moeray.model.demo import ensure_demo_checkpoint
+
+        args["model"] = str(ensure_demo_checkpoint())
+    controller = args.pop("controller", None) or {}
+    if not isinstance(controller, dict):
+        raise ValueError(f"args.controller must be a mapping of placement settings; got {controller!r}")
+    config = EngineConfig(controller=ControllerConfig(**controller), **args)  # a bad field fails here, named
+    host = ray.remote(EngineHost).options(
+        name=f"moeray-engine-{serving.get('app_name', 'moeray')}", lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_concurrency=4).remote(config)
+    state = ray.get(host.state.remote())
+    return _ingress(state, serving.get("model_name"), serving.get("max_ongoing_requests", 256),
+                    serving.get("max_queued_requests", 256))

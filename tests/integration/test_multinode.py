@@ -33,3 +33,18 @@ def test_workers_one_per_device_across_nodes(two_gpu_nodes, checkpoints, oracle)
         assert {w["node_id"] for w in info} == {n.node_id for n in nodes}, "workers span both GPU nodes"
         results = engine.generate(PROMPTS, SamplingParams(max_new_tokens=16))
         assert [r.output_ids for r in results] == [ref.greedy(p) for p in PROMPTS]
+        # The controller's topology sees the two nodes: the hierarchical policy packs by them.
+        nodes_of_workers = ray.get(engine.controller.describe.remote())["topology"]["worker_node"]
+        assert sorted(set(nodes_of_workers)) == [0, 1]
+
+
+def test_workers_wait_for_gpus_then_fail_clearly(two_gpu_nodes, checkpoints):
+    """More GPU workers than GPUs: they wait (an autoscaler would add nodes), then fail naming the timeout, and
+    leave no actors behind."""
+    config = EngineConfig(model=checkpoints["mixtral"], workers=4, use_gpus=True, start_timeout_s=3)
+    with pytest.raises(TimeoutError, match=r"4 expert workers .* within start_timeout_s=3"):
+        Engine(config)
+    from ray._common.test_utils import wait_for_condition
+
+    # The three workers that did get a GPU were killed: every GPU is free again.
+    wait_for_condition(lambda: ray.available_resources().get("GPU", 0) == 3, timeout=30)
