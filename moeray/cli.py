@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -153,6 +154,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # NOTE: Serve's gRPC proxy reads its message size limit from this variable when it starts; a local cluster's
+    # processes inherit it from here (on an existing cluster, set it in the cluster's environment instead).
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(args.max_message_bytes)
     _init_ray(args.address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -273,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-new-tokens-cap", type=int, default=4096)
     srv.add_argument("--max-ongoing", type=int, default=256, help="requests in flight before queueing")
     srv.add_argument("--max-queued", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
+    srv.add_argument("--max-message-bytes", type=int, default=4 * 2**20,
+                     help="largest gRPC request or response; larger ones get RESOURCE_EXHAUSTED (default 4 MiB)")
     srv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     ctl = srv.add_argument_group("live placement (see README: Placement)")
     ctl.add_argument("--placement-config", help="YAML/JSON file of controller settings (policy, policy_params, "

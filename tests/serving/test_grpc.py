@@ -21,6 +21,7 @@ from moeray.serving.gen import generate_pb2, generate_pb2_grpc, placement_pb2, p
 
 pytestmark = pytest.mark.ray
 ADMIN_TOKEN = "s3cret-admin-token"
+MAX_MESSAGE_BYTES = 2**20
 
 
 def _free_port() -> int:
@@ -34,6 +35,7 @@ def server(checkpoints, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     os.environ["MOERAY_ADMIN_TOKEN_FILE"] = str(token_file)
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(MAX_MESSAGE_BYTES)  # what `moeray serve` sets
     try:
         with _ray_start():
             engine = Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, max_new_tokens_cap=64,
@@ -48,6 +50,7 @@ def server(checkpoints, tmp_path_factory):
             engine.shutdown()
     finally:
         os.environ.pop("MOERAY_ADMIN_TOKEN_FILE", None)
+        os.environ.pop("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", None)
 
 
 def _generate(stub, prompt, max_new_tokens=16, **kw):
@@ -103,6 +106,18 @@ def test_model_infer_bad_tensors(server, datatype, shape, payload, message):
     with pytest.raises(triton.InferenceServerException, match=message) as err:
         client.infer(server["model"], [inp])
     assert "INVALID_ARGUMENT" in str(err.value.status())
+
+
+def test_oversized_message_is_rejected_and_the_server_keeps_serving(server, oracle):
+    client = triton.InferenceServerClient(url=server["address"])
+    ids = np.ones((1, 200_000), dtype=np.int64)  # 1.6 MB of raw input, over the 1 MiB limit
+    inp = triton.InferInput("input_ids", list(ids.shape), "INT64")
+    inp.set_data_from_numpy(ids)
+    with pytest.raises(triton.InferenceServerException) as err:
+        client.infer(server["model"], [inp])
+    assert "RESOURCE_EXHAUSTED" in str(err.value.status()), err.value
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    assert [t for c in _generate(stub, PROMPTS[0]) for t in c.token_ids] == oracle("mixtral").greedy(PROMPTS[0])
 
 
 def test_unknown_model_is_not_found(server):
