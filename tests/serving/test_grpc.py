@@ -120,6 +120,21 @@ def test_oversized_message_is_rejected_and_the_server_keeps_serving(server, orac
     assert [t for c in _generate(stub, PROMPTS[0]) for t in c.token_ids] == oracle("mixtral").greedy(PROMPTS[0])
 
 
+def test_a_slow_reader_does_not_stall_other_streams(server, oracle):
+    """Stream A is opened and then not read while stream B runs: B completes in full, and A's tokens wait for it."""
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    ref = oracle("mixtral")
+    request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=PROMPTS[1]),
+                                           sampling=generate_pb2.SamplingParams(max_new_tokens=16, ignore_eos=True))
+    slow = stub.Generate(request, timeout=120)
+    first = next(slow)  # A is running; its reader now stalls
+    fast = _generate(stub, PROMPTS[3], max_new_tokens=16)
+    assert [t for c in fast for t in c.token_ids] == ref.greedy(PROMPTS[3]), "B finished while A was not read"
+    rest = list(slow)
+    assert len([t for c in [first, *rest] for t in c.token_ids]) == 16
+    assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+
+
 def test_unknown_model_is_not_found(server):
     client = triton.InferenceServerClient(url=server["address"])
     inp = triton.InferInput("input_ids", [1, 2], "INT64")
