@@ -1,0 +1,462 @@
+"""Telemetry: OpenTelemetry traces and metrics, exported over OTLP/gRPC or served to Prometheus; off by default.
+
+    gRPC call ─▶ ingress span  "moeray.v1.GenerateService/Generate"  (continues the caller's W3C traceparent)
+                   │ traceparent travels with the router call
+                   ▼
+                 router span   "moeray.router.request"  (child of the ingress span; submitted → finished)
+    step loop ─▶ step span     "moeray.step"  (batch size, prefill/decode; *links* to its batch's request spans)
+                   └─ "moeray.dispatch" per MoE layer (layer, tokens, workers touched, plan epoch)
+    controller ─▶ "moeray.rebalance"
+
+NOTE: a step serves every request in its batch, so it is not the child of any one of them. Its span starts a trace
+of its own and carries a span link to each request span it served (and the layer dispatches are its children).
+Copying the step under each request instead would multiply span volume by the batch size and count shared time
+once per request; with links a trace viewer still goes from a request to the steps that served it and back.
+
+Every Ray actor is its own process: the engine passes a ``TelemetryConfig`` to the ingress, routers, workers and
+the controller, and each calls ``configure`` once. Unconfigured, the tracer and meter are OpenTelemetry's no-op
+ones and the hot paths test ``STATE.on`` before building any attribute. Metric names: ``METRICS`` (the README's
+Telemetry table lists the same ones as Prometheus sees them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger(__name__)
+
+ROLES = ("engine", "ingress", "controller", "router", "worker")
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_REQUEST_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_RATIO = (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2, 2.5, 3, 4, 6, 8, 16)
+
+# name, kind, unit, attributes, process, description (names, attributes and words follow DESIGN.md's glossary)
+METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
+    ("moeray_expert_tokens", "observable_counter", "1", ("layer", "expert"), "controller",
+     "(token, expert) pairs routed to each logical expert of each MoE layer"),
+    ("moeray_worker_tokens", "observable_counter", "1", ("layer", "worker"), "controller",
+     "(token, expert) pairs sent to each worker per MoE layer"),
+    ("moeray_imbalance_ratio", "observable_gauge", "1", ("layer",), "controller",
+     "max worker load / mean worker load over the load window (1.0 is perfect)"),
+    ("moeray_step_imbalance_ratio", "histogram", "1", ("layer",), "controller",
+     "max worker load / mean worker load of each step"),
+    ("moeray_plan_epoch", "observable_gauge", "1", (), "controller", "the epoch of the plan in force"),
+    ("moeray_rebalances", "counter", "1", ("reason",), "controller",
+     "applied rebalances by reason: manual, imbalance, schedule"),
+    ("moeray_migrated_slots", "counter", "1", (), "controller", "slots loaded onto workers by rebalances"),
+    ("moeray_migrated_bytes", "counter", "By", (), "controller", "expert weight bytes moved by rebalances"),
+    ("moeray_workers_alive", "gauge", "1", (), "controller", "expert workers answering a ping"),
+    ("moeray_dispatch_latency_seconds", "histogram", "s", ("layer",), "router",
+     "one MoE layer's dispatch → expert compute → combine, as the router waits for it"),
+    ("moeray_step_latency_seconds", "histogram", "s", ("kind",), "router", "one engine step (prefill or decode)"),
+    ("moeray_request_latency_seconds", "histogram", "s", (), "router", "a request from submission to its end"),
+    ("moeray_time_to_first_token_seconds", "histogram", "s", (), "router", "submission to the first new token"),
+    ("moeray_inter_token_latency_seconds", "histogram", "s", (), "router", "between consecutive new tokens"),
+    ("moeray_queue_depth", "gauge", "1", (), "router", "requests waiting to join the running batch"),
+    ("moeray_expert_compute_seconds", "histogram", "s", ("worker", "layer"), "worker",
+     "a worker's grouped expert compute for one layer call"),
+    ("moeray_rejected_requests", "counter", "1", ("code",), "ingress", "requests refused, by gRPC status code"),
+)
+_BUCKETS = {"moeray_step_imbalance_ratio": _RATIO, "moeray_request_latency_seconds": _REQUEST_S,
+            "moeray_time_to_first_token_seconds": _TOKEN_S, "moeray_inter_token_latency_seconds": _TOKEN_S}
+
+
+def prometheus_names() -> set[str]:
+    """The metric names Prometheus sees (counters gain ``_total``; histograms ``_bucket``, ``_sum``, ``_count``)."""
+    out = set()
+    for name, kind, *_ in METRICS:
+        if kind.endswith("counter"):
+            out.add(name + "_total")
+        elif kind == "histogram":
+            out.update(name + s for s in ("_bucket", "_sum", "_count"))
+        else:
+            out.add(name)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TelemetryConfig:
+    otlp_endpoint: str | None = None  # an OTLP/gRPC collector, e.g. 'http://127.0.0.1:4317' ('https://' for TLS)
+    otlp_headers: Mapping[str, str] = dataclasses.field(default_factory=dict)  # e.g. an auth header
+    prometheus_port: int | None = None  # base port: each process serves /metrics on base + its offset
+    prometheus_host: str = "127.0.0.1"
+    service_name: str = "moeray"
+    export_interval_s: float = 10.0  # OTLP metric export period and span batch delay
+    trace_sample_ratio: float = 1.0  # of new traces (a caller's sampled traceparent is always followed)
+    expert_metrics: bool = True  # per (layer, expert) token series: layers x experts series
+    role: str = "engine"  # set per process by for_process
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.strip():
+            raise ValueError("otlp_endpoint is empty; use None to turn OTLP export off")
+        bad = {k: v for k, v in dict(self.otlp_headers).items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"otlp_headers must map strings to strings; got {sorted(map(repr, bad))}")
+        if self.prometheus_port is not None and not 1 <= self.prometheus_port <= 65535:
+            raise ValueError(f"prometheus_port must be in 1..65535; got {self.prometheus_port}")
+        if not self.service_name:
+            raise ValueError("service_name is empty")
+        if self.export_interval_s <= 0:
+            raise ValueError(f"export_interval_s must be > 0; got {self.export_interval_s}")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio must be in [0, 1]; got {self.trace_sample_ratio}")
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} is not one of {ROLES}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.otlp_endpoint is not None or self.prometheus_port is not None
+
+    def for_process(self, role: str, index: int = 0, *, routers: int = 1) -> TelemetryConfig:
+        """This config for one process, its Prometheus port offset by role: ingress +0, controller +1,
+        routers +2.., workers after the routers (so processes on one node never share a port)."""
+        offset = {"ingress": 0, "controller": 1, "router": 2 + index, "worker": 2 + routers + index}.get(role, 0)
+        port = None if self.prometheus_port is None else self.prometheus_port + offset
+        if port is not None and port > 65535:
+            raise ValueError(f"prometheus_port {self.prometheus_port} + offset {offset} for {role} {index} > 65535")
+        return dataclasses.replace(self, role=role, index=index, prometheus_port=port)
+
+
+class Instruments:
+    """The instruments of ``METRICS``, by name without the ``moeray_`` prefix (no-op ones until configured)."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        for name, kind, unit, _, _, description in METRICS:
+            key = name.removeprefix("moeray_").removesuffix("_seconds")
+            if kind == "counter":
+                inst = meter.create_counter(name, unit=unit, description=description)
+            elif kind == "gauge":
+                inst = meter.create_gauge(name, unit=unit, description=description)
+            elif kind == "histogram":
+                inst = meter.create_histogram(name, unit=unit, description=description,
+                                              explicit_bucket_boundaries_advisory=_BUCKETS.get(name, _S))
+            else:
+                create = meter.create_observable_counter if kind == "observable_counter" else \
+                    meter.create_observable_gauge
+                inst = create(name, callbacks=[functools.partial(_observe, key)], unit=unit, description=description)
+            setattr(self, key, inst)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.config: TelemetryConfig | None = None
+        self.tracing = self.metrics = self.on = False
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+        self.tracer_provider = self.meter_provider = self.prometheus_server = None
+
+
+_SOURCES: weakref.WeakSet = weakref.WeakSet()  # ControllerMetrics feeding the observable instruments
+
+
+def _observe(key: str, options=None):
+    for source in list(_SOURCES):
+        yield from source.observe(key)
+
+
+STATE = _State()
+M = Instruments(metrics.NoOpMeter("moeray"))
+_lock = threading.Lock()
+
+
+
+def configure(config: TelemetryConfig | None, *, span_exporters=(), metric_readers=()) -> None:
+    """Set this process's tracer and meter from ``config`` (replacing an earlier configuration). With no exporter
+    (the default config) telemetry stays off. ``span_exporters`` / ``metric_readers``: extra SDK exporters and
+    readers (tests pass in-memory ones)."""
+    global M
+    with _lock:
+        _shutdown_locked()
+        if config is None:
+            config = TelemetryConfig()
+        if not (config.enabled or span_exporters or metric_readers):
+            return
+        from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        resource = Resource.create({
+            "service.name": config.service_name, "service.instance.id": f"{config.role}-{config.index}-{os.getpid()}",
+            "moeray.role": config.role, "moeray.index": config.index})
+        interval_ms = config.export_interval_s * 1000
+        limits = {ObservableCounter: 1 << 18}  # layers x experts series; the SDK's default caps a stream at 2000
+        tracer_provider = TracerProvider(resource=resource,
+                                         sampler=ParentBased(TraceIdRatioBased(config.trace_sample_ratio)))
+        readers = list(metric_readers)
+        if config.otlp_endpoint is not None:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            kwargs = {"endpoint": config.otlp_endpoint, "insecure": not config.otlp_endpoint.startswith("https://"),
+                      "headers": dict(config.otlp_headers) or None}
+            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs),
+                                                                  schedule_delay_millis=interval_ms))
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(**kwargs), interval_ms,
+                                                         cardinality_limits=limits))
+        for exporter in span_exporters:
+            tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        if config.prometheus_port is not None:
+            readers.extend(_prometheus(config, limits))
+        STATE.tracing = config.otlp_endpoint is not None or bool(span_exporters)
+        if STATE.tracing:
+            STATE.tracer_provider, STATE.tracer = tracer_provider, tracer_provider.get_tracer("moeray")
+        else:
+            tracer_provider.shutdown()
+        if readers:
+            STATE.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+            M = Instruments(STATE.meter_provider.get_meter("moeray"))
+        STATE.config, STATE.metrics = config, bool(readers)
+        STATE.on = STATE.tracing or STATE.metrics
+
+
+def _prometheus(config: TelemetryConfig, limits: dict) -> list:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(registry=registry, cardinality_limits=limits)
+    try:
+        STATE.prometheus_server, _ = start_http_server(config.prometheus_port, config.prometheus_host,
+                                                       registry=registry)
+    except OSError as e:  # e.g. two processes given one port: keep serving, without this endpoint
+        log.warning("moeray telemetry: cannot serve Prometheus metrics on %s:%d (%s)", config.prometheus_host,
+                    config.prometheus_port, e)
+        reader.shutdown()
+        return []
+    log.info("moeray telemetry: Prometheus metrics on http://%s:%d/metrics", config.prometheus_host,
+             config.prometheus_port)
+    return [reader]
+
+
+def shutdown() -> None:
+    """Flush and stop this process's exporters; telemetry is off afterwards."""
+    with _lock:
+        _shutdown_locked()
+
+
+def _shutdown_locked() -> None:
+    global M
+    on = STATE.on
+    STATE.on = STATE.tracing = STATE.metrics = False
+    for provider in (STATE.tracer_provider, STATE.meter_provider):
+        if provider is not None:
+            try:
+                provider.shutdown()
+            except Exception:  # an exporter failing to flush must not fail the caller
+                log.exception("moeray telemetry: shutdown of %s failed", type(provider).__name__)
+    if STATE.prometheus_server is not None:
+        STATE.prometheus_server.shutdown()
+        STATE.prometheus_server.server_close()
+    if on:
+        STATE.__init__()
+        M = Instruments(metrics.NoOpMeter("moeray"))
+
+
+def flush() -> None:
+    """Export what is buffered now (before an actor is killed)."""
+    for provider in (STATE.tracer_provider, STATE.meter_provider):
+        if provider is not None:
+            provider.force_flush()
+
+
+@functools.lru_cache(maxsize=4096)
+def attrs(**kwargs) -> dict:
+    """A shared attribute dict per distinct set of values (hot paths reuse them instead of building new ones)."""
+    return dict(kwargs)
+
+
+# -- trace context across processes ------------------------------------------------------------------------
+def extract(metadata) -> otel_context.Context:
+    """The caller's trace context from gRPC invocation metadata ((key, value) pairs) or a traceparent string."""
+    if isinstance(metadata, str):
+        metadata = {"traceparent": metadata}
+    return _PROPAGATOR.extract(dict(metadata or ()))
+
+
+def traceparent(span) -> str | None:
+    """``span``'s W3C traceparent, to send with a call into another process."""
+    if span is None or not span.get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent")
+
+
+def rpc_span(method: str, metadata):
+    """The ingress's span of one gRPC call ('package.Service/Method'), continuing the caller's traceparent.
+    Not made current: Serve iterates streaming handlers across tasks. None when tracing is off."""
+    if not STATE.tracing:
+        return None
+    service, _, name = method.rpartition("/")
+    return STATE.tracer.start_span(method, context=extract(metadata), kind=trace.SpanKind.SERVER, attributes={
+        "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+
+
+@contextlib.contextmanager
+def request_span(name: str, parent: str | None, request_id: str | None = None, current: bool = False):
+    """A router's span of one request (child of the ingress's, from its traceparent); records its latency."""
+    if not STATE.on:
+        yield None
+        return
+    started = time.perf_counter()
+    span = STATE.tracer.start_span(name, context=extract(parent) if parent else None,
+                                   attributes={"moeray.request_id": request_id or ""})
+    try:
+        if current:
+            with trace.use_span(span, end_on_exit=False):
+                yield span
+        else:
+            yield span
+    except BaseException as e:
+        span.record_exception(e)
+        span.set_status(trace.StatusCode.ERROR, str(e))
+        raise
+    finally:
+        span.end()
+        if STATE.metrics and name == "moeray.router.request":
+            M.request_latency.record(time.perf_counter() - started)
+
+
+def step_span(kind: str, seqs) -> contextlib.AbstractContextManager:
+    """The span of one engine step over ``seqs`` (a fresh trace linked to each request span), timing it."""
+    if not STATE.on or not seqs:
+        return contextlib.nullcontext()
+    return _step_span(kind, seqs)
+
+
+@contextlib.contextmanager
+def _step_span(kind: str, seqs):
+    started = time.perf_counter()
+    links = [trace.Link(s.span.get_span_context()) for s in seqs
+             if getattr(s, "span", None) is not None and s.span.get_span_context().is_valid]
+    with STATE.tracer.start_as_current_span("moeray.step", context=otel_context.Context(), links=links, attributes={
+            "moeray.step.kind": kind, "moeray.batch_size": len(seqs)}) as span:
+        yield span
+    if STATE.metrics:
+        M.step_latency.record(time.perf_counter() - started, attrs(kind=kind))
+
+
+def dispatch_span(layer: int, epoch: int):
+    """A span for one MoE layer's dispatch (child of the current step span); None unless it would be recorded."""
+    if not STATE.tracing or not trace.get_current_span().is_recording():
+        return None
+    return STATE.tracer.start_span("moeray.dispatch", attributes={"moeray.layer": layer, "moeray.plan.epoch": epoch})
+
+
+def dispatched(span, layer: int, seconds: float, tokens: int, workers: int) -> None:
+    if span is not None:
+        span.set_attribute("moeray.tokens", tokens)
+        span.set_attribute("moeray.workers_touched", workers)
+        span.end()
+    if STATE.metrics:
+        M.dispatch_latency.record(seconds, attrs(layer=layer))
+
+
+# -- router-side request metrics ---------------------------------------------------------------------------
+def tokens_emitted(seqs) -> None:
+    """A step produced one token for each of ``seqs`` (Sequences with ``arrived_s`` and ``last_token_s``)."""
+    if not STATE.metrics:
+        return
+    now = time.perf_counter()
+    for seq in seqs:
+        if seq.last_token_s:
+            M.inter_token_latency.record(now - seq.last_token_s)
+        else:
+            M.time_to_first_token.record(now - seq.arrived_s)
+        seq.last_token_s = now
+
+
+def queue_depth(waiting: int) -> None:
+    if STATE.metrics:
+        M.queue_depth.set(waiting)
+
+
+def rejected(code) -> None:
+    """The ingress refused a request with gRPC status ``code`` (a grpc.StatusCode or its name)."""
+    if STATE.metrics:
+        M.rejected_requests.add(1, attrs(code=getattr(code, "name", str(code))))
+
+
+# -- controller-side load and placement ----------------------------------------------------------------------
+class ControllerMetrics:
+    """What the placement controller exports: load per expert and worker, imbalance, epochs, rebalances."""
+
+    def __init__(self, controller) -> None:
+        import numpy as np
+
+        self._np = np
+        self._controller = weakref.ref(controller)
+        plan = controller.plan
+        self.expert_LE = np.zeros((plan.num_layers, plan.num_experts), np.int64)
+        self.worker_LW = np.zeros((plan.num_layers, plan.num_workers), np.int64)
+        _SOURCES.add(self)
+
+    def step(self, expert_LE, worker_LW) -> None:
+        """One step record pulled from a router: add it up, record its imbalance per layer."""
+        if not STATE.metrics:
+            return
+        self.expert_LE += expert_LE
+        if worker_LW.shape != self.worker_LW.shape:  # the worker count changed
+            self.worker_LW = self._np.zeros(worker_LW.shape, self._np.int64)
+        self.worker_LW += worker_LW
+        mean_L = worker_LW.mean(axis=1)
+        for layer in self._np.flatnonzero(mean_L > 0).tolist():
+            M.step_imbalance_ratio.record(float(worker_LW[layer].max() / mean_L[layer]), attrs(layer=layer))
+
+    def rebalanced(self, record: dict, started_ns: int) -> None:
+        """A rebalance ran (applied or not): count it and trace it after the fact."""
+        if STATE.metrics and record["applied"]:
+            M.rebalances.add(1, attrs(reason=record["reason"].split()[0]))
+            M.migrated_slots.add(record["moved_slots"])
+            M.migrated_bytes.add(record["moved_bytes"])
+        if STATE.tracing:
+            span = STATE.tracer.start_span("moeray.rebalance", start_time=started_ns, attributes={
+                "moeray.rebalance.reason": record["reason"], "moeray.policy": record["policy"],
+                "moeray.plan.epoch": record["epoch"], "moeray.plan.from_epoch": record["from_epoch"],
+                "moeray.rebalance.applied": record["applied"], "moeray.moved_slots": record["moved_slots"],
+                "moeray.moved_bytes": record["moved_bytes"],
+                "moeray.imbalance.before": record["expected_imbalance_before"],
+                "moeray.imbalance.after": record["expected_imbalance_after"]})
+            span.end()
+
+    def workers_alive(self, alive: int) -> None:
+        if STATE.metrics:
+            M.workers_alive.set(alive)
+
+    def observe(self, key: str):
+        from opentelemetry.metrics import Observation
+
+        controller = self._controller()
+        if controller is None:
+            return
+        if key == "expert_tokens" and STATE.config is not None and STATE.config.expert_metrics:
+            for (layer, expert), n in self._np.ndenumerate(self.expert_LE):
+                yield Observation(int(n), attrs(layer=layer, expert=expert))
+        elif key == "worker_tokens":
+            for (layer, worker), n in self._np.ndenumerate(self.worker_LW):
+                yield Observation(int(n), attrs(layer=layer, worker=worker))
+        elif key == "imbalance_ratio":
+            worker_LW = controller.window_load()[1]
+            mean_L = worker_LW.mean(axis=1)
+            for layer, w_W in enumerate(worker_LW):
+                yield Observation(float(w_W.max() / mean_L[layer]) if mean_L[layer] > 0 else 1.0, attrs(layer=layer))
+        elif key == "plan_epoch":
+            yield Observation(controller.plan.epoch)
