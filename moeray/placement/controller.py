@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from moeray import telemetry
 from moeray.placement.load import LoadWindow, imbalance_L, worker_load_LW
 from moeray.placement.plan import Plan
 from moeray.placement.policies import resolve_policy
@@ -115,6 +116,7 @@ class PlacementController:
         self._last_rebalance = clock()
         self.history: list[dict] = []  # one record per applied rebalance
         self.total_steps = 0
+        self.telemetry = telemetry.ControllerMetrics(self)
 
     # -- load --------------------------------------------------------------------------------------------
     def poll(self) -> dict | None:
@@ -143,6 +145,7 @@ class PlacementController:
             self._since_take[1][...] += worker_LW
         self._steps_since_check += 1
         self.total_steps += 1
+        self.telemetry.step(expert_LE, worker_LW)
 
     def _check_triggers(self) -> str | None:
         c = self.config
@@ -195,6 +198,7 @@ class PlacementController:
                   reason: str = "manual", load_LE: np.ndarray | None = None) -> dict:
         """Ask the policy for a plan from the window's load and switch to it (unless ``dry_run``). Automatic
         rebalances (any reason but 'manual') apply only if the expected imbalance drops by ``min_gain``."""
+        started_ns = time.time_ns()
         with self._switching:
             fn = self._policy if policy is None else resolve_policy(policy, params)
             if load_LE is None:
@@ -211,6 +215,7 @@ class PlacementController:
                       "expected_imbalance_before": before, "expected_imbalance_after": after, "applied": False}
             worth = reason == "manual" or after <= before * (1 - self.config.min_gain)
             if dry_run or not worth or record["moved_slots"] == 0 and _same_layout(current, new):
+                self.telemetry.rebalanced(record, started_ns)
                 return record
             record["workers"] = self._switch(new)
             record["applied"] = True
@@ -221,6 +226,7 @@ class PlacementController:
             self._last_rebalance = self.clock()
             log.info("placement epoch %d -> %d (%s): %d slots moved, expected imbalance %.3f -> %.3f",
                      current.epoch, new.epoch, reason, record["moved_slots"], before, after)
+            self.telemetry.rebalanced(record, started_ns)
             return record
 
     def _switch(self, new: Plan) -> list[dict]:
