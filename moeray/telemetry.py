@@ -227,6 +227,12 @@ def configure(config: TelemetryConfig | None, *, span_exporters=(), metric_reade
         STATE.on = STATE.tracing or STATE.metrics
 
 
+def setup(config: TelemetryConfig | None) -> None:
+    """What each actor calls at start: ``configure(config)`` when it turns an exporter on, else nothing."""
+    if config is not None and config.enabled:
+        configure(config)
+
+
 def _prometheus(config: TelemetryConfig, limits: dict) -> list:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import CollectorRegistry, start_http_server

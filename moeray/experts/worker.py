@@ -23,6 +23,7 @@ import numpy as np
 import ray
 import torch
 
+from moeray import telemetry
 from moeray.kernels import ExpertWeights, grouped_experts
 from moeray.model.architecture import ModelSpec
 from moeray.model.weights import ExpertSource, TensorReader, read_expert
@@ -60,8 +61,10 @@ class ExpertWorker:
         dtype: torch.dtype,
         num_threads: int = 1,
         epoch: int = 0,
+        telemetry_config: telemetry.TelemetryConfig | None = None,
     ) -> None:
         torch.set_num_threads(num_threads)
+        telemetry.setup(telemetry_config)
         self.worker_index = worker_index
         self.spec = spec
         self.sources = sources
@@ -125,6 +128,7 @@ class ExpertWorker:
         weights = entry[1][layer]
         if weights is None:
             raise ValueError(f"worker {self.worker_index} holds no experts of MoE layer {layer} in epoch {epoch}")
+        started = time.perf_counter()
         x_TH = unpack(x, self.device)
         y_TH = grouped_experts(
             x_TH,
@@ -134,7 +138,11 @@ class ExpertWorker:
             weights,
             self.spec.activation,
         )
-        return pack(y_TH)
+        out = pack(y_TH)  # NOTE: a copy to host, so on a GPU the time below includes the compute
+        if telemetry.STATE.metrics:
+            telemetry.M.expert_compute.record(time.perf_counter() - started,
+                                              telemetry.attrs(worker=self.worker_index, layer=layer))
+        return out
 
     # -- plan switches -----------------------------------------------------------------------------------
     def prepare(self, epoch: int, experts_per_layer: list[list[int]], peers: list | None = None) -> dict:
