@@ -138,6 +138,7 @@ class Engine:
             config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
             budget=self.budget, workers=self.workers, routers=self.routers)
         ray.get(self.controller.ping.remote())
+        ray.get([r.set_controller.remote(self.controller) for r in self.routers])  # for restores after a loss
         log.info("moeray engine ready: %d routers, %d workers", len(self.routers), len(self.workers))
 
     # -- requests ----------------------------------------------------------------------------------------

@@ -27,19 +27,20 @@ class RayActorOps:
         return ray.get([r.take_load.remote() for r in self.routers], timeout=self.timeout_s)
 
     def prepare(self, epoch: int, experts_per_worker: list[list[list[int]]],
-                peers_per_worker: list[dict[int, list[tuple[int, int]]]]) -> list[dict]:
+                peers_per_worker: list[dict[int, list[tuple[int, int]]]], skip: frozenset[int]) -> list[dict]:
         refs = [w.prepare.remote(epoch, experts, [(self.workers[p], pairs) for p, pairs in peers.items()])
-                for w, experts, peers in zip(self.workers, experts_per_worker, peers_per_worker)]
+                for i, (w, experts, peers) in enumerate(zip(self.workers, experts_per_worker, peers_per_worker))
+                if i not in skip]
         return ray.get(refs, timeout=self.timeout_s)
 
     def switch(self, plan: Plan) -> None:
         ray.get([r.set_plan.remote(plan) for r in self.routers], timeout=self.timeout_s)
 
-    def commit(self, epoch: int) -> None:
-        ray.get([w.commit.remote(epoch) for w in self.workers], timeout=self.timeout_s)
+    def commit(self, epoch: int, skip: frozenset[int]) -> None:
+        ray.get([w.commit.remote(epoch) for i, w in enumerate(self.workers) if i not in skip], timeout=self.timeout_s)
 
-    def abort(self, epoch: int) -> None:
-        for ref in [w.abort.remote(epoch) for w in self.workers]:
+    def abort(self, epoch: int, skip: frozenset[int]) -> None:
+        for ref in [w.abort.remote(epoch) for i, w in enumerate(self.workers) if i not in skip]:
             try:
                 ray.get(ref, timeout=self.timeout_s)
             except Exception:  # a worker that failed its prepare may be gone; the others still drop theirs
@@ -95,6 +96,9 @@ class ControllerActor:
 
     def set_policy(self, name: str, params: dict | None = None) -> None:
         self.controller.set_policy(name, params)
+
+    def restore(self, dead: list[int]) -> dict:
+        return self.controller.restore(dead)
 
     def history(self) -> list[dict]:
         return list(self.controller.history)

@@ -88,12 +88,14 @@ class ControllerConfig:
 
 
 class ActorOps(Protocol):
+    """Calls to the workers and routers. ``skip`` names workers known dead: they are not called."""
+
     def take_loads(self) -> list[dict]: ...
     def prepare(self, epoch: int, experts_per_worker: list[list[list[int]]],
-                peers_per_worker: list[dict[int, list[tuple[int, int]]]]) -> list[dict]: ...
+                peers_per_worker: list[dict[int, list[tuple[int, int]]]], skip: frozenset[int]) -> list[dict]: ...
     def switch(self, plan: Plan) -> None: ...
-    def commit(self, epoch: int) -> None: ...
-    def abort(self, epoch: int) -> None: ...
+    def commit(self, epoch: int, skip: frozenset[int]) -> None: ...
+    def abort(self, epoch: int, skip: frozenset[int]) -> None: ...
 
 
 class PlacementController:
@@ -115,6 +117,7 @@ class PlacementController:
         self._steps_since_check, self._hot_windows = 0, 0
         self._last_rebalance = clock()
         self.history: list[dict] = []  # one record per applied rebalance
+        self.dead_workers: frozenset[int] = frozenset()
         self.total_steps = 0
         self.telemetry = telemetry.ControllerMetrics(self)
 
@@ -232,15 +235,58 @@ class PlacementController:
     def _switch(self, new: Plan) -> list[dict]:
         experts = [new.experts_of(w) for w in range(new.num_workers)]
         peers = [self._peers_for(w, new) for w in range(new.num_workers)]
+        dead = self.dead_workers
         try:
-            stats = self.ops.prepare(new.epoch, experts, peers)  # 1. prepare
+            stats = self.ops.prepare(new.epoch, experts, peers, dead)  # 1. prepare
         except Exception:
-            self.ops.abort(new.epoch)
+            self.ops.abort(new.epoch, dead)
             raise
         self.ops.switch(new)  # 2. switch
         self.plan = new
-        self.ops.commit(new.epoch)  # 3. commit
+        self.ops.commit(new.epoch, dead)  # 3. commit
         return stats
+
+    # -- failures ----------------------------------------------------------------------------------------
+    def restore(self, dead: list[int]) -> dict:
+        """Workers died: re-place every expert over the live workers (their weights fetched from surviving
+        replicas or re-read from the checkpoint), restoring as much redundancy as the live slots hold. Idempotent:
+        routers that find the same dead worker call it too."""
+        with self._switching:
+            self.dead_workers = self.dead_workers | frozenset(dead)
+            if not any(w in self.dead_workers for layer in self.plan.replica_workers() for ws in layer for w in ws):
+                return {"applied": False, "epoch": self.plan.epoch, "dead_workers": sorted(self.dead_workers)}
+            current = self.plan
+            new = self._plan_without(self.dead_workers)
+            stats = self._switch(new)
+            read = sum(s.get("read_slots", 0) for s in stats)
+            record = {"reason": f"workers {sorted(self.dead_workers)} lost", "policy": self._policy_name,
+                      "from_epoch": current.epoch, "epoch": new.epoch, "applied": True, "dead_workers":
+                      sorted(self.dead_workers), "moved_slots": current.moved_slots(new),
+                      "read_slots": read, "read_bytes": read * self.budget.expert_bytes,
+                      "redundant": new.num_slots - new.num_experts}
+            self.history.append(record)
+            log.warning("placement epoch %d -> %d: %s; %d slots re-read from the checkpoint", current.epoch,
+                        new.epoch, record["reason"], read)
+            return record
+
+    def _plan_without(self, dead: frozenset[int]) -> Plan:
+        live = [w for w in range(self.topology.num_workers) if w not in dead]
+        E = self.plan.num_experts
+        if not live or E > len(live) * self.topology.slots_per_worker:
+            raise RuntimeError(f"cannot restore: {E} experts need {E} slots per layer and the {len(live)} live "
+                               f"workers hold {len(live) * self.topology.slots_per_worker}")
+        topology = Topology(worker_node=tuple(self.topology.worker_node[w] for w in live),
+                            slots_per_worker=self.topology.slots_per_worker)
+        redundant = min(self.budget.redundant, topology.capacity - E, E * (len(live) - 1))
+        budget = dataclasses.replace(self.budget, redundant=redundant)
+        load_LE = torch.as_tensor(self.window_load()[0], dtype=torch.float64) + 1  # +1: no load seen yet is fine
+        try:
+            plan = self._policy(load_LE, topology, None, budget)
+        except ValueError:  # a policy that cannot place this (e.g. greedy with redundant slots)
+            plan = resolve_policy("replicated")(load_LE, topology, None, budget)
+        # Back to the original worker numbering; the dead keep no slots.
+        replicas = [[[live[w] for w in ws] for ws in layer] for layer in plan.replica_workers()]
+        return Plan.from_replicas(replicas, epoch=self.plan.epoch + 1, num_workers=self.topology.num_workers)
 
     def _peers_for(self, worker: int, new: Plan) -> dict[int, list[tuple[int, int]]]:
         """For each slot ``worker`` must load, a current holder to fetch it from (same node first)."""
@@ -251,7 +297,7 @@ class PlacementController:
         out: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for layer in range(new.num_layers):
             for expert in new.experts_of(worker)[layer]:
-                sources = holders[layer][expert]
+                sources = [p for p in holders[layer][expert] if p not in self.dead_workers]
                 if worker in sources or not sources:
                     continue
                 peer = min(sources, key=lambda p: (node[p] != node[worker], p))

@@ -5,6 +5,7 @@ A threaded Ray actor: callers block in ``generate`` on their own thread while on
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import uuid
@@ -18,8 +19,10 @@ from transformers import GenerationConfig
 from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.placement.plan import Plan
 from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
-from moeray.router.dispatch import ExpertDispatcher
+from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def _eos_ids(checkpoint_path: str, config) -> frozenset[int]:
@@ -44,6 +47,7 @@ class Router:
         max_new_tokens_cap: int = 4096,
         num_threads: int = 1,
         track_tokens: bool = False,
+        restore_timeout_s: float = 120.0,
     ) -> None:
         torch.set_num_threads(num_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,7 +56,10 @@ class Router:
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(checkpoint_path, loaded.checkpoint.config)
         self.limits = RequestLimits.of(self.spec, max_new_tokens_cap)
-        self.scheduler = Scheduler(self.model, on_forward=self._on_forward,
+        self.controller = None  # the placement controller, once the engine has started it (set_controller)
+        self.restore_timeout_s = restore_timeout_s
+        self.dispatcher.on_worker_lost = self._report_lost
+        self.scheduler = Scheduler(self.model, on_forward=self._on_forward, recover=self._recover,
                                    max_batch_size=max_batch_size, device=device)
         self._stopped = threading.Event()
         self._loop = threading.Thread(target=self._run, name="moeray-step-loop", daemon=True)
@@ -62,6 +69,26 @@ class Router:
         self.dispatcher.token_mask_T, self.dispatcher.token_ids_T = mask_T, ids_T
         if mask_T is None and ids_T is None:  # a forward ended: its loads form one step record
             self.dispatcher.load.end_step()
+
+    def set_controller(self, controller) -> None:
+        self.controller = controller
+
+    def _report_lost(self, worker: int) -> None:
+        """A worker died mid-step: the controller restores redundancy in the background."""
+        if self.controller is not None:
+            self.controller.restore.remote([worker])
+
+    def _recover(self, error: Exception) -> bool:
+        """Experts lost with their last replica: wait for the controller to re-place them, then retry the step."""
+        if not isinstance(error, ExpertsUnavailable) or self.controller is None:
+            return False
+        try:
+            ray.get(self.controller.restore.remote(sorted(self.dispatcher.dead_workers)),
+                    timeout=self.restore_timeout_s)
+        except Exception:
+            log.exception("the placement controller could not restore %s", error)
+            return False
+        return True
 
     def _run(self) -> None:
         while not self._stopped.is_set():

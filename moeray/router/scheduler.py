@@ -28,6 +28,7 @@ from moeray.request import GenerationResult, SamplingParams
 
 log = logging.getLogger(__name__)
 
+MAX_STEP_RETRIES = 3  # a step that still fails after this many recoveries fails its sequences
 PAD_ID = 0  # any valid id: padded positions are masked out of attention and never dispatched to experts
 
 
@@ -95,12 +96,16 @@ class Scheduler:
         model: torch.nn.Module,
         *,
         on_forward: Callable[[torch.Tensor | None, torch.Tensor | None], None],
+        recover: Callable[[Exception], bool] | None = None,
         max_batch_size: int = 32,
         device: torch.device | str = "cpu",
     ) -> None:
         self.model = model
         # Told before each forward which flattened tokens are real (and their ids), and (None, None) after it.
         self.on_forward = on_forward
+        # Asked when a step fails: True if the cause was repaired (e.g. lost experts re-placed) and the step should
+        # run again from where it started.
+        self.recover = recover
         self.max_batch_size = max_batch_size
         self.device = torch.device(device)
         self.forward_lock = threading.Lock()  # one forward at a time: the dispatcher's token mask is per forward
@@ -145,17 +150,29 @@ class Scheduler:
             free = self.max_batch_size - len(self.running)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         admitted = [s for s in admitted if not self._finish_if_aborted(s)]
-        try:
-            if admitted:
-                self._prefill(admitted)
-            elif self.running:
-                self._decode()
-        except Exception as e:  # a failed step fails its sequences, never the loop
-            log.exception("step failed; failing %d sequences", len(self.running) + len(admitted))
-            for seq in set(self.running) | set(admitted):
-                seq.error = e
-                seq.done.set()
-            self.running, self._cache, self._mask_BS = [], None, None
+        # NOTE: a forward only ever replaces cache tensors (torch.cat), never writes into them, so keeping the
+        # current ones is enough to roll a failed step back and run it again.
+        saved = (self.running, self._mask_BS, None if self._cache is None else
+                 [(layer.keys, layer.values) for layer in self._cache.layers])
+        for attempt in range(1 + MAX_STEP_RETRIES):
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                elif self.running:
+                    self._decode()
+                break
+            except Exception as e:  # a failed step fails its sequences, never the loop
+                if attempt < MAX_STEP_RETRIES and self.recover is not None and self.recover(e):
+                    log.warning("step failed (%s); retrying it after recovery", e)
+                    self.running, self._mask_BS = saved[0], saved[1]
+                    self._cache = None if saved[2] is None else DynamicCache(ddp_cache_data=saved[2])
+                    continue
+                log.exception("step failed; failing %d sequences", len(self.running) + len(admitted))
+                for seq in set(self.running) | set(admitted):
+                    seq.error = e
+                    seq.done.set()
+                self.running, self._cache, self._mask_BS = [], None, None
+                break
         self.steps += 1
         self.step_s += time.perf_counter() - started
 

@@ -39,8 +39,8 @@ class FakeOps:
         reports, self.reports = self.reports, []
         return reports
 
-    def prepare(self, epoch, experts_per_worker, peers_per_worker):
-        self.calls.append(("prepare", epoch, experts_per_worker, peers_per_worker))
+    def prepare(self, epoch, experts_per_worker, peers_per_worker, skip):
+        self.calls.append(("prepare", epoch, experts_per_worker, peers_per_worker, skip))
         if self.fail_prepare:
             raise RuntimeError("worker 2 ran out of memory")
         return [{"worker": w} for w in range(len(experts_per_worker))]
@@ -48,10 +48,10 @@ class FakeOps:
     def switch(self, plan):
         self.calls.append(("switch", plan.epoch))
 
-    def commit(self, epoch):
+    def commit(self, epoch, skip):
         self.calls.append(("commit", epoch))
 
-    def abort(self, epoch):
+    def abort(self, epoch, skip):
         self.calls.append(("abort", epoch))
 
 
@@ -182,3 +182,30 @@ def test_policy_errors_name_the_policy():
         controller.set_policy("no_such_module:fn")
     with pytest.raises(ValueError, match="imbalance_threshold must be >= 1.0"):
         ControllerConfig(imbalance_threshold=0.5)
+
+
+def test_restore_replaces_lost_experts_on_live_workers():
+    controller, ops = make(ControllerConfig(policy="replicated"), redundant=4, slots=4)
+    lost = set(controller.plan.experts_of(1)[0])
+    record = controller.restore([1])
+    assert record["applied"] and controller.plan.epoch == 1
+    prepare = ops.calls[0]
+    assert prepare[0] == "prepare" and prepare[4] == frozenset({1}), "the dead worker is not called"
+    assert controller.plan.experts_of(1) == [[], []], "the dead worker holds nothing"
+    assert (controller.plan.replica_count_LE >= 1).all(), "every expert is back"
+    # 3 live workers x 4 slots = 12 = 8 experts + 4 redundant: full redundancy restored.
+    assert record["redundant"] == 4
+    # Slots whose every replica died come from the checkpoint; the others from a surviving peer.
+    peers = prepare[3]
+    fetched = {(l, e) for per_worker in peers for pairs in per_worker.values() for l, e in pairs}
+    assert all(1 not in per_worker for per_worker in peers), "never fetch from the dead"
+    assert fetched, "surviving replicas are copied from peers"
+    assert lost, "worker 1 held experts"
+    # Idempotent: a second router reporting the same loss changes nothing.
+    assert not controller.restore([1])["applied"] and controller.plan.epoch == 1
+
+
+def test_restore_fails_clearly_when_live_slots_cannot_hold_every_expert():
+    controller, _ = make(slots=2)  # 4 workers x 2 slots = 8 experts, no room to lose one
+    with pytest.raises(RuntimeError, match=r"cannot restore: 8 experts need 8 slots .* 3 live workers hold 6"):
+        controller.restore([2])

@@ -1,0 +1,60 @@
+"""Expert workers die mid-generation: requests finish with the outputs of a run where nothing died.
+
+With replicas, a dead worker's tokens go to the other copies within the same step; with none, the step waits for
+the controller to re-place the lost experts (weights re-read from the checkpoint) and runs again."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from ray._common.test_utils import wait_for_condition
+
+from conftest import PROMPTS, _ray_start
+from moeray import Engine, EngineConfig, SamplingParams
+
+pytestmark = pytest.mark.ray
+SAMPLING = SamplingParams(max_new_tokens=24)  # stops at EOS, as the oracle does
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with _ray_start():
+        yield
+
+
+def _run_and_kill(engine: Engine, victim: int) -> list[list[int]]:
+    """Start every prompt, kill ``victim`` once tokens flow, and return the outputs."""
+    stream = engine.stream(PROMPTS[1], SAMPLING, request_id="watched")
+    refs = [engine.submit(p, SAMPLING) for p in PROMPTS]
+    watched = list(next(stream).token_ids)  # generation is under way
+    ray.kill(engine.workers[victim])
+    watched += [t for chunk in stream for t in chunk.token_ids]
+    return [r.output_ids for r in ray.get(refs, timeout=300)] + [watched]
+
+
+def test_a_worker_dies_and_its_replicas_take_over(cluster, checkpoints, oracle):
+    ref = oracle("mixtral")
+    expected = [ref.greedy(p, 24) for p in PROMPTS] + [ref.greedy(PROMPTS[1], 24)]
+    config = EngineConfig(model=checkpoints["mixtral"], workers=3, replicas=8)  # every expert twice
+    with Engine(config) as engine:
+        assert _run_and_kill(engine, victim=1) == expected
+        # The controller restores redundancy over the two live workers (12 slots: 8 experts + 4 copies).
+        wait_for_condition(lambda: engine.plan.experts_of(1) == [[], []], timeout=60)
+        plan = engine.plan
+        assert (plan.replica_count_LE >= 1).all() and plan.num_slots == 8 + 4
+        record = ray.get(engine.controller.history.remote())[-1]
+        assert record["dead_workers"] == [1] and record["read_slots"] == 0, "every slot came from a survivor"
+        again = engine.generate(PROMPTS, SAMPLING)
+        assert [r.output_ids for r in again] == expected[:-1]
+
+
+def test_a_worker_dies_with_the_only_copy_and_the_step_waits_for_restore(cluster, checkpoints, oracle):
+    ref = oracle("qwen3_moe")
+    expected = [ref.greedy(p, 24) for p in PROMPTS] + [ref.greedy(PROMPTS[1], 24)]
+    # No replicas; a memory budget that lets one worker hold every expert once the other is gone.
+    config = EngineConfig(model=checkpoints["qwen3_moe"], workers=2, worker_memory="1MB")
+    with Engine(config) as engine:
+        assert _run_and_kill(engine, victim=0) == expected
+        history = ray.get(engine.controller.history.remote())
+        assert history[-1]["dead_workers"] == [0] and history[-1]["read_slots"] > 0, "lost experts re-read"
+        assert engine.plan.experts_of(1) == [list(range(8))] * len(engine.spec.moe_layers)
