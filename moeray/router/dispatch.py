@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import ray
 import torch
 
+from moeray import telemetry
 from moeray.placement.plan import Plan
 from moeray.router.load import LoadCounter
 from moeray.transport.object_store import pack, unpack
@@ -86,10 +87,15 @@ class ExpertDispatcher:
         self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
     ) -> torch.Tensor:
         started = time.perf_counter()
+        span = telemetry.dispatch_span(layer, self.plan.epoch) if telemetry.STATE.on else None
         try:
             return self._dispatch(layer, x_TH, top_k_index_TK, top_k_weights_TK)
         finally:
-            self.dispatch_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.dispatch_s += elapsed
+            if telemetry.STATE.on:
+                tokens = len(x_TH) if self.token_mask_T is None else int(self.token_mask_T.sum())
+                telemetry.dispatched(span, layer, elapsed, tokens, self.workers_touched)
 
     def _dispatch(self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor,
                   top_k_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -133,6 +139,7 @@ class ExpertDispatcher:
                 pair_weight_N[sel_N].numpy(),
             )
             calls.append((worker, sel_N, tokens_T, ref))
+        self.workers_touched = len(calls)
         # 4. Combine what came back; a dead worker's pairs go round again, on the replicas that remain.
         retry_N = torch.zeros_like(worker_N, dtype=torch.bool)
         for worker, sel_N, tokens_T, ref in calls:
