@@ -48,6 +48,7 @@ class ExpertDispatcher:
         self.token_mask_T: torch.Tensor | None = None
         self.token_ids_T: torch.Tensor | None = None
         self.dispatch_s = 0.0  # wall time in dispatch/combine, expert compute included
+        self.workers_touched = 0  # by the last layer call (telemetry)
 
     def set_plan(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle] | None = None) -> None:
         """Switch to a new epoch's plan (and worker handles, when they changed); call between forwards only."""
