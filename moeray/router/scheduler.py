@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
+from moeray import telemetry
 from moeray.request import GenerationResult, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class Sequence:
     error: BaseException | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     aborted: bool = False
+    span: object = None  # the request's router span (telemetry): step spans link to it
+    arrived_s: float = dataclasses.field(default_factory=time.perf_counter)
+    last_token_s: float = 0.0  # when its latest token came (telemetry: time to first token, inter-token latency)
 
     def __post_init__(self) -> None:
         self.generator = None
@@ -123,6 +127,7 @@ class Scheduler:
         with self._cond:
             self._waiting.append(seq)
             self._cond.notify_all()
+            telemetry.queue_depth(len(self._waiting))
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -149,6 +154,7 @@ class Scheduler:
         with self._cond:
             free = self.max_batch_size - len(self.running)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            telemetry.queue_depth(len(self._waiting))
         admitted = [s for s in admitted if not self._finish_if_aborted(s)]
         # NOTE: a forward only ever replaces cache tensors (torch.cat), never writes into them, so keeping the
         # current ones is enough to roll a failed step back and run it again.
@@ -182,8 +188,9 @@ class Scheduler:
             seq.done.set()
         return seq.aborted
 
-    def _forward(self, ids_BQ, mask_BS, pos_BQ, cache, token_mask_T) -> torch.Tensor:
-        with self.forward_lock, torch.no_grad():
+    def _forward(self, ids_BQ, mask_BS, pos_BQ, cache, token_mask_T, seqs=()) -> torch.Tensor:
+        kind = "decode" if token_mask_T is None else "prefill"
+        with self.forward_lock, torch.no_grad(), telemetry.step_span(kind, seqs):
             self.on_forward(token_mask_T, ids_BQ.reshape(-1))
             started = time.perf_counter()
             try:
@@ -202,7 +209,7 @@ class Scheduler:
         mask_BS = torch.tensor([[0] * p + [1] * (length - p) for p in pads])
         pos_BQ = torch.arange(length).unsqueeze(0) - torch.tensor(pads).unsqueeze(1)
         cache = DynamicCache()
-        logits_BV = self._forward(ids_BQ, mask_BS, pos_BQ, cache, mask_BS.reshape(-1).bool())
+        logits_BV = self._forward(ids_BQ, mask_BS, pos_BQ, cache, mask_BS.reshape(-1).bool(), seqs)
         self._merge(seqs, cache, mask_BS)
         self._emit(seqs, sample_next(logits_BV, seqs))
 
@@ -211,7 +218,7 @@ class Scheduler:
         ids_BQ = torch.tensor([[s.output_ids[-1]] for s in seqs])
         pos_BQ = self._mask_BS.sum(dim=1, keepdim=True)
         self._mask_BS = torch.cat([self._mask_BS, torch.ones(len(seqs), 1, dtype=self._mask_BS.dtype)], dim=1)
-        logits_BV = self._forward(ids_BQ, self._mask_BS, pos_BQ, self._cache, None)
+        logits_BV = self._forward(ids_BQ, self._mask_BS, pos_BQ, self._cache, None, seqs)
         self._emit(seqs, sample_next(logits_BV, seqs))
 
     def _merge(self, seqs: list[Sequence], cache: DynamicCache, mask_BS: torch.Tensor) -> None:
@@ -228,6 +235,7 @@ class Scheduler:
         self.running = self.running + list(seqs)
 
     def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        telemetry.tokens_emitted(seqs)
         for seq, token in zip(seqs, tokens):
             seq.output_ids.append(token)
             if seq.on_token is not None:
