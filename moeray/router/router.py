@@ -16,6 +16,7 @@ import ray
 import torch
 from transformers import GenerationConfig
 
+from moeray import telemetry
 from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.placement.plan import Plan
 from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
@@ -48,8 +49,10 @@ class Router:
         num_threads: int = 1,
         track_tokens: bool = False,
         restore_timeout_s: float = 120.0,
+        telemetry_config: telemetry.TelemetryConfig | None = None,
     ) -> None:
         torch.set_num_threads(num_threads)
+        telemetry.setup(telemetry_config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dispatcher = ExpertDispatcher(plan, workers, track_tokens=track_tokens)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
@@ -96,27 +99,34 @@ class Router:
                 self.scheduler.step()
 
     def new_sequence(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
-                     on_token=None) -> Sequence:
+                     on_token=None, span=None) -> Sequence:
         ids = self.limits.check(prompt_ids, sampling)
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_ids))
         return Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=ids, sampling=sampling,
-                        stop_ids=frozenset(stop), on_token=on_token)
+                        stop_ids=frozenset(stop), on_token=on_token, span=span)
 
-    def generate(self, prompt_ids: list[int], sampling: SamplingParams,
-                 request_id: str | None = None) -> GenerationResult:
-        """Run one request to completion in the shared batch. Bad input raises InvalidRequest before it joins."""
-        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id))
-        seq.done.wait()
-        if seq.error is not None:
-            raise seq.error
+    def generate(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
+                 traceparent: str | None = None) -> GenerationResult:
+        """Run one request to completion in the shared batch. Bad input raises InvalidRequest before it joins.
+        ``traceparent``: the caller's W3C trace context (telemetry), continued by this request's span."""
+        with telemetry.request_span("moeray.router.request", traceparent, request_id) as span:
+            seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id, span=span))
+            seq.done.wait()
+            if seq.error is not None:
+                raise seq.error
         return seq.result()
 
-    def stream(self, prompt_ids: list[int], sampling: SamplingParams,
-               request_id: str | None = None) -> Iterator[StreamChunk]:
+    def stream(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
+               traceparent: str | None = None) -> Iterator[StreamChunk]:
         """Yield new tokens as the shared batch produces them (a Ray streaming generator). If the consumer goes
         away mid-stream the request is aborted, freeing its batch slot."""
+        with telemetry.request_span("moeray.router.request", traceparent, request_id) as span:
+            yield from self._stream(prompt_ids, sampling, request_id, span)
+
+    def _stream(self, prompt_ids, sampling, request_id, span) -> Iterator[StreamChunk]:
         produced: queue.Queue[int] = queue.Queue()
-        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id, on_token=produced.put))
+        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id, on_token=produced.put,
+                                                      span=span))
         try:
             while not (seq.done.is_set() and produced.empty()):
                 try:
@@ -136,7 +146,8 @@ class Router:
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
 
-    def score(self, input_ids_BT: np.ndarray, attention_mask_BT: np.ndarray | None = None) -> np.ndarray:
+    def score(self, input_ids_BT: np.ndarray, attention_mask_BT: np.ndarray | None = None,
+              traceparent: str | None = None) -> np.ndarray:
         """Logits [B, T, V] (float32) for a batch of prompts, as transformers' forward would give them."""
         ids = torch.as_tensor(np.asarray(input_ids_BT), dtype=torch.long)
         if ids.dim() != 2 or ids.numel() == 0:
@@ -150,7 +161,8 @@ class Router:
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
             bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
-        return self.scheduler.score(ids, mask).float().cpu().numpy()
+        with telemetry.request_span("moeray.router.score", traceparent, current=True):
+            return self.scheduler.score(ids, mask).float().cpu().numpy()
 
     def set_plan(self, plan: Plan, workers: list | None = None) -> int:
         """Switch to ``plan`` between forwards (a forward in flight finishes on the old epoch); returns the epoch."""
@@ -185,6 +197,7 @@ class Router:
     def shutdown(self) -> None:
         self._stopped.set()
         self._loop.join(timeout=5)
+        telemetry.shutdown()  # flush: the engine kills this actor next
 
 
 RouterActor = ray.remote(Router)
