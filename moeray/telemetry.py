@@ -63,7 +63,8 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
     ("moeray_workers_alive", "gauge", "1", (), "controller", "expert workers answering a ping"),
     ("moeray_dispatch_latency_seconds", "histogram", "s", ("layer",), "router",
      "one MoE layer's dispatch → expert compute → combine, as the router waits for it"),
-    ("moeray_step_latency_seconds", "histogram", "s", ("kind",), "router", "one engine step (prefill or decode)"),
+    ("moeray_step_latency_seconds", "histogram", "s", ("kind",), "router",
+     "one engine step's forward (prefill or decode)"),
     ("moeray_request_latency_seconds", "histogram", "s", (), "router", "a request from submission to its end"),
     ("moeray_time_to_first_token_seconds", "histogram", "s", (), "router", "submission to the first new token"),
     ("moeray_inter_token_latency_seconds", "histogram", "s", (), "router", "between consecutive new tokens"),
@@ -331,6 +332,9 @@ def request_span(name: str, parent: str | None, request_id: str | None = None, c
                 yield span
         else:
             yield span
+    except GeneratorExit:  # a stream's reader left: the request is aborted, not failed
+        span.set_attribute("moeray.aborted", True)
+        raise
     except BaseException as e:
         span.record_exception(e)
         span.set_status(trace.StatusCode.ERROR, str(e))
