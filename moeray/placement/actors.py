@@ -12,6 +12,7 @@ import threading
 
 import ray
 
+from moeray import telemetry
 from moeray.placement.controller import ControllerConfig, PlacementController
 from moeray.placement.plan import Plan
 from moeray.placement.topology import Budget, Topology
@@ -32,6 +33,18 @@ class RayActorOps:
                 for i, (w, experts, peers) in enumerate(zip(self.workers, experts_per_worker, peers_per_worker))
                 if i not in skip]
         return ray.get(refs, timeout=self.timeout_s)
+
+    def workers_alive(self, timeout_s: float = 1.0) -> int:
+        """How many workers answer a ping within ``timeout_s`` (telemetry's moeray_workers_alive)."""
+        refs = [w.ping.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        alive = 0
+        for ref in ready:
+            try:
+                alive += bool(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass
+        return alive
 
     def switch(self, plan: Plan) -> None:
         ray.get([r.set_plan.remote(plan) for r in self.routers], timeout=self.timeout_s)
@@ -56,7 +69,8 @@ def topology_of(workers: list, slots_per_worker: int) -> Topology:
 
 class ControllerActor:
     def __init__(self, *, config: ControllerConfig, plan: Plan, topology: Topology, budget: Budget,
-                 workers: list, routers: list) -> None:
+                 workers: list, routers: list, telemetry_config: telemetry.TelemetryConfig | None = None) -> None:
+        telemetry.setup(telemetry_config)
         self.controller = PlacementController(config=config, plan=plan, topology=topology, budget=budget,
                                               ops=RayActorOps(workers, routers))
         self._stopped = threading.Event()
@@ -67,6 +81,8 @@ class ControllerActor:
         while not self._stopped.wait(self.controller.config.poll_interval_s):
             try:
                 self.controller.poll()
+                if telemetry.STATE.metrics:
+                    self.controller.telemetry.workers_alive(self.controller.ops.workers_alive())
             except Exception:  # a failed poll or automatic rebalance must not stop the loop
                 log.exception("placement poll failed")
 
@@ -109,3 +125,4 @@ class ControllerActor:
     def shutdown(self) -> None:
         self._stopped.set()
         self._loop.join(timeout=5)
+        telemetry.shutdown()  # flush: the engine kills this actor next
