@@ -17,6 +17,7 @@ import ray
 import torch
 
 from moeray.experts.worker import ExpertWorker
+from moeray.telemetry import TelemetryConfig
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.placement.actors import ControllerActor, topology_of
 from moeray.placement.controller import ControllerConfig
@@ -49,6 +50,7 @@ class EngineConfig:
     worker_memory: str | int | None = None  # per-worker budget for expert slots, e.g. '20GiB' (None: just enough)
     track_tokens: bool = False  # count which token ids each expert receives (moeray placement inspect)
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)  # off unless it names an exporter
 
     def __post_init__(self) -> None:
         for name in ("workers", "routers", "max_batch_size", "max_new_tokens_cap", "threads_per_actor"):
@@ -118,6 +120,7 @@ class Engine:
                 worker_index=w, checkpoint_path=path, spec=self.spec, sources=self.checkpoint.index.experts,
                 experts_per_layer=self.initial_plan.experts_of(w), dtype=config.torch_dtype,
                 num_threads=config.threads_per_actor,
+                telemetry_config=config.telemetry.for_process("worker", w, routers=config.routers),
             ))
         try:
             ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
@@ -126,17 +129,19 @@ class Engine:
                                f"start_timeout_s={config.start_timeout_s}s; the cluster has "
                                f"{ray.cluster_resources()}") from None
         router_cls = ray.remote(Router)
-        for _ in range(config.routers):
+        for r in range(config.routers):
             self.routers.append(router_cls.options(num_cpus=config.router_num_cpus, max_concurrency=1000).remote(
                 checkpoint_path=path, dtype=config.torch_dtype, plan=self.initial_plan, workers=self.workers,
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
                 num_threads=config.threads_per_actor, track_tokens=config.track_tokens,
+                telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
             ))
         ray.get([r.ping.remote() for r in self.routers])
         # NOTE: the controller is the only writer of the plan from here on.
         self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8).remote(
             config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
-            budget=self.budget, workers=self.workers, routers=self.routers)
+            budget=self.budget, workers=self.workers, routers=self.routers,
+            telemetry_config=config.telemetry.for_process("controller"))
         ray.get(self.controller.ping.remote())
         ray.get([r.set_controller.remote(self.controller) for r in self.routers])  # for restores after a loss
         log.info("moeray engine ready: %d routers, %d workers", len(self.routers), len(self.workers))
