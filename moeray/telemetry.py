@@ -134,6 +134,42 @@ class TelemetryConfig:
         return dataclasses.replace(self, role=role, index=index, prometheus_port=port)
 
 
+def add_cli_flags(parser) -> None:
+    """``moeray serve``'s telemetry flags."""
+    group = parser.add_argument_group("telemetry (see README: Telemetry)")
+    group.add_argument("--otlp-endpoint", help="send traces and metrics over OTLP/gRPC to this collector, e.g. "
+                       "http://127.0.0.1:4317 (https:// for TLS)")
+    group.add_argument("--otlp-header", action="append", default=[], metavar="KEY=VALUE",
+                       help="a header for the collector (e.g. authorization=Bearer ...); repeatable")
+    group.add_argument("--prometheus-port", type=int, help="serve /metrics from each process: the ingress on this "
+                       "port, the controller on +1, routers and workers after")
+    group.add_argument("--prometheus-host", default="127.0.0.1", help="address the /metrics endpoints bind")
+    group.add_argument("--trace-sample-ratio", type=float, default=1.0, help="fraction of new traces recorded")
+
+
+def config_from_args(args) -> TelemetryConfig:
+    headers = {}
+    for item in args.otlp_header:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--otlp-header {item!r} must be KEY=VALUE")
+        headers[key.strip().lower()] = value.strip()
+    return TelemetryConfig(otlp_endpoint=args.otlp_endpoint, otlp_headers=headers,
+                           prometheus_port=args.prometheus_port, prometheus_host=args.prometheus_host,
+                           trace_sample_ratio=args.trace_sample_ratio)
+
+
+def prometheus_targets(config: TelemetryConfig, *, routers: int, workers: int) -> list[str]:
+    """host:port of every process's /metrics on one node (ingress, controller, routers, workers), for a scrape
+    config; empty when Prometheus is off."""
+    if config.prometheus_port is None:
+        return []
+    roles = [("ingress", 0), ("controller", 0)] + [("router", r) for r in range(routers)] + \
+        [("worker", w) for w in range(workers)]
+    return [f"{config.prometheus_host}:{config.for_process(role, i, routers=routers).prometheus_port}"
+            for role, i in roles]
+
+
 class Instruments:
     """The instruments of ``METRICS``, by name without the ``moeray_`` prefix (no-op ones until configured)."""
 
