@@ -140,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from moeray.engine import Engine, EngineConfig
     from moeray.serving.app import start_serving
 
+    from moeray import telemetry
     from moeray.placement.controller import ControllerConfig
 
     try:
@@ -150,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = EngineConfig(model=_model_dir(args.model), workers=args.workers, replicas=args.replicas,
                               routers=args.routers, dtype=args.dtype, placement=args.placement,
                               max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
-                              track_tokens=args.track_tokens, controller=controller)
+                              track_tokens=args.track_tokens, controller=controller,
+                              telemetry=telemetry.config_from_args(args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -167,6 +169,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued)
             print(f"moeray: serving model {name!r} over gRPC on {args.host}:{args.port} "
                   f"({len(engine.routers)} routers, {len(engine.workers)} expert workers); Ctrl-C stops", flush=True)
+            targets = telemetry.prometheus_targets(config.telemetry, routers=config.routers, workers=config.workers)
+            if targets:
+                print(f"moeray: Prometheus metrics at {', '.join(targets)} (/metrics)", flush=True)
             stop.wait()
         finally:
             serve.shutdown()
@@ -294,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--rebalance-interval", type=float, dest="rebalance_interval_s", help="also every N seconds")
     ctl.add_argument("--window-steps", type=int, help="load window, in steps (default 64)")
     ctl.add_argument("--track-tokens", action="store_true", help="count token ids per expert (placement inspect)")
+    from moeray.telemetry import add_cli_flags
+
+    add_cli_flags(srv)
     srv.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, experts, total vs active params")
