@@ -35,6 +35,9 @@ class ExpertsUnavailable(RuntimeError):
         super().__init__(f"MoE layer {layer}: experts {experts} have no live replica (dead workers {dead_workers})")
         self.layer, self.experts, self.dead_workers = layer, experts, dead_workers
 
+    def __reduce__(self):  # so that it crosses Ray's process boundaries intact
+        return type(self), (self.layer, self.experts, self.dead_workers)
+
 
 class ExpertDispatcher:
     def __init__(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle], track_tokens: bool = False) -> None:

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from moeray.request import InvalidRequest, RequestLimits
+from moeray.router.dispatch import ExpertsUnavailable
 
 # NOTE: the generated stubs are imported inside the ingress only (see _stubs). A process that starts the app may
 # also hold tritonclient, whose own copy of the KServe messages would clash with ours in protobuf's default pool.
@@ -112,6 +113,8 @@ class Ingress:
                     response.usage.prompt_tokens = len(ids)
                     response.usage.completion_tokens = produced
                 yield response
+        except ExpertsUnavailable as e:  # experts lost with their last replica, and not restored in time
+            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             if not finished:  # the client left (cancel, deadline): stop its generation and free its batch slot
                 router.abort.remote(request_id)
@@ -255,7 +258,10 @@ class Ingress:
                 raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
         except InvalidRequest as e:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        logits = await self._router().score.remote(ids, mask)
+        try:
+            logits = await self._router().score.remote(ids, mask)
+        except ExpertsUnavailable as e:
+            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
         return codec.kserve_logits_response(request, self.model_name, np.asarray(logits))
 
     def _check_model(self, name: str, ctx: RayServegRPCContext) -> None:

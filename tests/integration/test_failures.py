@@ -58,3 +58,16 @@ def test_a_worker_dies_with_the_only_copy_and_the_step_waits_for_restore(cluster
         history = ray.get(engine.controller.history.remote())
         assert history[-1]["dead_workers"] == [0] and history[-1]["read_slots"] > 0, "lost experts re-read"
         assert engine.plan.experts_of(1) == [list(range(8))] * len(engine.spec.moe_layers)
+
+
+def test_experts_that_cannot_be_restored_fail_their_requests_clearly(cluster, checkpoints):
+    """No replica and no room on the survivor: the request fails naming the lost experts (the gRPC endpoint
+    answers UNAVAILABLE with this message), and the engine still answers what it can."""
+    from moeray.router.dispatch import ExpertsUnavailable
+
+    with Engine(EngineConfig(model=checkpoints["mixtral"], workers=2)) as engine:
+        lost = engine.plan.experts_of(0)[0]
+        ray.kill(engine.workers[0])
+        with pytest.raises(ExpertsUnavailable, match=rf"experts \[.*\] have no live replica \(dead workers \[0\]\)"):
+            engine.generate([PROMPTS[1]], SAMPLING)
+        assert lost, "worker 0 held experts"
