@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from moeray.experts.worker import ExpertWorker
+from moeray.experts.worker import WorkerSpawner
 from moeray.telemetry import TelemetryConfig
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.placement.actors import ControllerActor, topology_of
@@ -114,14 +114,11 @@ class Engine:
         config, path = self.config, self.checkpoint.checkpoint.path
         options = self._worker_options()
         log.info("starting %d expert workers (%s) for %s", config.workers, options, path)
-        worker_cls = ray.remote(ExpertWorker)
-        for w in range(config.workers):
-            self.workers.append(worker_cls.options(**options, max_concurrency=4).remote(
-                worker_index=w, checkpoint_path=path, spec=self.spec, sources=self.checkpoint.index.experts,
-                experts_per_layer=self.initial_plan.experts_of(w), dtype=config.torch_dtype,
-                num_threads=config.threads_per_actor,
-                telemetry_config=config.telemetry.for_process("worker", w, routers=config.routers),
-            ))
+        spawn = WorkerSpawner(options=options, checkpoint_path=path, spec=self.spec,
+                              sources=self.checkpoint.index.experts, dtype=config.torch_dtype,
+                              num_threads=config.threads_per_actor, telemetry_config=config.telemetry,
+                              routers=config.routers)
+        self.workers.extend(spawn(w, self.initial_plan.experts_of(w)) for w in range(config.workers))
         try:
             ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
         except ray.exceptions.GetTimeoutError:
@@ -140,7 +137,7 @@ class Engine:
         # NOTE: the controller is the only writer of the plan from here on.
         self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8).remote(
             config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
-            budget=self.budget, workers=self.workers, routers=self.routers,
+            budget=self.budget, workers=self.workers, routers=self.routers, spawn=spawn,
             telemetry_config=config.telemetry.for_process("controller"))
         ray.get(self.controller.ping.remote())
         ray.get([r.set_controller.remote(self.controller) for r in self.routers])  # for restores after a loss
@@ -198,10 +195,11 @@ class Engine:
             "expert_bytes_total": spec.expert_params * itemsize,
             "router_resident_bytes": ray.get([r.resident_bytes.remote() for r in self.routers]),
             "router_expert_bytes": ray.get([r.expert_bytes_held.remote() for r in self.routers]),
-            "worker_resident_bytes": ray.get([w.resident_bytes.remote() for w in self.workers]),
+            "worker_resident_bytes": [w["resident_bytes"] for w in self.workers_info()],
         }
 
     def workers_info(self) -> list[dict]:
+        self.workers = ray.get(self.controller.workers.remote())  # the controller's list: it may have scaled
         return ray.get([w.info.remote() for w in self.workers])
 
     def take_load(self) -> tuple[np.ndarray, np.ndarray]:
@@ -214,6 +212,13 @@ class Engine:
         """The plan in force (the controller's)."""
         return ray.get(self.controller.plan.remote())
 
+    def scale(self, workers: int) -> dict:
+        """Grow or shrink the expert workers to ``workers`` while requests flow: new workers get slots (weights from
+        peers), leaving ones are drained (their experts placed elsewhere first) and stopped."""
+        record = ray.get(self.controller.scale.remote(workers))
+        self.workers = ray.get(self.controller.workers.remote())
+        return record
+
     def rebalance(self, *, dry_run: bool = False, policy: str | None = None, params: dict | None = None) -> dict:
         """Rebalance now from the load window; returns the moves and the expected imbalance before and after."""
         return ray.get(self.controller.rebalance.remote(dry_run=dry_run, policy=policy, params=params))
@@ -224,6 +229,10 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------------------
     def shutdown(self) -> None:
         if self.controller is not None:
+            try:
+                self.workers = ray.get(self.controller.workers.remote(), timeout=10)  # it may have scaled
+            except Exception:
+                pass
             try:
                 ray.get(self.controller.shutdown.remote(), timeout=10)
             except Exception:  # already gone; killed next either way

@@ -14,6 +14,7 @@ Shape legend: T tokens sent to this worker, H hidden, N (token, slot) pairs, S l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -172,9 +173,12 @@ class ExpertWorker:
         return {"worker": self.worker_index, "epoch": epoch, "kept_slots": len(wanted & set(resident)),
                 "fetched_slots": from_peers, "read_slots": read, "loaded_bytes": loaded_bytes}
 
-    def commit(self, epoch: int) -> None:
-        """Phase 3: ``epoch`` is the plan every router uses now; drop the slots of every other epoch."""
+    def commit(self, epoch: int, worker_index: int | None = None) -> None:
+        """Phase 3: ``epoch`` is the plan every router uses now; drop the slots of every other epoch. A plan that
+        changed the worker list may renumber this worker."""
         with self._lock:
+            if worker_index is not None:
+                self.worker_index = worker_index
             if epoch not in self._epochs:
                 raise StaleEpoch(f"worker {self.worker_index} cannot commit epoch {epoch}; it holds "
                                  f"{sorted(self._epochs)}")
@@ -224,3 +228,25 @@ class ExpertWorker:
 
     def ping(self) -> bool:
         return True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerSpawner:
+    """Starts expert workers the same way for the engine's first ones and for the controller's later ones."""
+
+    options: dict  # Ray actor options: a GPU each, or a CPU share
+    checkpoint_path: str
+    spec: ModelSpec
+    sources: tuple[ExpertSource, ...]
+    dtype: torch.dtype
+    num_threads: int = 1
+    telemetry_config: telemetry.TelemetryConfig | None = None
+    routers: int = 1
+
+    def __call__(self, index: int, experts_per_layer: list[list[int]] | None = None, epoch: int = 0):
+        config = None if self.telemetry_config is None else \
+            self.telemetry_config.for_process("worker", index, routers=self.routers)
+        return ray.remote(ExpertWorker).options(**self.options, max_concurrency=4).remote(
+            worker_index=index, checkpoint_path=self.checkpoint_path, spec=self.spec, sources=self.sources,
+            experts_per_layer=experts_per_layer or [[] for _ in self.spec.moe_layers], dtype=self.dtype,
+            num_threads=self.num_threads, epoch=epoch, telemetry_config=config)

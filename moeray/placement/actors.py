@@ -21,8 +21,28 @@ log = logging.getLogger(__name__)
 
 
 class RayActorOps:
-    def __init__(self, workers: list, routers: list, timeout_s: float = 600.0) -> None:
-        self.workers, self.routers, self.timeout_s = list(workers), list(routers), timeout_s
+    """``workers`` are the current plan's; ``next_workers`` the next plan's (the same list unless ``reshape``
+    staged another): prepare, switch and commit address the next ones, peers are named in the current numbering."""
+
+    def __init__(self, workers: list, routers: list, spawn=None, timeout_s: float = 600.0) -> None:
+        self.workers, self.routers, self.spawn, self.timeout_s = list(workers), list(routers), spawn, timeout_s
+        self.next_workers = self.workers
+
+    def reshape(self, keep: list[int], add: int, epoch: int) -> list[str]:
+        """Stage the next plan's workers: the current ones in ``keep``, in that order, then ``add`` new empty
+        workers (waiting for their devices: an autoscaler may add nodes). Returns the staged workers' node ids."""
+        if add and self.spawn is None:
+            raise RuntimeError("this controller cannot start workers (no spawner)")
+        new = [self.spawn(len(keep) + i, epoch=epoch) for i in range(add)]
+        try:
+            ray.get([w.ping.remote() for w in new], timeout=self.timeout_s)
+        except Exception:
+            for w in new:
+                ray.kill(w)
+            raise
+        self.next_workers = [self.workers[i] for i in keep] + new
+        return [info["node_id"] for info in ray.get([w.info.remote() for w in self.next_workers],
+                                                    timeout=self.timeout_s)]
 
     def take_loads(self) -> list[dict]:
         return ray.get([r.take_load.remote() for r in self.routers], timeout=self.timeout_s)
@@ -30,7 +50,7 @@ class RayActorOps:
     def prepare(self, epoch: int, experts_per_worker: list[list[list[int]]],
                 peers_per_worker: list[dict[int, list[tuple[int, int]]]], skip: frozenset[int]) -> list[dict]:
         refs = [w.prepare.remote(epoch, experts, [(self.workers[p], pairs) for p, pairs in peers.items()])
-                for i, (w, experts, peers) in enumerate(zip(self.workers, experts_per_worker, peers_per_worker))
+                for i, (w, experts, peers) in enumerate(zip(self.next_workers, experts_per_worker, peers_per_worker))
                 if i not in skip]
         return ray.get(refs, timeout=self.timeout_s)
 
@@ -47,17 +67,28 @@ class RayActorOps:
         return alive
 
     def switch(self, plan: Plan) -> None:
-        ray.get([r.set_plan.remote(plan) for r in self.routers], timeout=self.timeout_s)
+        workers = None if self.next_workers is self.workers else self.next_workers
+        ray.get([r.set_plan.remote(plan, workers) for r in self.routers], timeout=self.timeout_s)
 
     def commit(self, epoch: int, skip: frozenset[int]) -> None:
-        ray.get([w.commit.remote(epoch) for i, w in enumerate(self.workers) if i not in skip], timeout=self.timeout_s)
+        ray.get([w.commit.remote(epoch, i) for i, w in enumerate(self.next_workers) if i not in skip],
+                timeout=self.timeout_s)
+        # Workers the new plan does not use (drained, or dead) are stopped.
+        for w in self.workers:
+            if not any(w is n for n in self.next_workers):
+                ray.kill(w)
+        self.workers = self.next_workers
 
     def abort(self, epoch: int, skip: frozenset[int]) -> None:
-        for ref in [w.abort.remote(epoch) for i, w in enumerate(self.workers) if i not in skip]:
+        for i, ref in [(i, w.abort.remote(epoch)) for i, w in enumerate(self.next_workers) if i not in skip]:
             try:
                 ray.get(ref, timeout=self.timeout_s)
             except Exception:  # a worker that failed its prepare may be gone; the others still drop theirs
-                log.exception("abort of epoch %d failed on a worker", epoch)
+                log.exception("abort of epoch %d failed on worker %d", epoch, i)
+        for w in self.next_workers:  # workers started for the aborted plan are stopped
+            if not any(w is c for c in self.workers):
+                ray.kill(w)
+        self.next_workers = self.workers
 
 
 def topology_of(workers: list, slots_per_worker: int) -> Topology:
@@ -69,10 +100,11 @@ def topology_of(workers: list, slots_per_worker: int) -> Topology:
 
 class ControllerActor:
     def __init__(self, *, config: ControllerConfig, plan: Plan, topology: Topology, budget: Budget,
-                 workers: list, routers: list, telemetry_config: telemetry.TelemetryConfig | None = None) -> None:
+                 workers: list, routers: list, spawn=None,
+                 telemetry_config: telemetry.TelemetryConfig | None = None) -> None:
         telemetry.setup(telemetry_config)
         self.controller = PlacementController(config=config, plan=plan, topology=topology, budget=budget,
-                                              ops=RayActorOps(workers, routers))
+                                              ops=RayActorOps(workers, routers, spawn))
         self._stopped = threading.Event()
         self._loop = threading.Thread(target=self._run, name="moeray-placement-loop", daemon=True)
         self._loop.start()
@@ -115,6 +147,12 @@ class ControllerActor:
 
     def restore(self, dead: list[int]) -> dict:
         return self.controller.restore(dead)
+
+    def scale(self, workers: int) -> dict:
+        return self.controller.scale(workers)
+
+    def workers(self) -> list:
+        return list(self.controller.ops.workers)
 
     def history(self) -> list[dict]:
         return list(self.controller.history)

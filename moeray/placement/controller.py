@@ -51,6 +51,11 @@ class ControllerConfig:
     weight_source: str = "peer"  # 'peer': fetch a slot from a worker holding it; 'checkpoint': always re-read
     max_moved_slots: int | None = None  # per rebalance, for policies that honour a budget (migration_aware)
     max_moved_bytes: int | None = None
+    min_workers: int = 1  # bounds for ScaleWorkers and the autoscaler
+    max_workers: int | None = None
+    scale_out_queue: float | None = None  # autoscaler: add a worker when requests waiting in routers stay above
+    scale_in_utilisation: float | None = None  # ... remove one when running / batch capacity stays below this
+    autoscale_polls: int = 5  # ... for this many consecutive polls (hysteresis)
 
     def __post_init__(self) -> None:
         if self.window_steps < 1 or self.consecutive_windows < 1:
@@ -63,6 +68,10 @@ class ControllerConfig:
                              f"got {self.imbalance_threshold}")
         if self.rebalance_interval_s is not None and self.rebalance_interval_s <= 0:
             raise ValueError(f"rebalance_interval_s must be > 0 or None; got {self.rebalance_interval_s}")
+        if self.min_workers < 1 or (self.max_workers is not None and self.max_workers < self.min_workers):
+            raise ValueError(f"worker bounds [{self.min_workers}, {self.max_workers}] need 1 <= min <= max")
+        if self.autoscale_polls < 1:
+            raise ValueError(f"autoscale_polls must be >= 1; got {self.autoscale_polls}")
         if self.weight_source not in ("peer", "checkpoint"):
             raise ValueError(f"weight_source {self.weight_source!r} is not one of ('peer', 'checkpoint')")
         resolve_policy(self.policy)  # fail now, naming the policy, rather than at the first rebalance
@@ -118,6 +127,8 @@ class PlacementController:
         self._last_rebalance = clock()
         self.history: list[dict] = []  # one record per applied rebalance
         self.dead_workers: frozenset[int] = frozenset()
+        self.queue = {"waiting": 0, "running": 0, "capacity": 0}  # requests in the routers at the last pull
+        self._busy_polls = self._idle_polls = 0
         self.total_steps = 0
         self.telemetry = telemetry.ControllerMetrics(self)
 
@@ -128,12 +139,32 @@ class PlacementController:
         self.pull()
         with self._lock:
             trigger = self._check_triggers()
+            target = self._check_autoscale()
+        if target is not None:
+            return self.scale(target, reason="autoscale")
         return self.rebalance(reason=trigger) if trigger else None
+
+    def _check_autoscale(self) -> int | None:
+        """One more worker after ``autoscale_polls`` polls with a queue, one fewer after as many nearly idle."""
+        c, queue = self.config, self.queue
+        live = self.plan.num_workers - len(self.dead_workers)
+        busy = c.scale_out_queue is not None and queue["waiting"] > c.scale_out_queue and (
+            c.max_workers is None or live < c.max_workers)
+        idle = c.scale_in_utilisation is not None and queue["waiting"] == 0 and live > c.min_workers and \
+            queue["running"] < c.scale_in_utilisation * max(1, queue["capacity"])
+        self._busy_polls = self._busy_polls + 1 if busy else 0
+        self._idle_polls = self._idle_polls + 1 if idle else 0
+        if self._busy_polls >= c.autoscale_polls or self._idle_polls >= c.autoscale_polls:
+            target = live + (1 if busy else -1)
+            self._busy_polls = self._idle_polls = 0
+            return target
+        return None
 
     def pull(self) -> None:
         """Pull the routers' step records into the window (no decisions)."""
         reports = self.ops.take_loads()
         with self._lock:
+            self.queue = {key: sum(r.get(key, 0) for r in reports) for key in ("waiting", "running", "capacity")}
             for report in reports:
                 for expert_LE, worker_LW in report["steps"]:
                     self._add_step(np.asarray(expert_LE), np.asarray(worker_LW))
@@ -232,10 +263,13 @@ class PlacementController:
             self.telemetry.rebalanced(record, started_ns)
             return record
 
-    def _switch(self, new: Plan) -> list[dict]:
+    def _switch(self, new: Plan, old_index: list[int | None] | None = None, dead: frozenset[int] | None = None
+                ) -> list[dict]:
+        """``old_index[w]``: the current number of the new plan's worker w (None: a new worker); default: same."""
+        old_index = list(range(new.num_workers)) if old_index is None else old_index
         experts = [new.experts_of(w) for w in range(new.num_workers)]
-        peers = [self._peers_for(w, new) for w in range(new.num_workers)]
-        dead = self.dead_workers
+        peers = [self._peers_for(old_index[w], new.experts_of(w)) for w in range(new.num_workers)]
+        dead = self.dead_workers if dead is None else dead
         try:
             stats = self.ops.prepare(new.epoch, experts, peers, dead)  # 1. prepare
         except Exception:
@@ -271,36 +305,79 @@ class PlacementController:
 
     def _plan_without(self, dead: frozenset[int]) -> Plan:
         live = [w for w in range(self.topology.num_workers) if w not in dead]
+        plan = self._fit_plan(Topology(worker_node=tuple(self.topology.worker_node[w] for w in live),
+                                       slots_per_worker=self.topology.slots_per_worker), "restore")
+        # Back to the original worker numbering; the dead keep no slots.
+        replicas = [[[live[w] for w in ws] for ws in layer] for layer in plan.replica_workers()]
+        return Plan.from_replicas(replicas, epoch=self.plan.epoch + 1, num_workers=self.topology.num_workers)
+
+    def _fit_plan(self, topology: Topology, what: str) -> Plan:
+        """A fresh plan on ``topology`` from the window's load, with as much of the redundancy budget as fits."""
         E = self.plan.num_experts
-        if not live or E > len(live) * self.topology.slots_per_worker:
-            raise RuntimeError(f"cannot restore: {E} experts need {E} slots per layer and the {len(live)} live "
-                               f"workers hold {len(live) * self.topology.slots_per_worker}")
-        topology = Topology(worker_node=tuple(self.topology.worker_node[w] for w in live),
-                            slots_per_worker=self.topology.slots_per_worker)
-        redundant = min(self.budget.redundant, topology.capacity - E, E * (len(live) - 1))
+        if E > topology.capacity:
+            raise RuntimeError(f"cannot {what}: {E} experts need {E} slots per layer and the {topology.num_workers} "
+                               f"live workers hold {topology.capacity}")
+        redundant = min(self.budget.redundant, topology.capacity - E, E * (topology.num_workers - 1))
         budget = dataclasses.replace(self.budget, redundant=redundant)
         load_LE = torch.as_tensor(self.window_load()[0], dtype=torch.float64) + 1  # +1: no load seen yet is fine
         try:
             plan = self._policy(load_LE, topology, None, budget)
         except ValueError:  # a policy that cannot place this (e.g. greedy with redundant slots)
             plan = resolve_policy("replicated")(load_LE, topology, None, budget)
-        # Back to the original worker numbering; the dead keep no slots.
-        replicas = [[[live[w] for w in ws] for ws in layer] for layer in plan.replica_workers()]
-        return Plan.from_replicas(replicas, epoch=self.plan.epoch + 1, num_workers=self.topology.num_workers)
+        return Plan.from_replicas(plan.replica_workers(), epoch=self.plan.epoch + 1, num_workers=topology.num_workers)
 
-    def _peers_for(self, worker: int, new: Plan) -> dict[int, list[tuple[int, int]]]:
-        """For each slot ``worker`` must load, a current holder to fetch it from (same node first)."""
+    # -- elasticity --------------------------------------------------------------------------------------
+    def scale(self, workers: int, reason: str = "manual") -> dict:
+        """Change the number of live workers to ``workers``: new ones start empty and load their slots from peers;
+        leaving ones (the highest numbers, and any dead) are drained: the new plan places their experts elsewhere
+        before they stop. Requests flow throughout."""
+        c = self.config
+        if workers < c.min_workers or (c.max_workers is not None and workers > c.max_workers):
+            raise ValueError(f"workers must lie in [{c.min_workers}, {c.max_workers or 'unbounded'}]; got {workers}")
+        with self._switching:
+            live = [w for w in range(self.plan.num_workers) if w not in self.dead_workers]
+            if workers == len(live) and not self.dead_workers:
+                return {"applied": False, "workers": workers, "epoch": self.plan.epoch, "reason": reason}
+            E = self.plan.num_experts
+            if E > workers * self.topology.slots_per_worker:
+                raise ValueError(f"{workers} workers x {self.topology.slots_per_worker} slots cannot hold the {E} "
+                                 f"experts of a layer; at least {-(-E // self.topology.slots_per_worker)} are needed")
+            keep = live[:workers]
+            node_ids = self.ops.reshape(keep, workers - len(keep), self.plan.epoch)
+            index = {n: i for i, n in enumerate(dict.fromkeys(node_ids))}
+            topology = Topology(worker_node=tuple(index[n] for n in node_ids),
+                                slots_per_worker=self.topology.slots_per_worker)
+            current, new = self.plan, self._fit_plan(topology, "scale")
+            stats = self._switch(new, old_index=keep + [None] * (workers - len(keep)), dead=frozenset())
+            record = {"reason": reason, "scale": f"{len(live)} -> {workers} workers", "from_epoch": current.epoch,
+                      "epoch": new.epoch, "applied": True, "workers": workers,
+                      "fetched_slots": sum(s.get("fetched_slots", 0) for s in stats),
+                      "read_slots": sum(s.get("read_slots", 0) for s in stats),
+                      "redundant": new.num_slots - new.num_experts}
+            self.topology, self.dead_workers = topology, frozenset()
+            with self._lock:
+                L, W = new.num_layers, new.num_workers
+                self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=c.window_steps)
+                self._since_take = (self._since_take[0], np.zeros((L, W), np.int64))
+                self._hot_windows = self._steps_since_check = 0
+            self.history.append(record)
+            log.info("placement epoch %d -> %d: %s (%s)", current.epoch, new.epoch, record["scale"], reason)
+            return record
+
+    def _peers_for(self, worker: int | None, experts_per_layer: list[list[int]]) -> dict[int, list[tuple[int, int]]]:
+        """For each slot a worker (current number, None if new) must load, a current holder to fetch it from
+        (same node first)."""
         if self.config.weight_source != "peer":
             return {}
         node = self.topology.worker_node
         holders = self.plan.replica_workers()
         out: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
-        for layer in range(new.num_layers):
-            for expert in new.experts_of(worker)[layer]:
+        for layer, experts in enumerate(experts_per_layer):
+            for expert in experts:
                 sources = [p for p in holders[layer][expert] if p not in self.dead_workers]
                 if worker in sources or not sources:
                     continue
-                peer = min(sources, key=lambda p: (node[p] != node[worker], p))
+                peer = min(sources, key=lambda p: (worker is None or node[p] != node[worker], p))
                 out[peer].append((layer, expert))
         return dict(out)
 

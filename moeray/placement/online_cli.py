@@ -3,10 +3,11 @@
     moeray placement show     --target HOST:PORT [--json]
     moeray placement rebalance --target HOST:PORT [--dry-run] [--policy NAME] [--params JSON] [--json]
     moeray placement policy   --target HOST:PORT NAME [--params JSON]
+    moeray placement scale    --target HOST:PORT --workers N
     moeray placement record   --target HOST:PORT --windows N [--interval S] --out FILE
     moeray placement inspect  --target HOST:PORT [--top 10] [--layer L] [--json]
 
-Mutations (rebalance, policy) send ``authorization: Bearer <token>`` with the token from ``--token-file`` or
+Mutations (rebalance, policy, scale) send ``authorization: Bearer <token>`` with the token from ``--token-file`` or
 ``$MOERAY_ADMIN_TOKEN`` (never from a flag's value, which would show in the process list).
 """
 
@@ -41,6 +42,8 @@ def add_online_commands(placement_sub: argparse._SubParsersAction) -> None:
     pol = command("policy", "choose the policy later rebalances use", cmd_policy, True)
     pol.add_argument("name", help="a built-in name or an import path package.module:function")
     pol.add_argument("--params", default="", help="its parameters as a JSON object")
+    sc = command("scale", "add or remove expert workers while requests flow", cmd_scale, True)
+    sc.add_argument("--workers", type=int, required=True)
     rec = command("record", "write a load trace (JSON Lines) from a live server", cmd_record)
     rec.add_argument("--windows", type=int, required=True, help="windows to record, then stop")
     rec.add_argument("--interval", type=float, default=1.0, help="seconds per window")
@@ -138,6 +141,18 @@ def cmd_policy(args) -> int:
             r = stub.SetPolicy(pb.SetPolicyRequest(policy=args.name, params_json=args.params),
                                metadata=_admin_metadata(args), timeout=args.timeout)
         print(f"policy {r.policy}")
+        return 0
+
+    return _call(run)
+
+
+def cmd_scale(args) -> int:
+    def run() -> int:
+        channel, stub, pb = _stub(args)
+        with channel:
+            r = stub.ScaleWorkers(pb.ScaleWorkersRequest(workers=args.workers), metadata=_admin_metadata(args),
+                                  timeout=args.timeout)
+        print(f"{r.workers} workers, epoch {r.epoch}" + ("" if r.applied else " (unchanged)"))
         return 0
 
     return _call(run)

@@ -55,6 +55,8 @@ class ExpertDispatcher:
 
     def set_plan(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle] | None = None) -> None:
         """Switch to a new epoch's plan (and worker handles, when they changed); call between forwards only."""
+        if workers is not None:  # a new worker list (the controller scaled): earlier deaths no longer apply
+            self.dead_workers = set()
         workers = self.workers if workers is None else list(workers)
         if len(workers) != plan.num_workers:
             raise ValueError(f"the plan places experts on {plan.num_workers} workers; {len(workers)} were given")

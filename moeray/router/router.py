@@ -174,8 +174,11 @@ class Router:
         return self.dispatcher.plan.epoch
 
     def take_load(self) -> dict:
-        """Step load records since the last call (the placement controller pulls them); see LoadCounter.take."""
-        return self.dispatcher.load.take()
+        """Step load records since the last call (the placement controller pulls them; see LoadCounter.take), and
+        the requests waiting and running now against the batch capacity (for the autoscaler)."""
+        s = self.scheduler
+        return {**self.dispatcher.load.take(), "waiting": s.num_waiting, "running": len(s.running),
+                "capacity": s.max_batch_size}
 
     def resident_bytes(self) -> int:
         return resident_bytes(self.model)

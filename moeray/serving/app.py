@@ -74,7 +74,6 @@ class Ingress:
         codec, generate_pb2, placement_pb2, kserve_pb2, health_pb2 = _stubs()
         self.model_name = model_name
         self.routers = engine_state["routers"]
-        self.workers = engine_state["workers"]
         self.controller = engine_state["controller"]
         self.spec = engine_state["spec"]
         self.limits: RequestLimits = engine_state["limits"]
@@ -144,14 +143,18 @@ class Ingress:
     # -- moeray.v1.PlacementService ----------------------------------------------------------------------
     async def GetPlacement(self, request) -> placement_pb2.GetPlacementResponse:
         state = await self.controller.describe.remote()
-        info = await asyncio.gather(*[w.info.remote() for w in self.workers])
+        workers = await self.controller.workers.remote()  # the controller's list: it may have scaled
+        info = await asyncio.gather(*[w.info.remote() for w in workers], return_exceptions=True)
         plan, topology = state["plan"], state["topology"]
         response = placement_pb2.GetPlacementResponse(
             epoch=plan["epoch"], policy=state["policy"], slots_per_worker=topology["slots_per_worker"],
             redundant_slots=state["redundant"], rebalances=state["rebalances"])
         for phy2log, slot_worker in zip(plan["phy2log"], plan["slot_worker"]):
             response.layers.add(phy2log=phy2log, slot_worker=slot_worker)
-        for w, node in zip(info, topology["worker_node"]):
+        for i, (w, node) in enumerate(zip(info, topology["worker_node"])):
+            if isinstance(w, Exception):  # a dead worker: the controller has placed its experts elsewhere
+                response.workers.add(index=i, device="dead", node=node)
+                continue
             response.workers.add(index=w["worker"], node_id=w["node_id"], device=w["device"],
                                  resident_bytes=w["resident_bytes"], node=node)
         return response
@@ -218,9 +221,14 @@ class Ingress:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return placement_pb2.SetPolicyResponse(policy=request.policy)
 
-    def ScaleWorkers(self, request, grpc_context: RayServegRPCContext):
+    async def ScaleWorkers(self, request, grpc_context: RayServegRPCContext) -> placement_pb2.ScaleWorkersResponse:
         self._authorize(grpc_context)
-        _fail(grpc_context, grpc.StatusCode.UNIMPLEMENTED, "ScaleWorkers arrives with the elastic-workers issue")
+        try:
+            record = await self.controller.scale.remote(request.workers)
+        except ValueError as e:  # out of bounds, or too few workers for the experts
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return placement_pb2.ScaleWorkersResponse(workers=record["workers"], epoch=record["epoch"],
+                                                  applied=record["applied"])
 
     # -- KServe v2 ---------------------------------------------------------------------------------------
     def ServerLive(self, request) -> kserve_pb2.ServerLiveResponse:

@@ -205,8 +205,8 @@ def test_placement_reads_and_admin_auth(server):
             call(message, metadata=admin, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and named in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        stub.ScaleWorkers(placement_pb2.ScaleWorkersRequest(workers=3), metadata=admin, timeout=30)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        stub.ScaleWorkers(placement_pb2.ScaleWorkersRequest(workers=0), metadata=admin, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "got 0" in err.value.details()
 
 
 def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch, oracle):
@@ -231,6 +231,15 @@ def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch,
     assert json.loads(capsys.readouterr().out)["epoch"] == record["epoch"]
     ref = oracle("mixtral")
     assert [t for c in _generate(stub, PROMPTS[1]) for t in c.token_ids] == ref.greedy(PROMPTS[1])
+    # scale out to 3 workers and back to 2 while serving; outputs never change
+    for workers in (3, 2):
+        assert main(["placement", "scale", *target, "--workers", str(workers)]) == 0
+        assert capsys.readouterr().out.startswith(f"{workers} workers, epoch")
+        assert main(["placement", "show", *target, "--json"]) == 0
+        shown_now = json.loads(capsys.readouterr().out)
+        assert [w["index"] for w in shown_now["workers"]] == list(range(workers))
+        assert sorted(set(sum((per[0] for per in shown_now["experts_per_worker"]), []))) == list(range(8))
+        assert [t for c in _generate(stub, PROMPTS[1]) for t in c.token_ids] == ref.greedy(PROMPTS[1])
     # record: two windows while traffic flows, each window the per-expert token counts routed in it
     trace = tmp_path / "live.jsonl"
     sender = threading.Thread(target=lambda: [_generate(stub, PROMPTS[i % 4], max_new_tokens=8) for i in range(6)])

@@ -39,6 +39,10 @@ class FakeOps:
         reports, self.reports = self.reports, []
         return reports
 
+    def reshape(self, keep, add, epoch):
+        self.calls.append(("reshape", list(keep), add))
+        return [f"node-{i % 2}" for i in range(len(keep) + add)]
+
     def prepare(self, epoch, experts_per_worker, peers_per_worker, skip):
         self.calls.append(("prepare", epoch, experts_per_worker, peers_per_worker, skip))
         if self.fail_prepare:
@@ -209,3 +213,54 @@ def test_restore_fails_clearly_when_live_slots_cannot_hold_every_expert():
     controller, _ = make(slots=2)  # 4 workers x 2 slots = 8 experts, no room to lose one
     with pytest.raises(RuntimeError, match=r"cannot restore: 8 experts need 8 slots .* 3 live workers hold 6"):
         controller.restore([2])
+
+
+def test_scale_out_and_in_keeps_every_expert_and_drains_the_leavers():
+    controller, ops = make(ControllerConfig(policy="replicated", max_workers=6), redundant=4, slots=4)
+    record = controller.scale(6)
+    assert record["applied"] and record["workers"] == 6 and controller.plan.num_workers == 6
+    assert ops.calls[0] == ("reshape", [0, 1, 2, 3], 2)
+    prepare = ops.calls[1]
+    assert [c[0] for c in ops.calls[1:]] == ["prepare", "switch", "commit"]
+    new_workers_experts = prepare[2][4:]
+    assert any(e for w in new_workers_experts for e in w), "new workers receive slots"
+    assert all(None not in per_worker for per_worker in prepare[3]), "slots come from current holders"
+    assert controller.topology.num_workers == 6 and len(set(controller.topology.worker_node)) == 2
+    ops.calls.clear()
+    before = controller.plan.replica_workers()
+    record = controller.scale(3)
+    assert ops.calls[0] == ("reshape", [0, 1, 2], 0)
+    assert controller.plan.num_workers == 3 and (controller.plan.replica_count_LE >= 1).all()
+    # The leavers' experts were loaded onto the stayers from the leavers themselves (they are alive until commit).
+    peers = ops.calls[1][3]
+    sources = {p for per_worker in peers for p in per_worker}
+    assert sources and sources <= {0, 1, 2, 3, 4, 5} and before
+    assert record["redundant"] == 3 * 4 - E  # 12 slots on 3 workers: 8 experts + 4 copies
+    with pytest.raises(ValueError, match=r"workers must lie in \[1, 6\]; got 7"):
+        controller.scale(7)
+    with pytest.raises(ValueError, match="1 workers x 4 slots cannot hold the 8 experts"):
+        controller.scale(1)
+
+
+def test_autoscaler_adds_a_worker_after_consecutive_busy_polls_and_removes_when_idle():
+    config = ControllerConfig(policy="replicated", scale_out_queue=4, scale_in_utilisation=0.25, autoscale_polls=3,
+                              max_workers=5)
+    controller, ops = make(config, slots=4)
+    busy = {"steps": [], "waiting": 10, "running": 32, "capacity": 32}
+    for poll in range(2):
+        ops.reports = [busy]
+        assert controller.poll() is None
+    ops.reports = [{**busy, "waiting": 0}]  # one calm poll resets the count
+    assert controller.poll() is None
+    for poll in range(3):
+        ops.reports = [busy]
+        record = controller.poll()
+    assert record["reason"] == "autoscale" and record["workers"] == 5
+    for poll in range(3):
+        ops.reports = [busy]
+        assert controller.poll() is None, "never above max_workers"
+    idle = {"steps": [], "waiting": 0, "running": 1, "capacity": 32}
+    for poll in range(3):
+        ops.reports = [idle]
+        record = controller.poll()
+    assert record["workers"] == 4

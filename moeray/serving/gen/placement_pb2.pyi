@@ -152,7 +152,11 @@ class ScaleWorkersRequest(_message.Message):
     def __init__(self, workers: _Optional[int] = ...) -> None: ...
 
 class ScaleWorkersResponse(_message.Message):
-    __slots__ = ("workers",)
+    __slots__ = ("workers", "epoch", "applied")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     workers: int
-    def __init__(self, workers: _Optional[int] = ...) -> None: ...
+    epoch: int
+    applied: bool
+    def __init__(self, workers: _Optional[int] = ..., epoch: _Optional[int] = ..., applied: bool = ...) -> None: ...

@@ -94,7 +94,8 @@ class PlacementServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ScaleWorkers(self, request, context):
-        """Add or remove expert workers. Needs the admin token.
+        """Add or remove expert workers while requests flow (new ones load slots from peers; leaving ones are drained
+        first). Needs the admin token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
