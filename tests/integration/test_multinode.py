@@ -48,3 +48,45 @@ def test_workers_wait_for_gpus_then_fail_clearly(two_gpu_nodes, checkpoints):
 
     # The three workers that did get a GPU were killed: every GPU is free again.
     wait_for_condition(lambda: ray.available_resources().get("GPU", 0) == 3, timeout=30)
+
+
+def test_chaos_worker_kill_and_node_loss_during_load(two_gpu_nodes, checkpoints, oracle):
+    """A bounded load run on 4 workers over 3 nodes while a worker is killed and then a whole node is removed.
+    Every expert keeps a copy on a surviving worker or can be re-placed there, so no request may fail."""
+    import random
+
+    cluster, _ = two_gpu_nodes
+    extra = cluster.add_node(num_cpus=1, num_gpus=2)
+    cluster.wait_for_nodes()
+    ref = oracle("qwen2_moe")
+    prompts = [PROMPTS[i % len(PROMPTS)] + [50 + i] for i in range(16)]
+    expected = [ref.greedy(p, 12) for p in prompts]
+    sampling = SamplingParams(max_new_tokens=12)
+    rng = random.Random(0)
+    config = EngineConfig(model=checkpoints["qwen2_moe"], workers=4, replicas=8, worker_memory="1MB")
+    with Engine(config) as engine:
+        on_extra = [i for i, w in enumerate(engine.workers_info()) if w["node_id"] == extra.node_id]
+        assert on_extra, "some workers run on the node that will be removed"
+        sent = [engine.submit(p, sampling, router=i) for i, p in enumerate(prompts[:8])]
+        stream = engine.stream(prompts[8], sampling)
+        first = list(next(stream).token_ids)
+        victim = rng.choice([i for i in range(4) if i not in on_extra])
+        ray.kill(engine.workers[victim])  # 1. a worker dies mid-run
+        sent += [engine.submit(p, sampling, router=i) for i, p in enumerate(prompts[9:])]
+        cluster.remove_node(extra)  # 2. then a whole node
+        streamed = first + [t for chunk in stream for t in chunk.token_ids]
+        results, failed = [], 0
+        for r in sent:
+            try:
+                results.append(ray.get(r, timeout=300).output_ids)
+            except Exception:
+                failed += 1
+                results.append(None)
+        history = ray.get(engine.controller.history.remote())
+        read_bytes = sum(h.get("read_bytes", 0) for h in history)
+        print(f"chaos: requests sent {len(prompts)}, completed {len(prompts) - failed}, failed {failed}; killed "
+              f"worker {victim}, removed node with workers {on_extra}; {len(history)} restores, {read_bytes} bytes "
+              "re-read from the checkpoint")
+        assert failed == 0
+        assert results[:8] + [streamed] + results[8:] == expected
+        assert engine.generate(prompts[:4], sampling)[0].output_ids == expected[0], "serving after the chaos"
