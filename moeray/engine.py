@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ from moeray.router.router import Router
 
 log = logging.getLogger(__name__)
 
+ROUTER_RESTARTS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,8 +128,13 @@ class Engine:
                                f"start_timeout_s={config.start_timeout_s}s; the cluster has "
                                f"{ray.cluster_resources()}") from None
         router_cls = ray.remote(Router)
+        controller_name = f"moeray-controller-{uuid.uuid4().hex[:12]}"
         for r in range(config.routers):
-            self.routers.append(router_cls.options(num_cpus=config.router_num_cpus, max_concurrency=1000).remote(
+            # NOTE: Ray restarts a crashed router (its in-flight requests fail with a clear error); the restarted
+            # one takes the plan in force from the controller, found by name.
+            self.routers.append(router_cls.options(num_cpus=config.router_num_cpus, max_concurrency=1000,
+                                                   max_restarts=ROUTER_RESTARTS).remote(
+                controller_name=controller_name,
                 checkpoint_path=path, dtype=config.torch_dtype, plan=self.initial_plan, workers=self.workers,
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
                 num_threads=config.threads_per_actor, track_tokens=config.track_tokens,
@@ -135,7 +142,8 @@ class Engine:
             ))
         ray.get([r.ping.remote() for r in self.routers])
         # NOTE: the controller is the only writer of the plan from here on.
-        self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8).remote(
+        self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8,
+                                                              name=controller_name).remote(
             config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
             budget=self.budget, workers=self.workers, routers=self.routers, spawn=spawn,
             telemetry_config=config.telemetry.for_process("controller"))

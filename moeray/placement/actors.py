@@ -45,7 +45,13 @@ class RayActorOps:
                                                     timeout=self.timeout_s)]
 
     def take_loads(self) -> list[dict]:
-        return ray.get([r.take_load.remote() for r in self.routers], timeout=self.timeout_s)
+        reports = []
+        for ref in [r.take_load.remote() for r in self.routers]:
+            try:
+                reports.append(ray.get(ref, timeout=self.timeout_s))
+            except ray.exceptions.RayActorError:  # a router restarting after a crash: its load is gone with it
+                pass
+        return reports
 
     def prepare(self, epoch: int, experts_per_worker: list[list[list[int]]],
                 peers_per_worker: list[dict[int, list[tuple[int, int]]]], skip: frozenset[int]) -> list[dict]:
@@ -68,7 +74,11 @@ class RayActorOps:
 
     def switch(self, plan: Plan) -> None:
         workers = None if self.next_workers is self.workers else self.next_workers
-        ray.get([r.set_plan.remote(plan, workers) for r in self.routers], timeout=self.timeout_s)
+        for i, ref in enumerate([r.set_plan.remote(plan, workers) for r in self.routers]):
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except ray.exceptions.RayActorError:  # it restarts on the controller's plan (Router.__init__)
+                log.warning("router %d is down during the switch to epoch %d", i, plan.epoch)
 
     def commit(self, epoch: int, skip: frozenset[int]) -> None:
         ray.get([w.commit.remote(epoch, i) for i, w in enumerate(self.next_workers) if i not in skip],
@@ -153,6 +163,11 @@ class ControllerActor:
 
     def workers(self) -> list:
         return list(self.controller.ops.workers)
+
+    def plan_and_workers(self) -> tuple:
+        """The plan in force and its worker handles, read together (for a router that restarted)."""
+        with self.controller._switching:
+            return self.controller.plan, list(self.controller.ops.workers)
 
     def history(self) -> list[dict]:
         return list(self.controller.history)

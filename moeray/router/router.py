@@ -49,17 +49,26 @@ class Router:
         num_threads: int = 1,
         track_tokens: bool = False,
         restore_timeout_s: float = 120.0,
+        controller_name: str | None = None,
         telemetry_config: telemetry.TelemetryConfig | None = None,
     ) -> None:
         torch.set_num_threads(num_threads)
         telemetry.setup(telemetry_config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        # A router Ray restarted after a crash finds the controller by name and starts on the plan in force now,
+        # not on the one it was first given (the controller does not exist yet at the first start).
+        self.controller = None
+        if controller_name is not None:
+            try:
+                self.controller = ray.get_actor(controller_name)
+                plan, workers = ray.get(self.controller.plan_and_workers.remote())
+            except ValueError:
+                pass
         self.dispatcher = ExpertDispatcher(plan, workers, track_tokens=track_tokens)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(checkpoint_path, loaded.checkpoint.config)
         self.limits = RequestLimits.of(self.spec, max_new_tokens_cap)
-        self.controller = None  # the placement controller, once the engine has started it (set_controller)
         self.restore_timeout_s = restore_timeout_s
         self.dispatcher.on_worker_lost = self._report_lost
         self.scheduler = Scheduler(self.model, on_forward=self._on_forward, recover=self._recover,

@@ -18,6 +18,7 @@ import uuid
 import grpc
 import numpy as np
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from moeray.request import InvalidRequest, RequestLimits
@@ -34,6 +35,7 @@ SERVICER_FUNCTIONS = [
     "moeray.serving.gen.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+ROUTER_DIED = "the router running this request failed and is restarting; the request can be retried"
 ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV = "MOERAY_ADMIN_TOKEN", "MOERAY_ADMIN_TOKEN_FILE"
 
 
@@ -114,6 +116,9 @@ class Ingress:
                 yield response
         except ExpertsUnavailable as e:  # experts lost with their last replica, and not restored in time
             _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except RayActorError:
+            finished = True  # nothing left to abort
+            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, ROUTER_DIED)
         finally:
             if not finished:  # the client left (cancel, deadline): stop its generation and free its batch slot
                 router.abort.remote(request_id)
@@ -270,6 +275,8 @@ class Ingress:
             logits = await self._router().score.remote(ids, mask)
         except ExpertsUnavailable as e:
             _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
+        except RayActorError:
+            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, ROUTER_DIED)
         return codec.kserve_logits_response(request, self.model_name, np.asarray(logits))
 
     def _check_model(self, name: str, ctx: RayServegRPCContext) -> None:

@@ -71,3 +71,29 @@ def test_experts_that_cannot_be_restored_fail_their_requests_clearly(cluster, ch
         with pytest.raises(ExpertsUnavailable, match=rf"experts \[.*\] have no live replica \(dead workers \[0\]\)"):
             engine.generate([PROMPTS[1]], SAMPLING)
         assert lost, "worker 0 held experts"
+
+
+def test_a_router_dies_its_requests_fail_clearly_and_it_comes_back_on_the_current_plan(cluster, checkpoints, oracle):
+    ref = oracle("mixtral")
+    with Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, replicas=2)) as engine:
+        record = engine.rebalance(policy="round_robin")  # the plan in force is no longer the routers' first one
+        assert record["applied"]
+        sampling = SamplingParams(max_new_tokens=64, ignore_eos=True)
+        doomed = engine.stream(PROMPTS[1], sampling, router=0)
+        survivor = engine.submit(PROMPTS[3], SamplingParams(max_new_tokens=16), router=1)
+        next(doomed)
+        ray.kill(engine.routers[0], no_restart=False)
+        with pytest.raises(ray.exceptions.RayActorError):
+            list(doomed)
+        assert ray.get(survivor, timeout=120).output_ids == ref.greedy(PROMPTS[3]), "the other router carried on"
+        wait_for_condition(lambda: _answers(engine.routers[0]), timeout=120)
+        assert ray.get(engine.routers[0].epoch.remote()) == record["epoch"], "restarted on the plan in force"
+        again = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=16))  # prompt 0 goes to router 0
+        assert again[0].output_ids == ref.greedy(PROMPTS[0])
+
+
+def _answers(actor) -> bool:
+    try:
+        return ray.get(actor.ping.remote(), timeout=5)
+    except ray.exceptions.RayError:
+        return False
