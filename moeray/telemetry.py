@@ -22,8 +22,10 @@ Telemetry table lists the same ones as Prometheus sees them).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -351,6 +353,67 @@ def rpc_span(method: str, metadata):
     service, _, name = method.rpartition("/")
     return STATE.tracer.start_span(method, context=extract(metadata), kind=trace.SpanKind.SERVER, attributes={
         "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+
+
+_RPC_SPAN: contextvars.ContextVar = contextvars.ContextVar("moeray_rpc_span", default=None)
+
+
+def traced_rpc(method: str):
+    """Decorate an ingress handler (a coroutine or async generator taking ``grpc_context``): one span per call,
+    continuing the caller's traceparent; inside it, ``current_traceparent()`` is what to send to the router.
+    The wrapper keeps the handler's signature, so Serve still passes ``grpc_context``."""
+    def wrap(fn):
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def handler(self, request, **kwargs):
+                started = _rpc_start(method, kwargs)
+                try:
+                    async for item in fn(self, request, **kwargs):
+                        yield item
+                except BaseException as e:
+                    started = _rpc_end(started, e)
+                    raise
+                finally:
+                    _rpc_end(started)
+        else:
+            @functools.wraps(fn)
+            async def handler(self, request, **kwargs):
+                started = _rpc_start(method, kwargs)
+                try:
+                    return await fn(self, request, **kwargs)
+                except BaseException as e:
+                    started = _rpc_end(started, e)
+                    raise
+                finally:
+                    _rpc_end(started)
+        return handler
+    return wrap
+
+
+def _rpc_start(method: str, kwargs: dict):
+    ctx = kwargs.get("grpc_context")
+    if not STATE.tracing or ctx is None:
+        return None
+    span = rpc_span(method, ctx.invocation_metadata())
+    return span, _RPC_SPAN.set(span)
+
+
+def _rpc_end(started, error: BaseException | None = None) -> None:
+    """End the span ``_rpc_start`` started (once: returns None to clear the caller's handle)."""
+    if started is None:
+        return None
+    span, token = started
+    if error is not None and not isinstance(error, GeneratorExit):
+        span.set_status(trace.StatusCode.ERROR, str(error))
+    span.end()
+    with contextlib.suppress(ValueError):  # a generator resumed in another context
+        _RPC_SPAN.reset(token)
+    return None
+
+
+def current_traceparent() -> str | None:
+    """The traceparent of the ingress call being handled (None when tracing is off)."""
+    return traceparent(_RPC_SPAN.get()) if STATE.tracing else None
 
 
 @contextlib.contextmanager
