@@ -21,6 +21,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.grpc_util import RayServegRPCContext
 
+from moeray import telemetry
 from moeray.request import InvalidRequest, RequestLimits
 from moeray.router.dispatch import ExpertsUnavailable
 
@@ -63,6 +64,7 @@ class _Fail(Exception):
 
 
 def _fail(ctx: RayServegRPCContext, code: grpc.StatusCode, message: str):
+    telemetry.rejected(code)
     ctx.set_code(code)
     ctx.set_details(message)
     raise _Fail(message)
@@ -72,6 +74,7 @@ def _fail(ctx: RayServegRPCContext, code: grpc.StatusCode, message: str):
 class Ingress:
     def __init__(self, *, model_name: str, engine_state: dict, env: dict | None = None) -> None:
         os.environ.update(env or {})
+        telemetry.setup(engine_state.get("telemetry"))
         global codec, generate_pb2, placement_pb2, kserve_pb2, health_pb2
         codec, generate_pb2, placement_pb2, kserve_pb2, health_pb2 = _stubs()
         self.model_name = model_name
@@ -90,6 +93,7 @@ class Ingress:
         return self.routers[next(self._next_router)]
 
     # -- moeray.v1.GenerateService -----------------------------------------------------------------------
+    @telemetry.traced_rpc("moeray.v1.GenerateService/Generate")
     async def Generate(self, request: generate_pb2.GenerateRequest, grpc_context: RayServegRPCContext):
         try:
             ids = self._prompt_ids(request)
@@ -99,7 +103,8 @@ class Ingress:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex
         router = self._router()
-        chunks = router.stream.options(num_returns="streaming").remote(ids, sampling, request_id)
+        chunks = router.stream.options(num_returns="streaming").remote(ids, sampling, request_id,
+                                                                        telemetry.current_traceparent())
         produced, finished = 0, False
         try:
             async for ref in chunks:
@@ -259,6 +264,7 @@ class Ingress:
         response.outputs.add(name="logits", datatype="FP32", shape=[-1, -1, self.spec.vocab_size])
         return response
 
+    @telemetry.traced_rpc("inference.GRPCInferenceService/ModelInfer")
     async def ModelInfer(self, request, grpc_context: RayServegRPCContext) -> kserve_pb2.ModelInferResponse:
         self._check_model(request.model_name, grpc_context)
         try:
@@ -272,7 +278,7 @@ class Ingress:
         except InvalidRequest as e:
             _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            logits = await self._router().score.remote(ids, mask)
+            logits = await self._router().score.remote(ids, mask, telemetry.current_traceparent())
         except ExpertsUnavailable as e:
             _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
         except RayActorError:
@@ -318,7 +324,8 @@ def engine_state(engine) -> dict:
     return {"routers": engine.routers, "workers": engine.workers, "controller": engine.controller,
             "spec": engine.spec, "limits": engine.limits, "checkpoint_path": path,
             "has_tokenizer": engine.checkpoint.checkpoint.has_tokenizer,
-            "model_name": os.path.basename(path.rstrip("/"))}
+            "model_name": os.path.basename(path.rstrip("/")),
+            "telemetry": engine.config.telemetry.for_process("ingress")}
 
 
 def _ingress(state: dict, model_name: str | None, max_ongoing: int, max_queued: int):
@@ -366,7 +373,10 @@ def build_app(args: dict):
     controller = args.pop("controller", None) or {}
     if not isinstance(controller, dict):
         raise ValueError(f"args.controller must be a mapping of placement settings; got {controller!r}")
-    config = EngineConfig(controller=ControllerConfig(**controller), **args)  # a bad field fails here, named
+    from moeray.telemetry import TelemetryConfig
+
+    otel = TelemetryConfig(**(args.pop("telemetry", None) or {}))  # a mapping of TelemetryConfig fields
+    config = EngineConfig(controller=ControllerConfig(**controller), telemetry=otel, **args)  # a bad field fails here, named
     host = ray.remote(EngineHost).options(
         name=f"moeray-engine-{serving.get('app_name', 'moeray')}", lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=4).remote(config)
