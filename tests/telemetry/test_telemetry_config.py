@@ -109,3 +109,53 @@ def test_rejections_are_counted_by_status_code():
         telemetry.rejected("UNAUTHENTICATED")
         points = o.metrics()["moeray_rejected_requests"]
         assert {p.attributes["code"]: p.value for p in points} == {"INVALID_ARGUMENT": 2, "UNAUTHENTICATED": 1}
+
+
+class FakeContext:
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def invocation_metadata(self):
+        return self.metadata
+
+
+class FakeIngress:
+    @telemetry.traced_rpc("moeray.v1.GenerateService/Generate")
+    async def Generate(self, request, grpc_context):
+        self.sent = telemetry.current_traceparent()  # what the ingress passes to the router
+        for token in request:
+            yield token
+
+    @telemetry.traced_rpc("inference.GRPCInferenceService/ModelInfer")
+    async def ModelInfer(self, request, grpc_context):
+        self.sent = telemetry.current_traceparent()
+        if request == "bad":
+            raise ValueError("token id 999 is outside the vocabulary [0, 131)")
+        return request
+
+
+def test_traced_rpc_spans_handlers_and_hands_the_router_a_child_traceparent():
+    import asyncio
+    import inspect
+
+    ingress = FakeIngress()
+    # Serve passes grpc_context only to handlers whose signature names it, and streams async generators.
+    assert "grpc_context" in inspect.signature(ingress.Generate).parameters
+    assert inspect.isasyncgenfunction(FakeIngress.Generate) and inspect.iscoroutinefunction(FakeIngress.ModelInfer)
+
+    async def stream(request, ctx):
+        return [t async for t in ingress.Generate(request, grpc_context=ctx)]
+
+    assert asyncio.run(stream([1, 2], FakeContext([("traceparent", TRACEPARENT)]))) == [1, 2]  # off: unchanged
+    assert ingress.sent is None
+    with otel() as o:
+        assert asyncio.run(stream([1, 2, 3], FakeContext([("traceparent", TRACEPARENT)]))) == [1, 2, 3]
+        (span,) = o.spans("moeray.v1.GenerateService/Generate")
+        assert format(span.context.trace_id, "032x") == CALLER_TRACE
+        assert ingress.sent == f"00-{CALLER_TRACE}-{span.context.span_id:016x}-01"
+        assert telemetry.current_traceparent() is None  # only inside the call
+        with pytest.raises(ValueError):
+            asyncio.run(ingress.ModelInfer("bad", grpc_context=FakeContext([])))
+        (failed,) = o.spans("inference.GRPCInferenceService/ModelInfer")
+        assert failed.status.status_code == trace.StatusCode.ERROR and failed.parent is None
+        assert "outside the vocabulary" in failed.status.description
