@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: install demo test bench protos-check
+.PHONY: install demo test bench protos-check prometheus
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,7 +16,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed
+# tests/telemetry scrapes moeray with a real Prometheus (Debian's package); nothing to do when it is on PATH.
+prometheus:
+	@if ! command -v prometheus >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				prometheus >/dev/null) || echo "warning: apt-get could not install prometheus (tests/telemetry needs it)"; \
+		else \
+			echo "warning: no apt-get here: install prometheus for tests/telemetry/test_prometheus.py"; \
+		fi; \
+	fi
+
+install: $(VENV)/.installed prometheus
 
 demo: install
 	$(VENV)/bin/moeray generate --prompt "Hello, experts" --max-new-tokens 16 --workers 2
