@@ -30,7 +30,7 @@ from moeray.router.router import Router
 
 log = logging.getLogger(__name__)
 
-ROUTER_RESTARTS = 3
+ROUTER_RESTARTS = CONTROLLER_RESTARTS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -142,8 +142,9 @@ class Engine:
             ))
         ray.get([r.ping.remote() for r in self.routers])
         # NOTE: the controller is the only writer of the plan from here on.
-        self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8,
-                                                              name=controller_name).remote(
+        # NOTE: a crashed controller restarts and rebuilds the plan from the workers; requests never wait on it.
+        self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8, name=controller_name,
+                                                              max_restarts=CONTROLLER_RESTARTS).remote(
             config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
             budget=self.budget, workers=self.workers, routers=self.routers, spawn=spawn,
             telemetry_config=config.telemetry.for_process("controller"))

@@ -220,6 +220,7 @@ class ExpertWorker:
             "pid": os.getpid(),
             "device": str(self.device),
             "epoch": self.epoch,
+            "epochs": sorted(self._epochs),
             "experts_per_layer": experts_per_layer,
             "resident_bytes": self.resident_bytes(),
             "read_slots": self.read_slots,

@@ -60,6 +60,16 @@ class RayActorOps:
                 if i not in skip]
         return ray.get(refs, timeout=self.timeout_s)
 
+    def worker_infos(self) -> list[dict | None]:
+        """Each worker's info (its slots and epochs), None for one that does not answer."""
+        out = []
+        for ref in [w.info.remote() for w in self.workers]:
+            try:
+                out.append(ray.get(ref, timeout=self.timeout_s))
+            except ray.exceptions.RayActorError:
+                out.append(None)
+        return out
+
     def workers_alive(self, timeout_s: float = 1.0) -> int:
         """How many workers answer a ping within ``timeout_s`` (telemetry's moeray_workers_alive)."""
         refs = [w.ping.remote() for w in self.workers]
@@ -115,6 +125,8 @@ class ControllerActor:
         telemetry.setup(telemetry_config)
         self.controller = PlacementController(config=config, plan=plan, topology=topology, budget=budget,
                                               ops=RayActorOps(workers, routers, spawn))
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # Ray restarted this controller
+            self.controller.rebuild()
         self._stopped = threading.Event()
         self._loop = threading.Thread(target=self._run, name="moeray-placement-loop", daemon=True)
         self._loop.start()

@@ -263,12 +263,13 @@ class PlacementController:
             self.telemetry.rebalanced(record, started_ns)
             return record
 
-    def _switch(self, new: Plan, old_index: list[int | None] | None = None, dead: frozenset[int] | None = None
-                ) -> list[dict]:
-        """``old_index[w]``: the current number of the new plan's worker w (None: a new worker); default: same."""
+    def _switch(self, new: Plan, old_index: list[int | None] | None = None, dead: frozenset[int] | None = None,
+                peers: bool = True) -> list[dict]:
+        """``old_index[w]``: the current number of the new plan's worker w (None: a new worker); default: same.
+        ``peers=False``: every slot not resident is read from the checkpoint."""
         old_index = list(range(new.num_workers)) if old_index is None else old_index
         experts = [new.experts_of(w) for w in range(new.num_workers)]
-        peers = [self._peers_for(old_index[w], new.experts_of(w)) for w in range(new.num_workers)]
+        peers = [self._peers_for(old_index[w], new.experts_of(w)) if peers else {} for w in range(new.num_workers)]
         dead = self.dead_workers if dead is None else dead
         try:
             stats = self.ops.prepare(new.epoch, experts, peers, dead)  # 1. prepare
@@ -325,6 +326,40 @@ class PlacementController:
         except ValueError:  # a policy that cannot place this (e.g. greedy with redundant slots)
             plan = resolve_policy("replicated")(load_LE, topology, None, budget)
         return Plan.from_replicas(plan.replica_workers(), epoch=self.plan.epoch + 1, num_workers=topology.num_workers)
+
+    def rebuild(self) -> dict:
+        """After a controller restart: rebuild the plan from what the workers hold and switch everyone to it under
+        a fresh epoch (which also settles a switch the previous controller left half done). Experts lost with
+        workers that died meanwhile are placed again, read from the checkpoint."""
+        with self._switching:
+            infos = self.ops.worker_infos()
+            self.dead_workers = frozenset(i for i, info in enumerate(infos) if info is None)
+            live = [info for info in infos if info is not None]
+            if not live:
+                raise RuntimeError("cannot rebuild the plan: no expert worker answers")
+            L, E = self.plan.num_layers, self.plan.num_experts
+            replicas = [[[] for _ in range(E)] for _ in range(L)]
+            for w, info in enumerate(infos):
+                for l, experts in enumerate(info["experts_per_layer"] if info else []):
+                    for e in experts:
+                        replicas[l][e].append(w)
+            # NOTE: above every epoch any worker holds, prepared or committed, so no one mistakes the new one.
+            epoch = max(max(info["epochs"]) for info in live)
+            complete = all(replicas[l][e] for l in range(L) for e in range(E)) and \
+                len({sum(map(len, layer)) for layer in replicas}) == 1
+            if complete:
+                self.plan = Plan.from_replicas(replicas, epoch=epoch, num_workers=len(infos))
+                new, peers = Plan.from_replicas(replicas, epoch=epoch + 1, num_workers=len(infos)), True
+            else:
+                self.plan = dataclasses.replace(self.plan, epoch=epoch)
+                new, peers = self._plan_without(self.dead_workers), False  # self.plan's holders are unknown
+            self._switch(new, peers=peers)
+            record = {"reason": "controller restarted", "epoch": new.epoch, "applied": True,
+                      "dead_workers": sorted(self.dead_workers)}
+            self.history.append(record)
+            log.warning("placement controller restarted: plan rebuilt from %d live workers at epoch %d",
+                        len(live), new.epoch)
+            return record
 
     # -- elasticity --------------------------------------------------------------------------------------
     def scale(self, workers: int, reason: str = "manual") -> dict:

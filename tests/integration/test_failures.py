@@ -97,3 +97,21 @@ def _answers(actor) -> bool:
         return ray.get(actor.ping.remote(), timeout=5)
     except ray.exceptions.RayError:
         return False
+
+
+def test_the_controller_dies_requests_never_notice_and_it_rebuilds_the_plan(cluster, checkpoints, oracle):
+    ref = oracle("mixtral")
+    expected = [ref.greedy(p, 24) for p in PROMPTS]
+    with Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, replicas=2)) as engine:
+        record = engine.rebalance(policy="round_robin")
+        layout = [engine.plan.holders(l) for l in range(engine.plan.num_layers)]
+        refs = [engine.submit(p, SAMPLING) for p in PROMPTS]
+        ray.kill(engine.controller, no_restart=False)
+        assert [r.output_ids for r in ray.get(refs, timeout=120)] == expected, "the hot path never waits on it"
+        wait_for_condition(lambda: _answers(engine.controller), timeout=120)
+        plan = engine.plan
+        assert plan.epoch > record["epoch"], "a fresh epoch"
+        assert [plan.holders(l) for l in range(plan.num_layers)] == layout, "rebuilt from what the workers hold"
+        assert ray.get([r.epoch.remote() for r in engine.routers]) == [plan.epoch], "routers moved with it"
+        assert engine.rebalance(policy="contiguous")["applied"], "and it places experts again"
+        assert [r.output_ids for r in engine.generate(PROMPTS, SAMPLING)] == expected

@@ -39,6 +39,9 @@ class FakeOps:
         reports, self.reports = self.reports, []
         return reports
 
+    def worker_infos(self):
+        return self.infos
+
     def reshape(self, keep, add, epoch):
         self.calls.append(("reshape", list(keep), add))
         return [f"node-{i % 2}" for i in range(len(keep) + add)]
@@ -264,3 +267,21 @@ def test_autoscaler_adds_a_worker_after_consecutive_busy_polls_and_removes_when_
         ops.reports = [idle]
         record = controller.poll()
     assert record["workers"] == 4
+
+
+def test_rebuild_after_a_restart_adopts_what_the_workers_hold():
+    controller, ops = make(redundant=4, slots=3)
+    held = static_plan("contiguous", num_layers=L, num_experts=E, num_workers=W, redundant=4)
+    ops.infos = [{"epoch": 6, "epochs": [6, 7], "experts_per_layer": held.experts_of(w)} for w in range(W)]
+    record = controller.rebuild()
+    assert record["epoch"] == 8, "above every epoch a worker holds, prepared (7) or committed (6)"
+    assert controller.plan.holders(0) == held.holders(0) and controller.plan.epoch == 8
+    prepare = ops.calls[0]
+    assert prepare[0] == "prepare" and all(p == {} for p in prepare[3]), "nothing to load"
+    # A worker died with the controller: its experts are placed again, from the checkpoint.
+    ops.calls.clear()
+    ops.infos[1] = None
+    record = controller.rebuild()
+    assert record["dead_workers"] == [1] and controller.plan.experts_of(1) == [[], []]
+    assert (controller.plan.replica_count_LE >= 1).all()
+    assert all(p == {} for p in ops.calls[0][3]), "holders unknown: read from the checkpoint"
