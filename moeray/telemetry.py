@@ -73,7 +73,7 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
     ("moeray_queue_depth", "gauge", "1", (), "router", "requests waiting to join the running batch"),
     ("moeray_expert_compute_seconds", "histogram", "s", ("worker", "layer"), "worker",
      "a worker's grouped expert compute for one layer call"),
-    ("moeray_rejected_requests", "counter", "1", ("code",), "ingress", "requests refused, by gRPC status code"),
+    ("moeray_rejected_requests", "counter", "1", ("code",), "ingress", "requests the ingress answered with an error, by gRPC status code"),
 )
 _BUCKETS = {"moeray_step_imbalance_ratio": _RATIO, "moeray_request_latency_seconds": _REQUEST_S,
             "moeray_time_to_first_token_seconds": _TOKEN_S, "moeray_inter_token_latency_seconds": _TOKEN_S}
