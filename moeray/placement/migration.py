@@ -10,23 +10,23 @@ new weights. Here the current plan is kept and changed one step at a time, each 
 - re-point: a slot of an expert with spare replicas now holds another expert, which gains a replica: a hot expert
   of the most-loaded worker elsewhere, or anything lighter on the most-loaded worker itself (loads 1 slot);
 - adopt: the layer becomes ``replicated``'s plan of it, its workers renumbered to keep as many slots in place as
-  possible (a linear assignment); the step of last resort when local steps are stuck.
+  possible (``relabel_workers``, a linear assignment); the step of last resort when local steps are stuck.
 
 Steps are taken greedily, across all layers, by gain per loaded slot, where the gain is the fall in the layer's
 imbalance (max / mean worker load); the cost counts slots the result holds that ``current`` did not, so a step
 that undoes an earlier one is free. A layer is left alone once its imbalance is within ``target`` times what
 ``replicated`` reaches on it, and the round stops when the best gain per slot is below ``threshold`` or the next
 step would exceed ``budget.max_moved_slots`` / ``max_moved_bytes`` (every slot weighs ``budget.expert_bytes``, so
-gain per byte ranks steps as gain per slot does). Like ``replicated``, it ignores nodes.
+gain per byte ranks steps as gain per slot does). Unlike ``replicated`` (whose ``spread_nodes`` keeps an expert's
+replicas on >= 2 nodes), it ignores nodes: its local steps, and the adopt step's renumbering over all workers, may
+leave an expert's replicas on one node.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from moeray.placement.balanced import check_load, next_epoch, repoint_steps, replicated
+from moeray.placement.balanced import check_load, next_epoch, relabel_workers, repoint_steps, replicated
 from moeray.placement.load import imbalance_L, worker_load_LW
 from moeray.placement.plan import Plan
 from moeray.placement.topology import Budget, Topology
@@ -104,17 +104,6 @@ class _Layer:
         self.set_replicas(replicas)
 
 
-def _relabel(reference: list[list[int]], current: list[list[int]], num_workers: int) -> list[list[int]]:
-    """``reference`` with its workers renumbered to share the most (expert, worker) pairs with ``current``."""
-    overlap_WW = np.zeros((num_workers, num_workers))
-    for ref_ws, cur_ws in zip(reference, current):
-        for a in ref_ws:
-            overlap_WW[a, cur_ws] += 1
-    rows, cols = linear_sum_assignment(overlap_WW, maximize=True)
-    to = dict(zip(rows.tolist(), cols.tolist()))
-    return [[to[w] for w in ws] for ws in reference]
-
-
 def _fits(current: Plan, L: int, E: int, topology: Topology, budget: Budget) -> bool:
     """Whether ``current`` can be edited into a plan for this load, topology and budget."""
     if (current.num_layers, current.num_experts, current.num_workers) != (L, E, topology.num_workers):
@@ -150,7 +139,7 @@ def migration_aware(load_LE: torch.Tensor, topology: Topology, current: Plan | N
               if x is not None]
     limit = min(limits) if limits else None
     # 2. The adopt step of each layer: the reference, renumbered to keep slots in place; its max load and cost.
-    adopt = [_relabel(reference_replicas[l], current_replicas[l], W) for l in range(L)]
+    adopt = [relabel_workers(reference_replicas[l], current_replicas[l], W) for l in range(L)]
     adopt_max_L, adopt_moved_L = [], []
     for l in range(L):
         probe = _Layer(layers[l].load_E, adopt[l], W, S, original=layers[l].original)

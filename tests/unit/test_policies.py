@@ -1,6 +1,6 @@
 """Load-based placement policies (greedy, replicated, replicated_hierarchical, migration_aware, optimal): golden
-cases checked by hand, invariants over a grid of awkward shapes and over random ones (hypothesis), and optimal's
-bound against every policy and against a brute-force search."""
+cases checked by hand, invariants over a grid of awkward shapes and over random ones (hypothesis), optimal's
+bound against every policy and against a brute-force search, and replicated's node spreading and relabelling."""
 
 import itertools
 
@@ -10,13 +10,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeray.placement.balanced import greedy, replicated, replicated_hierarchical
+from moeray.placement.balanced import greedy, relabel_workers, replicated, replicated_hierarchical, spread_ok
 from moeray.placement.load import imbalance_L, worker_load_LW
 from moeray.placement.migration import migration_aware
 from moeray.placement.optimal import optimal, optimal_bound
 from moeray.placement.plan import Plan
 from moeray.placement.policies import resolve_policy, static_plan
 from moeray.placement.topology import Budget, Topology
+from moeray.placement.traces import synthesize
 
 POLICIES = {"greedy": greedy, "replicated": replicated, "replicated_hierarchical": replicated_hierarchical,
             "migration_aware": migration_aware, "optimal": optimal}
@@ -318,3 +319,121 @@ def test_random_instances_keep_the_invariants(instance):
         _check(moved, load, topology, budget, epoch=1)
         assert plan.moved_slots(moved) <= limit
         assert (imbalance_L(worker_load_LW(load, moved)) <= imbalance_L(worker_load_LW(load, plan)) + 1e-9).all()
+
+
+# --- replicated: replicas spread over nodes, slots kept in place -------------------------------------------------------
+
+def _unspread(plan: Plan, topology: Topology) -> list[tuple[int, int]]:
+    """(layer, expert) of every expert whose >= 2 replicas all sit on one node."""
+    return [(l, e) for l, experts in enumerate(plan.replica_workers()) for e, ws in enumerate(experts)
+            if not spread_ok(ws, topology.worker_node)]
+
+
+def test_replicated_golden_spreading_forces_a_choice():
+    # Workers {0, 1} on node 0, {2, 3} on node 1, 2 slots each. Replicas: 4 -> 2 x 2, 4 -> 2 x 2, 3, 3.
+    # Unspread, LPT puts 3 on w0, 3 on w1, then both 2-replica experts on the idle w2, w3: node 1 alone holds
+    # experts 0 and 1. Spread: the second 3 goes to the other node (w2, a tie on worker load broken by node
+    # load), and each 2-replica expert takes w1 and then a worker on the node it lacks, w3. Same max load.
+    load, topology = torch.tensor([[4.0, 4, 3, 3]]), Topology.uniform(num_workers=4, num_nodes=2, slots_per_worker=2)
+    packed = replicated(load, topology, None, Budget(redundant=2), spread_nodes=False)
+    assert packed.replica_workers()[0] == [[2, 3], [2, 3], [0], [1]] and _unspread(packed, topology) == [(0, 0), (0, 1)]
+    spread = replicated(load, topology, None, Budget(redundant=2))
+    assert spread.replica_workers()[0] == [[1, 3], [1, 3], [0], [2]] and not _unspread(spread, topology)
+    assert worker_load_LW(load, spread).tolist() == [[3, 4, 3, 4]] and worker_load_LW(load, packed).max() == 4
+
+
+def test_replicated_spreads_what_the_slots_allow():
+    # Node 1 is one worker of 2 slots, but all three experts have 2 replicas: one of them must stay on node 0.
+    load, topology = torch.tensor([[1.0, 1, 1]]), Topology(worker_node=(0, 0, 1), slots_per_worker=2)
+    plan = replicated(load, topology, None, Budget(redundant=3))
+    assert plan.replica_workers()[0] == [[0, 2], [1, 2], [0, 1]] and _unspread(plan, topology) == [(0, 2)]
+    assert worker_load_LW(load, plan).tolist() == [[1, 1, 1]]
+
+
+@st.composite
+def _two_node_instances(draw):
+    W = draw(st.sampled_from([2, 4, 6, 8]))
+    E = draw(st.integers(2, 12))
+    R = draw(st.integers(1, min(2 * E, E * (W - 1))))
+    S = -(-(E + R) // W) + draw(st.integers(0, 2))
+    L = draw(st.integers(1, 2))
+    load = draw(st.lists(st.lists(st.integers(0, 1000), min_size=E, max_size=E), min_size=L, max_size=L))
+    return E, W, R, S, torch.tensor(load, dtype=torch.float64), draw(st.booleans())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_two_node_instances())
+def test_replicated_spreads_replicas_over_two_nodes(instance):
+    # Two nodes of equal size: slots always allow a spread here, even when the replicas fill every slot.
+    E, W, R, S, load, with_current = instance
+    topology, budget = Topology.uniform(num_workers=W, num_nodes=2, slots_per_worker=S), Budget(redundant=R)
+    # A current plan (replicated's own, for the experts' loads reversed) makes it relabel within each node too.
+    current = replicated(load.flip(1), topology, None, budget) if with_current else None
+    plan = replicated(load, topology, current, budget)
+    _check(plan, load, topology, budget, epoch=1 if with_current else 0)
+    assert not _unspread(plan, topology), "losing one node loses an expert that had a spare copy"
+
+
+def _drifting(num_experts: int, windows: int = 8) -> list[torch.Tensor]:
+    return synthesize("drifting", num_layers=4, num_experts=num_experts, num_windows=windows, tokens=2048, top_k=4,
+                      seed=1, s=1.0, drift_every=2, drift_experts=2)
+
+
+@pytest.mark.parametrize("name", ["replicated", "greedy"])
+def test_relabelling_moves_fewer_slots_and_keeps_the_balance(name):
+    topology = Topology.uniform(num_workers=4, num_nodes=2, slots_per_worker=6)
+    budget = Budget(redundant=8 if name == "replicated" else 0)
+    fn = POLICIES[name]
+    current = static_plan("round_robin", num_layers=4, num_experts=16, num_workers=4, redundant=budget.redundant)
+    moved = {"relabelled": 0, "unrelabelled": 0, "before": 0}
+    for load in _drifting(16):
+        plan, fresh = fn(load, topology, current, budget), fn(load, topology, current, budget, relabel=False)
+        _check(plan, load, topology, budget, epoch=current.epoch + 1)
+        assert current.moved_slots(plan) <= current.moved_slots(fresh)
+        # A relabelling permutes each layer's workers: the same loads, so the same imbalance.
+        load_LW, fresh_LW = worker_load_LW(load, plan), worker_load_LW(load, fresh)
+        assert torch.equal(load_LW.sort(dim=1).values, fresh_LW.sort(dim=1).values)
+        assert torch.allclose(imbalance_L(load_LW), imbalance_L(fresh_LW), rtol=1e-12, atol=0)
+        if name == "replicated":
+            assert not _unspread(plan, topology), "relabelling within nodes keeps the spread"
+        before = fn(load, topology, current, budget, relabel=False,
+                    **({"spread_nodes": False} if name == "replicated" else {}))
+        moved["relabelled"] += current.moved_slots(plan)
+        moved["unrelabelled"] += current.moved_slots(fresh)
+        moved["before"] += current.moved_slots(before)
+        current = plan
+    # The whole trace, against the same policy without relabelling and as it was before spreading and relabelling.
+    assert moved["relabelled"] < moved["unrelabelled"] and moved["relabelled"] < moved["before"], moved
+
+
+def test_relabelling_needs_a_plan_of_the_same_shape():
+    topology, load = Topology.uniform(num_workers=4, num_nodes=2, slots_per_worker=6), _load(2, 16, seed=4)
+    fresh = replicated(load, topology, None, Budget(redundant=8))
+    for other in (static_plan("round_robin", num_layers=2, num_experts=16, num_workers=4, redundant=7),
+                  static_plan("round_robin", num_layers=3, num_experts=16, num_workers=4, redundant=8),
+                  static_plan("round_robin", num_layers=2, num_experts=16, num_workers=3, redundant=8)):
+        assert _same(replicated(load, topology, other, Budget(redundant=8)), fresh)
+    # The same plan as current: relabelling finds it again, so nothing moves.
+    assert fresh.moved_slots(replicated(load, topology, fresh, Budget(redundant=8))) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_relabel_workers_is_a_permutation_within_groups(data):
+    W = data.draw(st.integers(1, 6))
+    E = data.draw(st.integers(1, 8))
+    node_W = sorted(data.draw(st.lists(st.integers(0, 2), min_size=W, max_size=W)))
+    groups = data.draw(st.sampled_from([None, [[w for w in range(W) if node_W[w] == n] for n in set(node_W)]]))
+    replicas = st.lists(st.sets(st.integers(0, W - 1), min_size=1).map(sorted), min_size=E, max_size=E)
+    new, current = data.draw(replicas), data.draw(replicas)
+    out = relabel_workers(new, current, W, groups)
+    assert all(len(set(ws)) == len(ws) for ws in out), "two replicas of one expert on one worker"
+    held = [{e for e, ws in enumerate(new) if w in ws} for w in range(W)]
+    out_held = [{e for e, ws in enumerate(out) if w in ws} for w in range(W)]
+    to = {}
+    for w in range(W):  # the worker that now holds exactly what w held
+        to[w] = next(v for v in range(W) if out_held[v] == held[w] and v not in to.values())
+        if groups is not None:
+            assert node_W[to[w]] == node_W[w], "relabelled across nodes"
+    in_place = [sum(len(set(a) & set(b)) for a, b in zip(x, current)) for x in (out, new)]
+    assert in_place[0] >= in_place[1], "keeps at least as many slots in place as no relabelling"
