@@ -185,7 +185,8 @@ class PlacementController:
         c = self.config
         if c.imbalance_threshold is not None and self._steps_since_check >= c.window_steps:
             self._steps_since_check = 0
-            measured = float(imbalance_L(self.window.total()[1]).mean())
+            live = [w for w in range(self.window.shape[2]) if w not in self.dead_workers]
+            measured = float(imbalance_L(self.window.total()[1][:, live]).mean())
             self._hot_windows = self._hot_windows + 1 if measured > c.imbalance_threshold else 0
             if self._hot_windows >= c.consecutive_windows:
                 self._hot_windows = 0
@@ -239,9 +240,10 @@ class PlacementController:
                 load_LE = self.window_load()[0]
             load_LE = torch.as_tensor(np.asarray(load_LE), dtype=torch.float64)
             current = self.plan
-            new = fn(load_LE, self.topology, current, self.budget)
-            before = float(imbalance_L(worker_load_LW(load_LE, current)).mean())
-            after = float(imbalance_L(worker_load_LW(load_LE, new)).mean())
+            # NOTE: with dead workers in the list (until the next scale), plan over the live ones only.
+            new = self._plan_without(self.dead_workers, fn) if self.dead_workers else \
+                fn(load_LE, self.topology, current, self.budget)
+            before, after = self._expected_imbalance(load_LE, current), self._expected_imbalance(load_LE, new)
             record = {"reason": reason, "policy": policy or self._policy_name, "from_epoch": current.epoch,
                       "epoch": new.epoch, "dry_run": dry_run, "moves": _moves(current, new),
                       "moved_slots": current.moved_slots(new),
@@ -304,15 +306,20 @@ class PlacementController:
                         new.epoch, record["reason"], read)
             return record
 
-    def _plan_without(self, dead: frozenset[int]) -> Plan:
+    def _expected_imbalance(self, load_LE: torch.Tensor, plan: Plan) -> float:
+        """Mean over layers of max / mean expected load over the live workers."""
+        live = [w for w in range(plan.num_workers) if w not in self.dead_workers]
+        return float(imbalance_L(worker_load_LW(load_LE, plan)[:, live]).mean())
+
+    def _plan_without(self, dead: frozenset[int], policy=None) -> Plan:
         live = [w for w in range(self.topology.num_workers) if w not in dead]
         plan = self._fit_plan(Topology(worker_node=tuple(self.topology.worker_node[w] for w in live),
-                                       slots_per_worker=self.topology.slots_per_worker), "restore")
+                                       slots_per_worker=self.topology.slots_per_worker), "restore", policy)
         # Back to the original worker numbering; the dead keep no slots.
         replicas = [[[live[w] for w in ws] for ws in layer] for layer in plan.replica_workers()]
         return Plan.from_replicas(replicas, epoch=self.plan.epoch + 1, num_workers=self.topology.num_workers)
 
-    def _fit_plan(self, topology: Topology, what: str) -> Plan:
+    def _fit_plan(self, topology: Topology, what: str, policy=None) -> Plan:
         """A fresh plan on ``topology`` from the window's load, with as much of the redundancy budget as fits."""
         E = self.plan.num_experts
         if E > topology.capacity:
@@ -322,7 +329,7 @@ class PlacementController:
         budget = dataclasses.replace(self.budget, redundant=redundant)
         load_LE = torch.as_tensor(self.window_load()[0], dtype=torch.float64) + 1  # +1: no load seen yet is fine
         try:
-            plan = self._policy(load_LE, topology, None, budget)
+            plan = (policy or self._policy)(load_LE, topology, None, budget)
         except ValueError:  # a policy that cannot place this (e.g. greedy with redundant slots)
             plan = resolve_policy("replicated")(load_LE, topology, None, budget)
         return Plan.from_replicas(plan.replica_workers(), epoch=self.plan.epoch + 1, num_workers=topology.num_workers)

@@ -285,3 +285,14 @@ def test_rebuild_after_a_restart_adopts_what_the_workers_hold():
     assert record["dead_workers"] == [1] and controller.plan.experts_of(1) == [[], []]
     assert (controller.plan.replica_count_LE >= 1).all()
     assert all(p == {} for p in ops.calls[0][3]), "holders unknown: read from the checkpoint"
+
+
+def test_rebalance_after_a_loss_never_places_slots_on_the_dead():
+    controller, ops = make(ControllerConfig(policy="replicated"), redundant=4, slots=4)
+    controller.restore([2])
+    ops.reports = [{"steps": [hot_step(controller.plan)] * 3}]
+    controller.poll()
+    record = controller.rebalance(policy="round_robin")
+    assert record["applied"] and controller.plan.experts_of(2) == [[], []]
+    # imbalance is measured over the live workers: a dead worker's empty column does not count
+    assert record["expected_imbalance_after"] < 4.0
