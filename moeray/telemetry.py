@@ -225,7 +225,7 @@ def configure(config: TelemetryConfig | None, *, span_exporters=(), metric_reade
             config = TelemetryConfig()
         if not (config.enabled or span_exporters or metric_readers):
             return
-        from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter
+        from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider, ObservableCounter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -260,7 +260,9 @@ def configure(config: TelemetryConfig | None, *, span_exporters=(), metric_reade
         else:
             tracer_provider.shutdown()
         if readers:
-            STATE.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+            # No exemplars: they cost each hot-path record a sampling decision, and moeray exports none.
+            STATE.meter_provider = MeterProvider(resource=resource, metric_readers=readers,
+                                                 exemplar_filter=AlwaysOffExemplarFilter())
             M = Instruments(STATE.meter_provider.get_meter("moeray"))
         STATE.config, STATE.metrics = config, bool(readers)
         STATE.on = STATE.tracing or STATE.metrics
