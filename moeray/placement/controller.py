@@ -288,6 +288,7 @@ class PlacementController:
         """Workers died: re-place every expert over the live workers (their weights fetched from surviving
         replicas or re-read from the checkpoint), restoring as much redundancy as the live slots hold. Idempotent:
         routers that find the same dead worker call it too."""
+        started_ns = time.time_ns()
         with self._switching:
             self.dead_workers = self.dead_workers | frozenset(dead)
             if not any(w in self.dead_workers for layer in self.plan.replica_workers() for ws in layer for w in ws):
@@ -296,15 +297,27 @@ class PlacementController:
             new = self._plan_without(self.dead_workers)
             stats = self._switch(new)
             read = sum(s.get("read_slots", 0) for s in stats)
-            record = {"reason": f"workers {sorted(self.dead_workers)} lost", "policy": self._policy_name,
-                      "from_epoch": current.epoch, "epoch": new.epoch, "applied": True, "dead_workers":
-                      sorted(self.dead_workers), "moved_slots": current.moved_slots(new),
-                      "read_slots": read, "read_bytes": read * self.budget.expert_bytes,
-                      "redundant": new.num_slots - new.num_experts}
-            self.history.append(record)
+            record = self._applied({"reason": f"failure: workers {sorted(self.dead_workers)} lost",
+                                    "dead_workers": sorted(self.dead_workers)}, current, new, stats, started_ns)
             log.warning("placement epoch %d -> %d: %s; %d slots re-read from the checkpoint", current.epoch,
                         new.epoch, record["reason"], read)
             return record
+
+    def _applied(self, record: dict, current: Plan, new: Plan, stats: list[dict], started_ns: int) -> dict:
+        """Complete the record of a switch made for a failure, a scale or a restart; keep and report it. Moved
+        slots are those the workers loaded (kept ones not counted), from peers or from the checkpoint."""
+        fetched = sum(s.get("fetched_slots", 0) for s in stats)
+        read = sum(s.get("read_slots", 0) for s in stats)
+        load_LE = torch.as_tensor(self.window_load()[0], dtype=torch.float64)
+        record = {"policy": self._policy_name, "from_epoch": current.epoch, "epoch": new.epoch, "applied": True,
+                  "moved_slots": fetched + read, "moved_bytes": (fetched + read) * self.budget.expert_bytes,
+                  "fetched_slots": fetched, "read_slots": read, "read_bytes": read * self.budget.expert_bytes,
+                  "redundant": new.num_slots - new.num_experts,
+                  "expected_imbalance_before": float("nan"),  # the old plan's workers are gone or renumbered
+                  "expected_imbalance_after": self._expected_imbalance(load_LE, new), **record}
+        self.history.append(record)
+        self.telemetry.rebalanced(record, started_ns)
+        return record
 
     def _expected_imbalance(self, load_LE: torch.Tensor, plan: Plan) -> float:
         """Mean over layers of max / mean expected load over the live workers."""
@@ -338,6 +351,7 @@ class PlacementController:
         """After a controller restart: rebuild the plan from what the workers hold and switch everyone to it under
         a fresh epoch (which also settles a switch the previous controller left half done). Experts lost with
         workers that died meanwhile are placed again, read from the checkpoint."""
+        started_ns = time.time_ns()
         with self._switching:
             infos = self.ops.worker_infos()
             self.dead_workers = frozenset(i for i, info in enumerate(infos) if info is None)
@@ -360,20 +374,20 @@ class PlacementController:
             else:
                 self.plan = dataclasses.replace(self.plan, epoch=epoch)
                 new, peers = self._plan_without(self.dead_workers), False  # self.plan's holders are unknown
-            self._switch(new, peers=peers)
-            record = {"reason": "controller restarted", "epoch": new.epoch, "applied": True,
-                      "dead_workers": sorted(self.dead_workers)}
-            self.history.append(record)
+            current = self.plan
+            stats = self._switch(new, peers=peers)
+            record = self._applied({"reason": "restart: the controller restarted",
+                                    "dead_workers": sorted(self.dead_workers)}, current, new, stats, started_ns)
             log.warning("placement controller restarted: plan rebuilt from %d live workers at epoch %d",
                         len(live), new.epoch)
             return record
 
     # -- elasticity --------------------------------------------------------------------------------------
-    def scale(self, workers: int, reason: str = "manual") -> dict:
+    def scale(self, workers: int, reason: str = "scale") -> dict:
         """Change the number of live workers to ``workers``: new ones start empty and load their slots from peers;
         leaving ones (the highest numbers, and any dead) are drained: the new plan places their experts elsewhere
         before they stop. Requests flow throughout."""
-        c = self.config
+        c, started_ns = self.config, time.time_ns()
         if workers < c.min_workers or (c.max_workers is not None and workers > c.max_workers):
             raise ValueError(f"workers must lie in [{c.min_workers}, {c.max_workers or 'unbounded'}]; got {workers}")
         with self._switching:
@@ -391,18 +405,14 @@ class PlacementController:
                                 slots_per_worker=self.topology.slots_per_worker)
             current, new = self.plan, self._fit_plan(topology, "scale")
             stats = self._switch(new, old_index=keep + [None] * (workers - len(keep)), dead=frozenset())
-            record = {"reason": reason, "scale": f"{len(live)} -> {workers} workers", "from_epoch": current.epoch,
-                      "epoch": new.epoch, "applied": True, "workers": workers,
-                      "fetched_slots": sum(s.get("fetched_slots", 0) for s in stats),
-                      "read_slots": sum(s.get("read_slots", 0) for s in stats),
-                      "redundant": new.num_slots - new.num_experts}
             self.topology, self.dead_workers = topology, frozenset()
+            record = self._applied({"reason": reason, "scale": f"{len(live)} -> {workers} workers",
+                                    "workers": workers}, current, new, stats, started_ns)
             with self._lock:
                 L, W = new.num_layers, new.num_workers
                 self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=c.window_steps)
                 self._since_take = (self._since_take[0], np.zeros((L, W), np.int64))
                 self._hot_windows = self._steps_since_check = 0
-            self.history.append(record)
             log.info("placement epoch %d -> %d: %s (%s)", current.epoch, new.epoch, record["scale"], reason)
             return record
 
