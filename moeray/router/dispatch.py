@@ -3,7 +3,8 @@
     top_k_index[T,K], top_k_weights[T,K]  (the model's own gate)
       -> pairs (token, expert, weight), pads dropped
       -> pick a replica per pair (spread evenly over an expert's slots on live workers)
-      -> bucket by worker; one call per touched worker carrying only its tokens
+      -> bucket by worker; one call per touched worker carrying only its tokens, sent by the transport
+         (object store: an actor call each; compiled graph: one execute over every worker; moeray.transport)
       -> combine: scatter-add each worker's weighted partial sums back to token order
       (a worker found dead: its pairs go round again on the expert's other replicas; with none left,
        ExpertsUnavailable, and the router waits for the controller to re-place the experts and retries the step)
@@ -23,6 +24,7 @@ import torch
 from moeray import telemetry
 from moeray.placement.plan import Plan
 from moeray.router.load import LoadCounter
+from moeray.transport.base import Transport, WorkerCall, make_transport
 from moeray.transport.object_store import pack, unpack
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,10 @@ class ExpertsUnavailable(RuntimeError):
 
 
 class ExpertDispatcher:
-    def __init__(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle], track_tokens: bool = False) -> None:
+    def __init__(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle], track_tokens: bool = False,
+                 transport: str | Transport = "object_store") -> None:
         self.dead_workers: set[int] = set()
+        self.transport = make_transport(transport, list(workers)) if isinstance(transport, str) else transport
         self.on_worker_lost = None  # called with a worker index when a call to it finds it dead
         self.load = LoadCounter(num_layers=plan.num_layers, num_experts=plan.num_experts,
                                 num_workers=plan.num_workers, track_tokens=track_tokens)
@@ -55,11 +59,13 @@ class ExpertDispatcher:
 
     def set_plan(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle] | None = None) -> None:
         """Switch to a new epoch's plan (and worker handles, when they changed); call between forwards only."""
-        if workers is not None:  # a new worker list (the controller scaled): earlier deaths no longer apply
-            self.dead_workers = set()
+        new_workers = workers is not None
         workers = self.workers if workers is None else list(workers)
         if len(workers) != plan.num_workers:
             raise ValueError(f"the plan places experts on {plan.num_workers} workers; {len(workers)} were given")
+        if new_workers:  # a new worker list (the controller scaled): earlier deaths no longer apply
+            self.dead_workers = set()
+            self.transport.set_workers(workers)
         if getattr(self, "plan", None) is None or plan.num_workers != self.plan.num_workers:
             self.load.resize(plan.num_workers)
         self.plan, self.workers = plan, workers
@@ -130,13 +136,14 @@ class ExpertDispatcher:
         slot_N = self._log2phy_LER[layer, pair_expert_N, replica_N]
         worker_N = self._slot_worker_LP[layer, slot_N]
         local_slot_N = self._local_slot_LP[layer, slot_N]
-        # 3. One call per touched worker, carrying only the tokens it needs.
-        calls = []
+        # 3. One call per touched worker, carrying only the tokens it needs; the transport sends them all.
+        calls: dict[int, WorkerCall] = {}
+        shares = []
         for worker in worker_N.unique().tolist():
             sel_N = worker_N == worker
             tokens_T = pair_token_N[sel_N].unique()  # sorted
             pair_local_token_N = torch.searchsorted(tokens_T, pair_token_N[sel_N])
-            ref = self.workers[worker].forward.remote(
+            calls[worker] = (
                 self.plan.epoch,
                 layer,
                 pack(x_TH.index_select(0, tokens_T.to(x_TH.device))),
@@ -144,20 +151,20 @@ class ExpertDispatcher:
                 local_slot_N[sel_N].to(torch.int32).numpy(),
                 pair_weight_N[sel_N].numpy(),
             )
-            calls.append((worker, sel_N, tokens_T, ref))
+            shares.append((worker, sel_N, tokens_T))
         self.workers_touched = len(calls)
+        sent = self.transport.send(calls)
         # 4. Combine what came back; a dead worker's pairs go round again, on the replicas that remain.
         retry_N = torch.zeros_like(worker_N, dtype=torch.bool)
-        for worker, sel_N, tokens_T, ref in calls:
-            try:
-                wire = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                log.warning("expert worker %d died during MoE layer %d; re-dispatching its %d pairs",
-                            worker, layer, int(sel_N.sum()))
-                self.mark_dead(worker)
+        for worker in sorted(sent.lost):
+            log.warning("expert worker %d died during MoE layer %d; re-dispatching its %d pairs",
+                        worker, layer, int((worker_N == worker).sum()))
+            self.mark_dead(worker)
+        for worker, sel_N, tokens_T in shares:
+            if worker in sent.lost:
                 retry_N |= sel_N
                 continue
-            y_TH.index_add_(0, tokens_T.to(x_TH.device), unpack(wire, x_TH.device))
+            y_TH.index_add_(0, tokens_T.to(x_TH.device), unpack(sent.results[worker], x_TH.device))
             self.load.count(layer, pair_expert_N[sel_N], worker_N[sel_N],
                             None if token_id_N is None else token_id_N[sel_N])
         if retry_N.any():

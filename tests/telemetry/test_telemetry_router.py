@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-import moeray.router.dispatch as dispatch_module
+import moeray.transport.object_store as object_store_module
 from moeray import telemetry
 from moeray.kernels import ExpertWeights, grouped_experts
 from moeray.model.backbone import inspect_checkpoint
@@ -51,8 +51,8 @@ class FakeWorker:
 @pytest.fixture
 def router(checkpoints, monkeypatch):
     path = checkpoints["mixtral"]
-    monkeypatch.setattr(dispatch_module, "ray", types.SimpleNamespace(get=lambda ref, **_: ref,
-                                                                      exceptions=ray.exceptions))
+    monkeypatch.setattr(object_store_module, "ray", types.SimpleNamespace(get=lambda ref, **_: ref,
+                                                                          exceptions=ray.exceptions))
     threads = torch.get_num_threads()
     spec = inspect_checkpoint(path).spec
     plan = static_plan("contiguous", num_layers=len(spec.moe_layers), num_experts=spec.num_experts, num_workers=2)

@@ -1,0 +1,55 @@
+"""The transport interface: how one MoE layer's per-worker payloads reach the expert workers and come back.
+
+The dispatcher decides what each worker gets (``moeray.router.dispatch``); a transport only moves it:
+
+    send({worker: WorkerCall}) -> Sent(results={worker: WireTensor}, lost={workers found dead})
+
+- ``object_store`` (always works): one ``worker.forward.remote(*call)`` per touched worker, numpy payloads through
+  Ray's object store.
+- ``compiled_graph``: one Ray compiled graph over all the router's workers, executed once per MoE layer through
+  shared-memory channels (an untouched worker gets ``None`` and answers at once). One router only: a worker can be
+  in one compiled graph at a time, and only the process that compiled a graph may execute it.
+
+A worker found dead is reported in ``lost``; the dispatcher routes its pairs to other replicas and sends again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+WireTensor = tuple[np.ndarray, str]  # see moeray.transport.object_store.pack
+
+# (epoch, MoE layer, x [T, H], pair_token_N, pair_slot_N, pair_weight_N): one worker's share of one layer, the
+# arguments of ExpertWorker.forward. NOTE: the epoch travels in it, so a plan switch never rebuilds a transport.
+WorkerCall = tuple[int, int, WireTensor, np.ndarray, np.ndarray, np.ndarray]
+
+TRANSPORTS = ("object_store", "compiled_graph")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    results: dict[int, WireTensor]  # per worker that answered: its experts' weighted outputs per token it got
+    lost: frozenset[int] = frozenset()  # workers found dead (a compiled graph may find some that had no call)
+
+
+class Transport(Protocol):
+    def send(self, calls: dict[int, WorkerCall]) -> Sent:
+        """Run every call (keyed by worker index); a worker's error other than its death raises here."""
+
+    def set_workers(self, workers: list) -> None:
+        """A new worker list (the controller scaled): earlier deaths no longer apply. Call between sends."""
+
+    def close(self) -> None: ...
+
+
+def make_transport(name: str, workers: list) -> Transport:
+    if name == "object_store":
+        from moeray.transport.object_store import ObjectStoreTransport
+        return ObjectStoreTransport(workers)
+    if name == "compiled_graph":
+        from moeray.transport.compiled_graph import CompiledGraphTransport
+        return CompiledGraphTransport(workers)
+    raise ValueError(f"transport {name!r} is not one of {TRANSPORTS}")
