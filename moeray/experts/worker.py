@@ -76,6 +76,7 @@ class ExpertWorker:
         self._epochs: dict[int, tuple[list[list[int]], list[ExpertWeights | None]]] = {}
         self.epoch = epoch  # the newest committed epoch
         self.read_slots = self.fetched_slots = 0  # slots read from the checkpoint / fetched from peers, ever
+        self._compiled_tasks = None  # this worker's share of the compiled graph it runs (hold_compiled)
         self._epochs[epoch] = (self._copy(experts_per_layer), self._build(experts_per_layer, {}, {}))
 
     @staticmethod
@@ -122,7 +123,8 @@ class ExpertWorker:
     # -- the hot path ------------------------------------------------------------------------------------
     def forward(self, epoch: int, layer: int, x: WireTensor, pair_token_N: np.ndarray, pair_slot_N: np.ndarray,
                 pair_weight_N: np.ndarray) -> WireTensor:
-        entry = self._epochs.get(epoch)
+        with self._lock:  # NOTE: forward also runs on a compiled graph's thread, beside prepare and commit
+            entry = self._epochs.get(epoch)
         if entry is None:
             raise StaleEpoch(f"worker {self.worker_index} holds plan epochs {sorted(self._epochs)}; a call named "
                              f"epoch {epoch}")
@@ -144,6 +146,27 @@ class ExpertWorker:
             telemetry.M.expert_compute.record(time.perf_counter() - started,
                                               telemetry.attrs(worker=self.worker_index, layer=layer))
         return out
+
+    def forward_compiled(self, call: tuple | None) -> WireTensor | None:
+        """The compiled-graph path (moeray.transport.compiled_graph): ``forward``'s arguments as one tuple, or
+        None when this layer sends this worker nothing, answered at once."""
+        return None if call is None else self.forward(*call)
+
+    def hold_compiled(self, tasks: list) -> None:
+        """Keep this worker's share of the compiled graph it runs now, so a router that restarted can cancel it."""
+        with self._lock:
+            self._compiled_tasks = tasks
+
+    def release_compiled(self) -> bool:
+        """Cancel the compiled graph held here, if any (its loop exits); True if there was one. A router calls it
+        before compiling, since an actor can be in one compiled graph at a time."""
+        with self._lock:
+            tasks, self._compiled_tasks = self._compiled_tasks, None
+        if tasks is None:
+            return False
+        from ray.dag.compiled_dag_node import do_cancel_executable_tasks
+        do_cancel_executable_tasks(self, tasks)  # harmless on a graph already torn down
+        return True
 
     # -- plan switches -----------------------------------------------------------------------------------
     def prepare(self, epoch: int, experts_per_layer: list[list[int]], peers: list | None = None) -> dict:
@@ -204,6 +227,10 @@ class ExpertWorker:
     def echo(self, payload):
         """Return the payload untouched: ``moeray bench layer`` measures the bare transport floor with it."""
         return payload[0]
+
+    def echo_compiled(self, call: tuple | None):
+        """``echo`` for a compiled graph (``forward_compiled``'s payload): returns its x untouched."""
+        return None if call is None else call[2]
 
     def resident_bytes(self) -> int:
         with self._lock:

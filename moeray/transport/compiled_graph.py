@@ -1,0 +1,153 @@
+"""The compiled-graph transport: one Ray compiled graph over all of a router's workers, one ``execute`` per layer.
+
+    execute(call_0, ..., call_W-1)          one payload per worker in the graph (None: untouched this layer)
+      ├─▶ worker 0: forward_compiled(call_0) ─┐
+      ├─▶ ...                                 ├─▶ MultiOutputNode ─▶ results, in worker order
+      └─▶ worker W-1: forward_compiled(...)  ─┘
+
+On CPU the edges are Ray's shared-memory channels; nothing goes through the object store or the actor task
+queue per layer. Ray's constraints shape the rest:
+- only the process that compiled a graph may execute it, and an actor can be in one compiled graph at a time:
+  this transport serves a single router (``EngineConfig`` enforces ``routers == 1``);
+- membership is fixed at compile time: a new worker list tears the graph down and compiles a new one (lazily, at
+  the next send); a plan switch alone does not, since the epoch travels in each payload;
+- a worker that dies makes ``execute`` raise: the graph is torn down, the dead are found by ping and reported in
+  ``Sent.lost``, and the calls of the live ones go again on a graph compiled over the live workers only;
+- each worker keeps its share of the graph's executable tasks (``ExpertWorker.hold_compiled``), so that a router
+  Ray restarted after a crash can cancel the graph its previous incarnation left running there before it
+  compiles its own (``release_compiled``); without that, the new graph's loop would queue behind the old one.
+Ray runs a compiled graph's loop on the actor's ``_ray_system`` thread, so a worker in a graph still answers its
+ordinary methods (info, prepare, commit) on its other threads.
+
+NCCL (``with_tensor_transport``) does not apply here: it joins actors inside a graph, and the router is the
+graph's driver, whose input and output edges are always shared memory. On GPUs the payloads are host copies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
+
+from moeray.transport.base import Sent, WorkerCall
+
+log = logging.getLogger(__name__)
+
+GET_TIMEOUT_S = 300.0  # one layer's results; Ray's default (10 s) is too short for a loaded CPU machine
+PING_TIMEOUT_S = 30.0
+MAX_ATTEMPTS = 3  # executions of one layer: a death found per attempt, then give up
+
+
+def _actor_ids(workers: list) -> list:
+    return [getattr(w, "_actor_id", id(w)) for w in workers]
+
+
+class CompiledGraphTransport:
+    def __init__(self, workers: list, get_timeout_s: float = GET_TIMEOUT_S) -> None:
+        self.workers = list(workers)
+        self.get_timeout_s = get_timeout_s
+        self.dead: set[int] = set()
+        self.graph = None
+        self.members: list[int] = []  # worker indices in the graph, in its input order
+        self.compiles = 0
+
+    def set_workers(self, workers: list) -> None:
+        if _actor_ids(workers) == _actor_ids(self.workers):
+            return
+        self._teardown()
+        self.workers, self.dead = list(workers), set()
+
+    def send(self, calls: dict[int, WorkerCall]) -> Sent:
+        lost = {w for w in calls if w in self.dead}
+        for attempt in range(MAX_ATTEMPTS):
+            if self.graph is None:
+                lost |= self._compile()
+            pending = {w: call for w, call in calls.items() if w not in self.dead}
+            if not self.members:
+                return Sent({}, frozenset(lost | set(pending)))
+            try:
+                outs = ray.get(self.graph.execute(*[pending.get(w) for w in self.members]),
+                               timeout=self.get_timeout_s)
+            except RayChannelTimeoutError:
+                self._teardown()  # an execution still in flight leaves the channels out of step
+                raise
+            except (RayChannelError, RayActorError) as e:
+                self._teardown()
+                dead = self._find_dead(self.members)
+                if not dead and attempt > 0:
+                    raise
+                log.warning("compiled graph execution failed (%s); workers %s dead; recompiling over the others",
+                            type(e).__name__, sorted(dead))
+                self.dead |= dead
+                lost |= dead
+                continue
+            return Sent({w: out for w, out in zip(self.members, outs) if w in pending}, frozenset(lost))
+        raise RuntimeError(f"the compiled graph failed {MAX_ATTEMPTS} times in a row")
+
+    def close(self) -> None:
+        self._teardown()
+
+    # -- the graph -----------------------------------------------------------------------------------------
+    def _compile(self) -> set[int]:
+        """Compile over the live workers; returns the workers found dead on the way (added to ``self.dead``)."""
+        from ray.dag import InputNode, MultiOutputNode
+
+        found: set[int] = set()
+        while True:
+            members = [w for w in range(len(self.workers)) if w not in self.dead]
+            # 1. Free the workers from a graph an earlier incarnation of this router may have left on them.
+            dead = self._call_each(members, "release_compiled")
+            if dead:
+                self.dead |= dead
+                found |= dead
+                continue
+            if not members:
+                self.members = []
+                return found
+            # 2. One node per worker, each reading its own element of the input tuple.
+            with InputNode() as inp:
+                out = MultiOutputNode([self.workers[w].forward_compiled.bind(inp[i]) for i, w in enumerate(members)])
+            try:
+                graph = out.experimental_compile()
+            except (RayChannelError, RayActorError):
+                dead = self._find_dead(members)
+                if not dead:
+                    raise
+                self.dead |= dead
+                found |= dead
+                continue
+            break
+        self.graph, self.members = graph, members
+        self.compiles += 1
+        # 3. Each worker keeps its tasks (see the module docstring); private to Ray, so only where it exists.
+        tasks = getattr(graph, "actor_to_executable_tasks", None)
+        if tasks is not None:
+            ray.get([self.workers[w].hold_compiled.remote(tasks[self.workers[w]]) for w in members],
+                    timeout=PING_TIMEOUT_S)
+        log.info("compiled graph over workers %s (compile %d)", members, self.compiles)
+        return found
+
+    def _teardown(self) -> None:
+        graph, self.graph, self.members = self.graph, None, []
+        if graph is not None:
+            try:
+                graph.teardown()
+            except Exception:  # noqa: BLE001 - a graph whose actors died tears down with errors; it is gone either way
+                log.exception("compiled graph teardown failed")
+
+    def _find_dead(self, members: list[int]) -> set[int]:
+        return self._call_each(members, "ping")
+
+    def _call_each(self, members: list[int], method: str) -> set[int]:
+        """Call ``method`` on each worker; returns those found dead (one that is merely slow is not)."""
+        refs = {w: getattr(self.workers[w], method).remote() for w in members}
+        dead = set()
+        for w, ref in refs.items():
+            try:
+                ray.get(ref, timeout=PING_TIMEOUT_S)
+            except RayActorError:
+                dead.add(w)
+            except GetTimeoutError:
+                log.warning("worker %d did not answer %s within %.0fs", w, method, PING_TIMEOUT_S)
+        return dead
