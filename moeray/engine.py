@@ -27,6 +27,7 @@ from moeray.placement.policies import STATIC_POLICIES, static_plan
 from moeray.placement.topology import Budget, parse_bytes, slots_per_worker
 from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.router import Router
+from moeray.transport import TRANSPORTS
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class EngineConfig:
     start_timeout_s: float = 600.0  # how long workers may wait for devices (an autoscaler adding nodes)
     worker_memory: str | int | None = None  # per-worker budget for expert slots, e.g. '20GiB' (None: just enough)
     track_tokens: bool = False  # count which token ids each expert receives (moeray placement inspect)
+    # The per-layer data path: "object_store" (an actor call per touched worker) or "compiled_graph" (one Ray
+    # compiled graph over all workers, shared-memory channels; a single router only). See moeray.transport.
+    transport: str = "object_store"
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)  # off unless it names an exporter
 
@@ -64,6 +68,12 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.placement not in STATIC_POLICIES:
             raise ValueError(f"placement {self.placement!r} is not one of {STATIC_POLICIES}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport {self.transport!r} is not one of {TRANSPORTS}")
+        if self.transport == "compiled_graph" and self.routers != 1:
+            # NOTE: Ray: an actor is in one compiled graph at a time, and only its compiling process executes it.
+            raise ValueError(f"transport 'compiled_graph' serves a single router (each expert worker can be in one "
+                             f"compiled graph at a time); got routers={self.routers}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -139,6 +149,7 @@ class Engine:
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
                 num_threads=config.threads_per_actor, track_tokens=config.track_tokens,
                 telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
+                transport=config.transport,
             ))
         ray.get([r.ping.remote() for r in self.routers])
         # NOTE: the controller is the only writer of the plan from here on.

@@ -51,6 +51,7 @@ class Router:
         restore_timeout_s: float = 120.0,
         controller_name: str | None = None,
         telemetry_config: telemetry.TelemetryConfig | None = None,
+        transport: str = "object_store",
     ) -> None:
         torch.set_num_threads(num_threads)
         telemetry.setup(telemetry_config)
@@ -64,7 +65,7 @@ class Router:
                 plan, workers = ray.get(self.controller.plan_and_workers.remote())
             except ValueError:
                 pass
-        self.dispatcher = ExpertDispatcher(plan, workers, track_tokens=track_tokens)
+        self.dispatcher = ExpertDispatcher(plan, workers, track_tokens=track_tokens, transport=transport)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(checkpoint_path, loaded.checkpoint.config)
@@ -174,7 +175,8 @@ class Router:
             return self.scheduler.score(ids, mask).float().cpu().numpy()
 
     def set_plan(self, plan: Plan, workers: list | None = None) -> int:
-        """Switch to ``plan`` between forwards (a forward in flight finishes on the old epoch); returns the epoch."""
+        """Switch to ``plan`` between forwards (a forward in flight finishes on the old epoch); returns the epoch.
+        New ``workers`` rebuild the transport's view of them (a compiled graph is torn down and compiled again)."""
         with self.scheduler.forward_lock:
             self.dispatcher.set_plan(plan, workers)
         return plan.epoch
@@ -201,7 +203,9 @@ class Router:
     def stats(self) -> dict:
         s = self.scheduler
         return {"steps": s.steps, "running": len(s.running), "waiting": s.num_waiting, "step_s": s.step_s,
-                "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s}
+                "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s,
+                "transport": type(self.dispatcher.transport).__name__,
+                "graph_compiles": getattr(self.dispatcher.transport, "compiles", 0)}
 
     def ping(self) -> bool:
         return True
@@ -209,6 +213,8 @@ class Router:
     def shutdown(self) -> None:
         self._stopped.set()
         self._loop.join(timeout=5)
+        with self.scheduler.forward_lock:
+            self.dispatcher.transport.close()  # a compiled graph: its workers' loops exit
         telemetry.shutdown()  # flush: the engine kills this actor next
 
 
