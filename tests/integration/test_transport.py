@@ -1,0 +1,112 @@
+"""The compiled-graph data path against transformers and against the object-store path: same tokens, same logits,
+through a rebalance, a scale 2 -> 3 -> 2, a worker killed mid-generation, and a router Ray restarted.
+
+Ray's compiled-graph actors poll their channels: 2 workers per engine (3 while scaled), one thread each."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from ray._common.test_utils import wait_for_condition
+
+from conftest import PROMPTS, _ray_start, assert_logits_close
+from moeray import Engine, EngineConfig, SamplingParams
+
+pytestmark = pytest.mark.ray
+SAMPLING = SamplingParams(max_new_tokens=16)
+KILL_SAMPLING = SamplingParams(max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with _ray_start():
+        yield
+
+
+def _compiled(path: str, **kwargs) -> Engine:
+    return Engine(EngineConfig(model=path, workers=2, transport="compiled_graph", **kwargs))
+
+
+def _stats(engine: Engine) -> dict:
+    return ray.get(engine.routers[0].stats.remote())
+
+
+def _outputs(engine: Engine, sampling: SamplingParams = SAMPLING) -> list[list[int]]:
+    return [r.output_ids for r in engine.generate(PROMPTS, sampling)]
+
+
+def test_config_names_a_bad_transport_and_the_router_count():
+    with pytest.raises(ValueError, match=r"transport 'nccl' is not one of \('object_store', 'compiled_graph'\)"):
+        EngineConfig(model="m", transport="nccl")
+    with pytest.raises(ValueError, match=r"'compiled_graph' serves a single router.*routers=2"):
+        EngineConfig(model="m", transport="compiled_graph", routers=2)
+    assert EngineConfig(model="m").transport == "object_store"
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_compiled_graph_matches_transformers_and_the_object_store(arch, cluster, checkpoints, oracle):
+    ref = oracle(arch)
+    expected = [ref.greedy(p) for p in PROMPTS]
+    with Engine(EngineConfig(model=checkpoints[arch], workers=2, replicas=2)) as engine:
+        store_outputs = _outputs(engine)
+        store_logits = torch.tensor(engine.score([PROMPTS[1]])[0])
+    with _compiled(checkpoints[arch], replicas=2) as engine:
+        for prompt in PROMPTS[:2]:
+            assert_logits_close(engine.score([prompt])[0], ref.logits(prompt))
+        assert_logits_close(engine.score([PROMPTS[1]])[0], store_logits)
+        assert _outputs(engine) == expected == store_outputs
+        stats = _stats(engine)
+        assert stats["transport"] == "CompiledGraphTransport" and stats["graph_compiles"] == 1
+        # Workers in the graph still answer their ordinary methods (the graph runs on Ray's system thread).
+        assert [info["worker"] for info in engine.workers_info()] == [0, 1]
+
+
+def test_rebalance_and_scale_keep_outputs_and_rebuild_only_on_membership(cluster, checkpoints, oracle):
+    ref = oracle("mixtral")
+    expected = [ref.greedy(p) for p in PROMPTS]
+    with _compiled(checkpoints["mixtral"], replicas=2) as engine:
+        assert _outputs(engine) == expected
+        record = engine.rebalance(policy="round_robin")  # prepare and commit reach workers that are in the graph
+        assert record["applied"]
+        assert _outputs(engine) == expected
+        assert _stats(engine)["graph_compiles"] == 1, "a plan switch alone keeps the graph; the epoch is in the payload"
+        for workers, compiles in [(3, 2), (2, 3)]:
+            assert engine.scale(workers)["applied"]
+            assert len(engine.workers_info()) == workers
+            assert _outputs(engine) == expected
+            assert _stats(engine)["graph_compiles"] == compiles, "a new worker list recompiles"
+
+
+def test_a_worker_dies_mid_generation_and_its_replicas_take_over(cluster, checkpoints, oracle):
+    ref = oracle("mixtral")
+    expected = [ref.greedy(p, 24) for p in PROMPTS] + [ref.greedy(PROMPTS[1], 24)]
+    with _compiled(checkpoints["mixtral"], replicas=8) as engine:  # every expert on both workers
+        assert all(sorted(ws) == [0, 1] for layer in engine.plan.replica_workers() for ws in layer)
+        stream = engine.stream(PROMPTS[1], KILL_SAMPLING, request_id="watched")
+        refs = [engine.submit(p, KILL_SAMPLING) for p in PROMPTS]
+        watched = list(next(stream).token_ids)  # generation is under way
+        ray.kill(engine.workers[1])
+        watched += [t for chunk in stream for t in chunk.token_ids]
+        assert [r.output_ids for r in ray.get(refs, timeout=300)] + [watched] == expected
+        assert _stats(engine)["graph_compiles"] >= 2, "recompiled over the live worker"
+        wait_for_condition(lambda: engine.plan.experts_of(1) == [[]] * len(engine.spec.moe_layers), timeout=60)
+        assert _outputs(engine, KILL_SAMPLING) == expected[:-1]
+
+
+def test_a_restarted_router_takes_the_workers_back_from_its_old_graph(cluster, checkpoints, oracle):
+    ref = oracle("mixtral")
+    expected = [ref.greedy(p) for p in PROMPTS]
+    with _compiled(checkpoints["mixtral"]) as engine:
+        assert _outputs(engine) == expected
+        ray.kill(engine.routers[0], no_restart=False)  # its graph's loops stay on the workers
+
+        def answers() -> bool:
+            try:
+                return ray.get(engine.routers[0].ping.remote(), timeout=5)
+            except ray.exceptions.RayError:
+                return False
+
+        wait_for_condition(answers, timeout=120)
+        assert _outputs(engine) == expected
+        assert _stats(engine)["graph_compiles"] == 1, "the new incarnation compiled its own graph"
