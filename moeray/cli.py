@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from moeray.serving.app import start_serving
 
     from moeray import telemetry
-    from moeray.placement.controller import ControllerConfig
+    from moeray.placement.config import ControllerConfig
 
     try:
         controller = ControllerConfig.from_file(

@@ -21,7 +21,7 @@ from moeray.experts.worker import WorkerSpawner
 from moeray.telemetry import TelemetryConfig
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.placement.actors import ControllerActor, topology_of
-from moeray.placement.controller import ControllerConfig
+from moeray.placement.config import ControllerConfig
 from moeray.placement.plan import Plan
 from moeray.placement.policies import STATIC_POLICIES, static_plan
 from moeray.placement.topology import Budget, parse_bytes, slots_per_worker

@@ -13,7 +13,8 @@ import threading
 import ray
 
 from moeray import telemetry
-from moeray.placement.controller import ControllerConfig, PlacementController
+from moeray.placement.config import ControllerConfig
+from moeray.placement.controller import PlacementController
 from moeray.placement.plan import Plan
 from moeray.placement.topology import Budget, Topology
 

@@ -30,70 +30,13 @@ import numpy as np
 import torch
 
 from moeray import telemetry
+from moeray.placement.config import ControllerConfig
 from moeray.placement.load import LoadWindow, imbalance_L, worker_load_LW
 from moeray.placement.plan import Plan
 from moeray.placement.policies import resolve_policy
 from moeray.placement.topology import Budget, Topology
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ControllerConfig:
-    policy: str = "replicated"  # a built-in name or an import path 'package.module:function'
-    policy_params: dict = dataclasses.field(default_factory=dict)
-    window_steps: int = 64  # the load window: the last N step records of all routers
-    poll_interval_s: float = 0.5  # how often load is pulled from the routers
-    imbalance_threshold: float | None = None  # rebalance when measured imbalance stays above this ...
-    consecutive_windows: int = 3  # ... for this many consecutive full windows (None threshold: never)
-    rebalance_interval_s: float | None = None  # also rebalance on this schedule (None: never)
-    min_gain: float = 0.05  # automatic rebalances apply only if expected imbalance drops by this fraction
-    weight_source: str = "peer"  # 'peer': fetch a slot from a worker holding it; 'checkpoint': always re-read
-    max_moved_slots: int | None = None  # per rebalance, for policies that honour a budget (migration_aware)
-    max_moved_bytes: int | None = None
-    min_workers: int = 1  # bounds for ScaleWorkers and the autoscaler
-    max_workers: int | None = None
-    scale_out_queue: float | None = None  # autoscaler: add a worker when requests waiting in routers stay above
-    scale_in_utilisation: float | None = None  # ... remove one when running / batch capacity stays below this
-    autoscale_polls: int = 5  # ... for this many consecutive polls (hysteresis)
-
-    def __post_init__(self) -> None:
-        if self.window_steps < 1 or self.consecutive_windows < 1:
-            raise ValueError(f"window_steps ({self.window_steps}) and consecutive_windows "
-                             f"({self.consecutive_windows}) must be >= 1")
-        if self.poll_interval_s <= 0:
-            raise ValueError(f"poll_interval_s must be > 0; got {self.poll_interval_s}")
-        if self.imbalance_threshold is not None and self.imbalance_threshold < 1.0:
-            raise ValueError(f"imbalance_threshold must be >= 1.0 (1.0 is perfect balance); "
-                             f"got {self.imbalance_threshold}")
-        if self.rebalance_interval_s is not None and self.rebalance_interval_s <= 0:
-            raise ValueError(f"rebalance_interval_s must be > 0 or None; got {self.rebalance_interval_s}")
-        if self.min_workers < 1 or (self.max_workers is not None and self.max_workers < self.min_workers):
-            raise ValueError(f"worker bounds [{self.min_workers}, {self.max_workers}] need 1 <= min <= max")
-        if self.autoscale_polls < 1:
-            raise ValueError(f"autoscale_polls must be >= 1; got {self.autoscale_polls}")
-        if self.weight_source not in ("peer", "checkpoint"):
-            raise ValueError(f"weight_source {self.weight_source!r} is not one of ('peer', 'checkpoint')")
-        resolve_policy(self.policy)  # fail now, naming the policy, rather than at the first rebalance
-
-    @classmethod
-    def from_file(cls, path: str | None, **overrides) -> ControllerConfig:
-        """Fields from a YAML or JSON file (``policy``, ``policy_params``, ``window_steps``, ...), then the
-        ``overrides`` that are not None."""
-        import yaml  # YAML is a superset of JSON
-
-        fields = {}
-        if path:
-            with open(path) as f:
-                fields = yaml.safe_load(f) or {}
-            if not isinstance(fields, dict):
-                raise ValueError(f"placement config {path} must be a mapping of settings; got {type(fields).__name__}")
-            unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
-            if unknown:
-                raise ValueError(f"placement config {path}: unknown settings {unknown}; known: "
-                                 f"{sorted(f.name for f in dataclasses.fields(cls))}")
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**fields)
 
 
 class ActorOps(Protocol):

@@ -361,7 +361,7 @@ def build_app(args: dict):
     import ray
 
     from moeray.engine import EngineConfig
-    from moeray.placement.controller import ControllerConfig
+    from moeray.placement.config import ControllerConfig
 
     args = dict(args)
     serving = {k: args.pop(k) for k in ("model_name", "max_ongoing_requests", "max_queued_requests", "app_name")

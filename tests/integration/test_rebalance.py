@@ -12,7 +12,7 @@ import ray
 from conftest import _ray_start
 from moeray import Engine, EngineConfig, SamplingParams
 from moeray.model.tiny import save_tiny_checkpoint
-from moeray.placement.controller import ControllerConfig
+from moeray.placement.config import ControllerConfig
 
 pytestmark = pytest.mark.ray
 

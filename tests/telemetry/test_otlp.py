@@ -50,7 +50,7 @@ def test_spans_and_metrics_reach_the_collector_with_headers(collector):
 def test_served_engine_exports_request_step_and_dispatch_traces_and_metrics(collector, checkpoints):
     from conftest import _ray_start
     from moeray import Engine, EngineConfig
-    from moeray.placement.controller import ControllerConfig
+    from moeray.placement.config import ControllerConfig
     from moeray.serving.app import start_serving
     from moeray.serving.gen import generate_pb2, generate_pb2_grpc
 

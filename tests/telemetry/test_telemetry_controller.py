@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeray.placement.controller import ControllerConfig, PlacementController
+from moeray.placement.config import ControllerConfig
+from moeray.placement.controller import PlacementController
 from moeray.placement.policies import static_plan
 from moeray.placement.topology import Budget, Topology
 from otel_helpers import otel, point

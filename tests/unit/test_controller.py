@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from moeray.placement.controller import ControllerConfig, PlacementController
+from moeray.placement.config import ControllerConfig
+from moeray.placement.controller import PlacementController
 from moeray.placement.plan import Plan
 from moeray.placement.policies import static_plan
 from moeray.placement.topology import Budget, Topology
@@ -18,7 +18,7 @@ def lpt(load_LE, topology, current, budget):
     """Longest-processing-time packing, no replicas: enough of a policy to drive the controller."""
     replicas = []
     for load_E in load_LE.tolist():
-        fill, slots, workers_of = [0.0] * topology.num_workers, [0] * topology.num_workers, []
+        fill, slots = [0.0] * topology.num_workers, [0] * topology.num_workers
         placed = {}
         for e in sorted(range(len(load_E)), key=lambda e: (-load_E[e], e)):
             w = min((w for w in range(topology.num_workers) if slots[w] < topology.slots_per_worker),
