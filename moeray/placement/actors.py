@@ -14,7 +14,7 @@ import ray
 
 from moeray import telemetry
 from moeray.placement.config import ControllerConfig
-from moeray.placement.controller import PlacementController
+from moeray.placement.controller import PlacementController, WorkersDied
 from moeray.placement.plan import Plan
 from moeray.placement.topology import Budget, Topology
 
@@ -59,15 +59,22 @@ class RayActorOps:
         refs = [w.prepare.remote(epoch, experts, [(self.workers[p], pairs) for p, pairs in peers.items()])
                 for i, (w, experts, peers) in enumerate(zip(self.next_workers, experts_per_worker, peers_per_worker))
                 if i not in skip]
-        return ray.get(refs, timeout=self.timeout_s)
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.RayError:
+            # A target or a peer it fetched from may have died (its node went, say): name the dead, if any.
+            dead = [i for i, info in enumerate(self.worker_infos(timeout_s=10)) if info is None and i not in skip]
+            if dead:
+                raise WorkersDied(dead) from None
+            raise
 
-    def worker_infos(self) -> list[dict | None]:
-        """Each worker's info (its slots and epochs), None for one that does not answer."""
+    def worker_infos(self, timeout_s: float | None = None) -> list[dict | None]:
+        """Each current worker's info (its slots and epochs), None for one that is dead or does not answer."""
         out = []
         for ref in [w.info.remote() for w in self.workers]:
             try:
-                out.append(ray.get(ref, timeout=self.timeout_s))
-            except ray.exceptions.RayActorError:
+                out.append(ray.get(ref, timeout=timeout_s or self.timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 out.append(None)
         return out
 

@@ -38,6 +38,16 @@ from moeray.placement.topology import Budget, Topology
 
 log = logging.getLogger(__name__)
 
+RESTORE_ATTEMPTS = 3  # a restore that finds more dead workers while it switches plans again without them
+
+
+class WorkersDied(RuntimeError):
+    """A switch failed because these workers (current numbering) are dead."""
+
+    def __init__(self, workers: list[int]) -> None:
+        super().__init__(f"expert workers {workers} died")
+        self.workers = workers
+
 
 class ActorOps(Protocol):
     """Calls to the workers and routers. ``skip`` names workers known dead: they are not called."""
@@ -237,8 +247,15 @@ class PlacementController:
             if not any(w in self.dead_workers for layer in self.plan.replica_workers() for ws in layer for w in ws):
                 return {"applied": False, "epoch": self.plan.epoch, "dead_workers": sorted(self.dead_workers)}
             current = self.plan
-            new = self._plan_without(self.dead_workers)
-            stats = self._switch(new)
+            for attempt in range(RESTORE_ATTEMPTS):
+                new = self._plan_without(self.dead_workers)
+                try:
+                    stats = self._switch(new)
+                    break
+                except WorkersDied as e:  # more died than the routers have noticed yet: plan without them too
+                    if attempt == RESTORE_ATTEMPTS - 1:
+                        raise
+                    self.dead_workers = self.dead_workers | frozenset(e.workers)
             read = sum(s.get("read_slots", 0) for s in stats)
             record = self._applied({"reason": f"failure: workers {sorted(self.dead_workers)} lost",
                                     "dead_workers": sorted(self.dead_workers)}, current, new, stats, started_ns)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moeray.placement.config import ControllerConfig
-from moeray.placement.controller import PlacementController
+from moeray.placement.controller import PlacementController, WorkersDied
 from moeray.placement.plan import Plan
 from moeray.placement.policies import static_plan
 from moeray.placement.topology import Budget, Topology
@@ -34,6 +34,7 @@ class FakeOps:
         self.calls: list[tuple] = []
         self.reports: list[dict] = []
         self.fail_prepare = False
+        self.unnoticed_dead: set[int] = set()
 
     def take_loads(self):
         reports, self.reports = self.reports, []
@@ -50,6 +51,8 @@ class FakeOps:
         self.calls.append(("prepare", epoch, experts_per_worker, peers_per_worker, skip))
         if self.fail_prepare:
             raise RuntimeError("worker 2 ran out of memory")
+        if self.unnoticed_dead - set(skip):
+            raise WorkersDied(sorted(self.unnoticed_dead - set(skip)))
         return [{"worker": w} for w in range(len(experts_per_worker))]
 
     def switch(self, plan):
@@ -296,3 +299,13 @@ def test_rebalance_after_a_loss_never_places_slots_on_the_dead():
     assert record["applied"] and controller.plan.experts_of(2) == [[], []]
     # imbalance is measured over the live workers: a dead worker's empty column does not count
     assert record["expected_imbalance_after"] < 4.0
+
+
+def test_restore_that_finds_more_dead_workers_plans_again_without_them():
+    controller, ops = make(ControllerConfig(policy="replicated"), redundant=4, slots=6)
+    ops.unnoticed_dead = {3}  # its node went too; no router has called it yet
+    record = controller.restore([2])
+    assert record["dead_workers"] == [2, 3]
+    assert [c[0] for c in ops.calls] == ["prepare", "abort", "prepare", "switch", "commit"]
+    assert controller.plan.experts_of(2) == controller.plan.experts_of(3) == [[], []]
+    assert (controller.plan.replica_count_LE >= 1).all()
