@@ -107,6 +107,11 @@ class Router:
         while not self._stopped.is_set():
             if self.scheduler.wait_for_work(timeout=0.1):
                 self.scheduler.step()
+            elif self.scheduler.forward_lock.acquire(blocking=False):  # idle: a compiled graph stops polling
+                try:
+                    self.dispatcher.transport.release_if_idle()
+                finally:
+                    self.scheduler.forward_lock.release()
 
     def new_sequence(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
                      on_token=None, span=None) -> Sequence:
@@ -205,7 +210,8 @@ class Router:
         return {"steps": s.steps, "running": len(s.running), "waiting": s.num_waiting, "step_s": s.step_s,
                 "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s,
                 "transport": type(self.dispatcher.transport).__name__,
-                "graph_compiles": getattr(self.dispatcher.transport, "compiles", 0)}
+                "graph_compiles": getattr(self.dispatcher.transport, "compiles", 0),
+                "graph_idle_releases": getattr(self.dispatcher.transport, "idle_releases", 0)}
 
     def ping(self) -> bool:
         return True

@@ -42,6 +42,9 @@ class Transport(Protocol):
     def set_workers(self, workers: list) -> None:
         """A new worker list (the controller scaled): earlier deaths no longer apply. Call between sends."""
 
+    def release_if_idle(self) -> bool:
+        """Nothing was sent for a while: free what polls (a compiled graph); the next send rebuilds it."""
+
     def close(self) -> None: ...
 
 

@@ -17,7 +17,9 @@ queue per layer. Ray's constraints shape the rest:
   Ray restarted after a crash can cancel the graph its previous incarnation left running there before it
   compiles its own (``release_compiled``); without that, the new graph's loop would queue behind the old one.
 Ray runs a compiled graph's loop on the actor's ``_ray_system`` thread, so a worker in a graph still answers its
-ordinary methods (info, prepare, commit) on its other threads.
+ordinary methods (info, prepare, commit) on its other threads. That loop polls its input channel: measured here,
+an idle worker in a graph burns 0.3-1 of a CPU core. So a graph unused for ``IDLE_TEARDOWN_S`` is torn down (the
+router's loop asks, ``release_if_idle``) and compiled again at the next send.
 
 NCCL (``with_tensor_transport``) does not apply here: it joins actors inside a graph, and the router is the
 graph's driver, whose input and output edges are always shared memory. On GPUs the payloads are host copies.
@@ -26,6 +28,7 @@ graph's driver, whose input and output edges are always shared memory. On GPUs t
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 GET_TIMEOUT_S = 300.0  # one layer's results; Ray's default (10 s) is too short for a loaded CPU machine
 PING_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 3  # executions of one layer: a death found per attempt, then give up
+IDLE_TEARDOWN_S = 10.0  # a compile costs ~0.1-1 s; an idle graph's polling costs a core per few workers
 
 
 def _actor_ids(workers: list) -> list:
@@ -44,13 +48,16 @@ def _actor_ids(workers: list) -> list:
 
 
 class CompiledGraphTransport:
-    def __init__(self, workers: list, get_timeout_s: float = GET_TIMEOUT_S) -> None:
+    def __init__(self, workers: list, get_timeout_s: float = GET_TIMEOUT_S, method: str = "forward_compiled",
+                 idle_teardown_s: float = IDLE_TEARDOWN_S) -> None:
         self.workers = list(workers)
-        self.get_timeout_s = get_timeout_s
+        self.method = method  # the worker method each node runs (``moeray bench layer``'s floor: echo_compiled)
+        self.get_timeout_s, self.idle_teardown_s = get_timeout_s, idle_teardown_s
         self.dead: set[int] = set()
         self.graph = None
         self.members: list[int] = []  # worker indices in the graph, in its input order
-        self.compiles = 0
+        self.compiles = self.idle_releases = 0
+        self.last_send = time.monotonic()
 
     def set_workers(self, workers: list) -> None:
         if _actor_ids(workers) == _actor_ids(self.workers):
@@ -59,6 +66,7 @@ class CompiledGraphTransport:
         self.workers, self.dead = list(workers), set()
 
     def send(self, calls: dict[int, WorkerCall]) -> Sent:
+        self.last_send = time.monotonic()
         lost = {w for w in calls if w in self.dead}
         for attempt in range(MAX_ATTEMPTS):
             if self.graph is None:
@@ -85,6 +93,14 @@ class CompiledGraphTransport:
             return Sent({w: out for w, out in zip(self.members, outs) if w in pending}, frozenset(lost))
         raise RuntimeError(f"the compiled graph failed {MAX_ATTEMPTS} times in a row")
 
+    def release_if_idle(self) -> bool:
+        if self.graph is None or time.monotonic() - self.last_send < self.idle_teardown_s:
+            return False
+        log.info("compiled graph idle for %.0fs: torn down until the next send", self.idle_teardown_s)
+        self._teardown()
+        self.idle_releases += 1
+        return True
+
     def close(self) -> None:
         self._teardown()
 
@@ -107,7 +123,8 @@ class CompiledGraphTransport:
                 return found
             # 2. One node per worker, each reading its own element of the input tuple.
             with InputNode() as inp:
-                out = MultiOutputNode([self.workers[w].forward_compiled.bind(inp[i]) for i, w in enumerate(members)])
+                out = MultiOutputNode([getattr(self.workers[w], self.method).bind(inp[i])
+                                       for i, w in enumerate(members)])
             try:
                 graph = out.experimental_compile()
             except (RayChannelError, RayActorError):

@@ -55,5 +55,8 @@ class ObjectStoreTransport:
                 lost.add(w)
         return Sent(results, frozenset(lost))
 
+    def release_if_idle(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
