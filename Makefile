@@ -41,7 +41,7 @@ protos-check: $(BUF)
 	if git rev-parse --verify -q main >/dev/null; then $(BUF) breaking protos --against '.git#branch=main,subdir=protos'; fi
 
 test: install protos-check
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: install
 	$(VENV)/bin/moeray bench layer
