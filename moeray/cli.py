@@ -151,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = EngineConfig(model=_model_dir(args.model), workers=args.workers, replicas=args.replicas,
                               routers=args.routers, dtype=args.dtype, placement=args.placement,
                               max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
-                              track_tokens=args.track_tokens, controller=controller,
+                              track_tokens=args.track_tokens, controller=controller, transport=args.transport,
                               telemetry=telemetry.config_from_args(args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=2)
     srv.add_argument("--replicas", type=int, default=0)
     srv.add_argument("--routers", type=int, default=1)
+    srv.add_argument("--transport", default="object_store", choices=["object_store", "compiled_graph"],
+                     help="the per-layer data path (compiled_graph: one router only; see README: Data path)")
     srv.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     srv.add_argument("--max-new-tokens-cap", type=int, default=4096)
