@@ -14,6 +14,7 @@ Mutations (rebalance, policy, scale) send ``authorization: Bearer <token>`` with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -54,13 +55,16 @@ def add_online_commands(placement_sub: argparse._SubParsersAction) -> None:
     ins.add_argument("--json", action="store_true")
 
 
-def _stub(args):
+def _rpc(args, method: str, mutates: bool = False, **fields):
+    """One PlacementService call (``method``, its request built from ``fields``) on a channel of its own."""
     import grpc
 
     from moeray.serving.gen import placement_pb2, placement_pb2_grpc
 
-    channel = grpc.insecure_channel(args.target)
-    return channel, placement_pb2_grpc.PlacementServiceStub(channel), placement_pb2
+    request = getattr(placement_pb2, f"{method}Request")(**fields)
+    with grpc.insecure_channel(args.target) as channel:
+        call = getattr(placement_pb2_grpc.PlacementServiceStub(channel), method)
+        return call(request, metadata=_admin_metadata(args) if mutates else None, timeout=args.timeout)
 
 
 def _admin_metadata(args) -> list[tuple[str, str]]:
@@ -72,139 +76,114 @@ def _admin_metadata(args) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")] if token else []
 
 
-def _call(fn) -> int:
-    """Run one RPC-using command; a gRPC error becomes one line on stderr and exit code 2."""
-    import grpc
+def _reports_rpc_errors(command):
+    """A gRPC error becomes one line on stderr and exit code 2."""
+    @functools.wraps(command)
+    def run(args) -> int:
+        import grpc
 
-    try:
-        return fn()
-    except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 2
+        try:
+            return command(args)
+        except grpc.RpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 2
+
+    return run
 
 
+@_reports_rpc_errors
 def cmd_show(args) -> int:
-    def run() -> int:
-        channel, stub, pb = _stub(args)
-        with channel:
-            r = stub.GetPlacement(pb.GetPlacementRequest(), timeout=args.timeout)
-        workers = [{"index": w.index, "node": w.node, "node_id": w.node_id, "device": w.device,
-                    "resident_bytes": w.resident_bytes} for w in r.workers]
-        experts = [[[e for e, sw in zip(layer.phy2log, layer.slot_worker) if sw == w["index"]] for layer in r.layers]
-                   for w in workers]
-        out = {"epoch": r.epoch, "policy": r.policy, "slots_per_worker": r.slots_per_worker,
-               "redundant_slots": r.redundant_slots, "rebalances": r.rebalances, "workers": workers,
-               "experts_per_worker": experts}
-        if args.json:
-            print(json.dumps(out))
-            return 0
-        print(f"epoch {r.epoch}, policy {r.policy}, {r.rebalances} rebalances, {r.slots_per_worker} slots per worker "
-              f"and layer, {r.redundant_slots} redundant per layer")
-        for w, per_layer in zip(workers, experts):
-            print(f"worker {w['index']} (node {w['node']}, {w['device']}, {w['resident_bytes'] / 2**20:.1f} MiB): "
-                  + "; ".join(f"L{l}: {e}" for l, e in enumerate(per_layer)))
+    r = _rpc(args, "GetPlacement")
+    workers = [{"index": w.index, "node": w.node, "node_id": w.node_id, "device": w.device,
+                "resident_bytes": w.resident_bytes} for w in r.workers]
+    experts = [[[e for e, sw in zip(layer.phy2log, layer.slot_worker) if sw == w["index"]] for layer in r.layers]
+               for w in workers]
+    out = {"epoch": r.epoch, "policy": r.policy, "slots_per_worker": r.slots_per_worker,
+           "redundant_slots": r.redundant_slots, "rebalances": r.rebalances, "workers": workers,
+           "experts_per_worker": experts}
+    if args.json:
+        print(json.dumps(out))
         return 0
+    print(f"epoch {r.epoch}, policy {r.policy}, {r.rebalances} rebalances, {r.slots_per_worker} slots per worker "
+          f"and layer, {r.redundant_slots} redundant per layer")
+    for w, per_layer in zip(workers, experts):
+        print(f"worker {w['index']} (node {w['node']}, {w['device']}, {w['resident_bytes'] / 2**20:.1f} MiB): "
+              + "; ".join(f"L{l}: {e}" for l, e in enumerate(per_layer)))
+    return 0
 
-    return _call(run)
 
-
+@_reports_rpc_errors
 def cmd_rebalance(args) -> int:
-    def run() -> int:
-        channel, stub, pb = _stub(args)
-        with channel:
-            r = stub.Rebalance(pb.RebalanceRequest(dry_run=args.dry_run, policy=args.policy,
-                                                   params_json=args.params), metadata=_admin_metadata(args),
-                               timeout=args.timeout)
-        moves = [{"layer": m.layer, "expert": m.expert, "from_worker": m.from_worker, "to_worker": m.to_worker}
-                 for m in r.moves]
-        out = {"epoch": r.epoch, "applied": r.applied, "policy": r.policy, "moved_slots": r.moved_slots,
-               "moved_bytes": r.moved_bytes, "imbalance_before": r.imbalance_before,
-               "imbalance_after": r.imbalance_after, "moves": moves}
-        if args.json:
-            print(json.dumps(out))
-            return 0
-        verb = "applied" if r.applied else "dry run" if args.dry_run else "not applied"
-        print(f"{verb}: epoch {r.epoch} ({r.policy}), {r.moved_slots} slots moved ({r.moved_bytes / 2**20:.1f} MiB), "
-              f"expected imbalance {r.imbalance_before:.3f} -> {r.imbalance_after:.3f}")
-        for m in moves:
-            where = f"load on worker {m['to_worker']}" if m["from_worker"] < 0 else f"drop from worker {m['from_worker']}"
-            print(f"  layer {m['layer']} expert {m['expert']}: {where}")
+    r = _rpc(args, "Rebalance", mutates=True, dry_run=args.dry_run, policy=args.policy, params_json=args.params)
+    moves = [{"layer": m.layer, "expert": m.expert, "from_worker": m.from_worker, "to_worker": m.to_worker}
+             for m in r.moves]
+    out = {"epoch": r.epoch, "applied": r.applied, "policy": r.policy, "moved_slots": r.moved_slots,
+           "moved_bytes": r.moved_bytes, "imbalance_before": r.imbalance_before,
+           "imbalance_after": r.imbalance_after, "moves": moves}
+    if args.json:
+        print(json.dumps(out))
         return 0
+    verb = "applied" if r.applied else "dry run" if args.dry_run else "not applied"
+    print(f"{verb}: epoch {r.epoch} ({r.policy}), {r.moved_slots} slots moved ({r.moved_bytes / 2**20:.1f} MiB), "
+          f"expected imbalance {r.imbalance_before:.3f} -> {r.imbalance_after:.3f}")
+    for m in moves:
+        where = f"load on worker {m['to_worker']}" if m["from_worker"] < 0 else f"drop from worker {m['from_worker']}"
+        print(f"  layer {m['layer']} expert {m['expert']}: {where}")
+    return 0
 
-    return _call(run)
 
-
+@_reports_rpc_errors
 def cmd_policy(args) -> int:
-    def run() -> int:
-        channel, stub, pb = _stub(args)
-        with channel:
-            r = stub.SetPolicy(pb.SetPolicyRequest(policy=args.name, params_json=args.params),
-                               metadata=_admin_metadata(args), timeout=args.timeout)
-        print(f"policy {r.policy}")
-        return 0
-
-    return _call(run)
+    r = _rpc(args, "SetPolicy", mutates=True, policy=args.name, params_json=args.params)
+    print(f"policy {r.policy}")
+    return 0
 
 
+@_reports_rpc_errors
 def cmd_scale(args) -> int:
-    def run() -> int:
-        channel, stub, pb = _stub(args)
-        with channel:
-            r = stub.ScaleWorkers(pb.ScaleWorkersRequest(workers=args.workers), metadata=_admin_metadata(args),
-                                  timeout=args.timeout)
-        print(f"{r.workers} workers, epoch {r.epoch}" + ("" if r.applied else " (unchanged)"))
-        return 0
-
-    return _call(run)
+    r = _rpc(args, "ScaleWorkers", mutates=True, workers=args.workers)
+    print(f"{r.workers} workers, epoch {r.epoch}" + ("" if r.applied else " (unchanged)"))
+    return 0
 
 
+@_reports_rpc_errors
 def cmd_record(args) -> int:
     """Each window is the difference of the server's per-expert token counters over ``--interval`` seconds."""
     if args.windows < 1 or args.interval <= 0:
         print(f"error: --windows ({args.windows}) must be >= 1 and --interval ({args.interval}) > 0", file=sys.stderr)
         return 2
 
-    def run() -> int:
-        channel, stub, pb = _stub(args)
-        with channel:
-            def totals() -> list[list[int]]:
-                r = stub.GetLoad(pb.GetLoadRequest(), timeout=args.timeout)
-                return [list(layer.expert_tokens_total) for layer in r.layers]
+    def totals() -> list[list[int]]:
+        return [list(layer.expert_tokens_total) for layer in _rpc(args, "GetLoad").layers]
 
-            previous, windows = totals(), []
-            for _ in range(args.windows):
-                time.sleep(args.interval)
-                current = totals()
-                windows.append([[c - p for c, p in zip(cl, pl)] for cl, pl in zip(current, previous)])
-                previous = current
-        write_trace(args.out, windows)
-        print(f"wrote {len(windows)} windows of {len(windows[0])} layers to {args.out}")
-        return 0
-
-    return _call(run)
+    previous, windows = totals(), []
+    for _ in range(args.windows):
+        time.sleep(args.interval)
+        current = totals()
+        windows.append([[c - p for c, p in zip(cl, pl)] for cl, pl in zip(current, previous)])
+        previous = current
+    write_trace(args.out, windows)
+    print(f"wrote {len(windows)} windows of {len(windows[0])} layers to {args.out}")
+    return 0
 
 
+@_reports_rpc_errors
 def cmd_inspect(args) -> int:
-    def run() -> int:
-        channel, stub, pb = _stub(args)
-        with channel:
-            r = stub.GetLoad(pb.GetLoadRequest(top_tokens=args.top), timeout=args.timeout)
-        out = []
-        for l, layer in enumerate(r.layers):
-            if args.layer is not None and l != args.layer:
-                continue
-            for e, top in enumerate(layer.top_tokens):
-                out.append({"layer": l, "expert": e, "tokens_in_window": layer.expert_tokens[e],
-                            "top": [{"token_id": t, "count": c, **({"text": x} if top.texts else {})}
-                                    for t, c, x in zip(top.token_ids, top.counts, list(top.texts) or top.token_ids)]})
-        if not any(o["top"] for o in out):
-            print("no token counts: start the server with --track-tokens and send it traffic", file=sys.stderr)
-        if args.json:
-            print(json.dumps(out))
-            return 0
-        for o in out:
-            shown = ", ".join(f"{t.get('text', t['token_id'])!r}x{t['count']}" for t in o["top"])
-            print(f"layer {o['layer']} expert {o['expert']}: {shown}")
+    r = _rpc(args, "GetLoad", top_tokens=args.top)
+    out = []
+    for l, layer in enumerate(r.layers):
+        if args.layer is not None and l != args.layer:
+            continue
+        for e, top in enumerate(layer.top_tokens):
+            out.append({"layer": l, "expert": e, "tokens_in_window": layer.expert_tokens[e],
+                        "top": [{"token_id": t, "count": c, **({"text": x} if top.texts else {})}
+                                for t, c, x in zip(top.token_ids, top.counts, list(top.texts) or top.token_ids)]})
+    if not any(o["top"] for o in out):
+        print("no token counts: start the server with --track-tokens and send it traffic", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out))
         return 0
-
-    return _call(run)
+    for o in out:
+        shown = ", ".join(f"{t.get('text', t['token_id'])!r}x{t['count']}" for t in o["top"])
+        print(f"layer {o['layer']} expert {o['expert']}: {shown}")
+    return 0
