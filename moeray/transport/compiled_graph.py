@@ -19,7 +19,12 @@ queue per layer. Ray's constraints shape the rest:
 Ray runs a compiled graph's loop on the actor's ``_ray_system`` thread, so a worker in a graph still answers its
 ordinary methods (info, prepare, commit) on its other threads. That loop polls its input channel: measured here,
 an idle worker in a graph burns 0.3-1 of a CPU core. So a graph unused for ``IDLE_TEARDOWN_S`` is torn down (the
-router's loop asks, ``release_if_idle``) and compiled again at the next send.
+router's loop asks, ``release_if_idle``) and compiled again at the next send. The router polls too while it waits
+for a layer's results (Ray's channel read with a timeout spins on the semaphore): on a machine whose cores the
+workers need, that took a third of their CPU (a layer 1.5x slower). So the router first sleeps ``poll_backoff`` of
+the shortest recent round trip for layers of that size (by the largest call's pair count, a power-of-two bucket),
+then reads. The shortest, not a mean: an estimate too long would only be measured back as the sleep it caused;
+with the minimum an overestimate shrinks by ``poll_backoff`` per layer, and a slower regime shows within a window.
 
 NCCL (``with_tensor_transport``) does not apply here: it joins actors inside a graph, and the router is the
 graph's driver, whose input and output edges are always shared memory. On GPUs the payloads are host copies.
@@ -27,6 +32,7 @@ graph's driver, whose input and output edges are always shared memory. On GPUs t
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -41,6 +47,8 @@ GET_TIMEOUT_S = 300.0  # one layer's results; Ray's default (10 s) is too short 
 PING_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 3  # executions of one layer: a death found per attempt, then give up
 IDLE_TEARDOWN_S = 10.0  # a compile costs ~0.1-1 s; an idle graph's polling costs a core per few workers
+POLL_BACKOFF = 0.5  # < 1, so that an overestimate shrinks (see the module docstring)
+ROUND_TRIP_WINDOW = 8  # executions per size bucket whose shortest round trip sets the next sleep
 
 
 def _actor_ids(workers: list) -> list:
@@ -49,10 +57,14 @@ def _actor_ids(workers: list) -> list:
 
 class CompiledGraphTransport:
     def __init__(self, workers: list, get_timeout_s: float = GET_TIMEOUT_S, method: str = "forward_compiled",
-                 idle_teardown_s: float = IDLE_TEARDOWN_S) -> None:
+                 idle_teardown_s: float = IDLE_TEARDOWN_S, poll_backoff: float = POLL_BACKOFF) -> None:
+        if not 0 <= poll_backoff < 1:
+            raise ValueError(f"poll_backoff must lie in [0, 1); got {poll_backoff}")
         self.workers = list(workers)
         self.method = method  # the worker method each node runs (``moeray bench layer``'s floor: echo_compiled)
-        self.get_timeout_s, self.idle_teardown_s = get_timeout_s, idle_teardown_s
+        self.get_timeout_s, self.idle_teardown_s, self.poll_backoff = get_timeout_s, idle_teardown_s, poll_backoff
+        self._round_trip_s: dict[int, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=ROUND_TRIP_WINDOW))  # size bucket -> recent round trips
         self.dead: set[int] = set()
         self.graph = None
         self.members: list[int] = []  # worker indices in the graph, in its input order
@@ -75,8 +87,7 @@ class CompiledGraphTransport:
             if not self.members:
                 return Sent({}, frozenset(lost | set(pending)))
             try:
-                outs = ray.get(self.graph.execute(*[pending.get(w) for w in self.members]),
-                               timeout=self.get_timeout_s)
+                outs = self._execute([pending.get(w) for w in self.members])
             except RayChannelTimeoutError:
                 self._teardown()  # an execution still in flight leaves the channels out of step
                 raise
@@ -92,6 +103,17 @@ class CompiledGraphTransport:
                 continue
             return Sent({w: out for w, out in zip(self.members, outs) if w in pending}, frozenset(lost))
         raise RuntimeError(f"the compiled graph failed {MAX_ATTEMPTS} times in a row")
+
+    def _execute(self, payloads: list) -> list:
+        bucket = max((len(p[3]) for p in payloads if p is not None), default=0).bit_length()
+        recent = self._round_trip_s[bucket]
+        started = time.perf_counter()
+        refs = self.graph.execute(*payloads)
+        if self.poll_backoff and recent:
+            time.sleep(self.poll_backoff * min(recent))  # rather than spin on the channel meanwhile
+        outs = ray.get(refs, timeout=self.get_timeout_s)
+        recent.append(time.perf_counter() - started)
+        return outs
 
     def release_if_idle(self) -> bool:
         if self.graph is None or time.monotonic() - self.last_send < self.idle_teardown_s:
