@@ -1,12 +1,16 @@
 """``moeray bench layer``: one MoE layer through moeray's workers vs transformers' experts in one process.
 
 For H=1024, I=2048, 16 experts, top-2, float32 (a Mixtral-style layer) at each token count it prints, in one run:
-- moeray: dispatch -> 2 expert worker actors (8 experts each, one thread each) -> combine, tokens/s;
+- moeray: dispatch -> 2 expert worker actors (8 experts each, one thread each) -> combine, tokens/s, over both
+  data paths (``EngineConfig.transport``): the object store (an actor call per touched worker) and a Ray compiled
+  graph over the workers (one execute per layer, shared-memory channels);
 - transformers in-process: the same experts module with its eager loop and with every other registered
   implementation that runs on CPU (all the machine's threads), tokens/s;
-- the floor: a bare Ray round trip of the same bytes to the same actors (no compute);
+- each path's floor: a bare round trip of the same payloads to the same actors on that path, no compute (object
+  store: an ``echo`` call per worker; compiled graph: a graph of ``echo_compiled`` nodes);
 and the ratios the engine issue sets targets for: moeray / best in-process (>= 0.8 at T=2048), and moeray's
-overhead above the in-process block / the bare round trip (<= 2 at T=16).
+overhead above the in-process block / the bare round trip (<= 2 at T=16), for each path; and compiled graph vs
+object store. Only one compiled graph is up at a time (an actor can be in one), none while the object store is timed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+import types
 
 import numpy as np
 import ray
@@ -27,9 +32,12 @@ from moeray.model.backbone import inspect_checkpoint
 from moeray.model.tiny import save_random_checkpoint
 from moeray.placement.policies import static_plan
 from moeray.router.dispatch import ExpertDispatcher
+from moeray.transport.base import WorkerCall
+from moeray.transport.compiled_graph import POLL_BACKOFF, CompiledGraphTransport
 from moeray.transport.object_store import pack
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2048, 16, 2
+WARMUP_COMPILED = 10  # measured: a fresh graph's first ~10 executions are slower (page faults in its channels)
 
 
 def _layer_checkpoint(path: str) -> str:
@@ -40,9 +48,10 @@ def _layer_checkpoint(path: str) -> str:
     return path
 
 
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
-    fn()
+def _timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -66,7 +75,8 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
         path = _layer_checkpoint(tmp)
         info = inspect_checkpoint(path)
         plan = static_plan("contiguous", num_layers=1, num_experts=EXPERTS, num_workers=workers)
-        worker_cls = ray.remote(ExpertWorker).options(num_cpus=0)
+        # NOTE: max_concurrency as the engine starts them: a compiled graph's loop runs on Ray's system thread.
+        worker_cls = ray.remote(ExpertWorker).options(num_cpus=0, max_concurrency=4)
         actors = [worker_cls.remote(worker_index=w, checkpoint_path=path, spec=info.spec,
                                     sources=info.index.experts, experts_per_layer=plan.experts_of(w),
                                     dtype=torch.float32, num_threads=1) for w in range(workers)]
@@ -94,6 +104,7 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
             # The floor: the same per-worker payloads, echoed by the same actors, no compute.
             payloads = _payloads(dispatch, x_TH, index_TK)
             floor_s = _timed(lambda: ray.get([actors[w].echo.remote(p) for w, p in payloads]), reps)
+            compiled_s, spinning_s, compiled_floor_s = _compiled_path(plan, actors, x_TH, index_TK, weights_TK, reps)
             row = {
                 "tokens": t,
                 "moeray_tok_s": t / moeray_s,
@@ -105,15 +116,75 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
                 "overhead_ms": (moeray_s - in_process[best_name]) * 1e3,
             }
             row["overhead_over_floor"] = row["overhead_ms"] / row["floor_ms"]
+            row.update({
+                "store_ms": moeray_s * 1e3,
+                "store_x_floor": moeray_s / floor_s,
+                "compiled_tok_s": t / compiled_s,
+                "compiled_ms": compiled_s * 1e3,
+                "compiled_floor_ms": compiled_floor_s * 1e3,
+                "compiled_x_floor": compiled_s / compiled_floor_s,
+                "compiled_overhead_ms": (compiled_s - in_process[best_name]) * 1e3,
+                "compiled_vs_store": moeray_s / compiled_s,
+                "compiled_spinning_ms": spinning_s * 1e3,
+            })
+            row["compiled_overhead_over_floor"] = row["compiled_overhead_ms"] / row["compiled_floor_ms"]
             rows.append(row)
             hf_cols = "  ".join(f"hf[{n}] {t / s:9.0f}" for n, s in in_process.items())
             print(f"T={t:5d}  moeray {row['moeray_tok_s']:9.0f} tok/s  {hf_cols}  "
                   f"moeray/hf[{best_name}] {row['ratio_vs_best']:.2f}x  moeray/hf[eager] {row['ratio_vs_eager']:.2f}x  "
                   f"floor {row['floor_ms']:.2f} ms  overhead {row['overhead_ms']:.2f} ms "
                   f"({row['overhead_over_floor']:.2f}x floor)")
+            print(f"         per layer: object store {row['store_ms']:.2f} ms = {row['store_x_floor']:.2f}x its floor "
+                  f"{row['floor_ms']:.2f} ms | compiled graph {row['compiled_ms']:.2f} ms "
+                  f"({row['compiled_tok_s']:.0f} tok/s) = {row['compiled_x_floor']:.2f}x its floor "
+                  f"{row['compiled_floor_ms']:.2f} ms, overhead {row['compiled_overhead_ms']:.2f} ms "
+                  f"({row['compiled_overhead_over_floor']:.2f}x floor) | compiled vs object store "
+                  f"{row['compiled_vs_store']:.2f}x | compiled, spinning read (no poll backoff) "
+                  f"{row['compiled_spinning_ms']:.2f} ms")
         for a in actors:
             ray.kill(a)
     return rows
+
+
+def _compiled_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor, weights_TK: torch.Tensor,
+                   reps: int) -> tuple[float, float, float]:
+    """Seconds per layer through a compiled graph over the workers (as the engine runs it, and with the router
+    spinning on the channel read instead of backing off first), and the floor: a compiled graph of ``echo_compiled``
+    nodes sent the same per-worker payloads (the calls the dispatcher makes). One graph at a time; the first calls
+    compile and fault in the channels' fresh shared memory, so each is warmed up for ``WARMUP_COMPILED`` calls."""
+    seconds = []
+    for backoff in (POLL_BACKOFF, 0.0):
+        dispatch = ExpertDispatcher(plan, actors, transport=CompiledGraphTransport(actors, poll_backoff=backoff))
+        try:
+            seconds.append(_timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, WARMUP_COMPILED))
+        finally:
+            dispatch.transport.close()
+    echo = CompiledGraphTransport(actors, method="echo_compiled")
+    calls = _calls(dispatch, x_TH, index_TK, weights_TK)
+    try:
+        floor_s = _timed(lambda: echo.send(calls), reps, WARMUP_COMPILED)
+    finally:
+        echo.close()
+    return seconds[0], seconds[1], floor_s
+
+
+def _calls(dispatch: ExpertDispatcher, x_TH: torch.Tensor, index_TK: torch.Tensor,
+           weights_TK: torch.Tensor) -> dict[int, WorkerCall]:
+    """The per-worker calls ``dispatch`` makes for this layer, captured on the way to a transport that only records."""
+    captured: dict[int, WorkerCall] = {}
+
+    class _Record:
+        def send(self, calls):
+            captured.update(calls)
+            return types.SimpleNamespace(results={w: pack(x_TH[: len(c[2][0])]) for w, c in calls.items()},
+                                         lost=frozenset())
+
+    transport, dispatch.transport = dispatch.transport, _Record()
+    try:
+        dispatch(0, x_TH, index_TK, weights_TK)
+    finally:
+        dispatch.transport = transport
+    return captured
 
 
 def _payloads(dispatch: ExpertDispatcher, x_TH: torch.Tensor, index_TK: torch.Tensor) -> list[tuple[int, tuple]]:
