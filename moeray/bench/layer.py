@@ -37,7 +37,9 @@ from moeray.transport.compiled_graph import POLL_BACKOFF, CompiledGraphTransport
 from moeray.transport.object_store import pack
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2048, 16, 2
-WARMUP_COMPILED = 10  # measured: a fresh graph's first ~10 executions are slower (page faults in its channels)
+# Measured: a fresh graph's first ~10 executions are slower (page faults in its channels); then the poll backoff's
+# estimate, inflated by them, takes a few more to shrink.
+WARMUP_COMPILED = 20
 
 
 def _layer_checkpoint(path: str) -> str:
@@ -150,8 +152,9 @@ def _compiled_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tenso
                    reps: int) -> tuple[float, float, float]:
     """Seconds per layer through a compiled graph over the workers (as the engine runs it, and with the router
     spinning on the channel read instead of backing off first), and the floor: a compiled graph of ``echo_compiled``
-    nodes sent the same per-worker payloads (the calls the dispatcher makes). One graph at a time; the first calls
-    compile and fault in the channels' fresh shared memory, so each is warmed up for ``WARMUP_COMPILED`` calls."""
+    nodes sent the same per-worker payloads (the calls the dispatcher makes), read spinning (its fastest: there is
+    no compute to steal cores from). One graph at a time; the first calls compile and fault in the channels' fresh
+    shared memory, and the backoff's estimate settles after them, so each is warmed up for ``WARMUP_COMPILED``."""
     seconds = []
     for backoff in (POLL_BACKOFF, 0.0):
         dispatch = ExpertDispatcher(plan, actors, transport=CompiledGraphTransport(actors, poll_backoff=backoff))
@@ -159,7 +162,7 @@ def _compiled_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tenso
             seconds.append(_timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, WARMUP_COMPILED))
         finally:
             dispatch.transport.close()
-    echo = CompiledGraphTransport(actors, method="echo_compiled")
+    echo = CompiledGraphTransport(actors, method="echo_compiled", poll_backoff=0.0)
     calls = _calls(dispatch, x_TH, index_TK, weights_TK)
     try:
         floor_s = _timed(lambda: echo.send(calls), reps, WARMUP_COMPILED)
