@@ -18,7 +18,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-import types
 
 import numpy as np
 import ray
@@ -32,7 +31,7 @@ from moeray.model.backbone import inspect_checkpoint
 from moeray.model.tiny import save_random_checkpoint
 from moeray.placement.policies import static_plan
 from moeray.router.dispatch import ExpertDispatcher
-from moeray.transport.base import WorkerCall
+from moeray.transport.base import Sent, WorkerCall
 from moeray.transport.compiled_graph import POLL_BACKOFF, CompiledGraphTransport
 from moeray.transport.object_store import pack
 
@@ -179,8 +178,7 @@ def _calls(dispatch: ExpertDispatcher, x_TH: torch.Tensor, index_TK: torch.Tenso
     class _Record:
         def send(self, calls):
             captured.update(calls)
-            return types.SimpleNamespace(results={w: pack(x_TH[: len(c[2][0])]) for w, c in calls.items()},
-                                         lost=frozenset())
+            return Sent({w: pack(x_TH[: len(c[2][0])]) for w, c in calls.items()})
 
     transport, dispatch.transport = dispatch.transport, _Record()
     try:
