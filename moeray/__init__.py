@@ -5,11 +5,15 @@ One MoE layer of one step:
     request ─▶ router actor ────────────────────────────────────────────────────────────▶ tokens
                 │ [Backbone]  transformers model, routed experts swapped out       (moeray.model)
                 │ [Gate]      the model's own router code: top-k ids and weights
-                │ [Dispatch]  (token, expert) pairs ─▶ a replica each ─▶ one call per worker  (moeray.router)
+                │ [Dispatch]  (token, expert) pairs ─▶ a replica each ─▶ one call per worker  (moeray.router,
+                │             sent through the object store or a compiled graph: moeray.transport)
                 ├──▶ expert worker A ─┐ [Experts]  grouped GEMM over its slots    (moeray.experts, moeray.kernels)
                 ├──▶ expert worker B ─┤
                 │ [Combine]   weighted scatter-add back to token order
                 │ [Load]      tokens per (layer, expert) ─▶ placement controller  (moeray.placement)
+
+The placement controller is the only writer of the plan: it rebalances, scales and restores expert workers by
+switching every worker and router to a new plan epoch in two phases, while requests keep flowing.
 
 Entry points: ``moeray.Engine`` (Python API) and the ``moeray`` CLI.
 """
