@@ -200,11 +200,12 @@ class _State:
         self.tracer_provider = self.meter_provider = self.prometheus_server = None
 
 
-_SOURCES: weakref.WeakSet = weakref.WeakSet()  # ControllerMetrics feeding the observable instruments
+SOURCES: weakref.WeakSet = weakref.WeakSet()  # objects with observe(key), feeding the observable instruments
+# (moeray.placement.metrics.ControllerMetrics registers itself here)
 
 
 def _observe(key: str, options=None):
-    for source in list(_SOURCES):
+    for source in list(SOURCES):
         yield from source.observe(key)
 
 
@@ -504,70 +505,3 @@ def rejected(code) -> None:
     """The ingress refused a request with gRPC status ``code`` (a grpc.StatusCode or its name)."""
     if STATE.metrics:
         M.rejected_requests.add(1, attrs(code=getattr(code, "name", str(code))))
-
-
-# -- controller-side load and placement ----------------------------------------------------------------------
-class ControllerMetrics:
-    """What the placement controller exports: load per expert and worker, imbalance, epochs, rebalances."""
-
-    def __init__(self, controller) -> None:
-        import numpy as np
-
-        self._np = np
-        self._controller = weakref.ref(controller)
-        plan = controller.plan
-        self.expert_LE = np.zeros((plan.num_layers, plan.num_experts), np.int64)
-        self.worker_LW = np.zeros((plan.num_layers, plan.num_workers), np.int64)
-        _SOURCES.add(self)
-
-    def step(self, expert_LE, worker_LW) -> None:
-        """One step record pulled from a router: add it up, record its imbalance per layer."""
-        if not STATE.metrics:
-            return
-        self.expert_LE += expert_LE
-        if worker_LW.shape != self.worker_LW.shape:  # the worker count changed
-            self.worker_LW = self._np.zeros(worker_LW.shape, self._np.int64)
-        self.worker_LW += worker_LW
-        mean_L = worker_LW.mean(axis=1)
-        for layer in self._np.flatnonzero(mean_L > 0).tolist():
-            M.step_imbalance_ratio.record(float(worker_LW[layer].max() / mean_L[layer]), attrs(layer=layer))
-
-    def rebalanced(self, record: dict, started_ns: int) -> None:
-        """A rebalance ran (applied or not): count it and trace it after the fact."""
-        if STATE.metrics and record["applied"]:
-            M.rebalances.add(1, attrs(reason=record["reason"].split()[0]))
-            M.migrated_slots.add(record["moved_slots"])
-            M.migrated_bytes.add(record["moved_bytes"])
-        if STATE.tracing:
-            span = STATE.tracer.start_span("moeray.rebalance", start_time=started_ns, attributes={
-                "moeray.rebalance.reason": record["reason"], "moeray.policy": record["policy"],
-                "moeray.plan.epoch": record["epoch"], "moeray.plan.from_epoch": record["from_epoch"],
-                "moeray.rebalance.applied": record["applied"], "moeray.moved_slots": record["moved_slots"],
-                "moeray.moved_bytes": record["moved_bytes"],
-                "moeray.imbalance.before": record["expected_imbalance_before"],
-                "moeray.imbalance.after": record["expected_imbalance_after"]})
-            span.end()
-
-    def workers_alive(self, alive: int) -> None:
-        if STATE.metrics:
-            M.workers_alive.set(alive)
-
-    def observe(self, key: str):
-        from opentelemetry.metrics import Observation
-
-        controller = self._controller()
-        if controller is None:
-            return
-        if key == "expert_tokens" and STATE.config is not None and STATE.config.expert_metrics:
-            for (layer, expert), n in self._np.ndenumerate(self.expert_LE):
-                yield Observation(int(n), attrs(layer=layer, expert=expert))
-        elif key == "worker_tokens":
-            for (layer, worker), n in self._np.ndenumerate(self.worker_LW):
-                yield Observation(int(n), attrs(layer=layer, worker=worker))
-        elif key == "imbalance_ratio":
-            worker_LW = controller.window_load()[1]
-            mean_L = worker_LW.mean(axis=1)
-            for layer, w_W in enumerate(worker_LW):
-                yield Observation(float(w_W.max() / mean_L[layer]) if mean_L[layer] > 0 else 1.0, attrs(layer=layer))
-        elif key == "plan_epoch":
-            yield Observation(controller.plan.epoch)

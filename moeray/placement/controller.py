@@ -29,9 +29,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from moeray import telemetry
 from moeray.placement.config import ControllerConfig
 from moeray.placement.load import LoadWindow, imbalance_L, worker_load_LW
+from moeray.placement.metrics import ControllerMetrics
 from moeray.placement.plan import Plan
 from moeray.placement.policies import resolve_policy
 from moeray.placement.topology import Budget, Topology
@@ -83,7 +83,7 @@ class PlacementController:
         self.queue = {"waiting": 0, "running": 0, "capacity": 0}  # requests in the routers at the last pull
         self._busy_polls = self._idle_polls = 0
         self.total_steps = 0
-        self.telemetry = telemetry.ControllerMetrics(self)
+        self.telemetry = ControllerMetrics(self)
 
     # -- load --------------------------------------------------------------------------------------------
     def poll(self) -> dict | None:
