@@ -13,6 +13,7 @@ Two implementations share this interface:
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
@@ -103,21 +104,39 @@ def check_inputs(
             raise ValueError(f"token index {bad} is out of range [0, {x_TH.shape[0]})")
 
 
-# A slot's GEMMs run weight-major (W @ x.T) for between these many rows, token-major (x @ W.T) otherwise:
-# weight-major measured 1.4-1.6x faster for 8-64 rows on this project's CPUs (BLAS picks a poor kernel for
-# short-wide x @ W.T), while token-major wins for 1-2 rows (a weight-streaming GEMV) and for long runs of rows,
-# where weight-major's transposed write-back costs more than it saves. See BENCHMARKS.md.
-WEIGHT_MAJOR_ROWS = range(3, 97)
-# Decode batches (at most this many rows per touched slot on average) go through torch's grouped GEMM instead.
-GROUPED_MM_MAX_ROWS_PER_SLOT = 4
-_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None)
+# How a slot's rows run, measured on this project's CPUs (AMD EPYC, AVX2, MKL; see BENCHMARKS.md):
+# - Weight-major (W @ x.T) beats token-major (x @ W.T) 1.1-2.2x from 2 rows up to a few hundred: BLAS picks a
+#   poor kernel for short-wide x @ W.T. Its right operand must be a transposed [rows, K] view (a row-major
+#   [K, rows] one runs 2x slower below ~16 rows), so the activation is written back row-major before the down GEMM.
+# - Past TOKEN_MAJOR_ROWS rows the transposed copies in and out of weight-major cost more than it saves.
+# - A row count that is a multiple of 8 keeps BLAS on its 8-float AVX2 kernels: 31 rows run at half the rate of 32,
+#   so each slot's rows are padded to ``padded_rows(count)`` (zero rows, weight 0), the padding tiling needs.
+TOKEN_MAJOR_ROWS = 256
 
 
-def _grouped_mm_fits(weights: ExpertWeights) -> bool:
-    """torch's grouped GEMM exists (torch >= 2.10) and the 16-byte stride alignment it requires holds."""
-    _, two_i, hidden = weights.w_gate_up_S2IH.shape
-    size = weights.w_gate_up_S2IH.element_size()
-    return _GROUPED_MM is not None and (hidden * size) % 16 == 0 and (two_i // 2 * size) % 16 == 0
+def padded_rows(count: int) -> int:
+    """Rows a slot with ``count`` pairs computes: 3 -> 4, from 8 up the next multiple of 8, otherwise as is."""
+    if count == 3:
+        return 4
+    return count if count < 8 else -(-count // 8) * 8
+
+
+class _Workspace(threading.local):
+    """Two per-thread buffers reused across calls: fresh multi-MB tensors cost more in page faults than the
+    gathers that fill them (a 50 MB index_select: 22 ms into a new tensor, 4 ms into a used one)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype, like.device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.buffers[key] = torch.empty(rows * cols, dtype=like.dtype, device=like.device)
+        return buf[: rows * cols].view(rows, cols)
+
+
+_WORKSPACE = _Workspace()
 
 
 def grouped_experts_torch(
@@ -128,57 +147,72 @@ def grouped_experts_torch(
     weights: ExpertWeights,
     activation: GatedActivation,
 ) -> torch.Tensor:
-    """Sort pairs by slot once, run each slot's rows as one GEMM pair, weight, scatter-add back to token order."""
+    """Sort pairs by slot once into padded segments, run each segment as one GEMM pair with the routing weight
+    applied as it is written, then scatter-add back to token order. P below counts padded rows."""
     check_inputs(x_TH, pair_token_N, pair_slot_N, pair_weight_N, weights)
     y_TH = torch.zeros_like(x_TH)
-    if pair_token_N.numel() == 0:
+    n = pair_token_N.numel()
+    if n == 0:
         return y_TH
-    # 1. Flatten-sort-count: pairs grouped by slot, with per-slot counts (one host sync).
+    # 1. Flatten-sort-count (one host sync), then each slot's segment padded.
     order_N = torch.argsort(pair_slot_N, stable=True)
-    token_sorted_N = pair_token_N[order_N]
     counts = torch.bincount(pair_slot_N, minlength=weights.num_slots).tolist()
-    x_sorted_NH = x_TH.index_select(0, token_sorted_N)
-    out_NH = torch.empty_like(x_sorted_NH)
-    w_gu, w_down, b_gu, b_down = weights.w_gate_up_S2IH, weights.w_down_SHI, weights.b_gate_up_S2I, weights.b_down_SH
-    if _grouped_mm_fits(weights) and len(order_N) <= GROUPED_MM_MAX_ROWS_PER_SLOT * sum(c > 0 for c in counts):
-        # 2a. Decode: a few rows per slot. One grouped GEMM per projection streams the weights best.
-        offsets_S = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_TH.device)
-        slot_sorted_N = pair_slot_N[order_N]
-        gate_up_N2I = _GROUPED_MM(x_sorted_NH, w_gu.transpose(1, 2), offs=offsets_S)
-        if b_gu is not None:
-            gate_up_N2I += b_gu[slot_sorted_N]
-        out_NH = _GROUPED_MM(activation(gate_up_N2I, weights.interleaved), w_down.transpose(1, 2), offs=offsets_S)
-        if b_down is not None:
-            out_NH += b_down[slot_sorted_N]
-        out_NH *= pair_weight_N[order_N].to(out_NH.dtype).unsqueeze(1)
-        return y_TH.index_add_(0, token_sorted_N, out_NH)
-    # 2b. One GEMM pair per slot that has rows.
+    padded = [padded_rows(c) for c in counts]
+    token_P, weight_P, pad_rows = _padded_layout(pair_token_N[order_N], pair_weight_N[order_N], counts, padded)
+    x_PH = torch.index_select(x_TH, 0, token_P, out=_WORKSPACE.get("x", len(token_P), x_TH.shape[1], x_TH))
+    if pad_rows is not None:
+        x_PH.index_fill_(0, pad_rows, 0)  # zero inputs keep the padding finite; its weight of 0 then adds nothing
+    out_PH = _WORKSPACE.get("out", len(token_P), x_TH.shape[1], x_TH)
+    weight_P1 = weight_P.to(x_TH.dtype).unsqueeze(1)
+    # 2. One GEMM pair per slot that has rows.
     start = 0
-    for slot, count in enumerate(counts):
-        if count == 0:
+    for slot, rows in enumerate(padded):
+        if rows == 0:
             continue
-        rows = slice(start, start + count)
-        start += count
-        x_nH = x_sorted_NH[rows]
-        if count not in WEIGHT_MAJOR_ROWS:
-            gate_up_n2I = x_nH @ w_gu[slot].t() if b_gu is None else torch.addmm(b_gu[slot], x_nH, w_gu[slot].t())
-            h_nI = activation(gate_up_n2I, weights.interleaved)
-            if b_down is None:
-                torch.mm(h_nI, w_down[slot].t(), out=out_NH[rows])
-            else:
-                torch.addmm(b_down[slot], h_nI, w_down[slot].t(), out=out_NH[rows])
+        seg = slice(start, start + rows)
+        start += rows
+        _slot_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation)
+    # 3. Combine back to token order.
+    return y_TH.index_add_(0, token_P, out_PH)
+
+
+def _padded_layout(token_sorted_N, weight_sorted_N, counts, padded):
+    """Token and weight per padded row (padding: token of the segment's first row, weight 0), and the pad rows."""
+    if counts == padded:
+        return token_sorted_N, weight_sorted_N, None
+    is_real_P = torch.zeros(sum(padded), dtype=torch.bool)
+    start = 0
+    for count, rows in zip(counts, padded):
+        is_real_P[start : start + count] = True
+        start += rows
+    real_P = is_real_P.nonzero().squeeze(1).to(token_sorted_N.device)
+    token_P = torch.zeros(len(is_real_P), dtype=token_sorted_N.dtype, device=token_sorted_N.device)
+    weight_P = torch.zeros(len(is_real_P), dtype=weight_sorted_N.dtype, device=weight_sorted_N.device)
+    token_P[real_P] = token_sorted_N
+    weight_P[real_P] = weight_sorted_N
+    return token_P, weight_P, (~is_real_P).nonzero().squeeze(1).to(token_sorted_N.device)
+
+
+def _slot_rows(x_nH, out_nH, weight_n1, slot, weights: ExpertWeights, activation: GatedActivation) -> None:
+    """out_nH = weight_n1 * down(act(gate_up(x_nH))) through one slot's weights."""
+    w_gu, w_down, b_gu, b_down = weights.w_gate_up_S2IH, weights.w_down_SHI, weights.b_gate_up_S2I, weights.b_down_SH
+    if len(x_nH) >= TOKEN_MAJOR_ROWS:
+        gate_up_n2I = x_nH @ w_gu[slot].t() if b_gu is None else torch.addmm(b_gu[slot], x_nH, w_gu[slot].t())
+        h_nI = activation(gate_up_n2I, weights.interleaved)
+        if b_down is None:
+            torch.mm(h_nI, w_down[slot].t(), out=out_nH)
         else:
-            gate_up_2In = w_gu[slot] @ x_nH.t()
-            if b_gu is not None:
-                gate_up_2In += b_gu[slot].unsqueeze(1)
-            h_In = activation(gate_up_2In, weights.interleaved, dim=0)
-            y_Hn = w_down[slot] @ h_In
-            if b_down is not None:
-                y_Hn += b_down[slot].unsqueeze(1)
-            out_NH[rows] = y_Hn.t()
-    # 3. Weight and combine back to token order.
-    out_NH *= pair_weight_N[order_N].to(out_NH.dtype).unsqueeze(1)
-    return y_TH.index_add_(0, token_sorted_N, out_NH)
+            torch.addmm(b_down[slot], h_nI, w_down[slot].t(), out=out_nH)
+        out_nH.mul_(weight_n1)
+        return
+    gate_up_2In = w_gu[slot] @ x_nH.t()
+    if b_gu is not None:
+        gate_up_2In += b_gu[slot].unsqueeze(1)
+    h_nI = activation(gate_up_2In, weights.interleaved, dim=0).t().contiguous()
+    y_Hn = w_down[slot] @ h_nI.t()
+    if b_down is not None:
+        y_Hn += b_down[slot].unsqueeze(1)
+    torch.mul(y_Hn.t(), weight_n1, out=out_nH)
 
 
 def reference_experts(

@@ -1,5 +1,7 @@
 """The torch grouped path against the naive per-pair loop, and its input checks."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -60,3 +62,27 @@ def test_weights_shapes_are_checked():
         ExpertWeights(w_gate_up_S2IH=torch.zeros(2, 8, 5), w_down_SHI=torch.zeros(2, 5, 3))
     with pytest.raises(ValueError, match="activation kind"):
         GatedActivation(kind="relu2")
+
+
+def test_padded_rows_keep_tiles_of_eight():
+    from moeray.kernels.grouped import padded_rows
+
+    assert [padded_rows(c) for c in (0, 1, 2, 3, 5, 7, 8, 9, 31, 32, 33)] == [0, 1, 2, 4, 5, 7, 8, 16, 32, 32, 40]
+
+
+def test_workspace_reuse_across_shapes_and_dtypes():
+    # The torch path reuses its gather buffers between calls: a big call, a small one, a bf16 one and a big one
+    # again must each match the reference (stale rows from an earlier call must never leak into a later one).
+    for tokens, dtype in [(120, torch.float32), (7, torch.float32), (33, torch.bfloat16), (120, torch.float32)]:
+        x, pt, ps, pw, w = _case(tokens, 40, 24, 8, 2, bias=True)
+        x = x / 10
+        got = grouped_experts_torch(x.to(dtype), pt, ps, pw, _cast(w, dtype), GatedActivation())
+        want = reference_experts(x, pt, ps, pw, w, GatedActivation())
+        atol, rtol = (2e-2, 0) if dtype == torch.bfloat16 else (1e-4, 1e-4)
+        torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+
+
+def _cast(w: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:
+    tensors = {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if f.name != "interleaved"}
+    return ExpertWeights(**{k: None if t is None else t.to(dtype) for k, t in tensors.items()},
+                         interleaved=w.interleaved)
