@@ -78,7 +78,7 @@ def test_workspace_reuse_across_shapes_and_dtypes():
         x = x / 10
         got = grouped_experts_torch(x.to(dtype), pt, ps, pw, _cast(w, dtype), GatedActivation())
         want = reference_experts(x, pt, ps, pw, w, GatedActivation())
-        atol, rtol = (2e-2, 0) if dtype == torch.bfloat16 else (1e-4, 1e-4)
+        atol, rtol = (2e-2, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)  # bf16: biases of ~1 round at 1e-2
         torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
 
 
