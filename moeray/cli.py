@@ -78,7 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
         config = EngineConfig(model=model, workers=args.workers, replicas=args.replicas, dtype=args.dtype,
-                              placement=args.placement)
+                              placement=args.placement, threads_per_actor=args.worker_threads,
+                              router_threads=args.router_threads)
         # Reject bad input before any cluster starts: the checks need only the checkpoint's headers.
         spec = inspect_checkpoint(model, config.torch_dtype).spec
         limits = RequestLimits.of(spec, config.max_new_tokens_cap)
@@ -150,6 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rebalance_interval_s=args.rebalance_interval_s, window_steps=args.window_steps)
         config = EngineConfig(model=_model_dir(args.model), workers=args.workers, replicas=args.replicas,
                               routers=args.routers, dtype=args.dtype, placement=args.placement,
+                              threads_per_actor=args.worker_threads, router_threads=args.router_threads,
                               max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
                               track_tokens=args.track_tokens, controller=controller, transport=args.transport,
                               telemetry=telemetry.config_from_args(args))
@@ -211,6 +213,13 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_thread_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per expert worker")
+    parser.add_argument("--router-threads", type=int, default=2,
+                        help="torch threads per router: its dense compute runs while its workers wait, so on a CPU "
+                        "node it can use their cores (default 2)")
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from moeray.bench.serve import medium_checkpoint, run_serve_bench
 
@@ -220,7 +229,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
         model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
     _init_ray(None)
-    run_serve_bench(_model_dir(model), args.concurrency, args.requests, args.max_new_tokens, args.workers)
+    run_serve_bench(_model_dir(model), args.concurrency, args.requests, args.max_new_tokens, args.workers,
+                    router_threads=args.router_threads, worker_threads=args.worker_threads)
     return 0
 
 
@@ -255,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="text prompt (needs a tokenizer); repeatable")
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--workers", type=int, default=2)
+    _add_thread_flags(gen)
     gen.add_argument("--replicas", type=int, default=0, help="redundant expert slots per MoE layer")
     gen.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -275,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (see README on the gRPC bind)")
     srv.add_argument("--workers", type=int, default=2)
+    _add_thread_flags(srv)
     srv.add_argument("--replicas", type=int, default=0)
     srv.add_argument("--routers", type=int, default=1)
     srv.add_argument("--transport", default="object_store", choices=["object_store", "compiled_graph"],
@@ -327,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     bserve.add_argument("--max-new-tokens", type=int, default=32)
     bserve.add_argument("--workers", type=int, default=2)
+    _add_thread_flags(bserve)
     bserve.set_defaults(func=cmd_bench_serve)
     bplace = bench_sub.add_parser("placement", help="placement policies on synthetic traces vs round_robin and "
                                   "optimal's bound")

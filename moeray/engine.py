@@ -49,7 +49,10 @@ class EngineConfig:
     use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough, else CPU shares
     worker_num_cpus: float = 0.25  # the CPU share a worker asks for when it runs without a GPU
     router_num_cpus: float = 0.0
-    threads_per_actor: int = 1
+    threads_per_actor: int = 1  # torch threads in each expert worker
+    # torch threads in each router (None: threads_per_actor). The router's dense compute and its workers' expert
+    # compute take turns within a step, so on a CPU node the router can use the cores its workers wait on.
+    router_threads: int | None = None
     start_timeout_s: float = 600.0  # how long workers may wait for devices (an autoscaler adding nodes)
     worker_memory: str | int | None = None  # per-worker budget for expert slots, e.g. '20GiB' (None: just enough)
     track_tokens: bool = False  # count which token ids each expert receives (moeray placement inspect)
@@ -60,8 +63,9 @@ class EngineConfig:
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)  # off unless it names an exporter
 
     def __post_init__(self) -> None:
-        for name in ("workers", "routers", "max_batch_size", "max_new_tokens_cap", "threads_per_actor"):
-            if getattr(self, name) < 1:
+        for name in ("workers", "routers", "max_batch_size", "max_new_tokens_cap", "threads_per_actor",
+                     "router_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0; got {self.replicas}")
@@ -151,7 +155,7 @@ class Engine:
                 controller_name=controller_name,
                 checkpoint_path=path, dtype=config.torch_dtype, plan=self.initial_plan, workers=self.workers,
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
-                num_threads=config.threads_per_actor, track_tokens=config.track_tokens,
+                num_threads=config.router_threads or config.threads_per_actor, track_tokens=config.track_tokens,
                 telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
                 transport=config.transport,
             ))

@@ -127,7 +127,7 @@ def transformers_tokens_per_s(path: str, prompts: list[list[int]], max_new_token
 
 
 def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: int, max_new_tokens: int,
-                    workers: int = 2) -> list[dict]:
+                    workers: int = 2, router_threads: int = 2, worker_threads: int = 1) -> list[dict]:
     import socket
 
     import ray
@@ -142,13 +142,16 @@ def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: in
             return s.getsockname()[1]
 
     rows = []
-    with Engine(EngineConfig(model=model, workers=workers, max_batch_size=max(concurrencies))) as engine:
+    config = EngineConfig(model=model, workers=workers, max_batch_size=max(concurrencies),
+                          router_threads=router_threads, threads_per_actor=worker_threads)
+    with Engine(config) as engine:
         port = free_port()
         start_serving(engine, grpc_port=port, http_port=free_port())
         address = f"127.0.0.1:{port}"
         vocab = engine.spec.vocab_size
         run_load(address, _prompts(2, vocab, seed=99), 2, 4)  # warm-up
-        print(f"moeray bench serve: {model}, {workers} workers, greedy, {max_new_tokens} new tokens per request")
+        print(f"moeray bench serve: {model}, {workers} workers x {worker_threads} threads, 1 router x "
+              f"{router_threads} threads, greedy, {max_new_tokens} new tokens per request")
         for c in concurrencies:
             prompts = _prompts(max(requests_per_level, c), vocab, seed=c)
             before = ray.get([r.stats.remote() for r in engine.routers])

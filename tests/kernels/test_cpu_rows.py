@@ -1,0 +1,72 @@
+"""The CPU rows kernel (rows_gemm.c, built on first use) against torch, and the torch path with and without it."""
+
+import pytest
+import torch
+
+from cases import ACTIVATIONS, make_case
+from moeray.kernels import cpu_rows, grouped_experts_torch, reference_experts
+from moeray.kernels import grouped as grouped_module
+
+needs_kernel = pytest.mark.skipif(not cpu_rows._cpu_has_avx2_fma(), reason="the rows kernel needs an x86 CPU with AVX2")
+
+
+@needs_kernel
+def test_kernel_builds_on_this_machine():
+    # CI runs on AVX2 machines with a C compiler: the kernel must build there, not silently fall back to BLAS.
+    assert cpu_rows.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17])
+@pytest.mark.parametrize("k,m", [(96, 200), (33, 7), (8, 1), (1024, 64)])
+def test_rows_matmul_matches_torch(rows, k, m, threads):
+    g = torch.Generator().manual_seed(rows * 1000 + k + m)
+    w_MK, x_nK = torch.randn(m, k, generator=g), torch.randn(rows, k, generator=g)
+    out_nM = torch.full((rows, m), float("nan"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_rows.rows_matmul(x_nK, w_MK, out_nM)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out_nM, x_nK @ w_MK.t(), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_rows_matmul_writes_into_strided_rows():
+    # The torch path hands it row slices of a wider buffer (leading dimension > M) and of its gather buffer.
+    x_nK = torch.randn(10, 40)[2:7]
+    big = torch.zeros(5, 30)
+    cpu_rows.rows_matmul(x_nK, torch.randn(12, 40), big[:, 4:16])
+    assert torch.equal(big[:, :4], torch.zeros(5, 4)) and torch.equal(big[:, 16:], torch.zeros(5, 14))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad,message", [
+    (lambda x, w, o: (x.double(), w, o), "float32"),
+    (lambda x, w, o: (x.t(), w, o), "contiguous rows"),
+    (lambda x, w, o: (x, w[:, :-1], o), "do not fit"),
+    (lambda x, w, o: (x, w, o[:, :-1]), "do not fit"),
+    (lambda x, w, o: (x, w.t().contiguous().t(), o), "contiguous rows"),
+])
+def test_rows_matmul_rejects_bad_input(bad, message):
+    x, w, o = bad(torch.randn(4, 16), torch.randn(16, 16), torch.empty(4, 16))
+    with pytest.raises(ValueError, match=message):
+        cpu_rows.rows_matmul(x, w, o)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=["silu", "gelu", "clamped"])
+@pytest.mark.parametrize("bias,interleaved", [(False, False), (True, True)])
+def test_torch_path_without_the_kernel(monkeypatch, activation, bias, interleaved):
+    # Where the kernel cannot be built (no compiler, no AVX2, bf16) every slot runs on BLAS GEMMs: same answers.
+    monkeypatch.setattr(cpu_rows, "available", lambda: False)
+    x, pt, ps, pw, w = make_case(33, 40, 24, 8, 2, bias, interleaved=interleaved)
+    got = grouped_experts_torch(x, pt, ps, pw, w, activation)
+    torch.testing.assert_close(got, reference_experts(x, pt, ps, pw, w, activation), atol=1e-4, rtol=1e-4)
+
+
+def test_rows_kernel_leaves_small_segments_unpadded():
+    assert grouped_module.padded_rows(3, rows_kernel=True) == 3
+    assert grouped_module.padded_rows(12, rows_kernel=True) == 12
+    assert grouped_module.padded_rows(13, rows_kernel=True) == 16
