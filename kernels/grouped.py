@@ -185,7 +185,7 @@ def grouped_experts_torch(
 
 
 def _padded_layout(token_sorted_N, weight_sorted_N, counts, padded):
-    """Token and weight per padded row (padding: token of the segment's first row, weight 0), and the pad rows."""
+    """Token and weight per padded row (a pad row: token 0, weight 0; its input is zeroed), and the pad rows."""
     if counts == padded:
         return token_sorted_N, weight_sorted_N, None
     is_real_P = torch.zeros(sum(padded), dtype=torch.bool)
