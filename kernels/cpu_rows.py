@@ -1,12 +1,15 @@
-"""The CPU small-rows kernel (rows_gemm.c): ``y_nM = x_nK @ W_MK.T`` for 1-8 rows, float32, AVX2 + FMA.
+"""The CPU rows kernel (rows_gemm.c): ``out_nM = x_nK @ w_MK.T`` for a few float32 rows, on AVX2 + FMA.
 
-Decode batches give each expert a handful of rows; there MKL's GEMM leaves most of a core idle (measured per
-expert of 25 MB, one thread: 4 rows 2.3 ms with MKL, 1.8 ms here; 8 rows 4.5 vs 2.7; see BENCHMARKS.md). The C
-source is compiled on first use with the system's C compiler into a per-user cache (a second, atomic, so that
-several workers starting at once do not race) and loaded with ctypes (which releases the GIL during the call). It is
-built with OpenMP and so shares the runtime torch loaded: the rows of W are split over ``torch.get_num_threads()``
-threads of torch's own team. Where there is no compiler or no AVX2, ``available()``
-is False and the torch path keeps its BLAS GEMMs.
+Decode batches give each expert a handful of rows, where MKL's GEMM leaves most of a core idle (per 25 MB expert,
+one thread: 4 rows 2.1 ms with MKL, 1.7 ms here; 8 rows 4.3 vs 2.5; see BENCHMARKS.md).
+
+- Built on first use with the system's C compiler into a per-user cache (``MOERAY_KERNEL_CACHE``), into a
+  temporary file first and then renamed, so several workers starting at once do not race; loaded with ctypes,
+  which releases the GIL during the call.
+- Built with ``-fopenmp``: the library then binds to the libgomp torch already loaded (same soname), so the rows
+  of W are split over ``torch.get_num_threads()`` threads of torch's own OpenMP team rather than over threads that
+  would compete with that team's spinning ones.
+- No compiler, no AVX2, or ``MOERAY_CPU_KERNEL=0``: ``available()`` is False and the torch path keeps BLAS.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ def rows_matmul(x_nK: torch.Tensor, w_MK: torch.Tensor, out_nM: torch.Tensor) ->
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU rows kernel is not available here (see moeray.kernels.cpu_rows)")
+    if x_nK.dim() != 2 or w_MK.dim() != 2 or out_nM.dim() != 2:
+        raise ValueError(f"rows_matmul takes 2-D tensors; got x {tuple(x_nK.shape)}, w {tuple(w_MK.shape)}, "
+                         f"out {tuple(out_nM.shape)}")
     n, k = x_nK.shape
     m = w_MK.shape[0]
     for t in (x_nK, w_MK, out_nM):

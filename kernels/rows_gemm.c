@@ -1,7 +1,8 @@
 // A few rows through one weight matrix, for decode-sized expert batches on x86-64 CPUs (AVX2 + FMA):
-//     y[j, m] = sum_k W[m, k] * x[j, k]      for j < n <= 8, m in [m0, m1)
+//     y[j, m] = sum_k W[m, k] * x[j, k]      for j < n <= 8, m < M
 // W is row-major [M, K]; x and y are row-major with leading dimensions ldx, ldy (y is token-major: [n, M]).
-// Why: MKL's GEMM runs 1-8 rows at 20-25 GFLOP/s per core here, far below what streaming the weights allows;
+// Why: MKL's GEMM runs 2-8 rows at 20-24 GFLOP/s per core here (a third of the core's FMA rate, and below what
+// streaming the weights allows);
 // this loads each 8-float piece of a weight row once, uses it for every row of x (held in registers, from L1),
 // and keeps R*N independent accumulators so the FMA latency is hidden. Built and loaded by cpu_rows.py.
 #include <immintrin.h>
