@@ -15,7 +15,7 @@ else:
     import torch
 
     from moeray.kernels.activation import CLAMPED_SWIGLU, GLU, GatedActivation
-    from moeray.kernels.grouped import ExpertWeights, grouped_experts_torch, reference_experts
+    from moeray.kernels.grouped import ExpertWeights, PackedExpertWeights, grouped_experts_torch, reference_experts
 
     def triton_supports(activation: GatedActivation) -> bool:
         return activation.kind == CLAMPED_SWIGLU or activation.act == "silu"
@@ -25,7 +25,7 @@ else:
         pair_token_N: torch.Tensor,
         pair_slot_N: torch.Tensor,
         pair_weight_N: torch.Tensor,
-        weights: ExpertWeights,
+        weights: ExpertWeights | PackedExpertWeights,
         activation: GatedActivation,
     ) -> torch.Tensor:
         """y_TH = sum over a token's pairs of pair_weight * expert_slot(x_TH[token]); see grouped.py."""
@@ -40,6 +40,7 @@ else:
         "GLU",
         "ExpertWeights",
         "GatedActivation",
+        "PackedExpertWeights",
         "grouped_experts",
         "grouped_experts_torch",
         "reference_experts",

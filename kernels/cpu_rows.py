@@ -69,6 +69,9 @@ def _library() -> ctypes.CDLL | None:
     lib.rows_gemm_f32.restype = ctypes.c_int
     lib.rows_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                                   ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    lib.panels_gemm_f32.restype = ctypes.c_int
+    lib.panels_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
+                                    ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     return lib
 
 
@@ -97,4 +100,44 @@ def rows_matmul(x_nK: torch.Tensor, w_MK: torch.Tensor, out_nM: torch.Tensor) ->
     for start in range(0, n, MAX_ROWS):
         lib.rows_gemm_f32(w_MK.data_ptr(), k, x_nK[start].data_ptr(), x_nK.stride(0), out_nM[start].data_ptr(),
                           out_nM.stride(0), min(MAX_ROWS, n - start), m, threads)
+    return out_nM
+
+
+PANEL = 16  # weight rows per panel of the packed layout
+
+
+def pack_panels(w_SMK: torch.Tensor) -> torch.Tensor:
+    """[S, M, K] -> [S, ceil(M/16), K, 16]: each panel holds 16 rows of W column by column (zero rows past M)."""
+    s, m, k = w_SMK.shape
+    padded = -(-m // PANEL) * PANEL
+    if padded != m:
+        w_SMK = torch.cat([w_SMK, w_SMK.new_zeros(s, padded - m, k)], dim=1)
+    return w_SMK.reshape(s, padded // PANEL, PANEL, k).transpose(2, 3).contiguous()
+
+
+def unpack_panels(panels_PK16: torch.Tensor, m: int) -> torch.Tensor:
+    """One slot's panels back to its [M, K] weights (a copy)."""
+    p, k, _ = panels_PK16.shape
+    return panels_PK16.transpose(1, 2).reshape(p * PANEL, k)[:m].contiguous()
+
+
+def panels_matmul(x_nK: torch.Tensor, panels_PK16: torch.Tensor, m: int, out_nM: torch.Tensor) -> torch.Tensor:
+    """out_nM = x_nK @ W_MK.T for W packed by ``pack_panels`` (one slot's [P, K, 16]); float32 CPU tensors."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available here (see moeray.kernels.cpu_rows)")
+    if x_nK.dim() != 2 or panels_PK16.dim() != 3 or out_nM.dim() != 2:
+        raise ValueError(f"panels_matmul takes x [n, K], panels [P, K, 16], out [n, M]; got {tuple(x_nK.shape)}, "
+                         f"{tuple(panels_PK16.shape)}, {tuple(out_nM.shape)}")
+    n, k = x_nK.shape
+    for t in (x_nK, panels_PK16, out_nM):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ValueError(f"panels_matmul needs float32 CPU tensors with contiguous rows; got {t.dtype} on "
+                             f"{t.device} with strides {t.stride()}")
+    if (not panels_PK16.is_contiguous() or panels_PK16.shape[1:] != (k, PANEL)
+            or panels_PK16.shape[0] != -(-m // PANEL) or tuple(out_nM.shape) != (n, m)):
+        raise ValueError(f"panels_matmul: x {tuple(x_nK.shape)}, panels {tuple(panels_PK16.shape)} for {m} rows, "
+                         f"out {tuple(out_nM.shape)} do not fit together")
+    lib.panels_gemm_f32(panels_PK16.data_ptr(), m, k, x_nK.data_ptr(), x_nK.stride(0), out_nM.data_ptr(),
+                        out_nM.stride(0), n, torch.get_num_threads())
     return out_nM

@@ -62,8 +62,74 @@ class ExpertWeights:
         return self.w_gate_up_S2IH.shape[0]
 
     @property
+    def hidden(self) -> int:
+        return self.w_gate_up_S2IH.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_gate_up_S2IH.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_gate_up_S2IH.device
+
+    @property
     def nbytes(self) -> int:
         tensors = (self.w_gate_up_S2IH, self.w_down_SHI, self.b_gate_up_S2I, self.b_down_SH)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PackedExpertWeights:
+    """``ExpertWeights`` with both projections held in the CPU panel layout (``cpu_rows.pack_panels``): each
+    16 output rows of a projection stored column by column, ``[S, ceil(M/16), K, 16]``. CPU workers keep their
+    experts this way when the CPU kernels run here, so no GEMM repacks the weights on every call (see
+    BENCHMARKS.md); the memory is the same, but for M rounded up to 16. ``unpack_slot`` gives one expert back in
+    the canonical layout, for migration and export."""
+
+    gate_up_panels: torch.Tensor  # [S, ceil(2I/16), H, 16]
+    down_panels: torch.Tensor  # [S, ceil(H/16), I, 16]
+    hidden: int
+    intermediate: int
+    b_gate_up_S2I: torch.Tensor | None = None
+    b_down_SH: torch.Tensor | None = None
+    interleaved: bool = False
+
+    @classmethod
+    def pack(cls, weights: ExpertWeights) -> PackedExpertWeights:
+        if weights.dtype != torch.float32 or weights.device.type != "cpu":
+            raise ValueError(f"the panel layout is for float32 CPU experts; got {weights.dtype} on {weights.device}")
+        return cls(gate_up_panels=cpu_rows.pack_panels(weights.w_gate_up_S2IH),
+                   down_panels=cpu_rows.pack_panels(weights.w_down_SHI), hidden=weights.hidden,
+                   intermediate=weights.w_down_SHI.shape[2], b_gate_up_S2I=weights.b_gate_up_S2I,
+                   b_down_SH=weights.b_down_SH, interleaved=weights.interleaved)
+
+    def unpack_slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's (gate_up [2I, H], down [H, I]) in the canonical layout (copies)."""
+        return (cpu_rows.unpack_panels(self.gate_up_panels[slot], 2 * self.intermediate),
+                cpu_rows.unpack_panels(self.down_panels[slot], self.hidden))
+
+    def unpacked(self) -> ExpertWeights:
+        slots = [self.unpack_slot(s) for s in range(self.num_slots)]
+        return ExpertWeights(w_gate_up_S2IH=torch.stack([g for g, _ in slots]),
+                             w_down_SHI=torch.stack([d for _, d in slots]), b_gate_up_S2I=self.b_gate_up_S2I,
+                             b_down_SH=self.b_down_SH, interleaved=self.interleaved)
+
+    @property
+    def num_slots(self) -> int:
+        return self.gate_up_panels.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up_panels.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up_panels.device
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.gate_up_panels, self.down_panels, self.b_gate_up_S2I, self.b_down_SH)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -72,16 +138,16 @@ def check_inputs(
     pair_token_N: torch.Tensor,
     pair_slot_N: torch.Tensor,
     pair_weight_N: torch.Tensor,
-    weights: ExpertWeights,
+    weights: ExpertWeights | PackedExpertWeights,
 ) -> None:
     """Reject inputs that would otherwise give a silent wrong answer or an opaque crash."""
     if x_TH.dim() != 2:
         raise ValueError(f"x must be [T, H]; got shape {tuple(x_TH.shape)}")
     if not x_TH.is_contiguous():
         raise ValueError(f"x must be contiguous; got strides {x_TH.stride()} for shape {tuple(x_TH.shape)}")
-    if x_TH.device != weights.w_gate_up_S2IH.device:
-        raise ValueError(f"x is on {x_TH.device}; the experts are on {weights.w_gate_up_S2IH.device}")
-    hidden = weights.w_gate_up_S2IH.shape[2]
+    if x_TH.device != weights.device:
+        raise ValueError(f"x is on {x_TH.device}; the experts are on {weights.device}")
+    hidden = weights.hidden
     if x_TH.shape[1] != hidden:
         raise ValueError(f"x has hidden size {x_TH.shape[1]}; the experts expect {hidden}")
     n = pair_token_N.shape[0]
@@ -92,8 +158,8 @@ def check_inputs(
             raise ValueError(f"{name} is on {t.device}; x is on {x_TH.device}")
         if name != "pair_weight" and t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must hold integers; got {t.dtype}")
-    if x_TH.dtype != weights.w_gate_up_S2IH.dtype:
-        raise ValueError(f"x has dtype {x_TH.dtype}; the experts hold {weights.w_gate_up_S2IH.dtype}")
+    if x_TH.dtype != weights.dtype:
+        raise ValueError(f"x has dtype {x_TH.dtype}; the experts hold {weights.dtype}")
     if n:
         lo, hi = int(pair_slot_N.min()), int(pair_slot_N.max())
         if lo < 0 or hi >= weights.num_slots:
@@ -151,11 +217,12 @@ def grouped_experts_torch(
     pair_token_N: torch.Tensor,
     pair_slot_N: torch.Tensor,
     pair_weight_N: torch.Tensor,
-    weights: ExpertWeights,
+    weights: ExpertWeights | PackedExpertWeights,
     activation: GatedActivation,
 ) -> torch.Tensor:
     """Sort pairs by slot once into padded segments, run each segment as one GEMM pair with the routing weight
-    applied as it is written, then scatter-add back to token order. P below counts padded rows."""
+    applied as it is written, then scatter-add back to token order. P below counts padded rows. Packed experts run
+    every segment, unpadded, through the panel kernel."""
     check_inputs(x_TH, pair_token_N, pair_slot_N, pair_weight_N, weights)
     y_TH = torch.zeros_like(x_TH)
     n = pair_token_N.numel()
@@ -164,8 +231,9 @@ def grouped_experts_torch(
     # 1. Flatten-sort-count (one host sync), then each slot's segment padded.
     order_N = torch.argsort(pair_slot_N, stable=True)
     counts = torch.bincount(pair_slot_N, minlength=weights.num_slots).tolist()
-    rows_kernel = x_TH.dtype == torch.float32 and x_TH.device.type == "cpu" and cpu_rows.available()
-    padded = [padded_rows(c, rows_kernel) for c in counts]
+    packed = isinstance(weights, PackedExpertWeights)
+    rows_kernel = not packed and x_TH.dtype == torch.float32 and x_TH.device.type == "cpu" and cpu_rows.available()
+    padded = counts if packed else [padded_rows(c, rows_kernel) for c in counts]
     token_P, weight_P, pad_rows = _padded_layout(pair_token_N[order_N], pair_weight_N[order_N], counts, padded)
     x_PH = torch.index_select(x_TH, 0, token_P, out=_WORKSPACE.get("x", len(token_P), x_TH.shape[1], x_TH))
     if pad_rows is not None:
@@ -179,7 +247,10 @@ def grouped_experts_torch(
             continue
         seg = slice(start, start + rows)
         start += rows
-        _slot_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation, rows_kernel)
+        if packed:
+            _panel_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation)
+        else:
+            _slot_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation, rows_kernel)
     # 3. Combine back to token order.
     return y_TH.index_add_(0, token_P, out_PH)
 
@@ -199,6 +270,19 @@ def _padded_layout(token_sorted_N, weight_sorted_N, counts, padded):
     token_P[real_P] = token_sorted_N
     weight_P[real_P] = weight_sorted_N
     return token_P, weight_P, (~is_real_P).nonzero().squeeze(1).to(token_sorted_N.device)
+
+
+def _panel_rows(x_nH, out_nH, weight_n1, slot, weights: PackedExpertWeights, activation: GatedActivation) -> None:
+    """out_nH = weight_n1 * down(act(gate_up(x_nH))) through one packed slot."""
+    two_i = 2 * weights.intermediate
+    gate_up_n2I = cpu_rows.panels_matmul(x_nH, weights.gate_up_panels[slot], two_i, x_nH.new_empty(len(x_nH), two_i))
+    if weights.b_gate_up_S2I is not None:
+        gate_up_n2I += weights.b_gate_up_S2I[slot]
+    h_nI = activation(gate_up_n2I, weights.interleaved).contiguous()
+    cpu_rows.panels_matmul(h_nI, weights.down_panels[slot], weights.hidden, out_nH)
+    if weights.b_down_SH is not None:
+        out_nH += weights.b_down_SH[slot]
+    out_nH.mul_(weight_n1)
 
 
 def _slot_rows(x_nH, out_nH, weight_n1, slot, weights: ExpertWeights, activation: GatedActivation,

@@ -77,3 +77,63 @@ int rows_gemm_f32(const float *W, long K, const float *x, long ldx, float *y, lo
     }
     return 0;
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Any number of rows through one weight matrix stored in panels: Wp is [ceil(M/16), K, 16], panel p holding rows
+// 16p..16p+15 of W (zero past M) column by column, so that 16 consecutive floats are W[16p:16p+16, k].
+//     y[j, m] = sum_k W[m, k] * x[j, k]      for j < n, m < M
+// An outer-product micro-kernel: 6 rows of x x 16 weight rows of accumulators (12 ymm), each step loading two
+// weight vectors and broadcasting 6 x values; a panel (16 x K floats) stays in L2 while every 6-row block of x
+// passes over it, so the weights stream from memory once. Why: MKL's GEMM runs 8-64 rows at 40-130 GFLOP/s on
+// two cores here and this at 78-170 (it never repacks the weights; the panels are the packing, done once).
+
+static inline __attribute__((always_inline)) void panel_block(const float *P, long K, const float *x, long ldx,
+                                                              float *y, long ldy, const int J) {
+    __m256 a0[6], a1[6];
+    for (int j = 0; j < J; j++) { a0[j] = _mm256_setzero_ps(); a1[j] = _mm256_setzero_ps(); }
+    for (long k = 0; k < K; k++) {
+        __m256 w0 = _mm256_loadu_ps(P + k * 16), w1 = _mm256_loadu_ps(P + k * 16 + 8);
+        for (int j = 0; j < J; j++) {
+            __m256 xb = _mm256_broadcast_ss(x + j * ldx + k);
+            a0[j] = _mm256_fmadd_ps(w0, xb, a0[j]);
+            a1[j] = _mm256_fmadd_ps(w1, xb, a1[j]);
+        }
+    }
+    for (int j = 0; j < J; j++) { _mm256_storeu_ps(y + j * ldy, a0[j]); _mm256_storeu_ps(y + j * ldy + 8, a1[j]); }
+}
+
+// All rows of x through one panel, 6 at a time; a panel past M's end (cols < 16) goes through a scratch block.
+static void panel_rows(const float *P, long K, const float *x, long ldx, float *y, long ldy, long n, long cols) {
+    float scratch[6 * 16];
+    for (long j = 0; j < n; j += 6) {
+        long rows = n - j < 6 ? n - j : 6;
+        float *out = cols == 16 ? y + j * ldy : scratch;
+        long ld = cols == 16 ? ldy : 16;
+        const float *xj = x + j * ldx;
+        switch (rows) {
+        case 6: panel_block(P, K, xj, ldx, out, ld, 6); break;
+        case 5: panel_block(P, K, xj, ldx, out, ld, 5); break;
+        case 4: panel_block(P, K, xj, ldx, out, ld, 4); break;
+        case 3: panel_block(P, K, xj, ldx, out, ld, 3); break;
+        case 2: panel_block(P, K, xj, ldx, out, ld, 2); break;
+        default: panel_block(P, K, xj, ldx, out, ld, 1); break;
+        }
+        if (cols < 16)
+            for (long r = 0; r < rows; r++)
+                for (long c = 0; c < cols; c++) y[(j + r) * ldy + c] = scratch[r * 16 + c];
+    }
+}
+
+int panels_gemm_f32(const float *Wp, long M, long K, const float *x, long ldx, float *y, long ldy, long n,
+                    int threads) {
+    long panels = (M + 15) / 16;
+    if (n < 1) return 0;
+    if (threads > panels) threads = (int)panels;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long p = 0; p < panels; p++) {
+        long cols = M - p * 16 < 16 ? M - p * 16 : 16;
+        panel_rows(Wp + p * K * 16, K, x, ldx, y + p * 16, ldy, n, cols);
+    }
+    return 0;
+}

@@ -1,6 +1,7 @@
 """``moeray bench kernels``: the grouped expert computation alone, moeray's kernels vs transformers' experts.
 
-CPU (always): moeray's torch path vs transformers' eager loop and every other implementation registered in
+CPU (always): moeray's torch path (on experts packed as CPU workers hold them, and on the canonical layout) vs
+transformers' eager loop and every other implementation registered in
 ``ALL_EXPERTS_FUNCTIONS`` that runs on CPU, as ratios, and achieved GFLOP/s against the floor: one plain
 ``torch.mm`` of the same FLOPs ([T*k, H] x [H, 3I]). CUDA (when a GPU is present): Triton vs the torch path vs
 ``torch._grouped_mm``, TFLOP/s and percent of the device's peak. All in one run, on the same inputs.
@@ -15,7 +16,7 @@ import torch
 import transformers
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moeray.kernels import ExpertWeights, GatedActivation, grouped_experts_torch
+from moeray.kernels import ExpertWeights, GatedActivation, PackedExpertWeights, cpu_rows, grouped_experts_torch
 
 SHAPES = [  # name, experts, top_k, hidden, intermediate
     ("mixtral-like", 16, 2, 1024, 2048),
@@ -75,8 +76,11 @@ def _cpu_row(name, experts, top_k, hidden, inter, t, reps) -> dict:
     weights = ExpertWeights(w_gate_up_S2IH=module.gate_up_proj.data, w_down_SHI=module.down_proj.data)
     pair_token = torch.arange(t).repeat_interleave(top_k)
     flops = 2 * t * top_k * hidden * 3 * inter
-    ours = _timed(lambda: grouped_experts_torch(x_TH, pair_token, top_i.reshape(-1), top_w.reshape(-1), weights,
-                                                GatedActivation()), reps)
+    run = lambda w: _timed(lambda: grouped_experts_torch(x_TH, pair_token, top_i.reshape(-1), top_w.reshape(-1), w,
+                                                         GatedActivation()), reps)
+    # CPU workers hold their experts packed when the CPU kernels run here: packed once, outside the timing.
+    canonical = run(weights)
+    ours = run(PackedExpertWeights.pack(weights)) if cpu_rows.available() else canonical
     theirs = {}
     for impl in ["eager"] + [n for n in ALL_EXPERTS_FUNCTIONS if n != "moeray"]:
         # batched_mm gathers a copy of its expert's weights for every (token, expert) pair
@@ -95,11 +99,13 @@ def _cpu_row(name, experts, top_k, hidden, inter, t, reps) -> dict:
     ran = {k: v for k, v in theirs.items() if v is not None}
     best = min(ran, key=ran.get)
     row = {"device": "cpu", "shape": name, "tokens": t, "moeray_gflops": flops / ours / 1e9,
+           "moeray_canonical_layout_gflops": flops / canonical / 1e9,
            "floor_gflops": flops / floor / 1e9, "best_hf": best, "speedup_vs_best_hf": ran[best] / ours,
            **{f"hf_{k}_gflops": flops / v / 1e9 for k, v in ran.items()}}
     row["pct_of_floor"] = 100 * row["moeray_gflops"] / row["floor_gflops"]
     hf = "  ".join(f"hf[{k}] {flops / v / 1e9:6.1f}" for k, v in ran.items())
-    print(f"{name:14s} T={t:5d}  moeray {row['moeray_gflops']:6.1f} GFLOP/s  {hf}  "
+    print(f"{name:14s} T={t:5d}  moeray {row['moeray_gflops']:6.1f} GFLOP/s (canonical layout "
+          f"{row['moeray_canonical_layout_gflops']:.1f})  {hf}  "
           f"moeray/hf[{best}] {row['speedup_vs_best_hf']:.2f}x  floor {row['floor_gflops']:6.1f} "
           f"({row['pct_of_floor']:.0f}% of it)")
     return row

@@ -19,13 +19,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import ray
 import torch
 
 from moeray import telemetry
-from moeray.kernels import ExpertWeights, grouped_experts
+from moeray.kernels import ExpertWeights, PackedExpertWeights, cpu_rows, grouped_experts
 from moeray.model.architecture import ModelSpec
 from moeray.model.weights import ExpertSource, TensorReader, read_expert
 from moeray.transport.object_store import WireTensor, pack, unpack
@@ -43,11 +44,37 @@ def _stack(experts: list[ExpertTensors], key: str) -> torch.Tensor | None:
     return torch.stack([e[key] for e in experts]) if experts and key in experts[0] else None
 
 
-def _unstack(weights: ExpertWeights, slot: int) -> ExpertTensors:
-    out = {"gate_up": weights.w_gate_up_S2IH[slot], "down": weights.w_down_SHI[slot]}
+def _unstack(weights: ExpertWeights | PackedExpertWeights, slot: int) -> ExpertTensors:
+    """One slot in the canonical layout: views of ExpertWeights, copies out of PackedExpertWeights."""
+    if isinstance(weights, PackedExpertWeights):
+        gate_up, down = weights.unpack_slot(slot)
+    else:
+        gate_up, down = weights.w_gate_up_S2IH[slot], weights.w_down_SHI[slot]
+    out = {"gate_up": gate_up, "down": down}
     if weights.b_gate_up_S2I is not None:
         out["gate_up_bias"], out["down_bias"] = weights.b_gate_up_S2I[slot], weights.b_down_SH[slot]
     return out
+
+
+class _Resident(Mapping):
+    """An epoch's experts by (layer, expert), each unstacked only when read: a packed expert is unpacked into a
+    copy, so a plan switch must not unpack every resident expert at once."""
+
+    def __init__(self, experts_per_layer: list[list[int]], layers: list) -> None:
+        self._where = {(l, e): (layers[l], s) for l, experts in enumerate(experts_per_layer)
+                       for s, e in enumerate(experts)}
+
+    def __getitem__(self, key: tuple[int, int]) -> ExpertTensors:
+        return _unstack(*self._where[key])
+
+    def __contains__(self, key) -> bool:  # Mapping's own would unstack the expert to answer
+        return key in self._where
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 class ExpertWorker:
@@ -71,9 +98,11 @@ class ExpertWorker:
         self.sources = sources
         self.dtype = dtype
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # On a CPU with the C kernels, experts are held in their panel layout (kernels/grouped.py).
+        self.pack_for_cpu = self.device.type == "cpu" and dtype == torch.float32 and cpu_rows.available()
         self._lock = threading.Lock()  # guards the epoch table; forward reads a snapshot of one entry
         # epoch -> (experts per layer in local slot order, stacked weights per layer)
-        self._epochs: dict[int, tuple[list[list[int]], list[ExpertWeights | None]]] = {}
+        self._epochs: dict[int, tuple[list[list[int]], list[ExpertWeights | PackedExpertWeights | None]]] = {}
         self.epoch = epoch  # the newest committed epoch
         self.read_slots = self.fetched_slots = 0  # slots read from the checkpoint / fetched from peers, ever
         self._compiled_tasks = None  # this worker's share of the compiled graph it runs (hold_compiled)
@@ -83,8 +112,8 @@ class ExpertWorker:
     def _copy(experts_per_layer: list[list[int]]) -> list[list[int]]:
         return [list(map(int, e)) for e in experts_per_layer]
 
-    def _build(self, experts_per_layer: list[list[int]], resident: dict[tuple[int, int], ExpertTensors],
-               fetched: dict[tuple[int, int], ExpertTensors]) -> list[ExpertWeights | None]:
+    def _build(self, experts_per_layer: list[list[int]], resident: Mapping[tuple[int, int], ExpertTensors],
+               fetched: dict[tuple[int, int], ExpertTensors]) -> list[ExpertWeights | PackedExpertWeights | None]:
         """Stack each layer's slots: resident experts are copied, fetched ones used, the rest read from disk."""
         if len(experts_per_layer) != len(self.spec.moe_layers):
             raise ValueError(f"worker {self.worker_index}: {len(experts_per_layer)} layers of slots given; the model "
@@ -104,21 +133,23 @@ class ExpertWorker:
                         tensors = read_expert(reader, layer, self.sources[layer.index], expert, self.dtype)
                         self.read_slots += 1
                     loaded.append(tensors)
-                layers.append(None if not loaded else ExpertWeights(
+                weights = None if not loaded else ExpertWeights(
                     w_gate_up_S2IH=_stack(loaded, "gate_up").to(self.device),
                     w_down_SHI=_stack(loaded, "down").to(self.device),
                     b_gate_up_S2I=None if not layer.has_bias else _stack(loaded, "gate_up_bias").to(self.device),
                     b_down_SH=None if not layer.has_bias else _stack(loaded, "down_bias").to(self.device),
-                ))
+                )
+                del loaded
+                if weights is not None and self.pack_for_cpu:
+                    weights = PackedExpertWeights.pack(weights)  # the canonical stack is dropped once packed
+                layers.append(weights)
         finally:
             reader.close()
         log.info("worker %d: %d slots resident in %.1fs", self.worker_index, total, time.monotonic() - started)
         return layers
 
-    def _resident(self) -> dict[tuple[int, int], ExpertTensors]:
-        experts_per_layer, layers = self._epochs[self.epoch]
-        return {(l, e): _unstack(layers[l], s) for l, experts in enumerate(experts_per_layer)
-                for s, e in enumerate(experts)}
+    def _resident(self) -> _Resident:
+        return _Resident(*self._epochs[self.epoch])
 
     # -- the hot path ------------------------------------------------------------------------------------
     def forward(self, epoch: int, layer: int, x: WireTensor, pair_token_N: np.ndarray, pair_slot_N: np.ndarray,
@@ -186,7 +217,7 @@ class ExpertWorker:
                 for key, wire in zip(pairs, ray.get(peer.export_experts.remote(pairs))):
                     fetched[key] = {name: unpack(t) for name, t in wire.items()}
         before = (self.read_slots, self.fetched_slots)
-        layers = self._build(experts_per_layer, {k: v for k, v in resident.items() if k in wanted}, fetched)
+        layers = self._build(experts_per_layer, resident, fetched)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         with self._lock:
             self._epochs[epoch] = (experts_per_layer, layers)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cases import ACTIVATIONS, make_case
-from moeray.kernels import cpu_rows, grouped_experts_torch, reference_experts
+from moeray.kernels import ExpertWeights, PackedExpertWeights, cpu_rows, grouped_experts_torch, reference_experts
 from moeray.kernels import grouped as grouped_module
 
 needs_kernel = pytest.mark.skipif(not cpu_rows._cpu_has_avx2_fma(), reason="the rows kernel needs an x86 CPU with AVX2")
@@ -71,3 +71,46 @@ def test_rows_kernel_leaves_small_segments_unpadded():
     assert grouped_module.padded_rows(3, rows_kernel=True) == 3
     assert grouped_module.padded_rows(12, rows_kernel=True) == 12
     assert grouped_module.padded_rows(13, rows_kernel=True) == 16
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 31, 64])
+@pytest.mark.parametrize("m,k", [(40, 33), (4096, 64), (17, 8), (16, 1)])
+def test_panels_matmul_matches_torch(rows, m, k):
+    g = torch.Generator().manual_seed(rows * 7 + m + k)
+    w_SMK, x_nK = torch.randn(2, m, k, generator=g), torch.randn(rows, k, generator=g)
+    panels = cpu_rows.pack_panels(w_SMK)
+    assert panels.shape == (2, -(-m // 16), k, 16)
+    assert torch.equal(cpu_rows.unpack_panels(panels[1], m), w_SMK[1])
+    out_nM = torch.full((rows, m), float("nan"))
+    cpu_rows.panels_matmul(x_nK, panels[1], m, out_nM)
+    torch.testing.assert_close(out_nM, x_nK @ w_SMK[1].t(), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_panels_matmul_rejects_panels_of_another_matrix():
+    panels = cpu_rows.pack_panels(torch.randn(1, 40, 16))[0]
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_rows.panels_matmul(torch.randn(3, 16), panels, 64, torch.empty(3, 64))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens,hidden,inter,slots,top_k", [(1, 96, 200, 1, 1), (33, 40, 24, 64, 4),
+                                                             (120, 33, 20, 8, 2), (300, 16, 12, 8, 8)])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=["silu", "gelu", "clamped"])
+@pytest.mark.parametrize("bias,interleaved", [(False, False), (True, True)])
+def test_packed_experts_match_reference(tokens, hidden, inter, slots, top_k, activation, bias, interleaved):
+    x, pt, ps, pw, w = make_case(tokens, hidden, inter, slots, top_k, bias, interleaved=interleaved)
+    packed = PackedExpertWeights.pack(w)
+    assert packed.num_slots == w.num_slots and packed.nbytes >= w.nbytes
+    got = grouped_experts_torch(x, pt, ps, pw, packed, activation)
+    torch.testing.assert_close(got, reference_experts(x, pt, ps, pw, w, activation), atol=1e-4, rtol=1e-4)
+    unpacked = packed.unpacked()
+    assert torch.equal(unpacked.w_gate_up_S2IH, w.w_gate_up_S2IH) and torch.equal(unpacked.w_down_SHI, w.w_down_SHI)
+
+
+def test_only_float32_cpu_experts_pack():
+    _, _, _, _, w = make_case(3, 16, 8, 2, 1, bias=False)
+    w16 = ExpertWeights(w_gate_up_S2IH=w.w_gate_up_S2IH.bfloat16(), w_down_SHI=w.w_down_SHI.bfloat16())
+    with pytest.raises(ValueError, match="float32 CPU"):
+        PackedExpertWeights.pack(w16)
