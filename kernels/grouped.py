@@ -104,6 +104,14 @@ class PackedExpertWeights:
                    intermediate=weights.w_down_SHI.shape[2], b_gate_up_S2I=weights.b_gate_up_S2I,
                    b_down_SH=weights.b_down_SH, interleaved=weights.interleaved)
 
+    @staticmethod
+    def bytes_per_expert(hidden: int, intermediate: int, has_bias: bool, itemsize: int) -> int:
+        """What one packed expert holds: its parameters, plus zero rows up to a multiple of 16 per projection
+        (none for real models, whose sizes are multiples of 16; the placement budget counts parameters only)."""
+        up16 = lambda m: -(-m // 16) * 16
+        biases = 2 * intermediate + hidden if has_bias else 0
+        return itemsize * (up16(2 * intermediate) * hidden + up16(hidden) * intermediate + biases)
+
     def unpack_slot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's (gate_up [2I, H], down [H, I]) in the canonical layout (copies)."""
         return (cpu_rows.unpack_panels(self.gate_up_panels[slot], 2 * self.intermediate),

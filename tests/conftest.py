@@ -104,3 +104,13 @@ def assert_logits_close(actual, expected, rel: float = 1e-4) -> None:
 
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25], [30], [40, 41, 42, 43, 44, 45, 46]]
+
+
+def held_bytes_per_expert(layer, itemsize: int = 4) -> int:
+    """What a worker holds per expert of ``layer`` (a MoELayerSpec): packed on a CPU where the C kernels run."""
+    from moeray.kernels import PackedExpertWeights, cpu_rows
+
+    if cpu_rows.available():
+        return PackedExpertWeights.bytes_per_expert(layer.hidden_size, layer.intermediate_size, layer.has_bias,
+                                                    itemsize)
+    return layer.params_per_expert * itemsize

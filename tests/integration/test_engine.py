@@ -8,7 +8,7 @@ import ray
 import torch
 from ray._private.test_utils import wait_for_condition
 
-from conftest import PROMPTS, assert_logits_close
+from conftest import PROMPTS, assert_logits_close, held_bytes_per_expert
 from moeray import Engine, EngineConfig, InvalidRequest, SamplingParams
 from moeray.model.checkpoint import CheckpointError
 from moeray.model.tiny import ARCHITECTURES
@@ -65,7 +65,7 @@ def test_memory_accounting_router_holds_no_experts(checkpoints, ray_local):
     with Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, replicas=3)) as engine:
         report = engine.memory_report()
         spec = engine.spec
-        per_expert = spec.moe_layers[0].params_per_expert * 4  # float32
+        per_expert = held_bytes_per_expert(spec.moe_layers[0])
         slots = len(spec.moe_layers) * (spec.num_experts + 3)
         assert sum(report["worker_resident_bytes"]) == slots * per_expert
         assert report["router_expert_bytes"] == [0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import _ray_start
+from conftest import _ray_start, held_bytes_per_expert
 from moeray import Engine, EngineConfig, SamplingParams
 from moeray.model.tiny import save_tiny_checkpoint
 from moeray.placement.config import ControllerConfig
@@ -88,4 +88,4 @@ def test_requests_survive_several_rebalances(engine):
     # After the switches, only the last epoch's slots are resident.
     report = engine.memory_report()
     slots = engine.plan.num_layers * engine.plan.num_slots
-    assert sum(report["worker_resident_bytes"]) == slots * engine.expert_bytes
+    assert sum(report["worker_resident_bytes"]) == slots * held_bytes_per_expert(engine.spec.moe_layers[0])

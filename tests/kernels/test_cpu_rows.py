@@ -114,3 +114,11 @@ def test_only_float32_cpu_experts_pack():
     w16 = ExpertWeights(w_gate_up_S2IH=w.w_gate_up_S2IH.bfloat16(), w_down_SHI=w.w_down_SHI.bfloat16())
     with pytest.raises(ValueError, match="float32 CPU"):
         PackedExpertWeights.pack(w16)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_bytes_per_expert_is_what_packing_holds(bias):
+    _, _, _, _, w = make_case(3, 40, 24, 5, 1, bias)
+    assert PackedExpertWeights.pack(w).nbytes == 5 * PackedExpertWeights.bytes_per_expert(40, 24, bias, 4)
+    _, _, _, _, w = make_case(3, 32, 16, 2, 1, bias)  # multiples of 16: no padding, the same bytes as unpacked
+    assert PackedExpertWeights.pack(w).nbytes == w.nbytes
