@@ -1,15 +1,17 @@
-"""The CPU rows kernel (rows_gemm.c): ``out_nM = x_nK @ w_MK.T`` for a few float32 rows, on AVX2 + FMA.
+"""The CPU kernels of rows_gemm.c, ``out_nM = x_nK @ W_MK.T`` in float32 on AVX2 + FMA, and the panel layout.
 
-Decode batches give each expert a handful of rows, where MKL's GEMM leaves most of a core idle (per 25 MB expert,
-one thread: 4 rows 2.1 ms with MKL, 1.7 ms here; 8 rows 4.3 vs 2.5; see BENCHMARKS.md).
+- ``panels_matmul``: any number of rows through weights packed by ``pack_panels`` (``[ceil(M/16), K, 16]``), an
+  outer-product micro-kernel that never repacks them: 1.1-1.9x MKL from 4 to 256 rows (BENCHMARKS.md). CPU
+  workers hold their experts packed this way (``PackedExpertWeights``).
+- ``rows_matmul``: 1-8 rows (longer ones in chunks) through weights in the canonical ``[M, K]`` layout, a
+  dot-product kernel: 1.2-2x MKL there.
 
-- Built on first use with the system's C compiler into a per-user cache (``MOERAY_KERNEL_CACHE``), into a
-  temporary file first and then renamed, so several workers starting at once do not race; loaded with ctypes,
-  which releases the GIL during the call.
-- Built with ``-fopenmp``: the library then binds to the libgomp torch already loaded (same soname), so the rows
-  of W are split over ``torch.get_num_threads()`` threads of torch's own OpenMP team rather than over threads that
-  would compete with that team's spinning ones.
-- No compiler, no AVX2, or ``MOERAY_CPU_KERNEL=0``: ``available()`` is False and the torch path keeps BLAS.
+Built on first use with the system's C compiler into a per-user cache (``MOERAY_KERNEL_CACHE``), into a temporary
+file first and then renamed, so several workers starting at once do not race; loaded with ctypes, which releases
+the GIL during a call. Built with ``-fopenmp``, the library binds to the libgomp torch already loaded (same
+soname), so the work is split over ``torch.get_num_threads()`` threads of torch's own OpenMP team rather than over
+threads that would compete with that team's spinning ones. No compiler, no AVX2, or ``MOERAY_CPU_KERNEL=0``:
+``available()`` is False and the torch path stays on BLAS.
 """
 
 from __future__ import annotations
@@ -79,20 +81,25 @@ def available() -> bool:
     return _library() is not None
 
 
-def rows_matmul(x_nK: torch.Tensor, w_MK: torch.Tensor, out_nM: torch.Tensor) -> torch.Tensor:
-    """out_nM = x_nK @ w_MK.T for float32 CPU tensors with contiguous rows; any n (in chunks of MAX_ROWS)."""
+def _checked_library(name: str, tensors: tuple[torch.Tensor, ...], dims: tuple[int, ...]) -> ctypes.CDLL:
+    """The loaded library, once ``tensors`` are float32 CPU tensors of ``dims`` dimensions with contiguous rows."""
     lib = _library()
     if lib is None:
-        raise RuntimeError("the CPU rows kernel is not available here (see moeray.kernels.cpu_rows)")
-    if x_nK.dim() != 2 or w_MK.dim() != 2 or out_nM.dim() != 2:
-        raise ValueError(f"rows_matmul takes 2-D tensors; got x {tuple(x_nK.shape)}, w {tuple(w_MK.shape)}, "
-                         f"out {tuple(out_nM.shape)}")
+        raise RuntimeError("the CPU kernels are not available here (see moeray.kernels.cpu_rows)")
+    if tuple(t.dim() for t in tensors) != dims:
+        raise ValueError(f"{name} takes tensors of {dims} dimensions; got shapes {[tuple(t.shape) for t in tensors]}")
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ValueError(f"{name} needs float32 CPU tensors with contiguous rows; got {t.dtype} on "
+                             f"{t.device} with strides {t.stride()}")
+    return lib
+
+
+def rows_matmul(x_nK: torch.Tensor, w_MK: torch.Tensor, out_nM: torch.Tensor) -> torch.Tensor:
+    """out_nM = x_nK @ w_MK.T for float32 CPU tensors with contiguous rows; any n (in chunks of MAX_ROWS)."""
+    lib = _checked_library("rows_matmul", (x_nK, w_MK, out_nM), (2, 2, 2))
     n, k = x_nK.shape
     m = w_MK.shape[0]
-    for t in (x_nK, w_MK, out_nM):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
-            raise ValueError(f"rows_matmul needs float32 CPU tensors with contiguous rows; got {t.dtype} on "
-                             f"{t.device} with strides {t.stride()}")
     if not w_MK.is_contiguous() or w_MK.shape[1] != k or tuple(out_nM.shape) != (n, m):
         raise ValueError(f"rows_matmul: x {tuple(x_nK.shape)}, w {tuple(w_MK.shape)} (contiguous: "
                          f"{w_MK.is_contiguous()}), out {tuple(out_nM.shape)} do not fit together")
@@ -123,17 +130,8 @@ def unpack_panels(panels_PK16: torch.Tensor, m: int) -> torch.Tensor:
 
 def panels_matmul(x_nK: torch.Tensor, panels_PK16: torch.Tensor, m: int, out_nM: torch.Tensor) -> torch.Tensor:
     """out_nM = x_nK @ W_MK.T for W packed by ``pack_panels`` (one slot's [P, K, 16]); float32 CPU tensors."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the CPU kernels are not available here (see moeray.kernels.cpu_rows)")
-    if x_nK.dim() != 2 or panels_PK16.dim() != 3 or out_nM.dim() != 2:
-        raise ValueError(f"panels_matmul takes x [n, K], panels [P, K, 16], out [n, M]; got {tuple(x_nK.shape)}, "
-                         f"{tuple(panels_PK16.shape)}, {tuple(out_nM.shape)}")
+    lib = _checked_library("panels_matmul", (x_nK, panels_PK16, out_nM), (2, 3, 2))
     n, k = x_nK.shape
-    for t in (x_nK, panels_PK16, out_nM):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
-            raise ValueError(f"panels_matmul needs float32 CPU tensors with contiguous rows; got {t.dtype} on "
-                             f"{t.device} with strides {t.stride()}")
     if (not panels_PK16.is_contiguous() or panels_PK16.shape[1:] != (k, PANEL)
             or panels_PK16.shape[0] != -(-m // PANEL) or tuple(out_nM.shape) != (n, m)):
         raise ValueError(f"panels_matmul: x {tuple(x_nK.shape)}, panels {tuple(panels_PK16.shape)} for {m} rows, "

@@ -1,4 +1,7 @@
-// A few rows through one weight matrix, for decode-sized expert batches on x86-64 CPUs (AVX2 + FMA):
+// Expert GEMMs for x86-64 CPUs with AVX2 + FMA, built and loaded by cpu_rows.py. Two kernels: rows_gemm_f32 (a few
+// rows, canonical weights) and panels_gemm_f32 (any rows, weights packed in panels), below.
+//
+// A few rows through one weight matrix, for decode-sized expert batches:
 //     y[j, m] = sum_k W[m, k] * x[j, k]      for j < n <= 8, m < M
 // W is row-major [M, K]; x and y are row-major with leading dimensions ldx, ldy (y is token-major: [n, M]).
 // Why: MKL's GEMM runs 2-8 rows at 20-24 GFLOP/s per core here (a third of the core's FMA rate, and below what

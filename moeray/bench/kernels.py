@@ -1,10 +1,10 @@
 """``moeray bench kernels``: the grouped expert computation alone, moeray's kernels vs transformers' experts.
 
 CPU (always): moeray's torch path (on experts packed as CPU workers hold them, and on the canonical layout) vs
-transformers' eager loop and every other implementation registered in
-``ALL_EXPERTS_FUNCTIONS`` that runs on CPU, as ratios, and achieved GFLOP/s against the floor: one plain
-``torch.mm`` of the same FLOPs ([T*k, H] x [H, 3I]). CUDA (when a GPU is present): Triton vs the torch path vs
-``torch._grouped_mm``, TFLOP/s and percent of the device's peak. All in one run, on the same inputs.
+transformers' eager loop and every other implementation registered in ``ALL_EXPERTS_FUNCTIONS`` that runs on CPU,
+as ratios, and achieved GFLOP/s against the floor: one plain ``torch.mm`` of the same FLOPs ([T*k, H] x [H, 3I]).
+CUDA (when a GPU is present): Triton vs the torch path vs ``torch._grouped_mm``, TFLOP/s and percent of the
+device's peak. All in one run, on the same inputs.
 """
 
 from __future__ import annotations

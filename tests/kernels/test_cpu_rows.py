@@ -49,7 +49,7 @@ def test_rows_matmul_writes_into_strided_rows():
     (lambda x, w, o: (x, w[:, :-1], o), "do not fit"),
     (lambda x, w, o: (x, w, o[:, :-1]), "do not fit"),
     (lambda x, w, o: (x, w.t().contiguous().t(), o), "contiguous rows"),
-    (lambda x, w, o: (x[0], w, o), "2-D"),
+    (lambda x, w, o: (x[0], w, o), "dimensions"),
 ])
 def test_rows_matmul_rejects_bad_input(bad, message):
     x, w, o = bad(torch.randn(4, 16), torch.randn(16, 16), torch.empty(4, 16))
