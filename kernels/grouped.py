@@ -6,7 +6,9 @@ Shape legend: T tokens, H hidden, I expert intermediate, S local slots, N (token
               pair_weight_N[n] * down_s(act(gate_up_s(x_TH[t])))      with s = pair_slot_N[n]
 
 Two implementations share this interface:
-- ``grouped_experts_torch``: sort pairs by slot once, one GEMM pair per slot that has tokens (the CPU path).
+- ``grouped_experts_torch``: sort pairs by slot once, one GEMM pair per slot that has tokens (the CPU path). On
+  ``PackedExpertWeights`` (experts in 16-row panels, as CPU workers hold them) every slot runs through the panel
+  kernel; on ``ExpertWeights`` small segments use the rows kernel and the rest BLAS (cpu_rows.py, rows_gemm.c).
 - ``reference_experts``: the naive per-pair loop, the ground truth in tests.
 """
 
