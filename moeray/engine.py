@@ -145,7 +145,9 @@ class Engine:
         router_cls = ray.remote(Router)
         # Routers and the controller stay beside the process that drives them (the ingress or the driver) when it
         # can: one hop less per request, and they do not go down with an expert worker's node.
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        # NOTE: hard affinity: with soft, a busy raylet spilled them onto expert nodes (seen in the multi-node chaos
+        # test, which then lost them with that node). They need no resources, and they share this node's fate anyway.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         controller_name = f"moeray-controller-{uuid.uuid4().hex[:12]}"
         for r in range(config.routers):
             # NOTE: Ray restarts a crashed router (its in-flight requests fail with a clear error); the restarted
