@@ -9,6 +9,8 @@ Two implementations share this interface:
 - ``grouped_experts_torch``: sort pairs by slot once, one GEMM pair per slot that has tokens (the CPU path). On
   ``PackedExpertWeights`` (experts in 16-row panels, as CPU workers hold them) every slot runs through the panel
   kernel; on ``ExpertWeights`` small segments use the rows kernel and the rest BLAS (cpu_rows.py, rows_gemm.c).
+  On ``QuantizedExpertWeights`` (FP8 / MXFP4 experts) each slot that has rows is dequantized into a reused
+  per-thread buffer, then runs as above.
 - ``reference_experts``: the naive per-pair loop, the ground truth in tests.
 """
 
@@ -21,6 +23,7 @@ import torch
 
 from moeray.kernels import cpu_rows
 from moeray.kernels.activation import GatedActivation
+from moeray.kernels.quantized import QuantizedExpertWeights
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,7 +151,7 @@ def check_inputs(
     pair_token_N: torch.Tensor,
     pair_slot_N: torch.Tensor,
     pair_weight_N: torch.Tensor,
-    weights: ExpertWeights | PackedExpertWeights,
+    weights: ExpertWeights | PackedExpertWeights | QuantizedExpertWeights,
 ) -> None:
     """Reject inputs that would otherwise give a silent wrong answer or an opaque crash."""
     if x_TH.dim() != 2:
@@ -227,7 +230,7 @@ def grouped_experts_torch(
     pair_token_N: torch.Tensor,
     pair_slot_N: torch.Tensor,
     pair_weight_N: torch.Tensor,
-    weights: ExpertWeights | PackedExpertWeights,
+    weights: ExpertWeights | PackedExpertWeights | QuantizedExpertWeights,
     activation: GatedActivation,
 ) -> torch.Tensor:
     """Sort pairs by slot once into padded segments, run each segment as one GEMM pair with the routing weight
@@ -260,7 +263,8 @@ def grouped_experts_torch(
         if packed:
             _panel_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation)
         else:
-            _slot_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation, rows_kernel)
+            _slot_rows(x_PH[seg], out_PH[seg], weight_P1[seg], _slot_tensors(weights, slot), activation,
+                       weights.interleaved, rows_kernel)
     # 3. Combine back to token order.
     return y_TH.index_add_(0, token_P, out_PH)
 
@@ -295,35 +299,49 @@ def _panel_rows(x_nH, out_nH, weight_n1, slot, weights: PackedExpertWeights, act
     out_nH.mul_(weight_n1)
 
 
-def _slot_rows(x_nH, out_nH, weight_n1, slot, weights: ExpertWeights, activation: GatedActivation,
+def _slot_tensors(weights: ExpertWeights | QuantizedExpertWeights, slot: int):
+    """One slot's (gate_up [2I, H], down [H, I], gate_up bias or None, down bias or None) in the compute dtype:
+    views of ExpertWeights; quantized slots dequantized into this thread's reused buffers."""
+    b_gu = None if weights.b_gate_up_S2I is None else weights.b_gate_up_S2I[slot]
+    b_down = None if weights.b_down_SH is None else weights.b_down_SH[slot]
+    if isinstance(weights, QuantizedExpertWeights):
+        h, i, like = weights.hidden, weights.intermediate, weights.b_gate_up_S2I
+        like = torch.empty(0, dtype=weights.compute_dtype, device=weights.device) if like is None else like
+        w_gu, w_down = weights.dequantize_slot(slot, _WORKSPACE.get("w_gate_up", 2 * i, h, like),
+                                               _WORKSPACE.get("w_down", h, i, like))
+        return w_gu, w_down, b_gu, b_down
+    return weights.w_gate_up_S2IH[slot], weights.w_down_SHI[slot], b_gu, b_down
+
+
+def _slot_rows(x_nH, out_nH, weight_n1, tensors, activation: GatedActivation, interleaved: bool,
                rows_kernel: bool) -> None:
-    """out_nH = weight_n1 * down(act(gate_up(x_nH))) through one slot's weights."""
-    w_gu, w_down, b_gu, b_down = weights.w_gate_up_S2IH, weights.w_down_SHI, weights.b_gate_up_S2I, weights.b_down_SH
+    """out_nH = weight_n1 * down(act(gate_up(x_nH))) through one slot's weights (``_slot_tensors``)."""
+    w_gu, w_down, b_gu, b_down = tensors
     if rows_kernel and len(x_nH) <= KERNEL_ROWS:
-        gate_up_n2I = cpu_rows.rows_matmul(x_nH, w_gu[slot], x_nH.new_empty(len(x_nH), w_gu.shape[1]))
+        gate_up_n2I = cpu_rows.rows_matmul(x_nH, w_gu, x_nH.new_empty(len(x_nH), w_gu.shape[0]))
         if b_gu is not None:
-            gate_up_n2I += b_gu[slot]
-        cpu_rows.rows_matmul(activation(gate_up_n2I, weights.interleaved).contiguous(), w_down[slot], out_nH)
+            gate_up_n2I += b_gu
+        cpu_rows.rows_matmul(activation(gate_up_n2I, interleaved).contiguous(), w_down, out_nH)
         if b_down is not None:
-            out_nH += b_down[slot]
+            out_nH += b_down
         out_nH.mul_(weight_n1)
         return
     if len(x_nH) >= TOKEN_MAJOR_ROWS:
-        gate_up_n2I = x_nH @ w_gu[slot].t() if b_gu is None else torch.addmm(b_gu[slot], x_nH, w_gu[slot].t())
-        h_nI = activation(gate_up_n2I, weights.interleaved)
+        gate_up_n2I = x_nH @ w_gu.t() if b_gu is None else torch.addmm(b_gu, x_nH, w_gu.t())
+        h_nI = activation(gate_up_n2I, interleaved)
         if b_down is None:
-            torch.mm(h_nI, w_down[slot].t(), out=out_nH)
+            torch.mm(h_nI, w_down.t(), out=out_nH)
         else:
-            torch.addmm(b_down[slot], h_nI, w_down[slot].t(), out=out_nH)
+            torch.addmm(b_down, h_nI, w_down.t(), out=out_nH)
         out_nH.mul_(weight_n1)
         return
-    gate_up_2In = w_gu[slot] @ x_nH.t()
+    gate_up_2In = w_gu @ x_nH.t()
     if b_gu is not None:
-        gate_up_2In += b_gu[slot].unsqueeze(1)
-    h_nI = activation(gate_up_2In, weights.interleaved, dim=0).t().contiguous()
-    y_Hn = w_down[slot] @ h_nI.t()
+        gate_up_2In += b_gu.unsqueeze(1)
+    h_nI = activation(gate_up_2In, interleaved, dim=0).t().contiguous()
+    y_Hn = w_down @ h_nI.t()
     if b_down is not None:
-        y_Hn += b_down[slot].unsqueeze(1)
+        y_Hn += b_down.unsqueeze(1)
     torch.mul(y_Hn.t(), weight_n1, out=out_nH)
 
 

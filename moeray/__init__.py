@@ -18,8 +18,17 @@ switching every worker and router to a new plan epoch in two phases, while reque
 Entry points: ``moeray.Engine`` (Python API) and the ``moeray`` CLI.
 """
 
-from moeray.engine import Engine, EngineConfig
 from moeray.request import GenerationResult, InvalidRequest, SamplingParams, StreamChunk
 
 __all__ = ["Engine", "EngineConfig", "GenerationResult", "InvalidRequest", "SamplingParams", "StreamChunk"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # NOTE: the engine (and with it Ray) is imported on first use, so that moeray.kernels and moeray.model import
+    # on a machine without Ray (``make gpu-check``).
+    if name in ("Engine", "EngineConfig"):
+        from moeray import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'moeray' has no attribute {name!r}")

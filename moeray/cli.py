@@ -1,6 +1,6 @@
 """The ``moeray`` command line.
 
-    moeray generate [--model DIR] --prompt-ids 1,2,3 [--prompt-ids 4,5 ...] [--prompt TEXT ...]
+    moeray generate [--model DIR|ORG/NAME[@REV]] --prompt-ids 1,2,3 [--prompt-ids 4,5 ...] [--prompt TEXT ...]
                     --max-new-tokens N --workers W [--replicas R] [--dtype float32|bfloat16] [--json]
     moeray generate --target HOST:PORT --prompt-ids 1,2,3 ...     (calls a running server)
     moeray serve [--model DIR] [--port 9000] [--workers N] [--routers N] [--address ADDR]
@@ -13,7 +13,8 @@
     moeray placement synth --kind zipf|drifting|bursty ... --out FILE
     moeray placement simulate --trace FILE --policy NAME[,NAME...] --workers N [--nodes M] [--redundant R] [--json]
 
-With no --model, commands use the embedded demo checkpoint (created on first use).
+With no --model, commands use the embedded demo checkpoint (created on first use). --model also takes a Hugging Face
+hub id, org/name[@revision], resolved through huggingface_hub's cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def _ids(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--prompt-ids {text!r} must be comma-separated integers") from None
+
+
+_MODEL_HELP = "HF-format checkpoint directory, or hub id org/name[@revision] (default: the embedded demo)"
 
 
 def _model_dir(arg: str | None) -> str:
@@ -56,6 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moeray.engine import Engine, EngineConfig
     from moeray.model.backbone import inspect_checkpoint
     from moeray.model.checkpoint import CheckpointError
+    from moeray.model.hub import local_model_dir
     from moeray.request import InvalidRequest, RequestLimits, SamplingParams
 
     model = _model_dir(args.model)
@@ -64,7 +69,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = None
     if args.prompt:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(local_model_dir(model), local_files_only=True)
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         except (OSError, ValueError):
             print(f"error: --prompt needs a tokenizer, and {model} has none; use --prompt-ids", file=sys.stderr)
             return 2
@@ -186,14 +194,29 @@ def _human(line: dict) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from moeray.engine import DTYPES
     from moeray.model.backbone import inspect_checkpoint
+    from moeray.model.checkpoint import CheckpointError
 
-    spec = inspect_checkpoint(_model_dir(args.model)).spec
+    try:
+        loaded = inspect_checkpoint(_model_dir(args.model))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    spec, quant = loaded.spec, loaded.index.quant
+    itemsize = DTYPES[args.dtype].itemsize
+    # NOTE: a worker holds ceil((experts + replicas) / workers) slots of every MoE layer (static plans)
+    slots = -(-(spec.num_experts + args.replicas) // args.workers)
     print(json.dumps({
         "architecture": spec.architecture, "model_type": spec.model_type, "layers": spec.num_hidden_layers,
         "moe_layers": len(spec.moe_layers), "experts": spec.num_experts, "top_k": spec.top_k,
         "vocab_size": spec.vocab_size, "max_positions": spec.max_positions,
         "total_params": spec.total_params, "active_params": spec.active_params, "dense_params": spec.dense_params,
+        "format": quant.label, "block_size": list(quant.block) if quant.block else None,
+        "bytes_on_disk": sum(loc.nbytes for loc in loaded.checkpoint.tensors.values()),
+        "dtype": args.dtype, "workers": args.workers, "replicas": args.replicas, "slots_per_worker": slots,
+        "expert_bytes_per_worker": sum(slots * layer.bytes_per_expert(itemsize) for layer in spec.moe_layers),
+        "dense_bytes_per_router": spec.dense_params * itemsize,
     }))
     return 0
 
@@ -260,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate offline on a local Ray cluster")
-    gen.add_argument("--model", help="HF-format checkpoint directory (default: the embedded demo)")
+    gen.add_argument("--model", help=_MODEL_HELP)
     gen.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids; repeatable")
     gen.add_argument("--prompt", action="append", help="text prompt (needs a tokenizer); repeatable")
     gen.add_argument("--max-new-tokens", type=int, default=16)
@@ -281,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="serve over gRPC (moeray.v1, KServe v2, health) until Ctrl-C / SIGTERM")
-    srv.add_argument("--model", help="HF-format checkpoint directory (default: the embedded demo)")
+    srv.add_argument("--model", help=_MODEL_HELP)
     srv.add_argument("--port", type=int, default=9000, help="gRPC port")
     srv.add_argument("--http-port", type=int, default=8000)
     srv.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (see README on the gRPC bind)")
@@ -319,7 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="describe a checkpoint: architecture, experts, total vs active params")
-    info.add_argument("--model")
+    info.add_argument("--model", help=_MODEL_HELP)
+    info.add_argument("--workers", type=int, default=1, help="bytes resident per worker for this many workers")
+    info.add_argument("--replicas", type=int, default=0)
+    info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="compute dtype: of dense weights, biases and unquantized experts")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -38,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    model: str
+    model: str  # a checkpoint directory, or a Hugging Face hub id org/name[@revision] (moeray.model.hub)
     workers: int = 2
     replicas: int = 0  # redundant expert slots per MoE layer, beyond one copy of each expert
     placement: str = "contiguous"
@@ -95,7 +95,7 @@ class Engine:
                                               num_experts=self.spec.num_experts, num_workers=config.workers,
                                               redundant=config.replicas)
         itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-        self.expert_bytes = self.spec.moe_layers[0].params_per_expert * itemsize
+        self.expert_bytes = self.spec.moe_layers[0].bytes_per_expert(itemsize)  # quantized: stored bytes + scales
         needed = -(-(self.spec.num_experts + config.replicas) // config.workers)
         self.slots_per_worker = needed if config.worker_memory is None else slots_per_worker(
             parse_bytes(config.worker_memory), self.expert_bytes, len(self.spec.moe_layers))
@@ -128,7 +128,8 @@ class Engine:
         return {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": self.config.worker_num_cpus}
 
     def _start_actors(self) -> None:
-        config, path = self.config, self.checkpoint.checkpoint.path
+        # NOTE: a hub checkpoint travels as org/name@<commit>, so every actor reads the snapshot the driver indexed.
+        config, path = self.config, self.checkpoint.checkpoint.ref
         options = self._worker_options()
         log.info("starting %d expert workers (%s) for %s", config.workers, options, path)
         spawn = WorkerSpawner(options=options, checkpoint_path=path, spec=self.spec,
@@ -223,7 +224,8 @@ class Engine:
             "active_params": spec.active_params,
             "dense_params": spec.dense_params,
             "expert_params": spec.expert_params,
-            "expert_bytes_total": spec.expert_params * itemsize,
+            "expert_format": self.checkpoint.index.quant.label,
+            "expert_bytes_total": spec.expert_bytes(itemsize),
             "router_resident_bytes": ray.get([r.resident_bytes.remote() for r in self.routers]),
             "router_expert_bytes": ray.get([r.expert_bytes_held.remote() for r in self.routers]),
             "worker_resident_bytes": [w["resident_bytes"] for w in self.workers_info()],

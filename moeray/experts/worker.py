@@ -6,7 +6,8 @@ experts' outputs per token. Each worker reads only its own experts' tensors from
 
 Slots belong to a plan epoch. A plan switch is two-phase (the placement controller drives it): ``prepare`` makes
 the new epoch's slots resident beside the current ones (reusing resident experts, fetching the others from a peer
-worker that holds them or reading them from the checkpoint), routers switch epoch between steps, then ``commit``
+worker that holds them or reading them from the checkpoint; quantized experts move as stored, with their scales),
+routers switch epoch between steps, then ``commit``
 drops every other epoch. A router call names its epoch, so a step in flight finishes on the slots it started with.
 
 Shape legend: T tokens sent to this worker, H hidden, N (token, slot) pairs, S local slots of one layer.
@@ -26,7 +27,7 @@ import ray
 import torch
 
 from moeray import telemetry
-from moeray.kernels import ExpertWeights, PackedExpertWeights, cpu_rows, grouped_experts
+from moeray.kernels import ExpertWeights, PackedExpertWeights, QuantizedExpertWeights, cpu_rows, grouped_experts
 from moeray.model.architecture import ModelSpec
 from moeray.model.weights import ExpertSource, TensorReader, read_expert
 from moeray.transport.object_store import WireTensor, pack, unpack
@@ -44,13 +45,17 @@ def _stack(experts: list[ExpertTensors], key: str) -> torch.Tensor | None:
     return torch.stack([e[key] for e in experts]) if experts and key in experts[0] else None
 
 
-def _unstack(weights: ExpertWeights | PackedExpertWeights, slot: int) -> ExpertTensors:
-    """One slot in the canonical layout: views of ExpertWeights, copies out of PackedExpertWeights."""
-    if isinstance(weights, PackedExpertWeights):
+def _unstack(weights: ExpertWeights | PackedExpertWeights | QuantizedExpertWeights, slot: int) -> ExpertTensors:
+    """One slot in the canonical layout: views of ExpertWeights, copies out of PackedExpertWeights, and quantized
+    weights as stored, with their scales (a peer that fetches them must get both)."""
+    if isinstance(weights, QuantizedExpertWeights):
+        out = {"gate_up": weights.q_gate_up[slot], "down": weights.q_down[slot],
+               "gate_up_scale": weights.s_gate_up[slot], "down_scale": weights.s_down[slot]}
+    elif isinstance(weights, PackedExpertWeights):
         gate_up, down = weights.unpack_slot(slot)
+        out = {"gate_up": gate_up, "down": down}
     else:
-        gate_up, down = weights.w_gate_up_S2IH[slot], weights.w_down_SHI[slot]
-    out = {"gate_up": gate_up, "down": down}
+        out = {"gate_up": weights.w_gate_up_S2IH[slot], "down": weights.w_down_SHI[slot]}
     if weights.b_gate_up_S2I is not None:
         out["gate_up_bias"], out["down_bias"] = weights.b_gate_up_S2I[slot], weights.b_down_SH[slot]
     return out
@@ -133,20 +138,26 @@ class ExpertWorker:
                         tensors = read_expert(reader, layer, self.sources[layer.index], expert, self.dtype)
                         self.read_slots += 1
                     loaded.append(tensors)
-                weights = None if not loaded else ExpertWeights(
-                    w_gate_up_S2IH=_stack(loaded, "gate_up").to(self.device),
-                    w_down_SHI=_stack(loaded, "down").to(self.device),
-                    b_gate_up_S2I=None if not layer.has_bias else _stack(loaded, "gate_up_bias").to(self.device),
-                    b_down_SH=None if not layer.has_bias else _stack(loaded, "down_bias").to(self.device),
-                )
+                weights = None if not loaded else self._stacked(layer, loaded)
                 del loaded
-                if weights is not None and self.pack_for_cpu:
+                if isinstance(weights, ExpertWeights) and self.pack_for_cpu:
                     weights = PackedExpertWeights.pack(weights)  # the canonical stack is dropped once packed
                 layers.append(weights)
         finally:
             reader.close()
         log.info("worker %d: %d slots resident in %.1fs", self.worker_index, total, time.monotonic() - started)
         return layers
+
+    def _stacked(self, layer, loaded: list[ExpertTensors]) -> ExpertWeights | QuantizedExpertWeights:
+        on_device = lambda key: None if key not in loaded[0] else _stack(loaded, key).to(self.device)
+        if layer.quant is not None:
+            return QuantizedExpertWeights(
+                quant=layer.quant, q_gate_up=on_device("gate_up"), s_gate_up=on_device("gate_up_scale"),
+                q_down=on_device("down"), s_down=on_device("down_scale"), hidden=layer.hidden_size,
+                intermediate=layer.intermediate_size, compute_dtype=self.dtype,
+                b_gate_up_S2I=on_device("gate_up_bias"), b_down_SH=on_device("down_bias"))
+        return ExpertWeights(w_gate_up_S2IH=on_device("gate_up"), w_down_SHI=on_device("down"),
+                             b_gate_up_S2I=on_device("gate_up_bias"), b_down_SH=on_device("down_bias"))
 
     def _resident(self) -> _Resident:
         return _Resident(*self._epochs[self.epoch])
@@ -222,8 +233,7 @@ class ExpertWorker:
         with self._lock:
             self._epochs[epoch] = (experts_per_layer, layers)
         read, from_peers = self.read_slots - before[0], self.fetched_slots - before[1]
-        loaded_bytes = sum(self.spec.moe_layers[l].params_per_expert * itemsize
-                           for l, e in wanted - set(resident))
+        loaded_bytes = sum(self.spec.moe_layers[l].bytes_per_expert(itemsize) for l, e in wanted - set(resident))
         return {"worker": self.worker_index, "epoch": epoch, "kept_slots": len(wanted & set(resident)),
                 "fetched_slots": from_peers, "read_slots": read, "loaded_bytes": loaded_bytes}
 

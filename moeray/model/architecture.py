@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.integrations import moe as hf_moe
 
-from moeray.kernels import CLAMPED_SWIGLU, GLU, GatedActivation
+from moeray.kernels import CLAMPED_SWIGLU, GLU, ExpertQuant, GatedActivation
 from moeray.model.checkpoint import CheckpointError
 
 EXPERTS_IMPLEMENTATION = "moeray"
@@ -34,11 +34,21 @@ class MoELayerSpec:
     has_bias: bool
     is_transposed: bool  # the model stores gate_up as [E, H, 2I] rather than [E, 2I, H]
     is_concatenated: bool  # [gate; up] halves, rather than interleaved rows (GPT-OSS)
+    quant: ExpertQuant | None = None  # how workers hold this layer's experts (None: plain, in the compute dtype)
 
     @property
     def params_per_expert(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
         return 3 * h * i + (2 * i + h if self.has_bias else 0)
+
+    def bytes_per_expert(self, itemsize: int) -> int:
+        """Resident bytes of one expert: its weights (quantized ones with their scales) and biases, the biases
+        and plain weights at ``itemsize`` bytes (the compute dtype)."""
+        h, i = self.hidden_size, self.intermediate_size
+        if self.quant is None:
+            return self.params_per_expert * itemsize
+        biases = (2 * i + h) * itemsize if self.has_bias else 0
+        return self.quant.bytes_of(2 * i, h) + self.quant.bytes_of(h, i) + biases
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +66,10 @@ class ModelSpec:
     @property
     def num_experts(self) -> int:
         return self.moe_layers[0].num_experts
+
+    def expert_bytes(self, itemsize: int) -> int:
+        """Resident bytes of every expert of every MoE layer (see ``MoELayerSpec.bytes_per_expert``)."""
+        return sum(spec.num_experts * spec.bytes_per_expert(itemsize) for spec in self.moe_layers)
 
     @property
     def expert_params(self) -> int:

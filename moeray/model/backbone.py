@@ -1,7 +1,7 @@
 """The router's model: transformers' own modules with the routed experts swapped for remote dispatch.
 
 The model is built on the meta device, then every module except the ``*Experts`` ones is given real storage and
-its weights are read from the checkpoint. Expert parameters stay on meta, so a router never holds them; calling an
+its weights are read from the checkpoint (FP8 ones dequantized to the compute dtype). Expert parameters stay on meta, so a router never holds them; calling an
 experts module runs ``dispatch(moe_layer, hidden[T,H], top_k_index[T,K], top_k_weights[T,K])`` instead.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from moeray.model.architecture import ModelSpec, build_meta_model, describe
 from moeray.model.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from moeray.model.quant import dequantize_dense, quant_of
 from moeray.model.weights import TensorReader, WeightIndex, build_index
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,18 @@ class LoadedCheckpoint:
 def inspect_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
     """Validate a checkpoint directory and describe it, reading only headers (cheap; safe in the driver)."""
     checkpoint = open_checkpoint(path)
+    quant_of(checkpoint.config)  # an unsupported quantization is refused before anything is built
     meta_model = build_meta_model(checkpoint.config, dtype)
     spec = describe(meta_model, checkpoint.config)
-    return LoadedCheckpoint(checkpoint=checkpoint, spec=spec, index=build_index(checkpoint, meta_model, spec))
+    index = build_index(checkpoint, meta_model, spec)
+    return LoadedCheckpoint(checkpoint=checkpoint, spec=_with_quant(spec, index), index=index)
+
+
+def _with_quant(spec: ModelSpec, index: WeightIndex) -> ModelSpec:
+    """The spec with each MoE layer's expert quantization, which only the checkpoint's tensors tell."""
+    layers = tuple(dataclasses.replace(layer, quant=source.quant) for layer, source in zip(spec.moe_layers,
+                                                                                          index.experts))
+    return dataclasses.replace(spec, moe_layers=layers)
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -55,9 +65,11 @@ def build_backbone(
     path: str | os.PathLike, dtype: torch.dtype, dispatch: Dispatch, device: str = "cpu"
 ) -> tuple[torch.nn.Module, LoadedCheckpoint]:
     checkpoint = open_checkpoint(path)
+    quant_of(checkpoint.config)
     model = build_meta_model(checkpoint.config, dtype)
     spec = describe(model, checkpoint.config)
     index = build_index(checkpoint, model, spec)
+    spec = _with_quant(spec, index)
     expert_paths = {layer.module_path: layer.index for layer in spec.moe_layers}
 
     # 1. Real (uninitialised) storage for every module but the experts, which keep their meta parameters.
@@ -81,7 +93,9 @@ def build_backbone(
             if name in tied:
                 continue
             raise CheckpointError(f"checkpoint {checkpoint.path} has no tensor for {name!r}")
-        value = reader.read(loc)
+        scale = index.dense.get(name.removesuffix("weight") + "weight_scale_inv") if name.endswith("weight") else None
+        value = dequantize_dense(loc.key, reader.read(loc), None if scale is None else reader.read(scale),
+                                 index.quant, tensor.dtype)
         if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{loc.key!r} has shape {tuple(value.shape)}; the model expects {tuple(tensor.shape)}")
         with torch.no_grad():

@@ -71,3 +71,99 @@ def save_random_checkpoint(config: PretrainedConfig, path: str | os.PathLike, se
 
 def save_tiny_checkpoint(arch: str, path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     return save_random_checkpoint(tiny_config(arch, **overrides), path, seed)
+
+
+def _quantizable(key: str) -> bool:
+    """The Linear weights published FP8 checkpoints quantize: attention, shared and dense MLP projections and
+    routed experts; embeddings, norms, router gates and the LM head stay unquantized."""
+    parts = key.split(".")
+    return key.endswith(".weight") and len(parts) > 2 and ("proj" in parts[-2] or parts[-2] in ("w1", "w2", "w3"))
+
+
+def _write_quantized(src: Path, path: Path, tensors: dict, quantization_config: dict) -> Path:
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("generation_config.json",):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
+
+
+def save_fp8_checkpoint(arch: str, path: str | os.PathLike, *, block: tuple[int, int], fused: bool = False,
+                        ue8m0: bool = False, seed: int = 0, **overrides) -> Path:
+    """A tiny seeded ``arch`` checkpoint in fine-grained FP8, as DeepSeek-V3 and Qwen3-FP8 publish it: every
+    projection float8_e4m3fn with a float32 ``weight_scale_inv`` per ``block`` (partial blocks at the edges).
+    ``fused``: experts as transformers' FP8Experts saves them (``gate_up_proj`` [E, 2I, H] + scales).
+    ``ue8m0``: scales are powers of two stored as float8_e8m0fnu (``scale_fmt: ue8m0``, DeepSeek-V3.1 style)."""
+    from safetensors.torch import load_file
+
+    from moeray.kernels.quantized import quantize_fp8
+
+    path = Path(path)
+    src = save_tiny_checkpoint(arch, path / "_unquantized", seed, **overrides)
+    plain = load_file(str(src / "model.safetensors"))
+    out: dict = {}
+    experts: dict = {}  # (prefix, expert) -> {role: tensor}, for the fused layout
+    for key, t in plain.items():
+        parts = key.split(".")
+        if fused and "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+            i = parts.index("experts")
+            experts.setdefault(".".join(parts[: i + 1]).replace("block_sparse_moe", "mlp"), {})[
+                (int(parts[i + 1]), parts[i + 2])] = t
+        elif _quantizable(key):
+            out[key], out[key.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8(t, block, ue8m0)
+        else:
+            out[key] = t
+    for prefix, tensors in experts.items():
+        count = 1 + max(e for e, _ in tensors)
+        role = lambda e, *names: next(tensors[(e, n)] for n in names if (e, n) in tensors)
+        gate_up = [torch.cat([role(e, "gate_proj", "w1"), role(e, "up_proj", "w3")]) for e in range(count)]
+        down = [role(e, "down_proj", "w2") for e in range(count)]
+        for name, mats in (("gate_up_proj", gate_up), ("down_proj", down)):
+            pairs = [quantize_fp8(m, block, ue8m0) for m in mats]
+            out[f"{prefix}.{name}"] = torch.stack([q for q, _ in pairs])
+            out[f"{prefix}.{name}_scale_inv"] = torch.stack([s for _, s in pairs])
+    import shutil
+    result = _write_quantized(src, path, out, {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                               "weight_block_size": list(block), "fmt": "e4m3",
+                                               "scale_fmt": "ue8m0" if ue8m0 else "float"})
+    shutil.rmtree(src)
+    return result
+
+
+def save_mxfp4_checkpoint(path: str | os.PathLike, *, seed: int = 0, **overrides) -> Path:
+    """A tiny seeded gpt-oss checkpoint with MXFP4 experts, laid out as openai/gpt-oss publishes them:
+    ``gate_up_proj_blocks`` [E, 2I, H/32, 16] and ``gate_up_proj_scales`` [E, 2I, H/32] (interleaved gate/up rows),
+    ``down_proj_blocks`` [E, H, I/32, 16] and scales; biases and everything else unquantized."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from moeray.kernels.quantized import quantize_mxfp4
+
+    path = Path(path)
+    overrides = {"hidden_size": 64, "intermediate_size": 32, "head_dim": 16, **overrides}
+    src = save_tiny_checkpoint("gpt_oss", path / "_unquantized", seed, **overrides)
+    out = {}
+    for key, t in load_file(str(src / "model.safetensors")).items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            pairs = [quantize_mxfp4(m.t()) for m in t]  # [H, 2I] / [I, H] per expert on disk: out-features first
+            out[key + "_blocks"] = torch.stack([q.view(q.shape[0], -1, 16) for q, _ in pairs])
+            out[key + "_scales"] = torch.stack([s for _, s in pairs])
+        else:
+            out[key] = t
+    result = _write_quantized(src, path, out, {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"]})
+    shutil.rmtree(src)
+    return result

@@ -68,7 +68,7 @@ class Router:
         self.dispatcher = ExpertDispatcher(plan, workers, track_tokens=track_tokens, transport=transport)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
-        self.eos_ids = _eos_ids(checkpoint_path, loaded.checkpoint.config)
+        self.eos_ids = _eos_ids(loaded.checkpoint.path, loaded.checkpoint.config)  # a directory, also for a hub id
         self.limits = RequestLimits.of(self.spec, max_new_tokens_cap)
         self.restore_timeout_s = restore_timeout_s
         self.dispatcher.on_worker_lost = self._report_lost

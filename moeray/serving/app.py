@@ -87,7 +87,10 @@ class Ingress:
         if engine_state.get("has_tokenizer"):
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(engine_state["checkpoint_path"], local_files_only=True)
+            from moeray.model.hub import local_model_dir  # a hub id's tokenizer files, in this node's cache
+
+            self.tokenizer = AutoTokenizer.from_pretrained(local_model_dir(engine_state["checkpoint_path"]),
+                                                           local_files_only=True)
 
     def _router(self):
         return self.routers[next(self._next_router)]
@@ -320,11 +323,10 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
 
 def engine_state(engine) -> dict:
     """What the ingress needs of an engine: actor handles and the checkpoint's facts (all serialisable)."""
-    path = engine.checkpoint.checkpoint.path
+    checkpoint = engine.checkpoint.checkpoint
     return {"routers": engine.routers, "workers": engine.workers, "controller": engine.controller,
-            "spec": engine.spec, "limits": engine.limits, "checkpoint_path": path,
-            "has_tokenizer": engine.checkpoint.checkpoint.has_tokenizer,
-            "model_name": os.path.basename(path.rstrip("/")),
+            "spec": engine.spec, "limits": engine.limits, "checkpoint_path": checkpoint.ref,
+            "has_tokenizer": checkpoint.has_tokenizer, "model_name": checkpoint.name,
             "telemetry": engine.config.telemetry.for_process("ingress")}
 
 

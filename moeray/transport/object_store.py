@@ -1,7 +1,7 @@
 """The object-store transport: one ``worker.forward.remote(...)`` per touched worker per MoE layer.
 
 Tensors travel as numpy arrays (on every path): Ray pickles those zero-copy and fast, torch tensors not. numpy has
-no bfloat16, so 16-bit floats travel as their raw int16 bits with the dtype name beside them.
+no bfloat16 or float8, so those travel as their raw bits (int16, uint8) with the dtype name beside them.
 """
 
 from __future__ import annotations
@@ -17,22 +17,24 @@ from moeray.transport.base import Sent, WireTensor, WorkerCall
 # Arrays from the object store are read-only, zero-copy views; nothing here writes to the tensors made from them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-_RAW_16BIT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# dtypes numpy lacks travel as raw bits of the same width, with their name beside them
+_RAW = {"bfloat16": (torch.bfloat16, torch.int16), "float16": (torch.float16, torch.int16),
+        "float8_e4m3fn": (torch.float8_e4m3fn, torch.uint8), "float8_e8m0fnu": (torch.float8_e8m0fnu, torch.uint8)}
 
 
 def pack(t: torch.Tensor) -> WireTensor:
     t = t.detach().contiguous().cpu()
     name = str(t.dtype).removeprefix("torch.")
-    if name in _RAW_16BIT:
-        return t.view(torch.int16).numpy(), name
+    if name in _RAW:
+        return t.view(_RAW[name][1]).numpy(), name
     return t.numpy(), name
 
 
 def unpack(wire: WireTensor, device: torch.device | str = "cpu") -> torch.Tensor:
     array, name = wire
     t = torch.from_numpy(np.asarray(array))
-    if name in _RAW_16BIT:
-        t = t.view(_RAW_16BIT[name])
+    if name in _RAW:
+        t = t.view(_RAW[name][0])
     return t.to(device, non_blocking=True)
 
 
