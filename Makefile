@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: install demo test bench protos-check prometheus
+.PHONY: install demo test bench gpu-check protos-check prometheus
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,3 +45,8 @@ test: install protos-check
 
 bench: install
 	$(VENV)/bin/moeray bench layer
+
+# On a GPU machine, with its own python3 (torch, triton, transformers; no venv, no Ray): the Triton kernels checked
+# against the reference, then timed; one table, non-zero exit on a failure (scripts/gpu_check.py).
+gpu-check:
+	python3 scripts/gpu_check.py

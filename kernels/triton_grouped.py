@@ -12,6 +12,15 @@ Shape legend: T tokens, H hidden, I expert intermediate, S local slots, N (token
 Each tile belongs to one slot, so no activations are padded or copied beyond the gathered rows; tiles past the
 last slot's exit at once (the grid is an upper bound computed without reading counts back to the host).
 fp32 accumulation throughout; fp32 inputs use IEEE dot products (no TF32); every edge is masked.
+
+Weight variants (the constexpr QUANT of kernels 1 and 2; one kernel per stage serves all three):
+    QUANT_NONE   ``ExpertWeights`` in the activations' dtype (fp32, bf16, fp16)
+    QUANT_FP8    ``QuantizedExpertWeights`` fine-grained FP8: float8_e4m3fn weights, a float32 scale per (BN, BK) block
+    QUANT_MXFP4  ``QuantizedExpertWeights`` MXFP4: two e2m1 codes per byte, an e8m0 scale per 32 columns
+Quantized tiles are expanded in registers (value * scale[n // BN, k // BK], per element: BN and BK are runtime
+values, and a K tile may straddle scale blocks or end in a partial one), cast to the activations' dtype and fed to
+the same dot product; no dequantized copy of an expert ever exists in memory (see quantized.py for the formats).
+Triton converts e4m3 only on sm_89 and later; on older GPUs FP8 weights go in as raw bytes, decoded arithmetically.
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ import triton.language as tl
 
 from moeray.kernels.activation import CLAMPED_SWIGLU, GLU, GatedActivation
 from moeray.kernels.grouped import ExpertWeights, check_inputs
+from moeray.kernels.quantized import FP8, QuantizedExpertWeights
 
 ACT_SILU, ACT_CLAMPED_SWIGLU = 0, 1
+QUANT_NONE, QUANT_FP8, QUANT_MXFP4 = 0, 1, 2
 DECODE_BLOCK_M, PREFILL_BLOCK_M = 16, 64
 
 
@@ -52,11 +63,43 @@ def _tile_rows(tile_slot_ptr, tile_row_ptr, slot_end_ptr, tile, BLOCK_M: tl.cons
 
 
 @triton.jit
+def _weight_tile(w_base, s_base, rows, ks, mask, stride_wn, stride_sn, scale_bn, scale_bk, QUANT: tl.constexpr):
+    """The tile ``w[rows, ks].T`` ([BLOCK_K, BLOCK_N]) of one slot's projection: as stored for QUANT_NONE, else
+    dequantized to fp32 in registers, ``value(q[n, k]) * scale[n // scale_bn, k // scale_bk]`` per element."""
+    if QUANT == 0:
+        w = tl.load(w_base + rows[None, :] * stride_wn + ks[:, None], mask=mask, other=0.0)
+    else:
+        scale_offs = (rows // scale_bn)[None, :] * stride_sn + (ks // scale_bk)[:, None]
+        if QUANT == 1:  # float8_e4m3fn, float32 block scales
+            if w_base.dtype.element_ty == tl.uint8:  # e4m3 bits (_fp8_as_bits): (8 + m) * 2 ** (e - 10), m * 2 ** -9
+                bits = tl.load(w_base + rows[None, :] * stride_wn + ks[:, None], mask=mask, other=0).to(tl.int32)
+                exponent, mantissa = (bits >> 3) & 0xF, bits & 7
+                magnitude = tl.where(exponent == 0, mantissa, 8 + mantissa).to(tl.float32)
+                power = ((tl.maximum(exponent, 1) + 117) << 23).to(tl.float32, bitcast=True)
+                w = tl.where((bits & 0x80) != 0, -magnitude, magnitude) * power
+            else:
+                w = tl.load(w_base + rows[None, :] * stride_wn + ks[:, None], mask=mask, other=0.0).to(tl.float32)
+            scale = tl.load(s_base + scale_offs, mask=mask, other=0.0).to(tl.float32)
+        else:  # mxfp4: column k is nibble k % 2 (low first) of byte k // 2
+            byte = tl.load(w_base + rows[None, :] * stride_wn + (ks // 2)[:, None], mask=mask, other=0).to(tl.int32)
+            code = (byte >> ((ks & 1) * 4)[:, None]) & 0xF
+            exponent, mantissa = (code >> 1) & 3, code & 1
+            # e2m1 magnitude in quarters: 2m when the exponent is 0 (subnormal 0.5m), else (2 + m) << e
+            quarters = tl.where(exponent == 0, 2 * mantissa, (2 + mantissa) << exponent)
+            w = tl.where((code & 8) != 0, -0.25, 0.25) * quarters.to(tl.float32)
+            # e8m0: the byte is a float32 exponent field, 2 ** (byte - 127) exactly (byte 0 reads as 0, not 2**-127)
+            e8m0 = tl.load(s_base + scale_offs, mask=mask, other=127).to(tl.int32)
+            scale = (e8m0 << 23).to(tl.float32, bitcast=True)
+        w = w * scale
+    return w
+
+
+@triton.jit
 def _gate_up_act_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr, sorted_token_ptr, tile_slot_ptr, tile_row_ptr, slot_end_ptr,
-    I, H, stride_xt, stride_ws, stride_wn, stride_bs, stride_hn, alpha, limit,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, b_ptr, h_ptr, sorted_token_ptr, tile_slot_ptr, tile_row_ptr, slot_end_ptr,
+    I, H, stride_xt, stride_ws, stride_wn, stride_ss, stride_sn, scale_bn, scale_bk, stride_bs, stride_hn, alpha,
+    limit, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INTERLEAVED: tl.constexpr, QUANT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     slot, rows, row_mask = _tile_rows(tile_slot_ptr, tile_row_ptr, slot_end_ptr, tl.program_id(0), BLOCK_M)
     if slot < 0:
@@ -69,6 +112,7 @@ def _gate_up_act_kernel(
     else:  # [g0, g1, ..., u0, u1, ...]
         gate_rows, up_rows = cols, I + cols
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
+    s_base = s_ptr + slot.to(tl.int64) * stride_ss
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -77,8 +121,10 @@ def _gate_up_act_kernel(
         a = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        wg = tl.load(w_base + gate_rows[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)
-        wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None], mask=w_mask, other=0.0)
+        wg = _weight_tile(w_base, s_base, gate_rows, ks, w_mask, stride_wn, stride_sn, scale_bn, scale_bk,
+                          QUANT).to(a.dtype)
+        wu = _weight_tile(w_base, s_base, up_rows, ks, w_mask, stride_wn, stride_sn, scale_bn, scale_bk,
+                          QUANT).to(a.dtype)
         if UPCAST:
             a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
         acc_gate = tl.dot(a, wg, acc_gate, input_precision=PRECISION)
@@ -99,10 +145,10 @@ def _gate_up_act_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, b_ptr, out_ptr, y_ptr, sorted_token_ptr, sorted_weight_ptr, tile_slot_ptr, tile_row_ptr,
-    slot_end_ptr, H, I, stride_hn, stride_ws, stride_wh, stride_bs, stride_on, stride_yt,
-    HAS_BIAS: tl.constexpr, FUSED_COMBINE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr, w_ptr, s_ptr, b_ptr, out_ptr, y_ptr, sorted_token_ptr, sorted_weight_ptr, tile_slot_ptr, tile_row_ptr,
+    slot_end_ptr, H, I, stride_hn, stride_ws, stride_wh, stride_ss, stride_sh, scale_bn, scale_bk, stride_bs,
+    stride_on, stride_yt, HAS_BIAS: tl.constexpr, FUSED_COMBINE: tl.constexpr, QUANT: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     slot, rows, row_mask = _tile_rows(tile_slot_ptr, tile_row_ptr, slot_end_ptr, tl.program_id(0), BLOCK_M)
     if slot < 0:
@@ -111,14 +157,15 @@ def _down_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
+    s_base = s_ptr + slot.to(tl.int64) * stride_ss
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < I
         a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        w = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None], mask=k_mask[:, None] & col_mask[None, :],
-                    other=0.0)
+        w = _weight_tile(w_base, s_base, cols, ks, k_mask[:, None] & col_mask[None, :], stride_wh, stride_sh,
+                         scale_bn, scale_bk, QUANT).to(a.dtype)
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -147,8 +194,8 @@ def _combine_kernel(out_ptr, y_ptr, pos_ptr, token_start_ptr, H, stride_on, stri
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_gate_up_tuned = triton.autotune(configs=_configs(), key=["I", "H", "BLOCK_M"])(_gate_up_act_kernel)
-_down_tuned = triton.autotune(configs=_configs(), key=["H", "I", "BLOCK_M"],
+_gate_up_tuned = triton.autotune(configs=_configs(), key=["I", "H", "BLOCK_M", "QUANT"])(_gate_up_act_kernel)
+_down_tuned = triton.autotune(configs=_configs(), key=["H", "I", "BLOCK_M", "QUANT"],
                               reset_to_zero=["y_ptr"])(_down_kernel)
 
 
@@ -183,23 +230,45 @@ def tile_schedule(pair_slot_N: torch.Tensor, num_slots: int, block_m: int):
     return order_N, slot_end_S.to(torch.int32), tile_slot, tile_row.to(torch.int32), max_tiles
 
 
+def _fp8_as_bits(device: torch.device) -> bool:
+    """Whether FP8 weights go to the kernels as raw bytes: Triton converts e4m3 only on sm_89 and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def _projections(weights: ExpertWeights | QuantizedExpertWeights):
+    """``(QUANT, intermediate, gate_up, down, (scale_bn, scale_bk))``, each projection a (weight, scale) pair; the
+    scale of plain weights is a dummy pointer the kernels never read."""
+    if isinstance(weights, QuantizedExpertWeights):
+        quant = QUANT_FP8 if weights.quant.format == FP8 else QUANT_MXFP4
+        q_gu, q_down = weights.q_gate_up, weights.q_down
+        if quant == QUANT_FP8 and _fp8_as_bits(q_gu.device):
+            q_gu, q_down = q_gu.view(torch.uint8), q_down.view(torch.uint8)
+        return quant, weights.intermediate, (q_gu, weights.s_gate_up), (q_down, weights.s_down), weights.quant.block
+    if isinstance(weights, ExpertWeights):
+        gate_up, down = weights.w_gate_up_S2IH, weights.w_down_SHI
+        return QUANT_NONE, down.shape[2], (gate_up, gate_up), (down, down), (1, 1)
+    raise TypeError(f"the Triton kernels take ExpertWeights or QuantizedExpertWeights; got {type(weights).__name__}")
+
+
 def grouped_experts_triton(
     x_TH: torch.Tensor,
     pair_token_N: torch.Tensor,
     pair_slot_N: torch.Tensor,
     pair_weight_N: torch.Tensor,
-    weights: ExpertWeights,
+    weights: ExpertWeights | QuantizedExpertWeights,
     activation: GatedActivation,
     *,
     deterministic: bool = True,
     block_m: int | None = None,
 ) -> torch.Tensor:
+    """``grouped_experts`` on Triton (see the module docstring), for plain or quantized (FP8, MXFP4) experts.
+    ``deterministic=False`` adds each pair's output into y_TH atomically instead of running the combine kernel."""
+    quant, inter, (w_gu, s_gu), (w_down, s_down), (scale_bn, scale_bk) = _projections(weights)
     check_inputs(x_TH, pair_token_N, pair_slot_N, pair_weight_N, weights)
     if x_TH.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1); x is on {x_TH.device}")
     num_tokens, hidden = x_TH.shape
-    num_slots, two_i, _ = weights.w_gate_up_S2IH.shape
-    inter = two_i // 2
+    num_slots = weights.num_slots
     n = pair_token_N.numel()
     y_TH = torch.zeros(num_tokens, hidden, dtype=torch.float32 if not deterministic else x_TH.dtype,
                        device=x_TH.device)
@@ -221,16 +290,17 @@ def grouped_experts_triton(
     upcast = interpreting() and x_TH.dtype == torch.bfloat16
     if upcast:
         precision = "ieee"
-    common_gu = (x_TH, weights.w_gate_up_S2IH, bias_gu, h_NI, sorted_token_N, tile_slot, tile_row, slot_end_S,
-                 inter, hidden, x_TH.stride(0), weights.w_gate_up_S2IH.stride(0), weights.w_gate_up_S2IH.stride(1),
+    common_gu = (x_TH, w_gu, s_gu, bias_gu, h_NI, sorted_token_N, tile_slot, tile_row, slot_end_S, inter, hidden,
+                 x_TH.stride(0), w_gu.stride(0), w_gu.stride(1), s_gu.stride(0), s_gu.stride(1), scale_bn, scale_bk,
                  bias_gu.stride(0), h_NI.stride(0), activation.alpha, activation.limit)
-    gu_flags = dict(HAS_BIAS=has_bias, ACT=_act_code(activation), INTERLEAVED=weights.interleaved,
+    gu_flags = dict(HAS_BIAS=has_bias, ACT=_act_code(activation), INTERLEAVED=weights.interleaved, QUANT=quant,
                     PRECISION=precision, UPCAST=upcast, BLOCK_M=block_m)
-    common_down = (h_NI, weights.w_down_SHI, bias_down, out_NH, y_TH, sorted_token_N, sorted_weight_N, tile_slot,
-                   tile_row, slot_end_S, hidden, inter, h_NI.stride(0), weights.w_down_SHI.stride(0),
-                   weights.w_down_SHI.stride(1), bias_down.stride(0), out_NH.stride(0), y_TH.stride(0))
-    down_flags = dict(HAS_BIAS=has_bias, FUSED_COMBINE=not deterministic, PRECISION=precision, UPCAST=upcast,
-                      BLOCK_M=block_m)
+    common_down = (h_NI, w_down, s_down, bias_down, out_NH, y_TH, sorted_token_N, sorted_weight_N, tile_slot,
+                   tile_row, slot_end_S, hidden, inter, h_NI.stride(0), w_down.stride(0), w_down.stride(1),
+                   s_down.stride(0), s_down.stride(1), scale_bn, scale_bk, bias_down.stride(0), out_NH.stride(0),
+                   y_TH.stride(0))
+    down_flags = dict(HAS_BIAS=has_bias, FUSED_COMBINE=not deterministic, QUANT=quant, PRECISION=precision,
+                      UPCAST=upcast, BLOCK_M=block_m)
     if interpreting():  # autotuning under the interpreter would run every config: one small config instead
         blocks = dict(BLOCK_N=32, BLOCK_K=32)
         _gate_up_act_kernel[(max_tiles, triton.cdiv(inter, 32))](*common_gu, **gu_flags, **blocks)

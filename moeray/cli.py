@@ -9,6 +9,7 @@
     moeray bench kernels [--tokens 16,256,2048]
     moeray bench serve [--model DIR] [--concurrency 1,8,32]
     moeray bench placement [--windows 12]
+    moeray bench heal [--model DIR] [--kills 5]
     moeray placement show | rebalance [--dry-run] | policy NAME | record --out FILE | inspect   (a running server)
     moeray placement synth --kind zipf|drifting|bursty ... --out FILE
     moeray placement simulate --trace FILE --policy NAME[,NAME...] --workers N [--nodes M] [--redundant R] [--json]
@@ -141,6 +142,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
     import signal
     import threading
 
@@ -156,7 +158,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         controller = ControllerConfig.from_file(
             args.placement_config, policy=args.policy, policy_params=args.policy_params,
             imbalance_threshold=args.imbalance_threshold, consecutive_windows=args.consecutive_windows,
-            rebalance_interval_s=args.rebalance_interval_s, window_steps=args.window_steps)
+            rebalance_interval_s=args.rebalance_interval_s, window_steps=args.window_steps,
+            restore_timeout_s=args.restore_timeout, max_workers=args.max_workers)
+        if args.allow_policy_module:  # added to the config file's list
+            controller = dataclasses.replace(controller, allowed_policy_modules=(
+                *controller.allowed_policy_modules, *args.allow_policy_module))
+        if controller.max_workers is not None and controller.max_workers < args.workers:
+            raise ValueError(f"--max-workers {controller.max_workers} is below --workers {args.workers}")
         config = EngineConfig(model=_model_dir(args.model), workers=args.workers, replicas=args.replicas,
                               routers=args.routers, dtype=args.dtype, placement=args.placement,
                               threads_per_actor=args.worker_threads, router_threads=args.router_threads,
@@ -257,6 +265,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_heal(args: argparse.Namespace) -> int:
+    from moeray.bench.heal import run_heal_bench
+
+    run_heal_bench(_model_dir(args.model), workers=args.workers, kills=args.kills, requests=args.requests,
+                   max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 def cmd_bench_placement(args: argparse.Namespace) -> int:
     from moeray.bench.placement import run_placement_bench
 
@@ -328,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--policy", help="rebalancing policy: a built-in name or package.module:function "
                      "(default: replicated)")
     ctl.add_argument("--policy-params", type=json.loads, help="the policy's parameters as a JSON object")
+    ctl.add_argument("--allow-policy-module", action="append", metavar="MODULE",
+                     help="let SetPolicy / Rebalance name functions in this module (repeatable); besides the "
+                     "built-ins and --policy, no other policy is accepted over the API")
+    ctl.add_argument("--max-workers", type=int, help="most expert workers ScaleWorkers and the autoscaler may reach "
+                     "(default: what the cluster's resources hold)")
     ctl.add_argument("--worker-memory", help="memory budget for one worker's expert slots, e.g. 20GiB "
                      "(default: just enough for the experts and --replicas)")
     ctl.add_argument("--rebalance-threshold", type=float, dest="imbalance_threshold",
@@ -336,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--rebalance-interval", type=float, dest="rebalance_interval_s", help="also every N seconds")
     ctl.add_argument("--window-steps", type=int, help="load window, in steps (default 64)")
     ctl.add_argument("--track-tokens", action="store_true", help="count token ids per expert (placement inspect)")
+    ctl.add_argument("--restore-timeout", type=float, help="seconds a step that needs a lost expert waits for its "
+                     "restore (replacement workers placed and loaded) before its requests fail (default 120)")
     from moeray.telemetry import add_cli_flags
 
     add_cli_flags(srv)
@@ -368,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--workers", type=int, default=2)
     _add_thread_flags(bserve)
     bserve.set_defaults(func=cmd_bench_serve)
+    bheal = bench_sub.add_parser("heal", help="time from a worker's death to full service, and the extra latency "
+                                 "of requests in flight, without and with replicas")
+    bheal.add_argument("--model", help="checkpoint (default: the embedded demo)")
+    bheal.add_argument("--workers", type=int, default=3)
+    bheal.add_argument("--kills", type=int, default=5)
+    bheal.add_argument("--requests", type=int, default=8)
+    bheal.add_argument("--max-new-tokens", type=int, default=48)
+    bheal.set_defaults(func=cmd_bench_heal)
     bplace = bench_sub.add_parser("placement", help="placement policies on synthetic traces vs round_robin and "
                                   "optimal's bound")
     bplace.add_argument("--windows", type=int, default=12, help="windows per trace")

@@ -160,7 +160,7 @@ class Engine:
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
                 num_threads=config.router_threads or config.threads_per_actor, track_tokens=config.track_tokens,
                 telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
-                transport=config.transport,
+                transport=config.transport, restore_timeout_s=config.controller.restore_timeout_s,
             ))
         ray.get([r.ping.remote() for r in self.routers])
         # NOTE: the controller is the only writer of the plan from here on.

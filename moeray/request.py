@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import uuid
 from collections.abc import Sequence
+
+MAX_REQUEST_ID_CHARS = 128
+MIN_TEMPERATURE = 1e-5  # below it (but above 0) logits / temperature overflow float32: the sampler would fail
+_REQUEST_ID = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 
 
 class InvalidRequest(ValueError):
     """The request is malformed; the message names the field, the value and the limit."""
+
+
+class DuplicateRequestId(InvalidRequest):
+    """A request id that a request still in flight already uses (gRPC: ALREADY_EXISTS)."""
+
+
+def new_request_id() -> str:
+    """A server-chosen request id: 122 random bits from os.urandom (uuid4), so not guessable by other clients."""
+    return uuid.uuid4().hex
+
+
+def check_request_id(request_id: str, field: str = "request_id") -> str:
+    """A client-chosen request id: 1 to MAX_REQUEST_ID_CHARS printable ASCII characters, no spaces."""
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+        size = f"{len(request_id)} characters" if isinstance(request_id, str) else type(request_id).__name__
+        raise InvalidRequest(f"{field} must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters; got {size}")
+    if not _REQUEST_ID.fullmatch(request_id):
+        at = next(i for i, c in enumerate(request_id) if not "!" <= c <= "~")
+        raise InvalidRequest(f"{field} must be printable ASCII without spaces; character {at} is "
+                             f"{ascii(request_id[at])}")
+    return request_id
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,12 +53,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise InvalidRequest(f"max_new_tokens must be a positive integer; got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise InvalidRequest(f"temperature must be >= 0; got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < math.inf):  # also rejects NaN
+            raise InvalidRequest(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}; got "
+                                 f"{self.temperature!r}")
+        if not 0 < self.top_p <= 1:  # also rejects NaN
             raise InvalidRequest(f"top_p must lie in (0, 1]; got {self.top_p!r}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (0 disables it); got {self.top_k!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidRequest(f"seed must lie in [0, 2**64); got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property

@@ -63,6 +63,9 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
     ("moeray_migrated_slots", "counter", "1", (), "controller", "slots loaded onto workers by rebalances"),
     ("moeray_migrated_bytes", "counter", "By", (), "controller", "expert weight bytes moved by rebalances"),
     ("moeray_workers_alive", "gauge", "1", (), "controller", "expert workers answering a ping"),
+    ("moeray_worker_losses", "counter", "1", (), "controller", "expert workers found dead"),
+    ("moeray_restore_seconds", "histogram", "s", (), "controller",
+     "from a loss being reported to every lost expert served again (restore or replacement)"),
     ("moeray_dispatch_latency_seconds", "histogram", "s", ("layer",), "router",
      "one MoE layer's dispatch → expert compute → combine, as the router waits for it"),
     ("moeray_step_latency_seconds", "histogram", "s", ("kind",), "router",
@@ -76,6 +79,7 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
     ("moeray_rejected_requests", "counter", "1", ("code",), "ingress", "requests the ingress answered with an error, by gRPC status code"),
 )
 _BUCKETS = {"moeray_step_imbalance_ratio": _RATIO, "moeray_request_latency_seconds": _REQUEST_S,
+            "moeray_restore_seconds": _REQUEST_S,
             "moeray_time_to_first_token_seconds": _TOKEN_S, "moeray_inter_token_latency_seconds": _TOKEN_S}
 
 

@@ -20,30 +20,70 @@ from moeray.placement.topology import Budget, Topology
 
 log = logging.getLogger(__name__)
 
+HEAL_INTERVAL_S = 1.0  # how often the healer pings the workers
+HEAL_MAX_BACKOFF_S = 30.0
+
 
 class RayActorOps:
-    """``workers`` are the current plan's; ``next_workers`` the next plan's (the same list unless ``reshape``
+    """``workers`` are the current plan's; ``next_workers`` the next plan's (the same list unless ``stage``
     staged another): prepare, switch and commit address the next ones, peers are named in the current numbering."""
 
     def __init__(self, workers: list, routers: list, spawn=None, timeout_s: float = 600.0) -> None:
-        self.workers, self.routers, self.spawn, self.timeout_s = list(workers), list(routers), spawn, timeout_s
+        self.workers, self.routers, self.spawn_worker, self.timeout_s = list(workers), list(routers), spawn, timeout_s
         self.next_workers = self.workers
 
-    def reshape(self, keep: list[int], add: int, epoch: int) -> list[str]:
-        """Stage the next plan's workers: the current ones in ``keep``, in that order, then ``add`` new empty
-        workers (waiting for their devices: an autoscaler may add nodes). Returns the staged workers' node ids."""
-        if add and self.spawn is None:
+    def spawn(self, count: int, epoch: int, timeout_s: float) -> list:
+        """Start ``count`` new, empty workers and wait up to ``timeout_s`` for Ray to place them (an autoscaler may
+        add nodes meanwhile); on timeout they are stopped and a TimeoutError names what the cluster has."""
+        if count and self.spawn_worker is None:
             raise RuntimeError("this controller cannot start workers (no spawner)")
-        new = [self.spawn(len(keep) + i, epoch=epoch) for i in range(add)]
+        new = [self.spawn_worker(len(self.workers) + i, epoch=epoch) for i in range(count)]
         try:
-            ray.get([w.ping.remote() for w in new], timeout=self.timeout_s)
-        except Exception:
+            ray.get([w.ping.remote() for w in new], timeout=timeout_s)
+        except Exception as e:
             for w in new:
                 ray.kill(w)
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                raise TimeoutError(f"{count} new expert workers were not placed within {timeout_s:.0f}s; the "
+                                   f"cluster has {_resources(ray.available_resources())} free") from None
             raise
-        self.next_workers = [self.workers[i] for i in keep] + new
+        return new
+
+    def stage(self, keep: list[int], new: list) -> list[str]:
+        """Stage the next plan's workers: the current ones in ``keep``, in that order, then ``new``. Returns the
+        staged workers' node ids."""
+        self.next_workers = [self.workers[i] for i in keep] + list(new)
         return [info["node_id"] for info in ray.get([w.info.remote() for w in self.next_workers],
                                                     timeout=self.timeout_s)]
+
+    def stop(self, workers: list) -> None:
+        for w in workers:
+            ray.kill(w)
+
+    def dead_workers(self, timeout_s: float = 5.0) -> list[int]:
+        """Current workers whose process is gone (a ping raises); a slow one is not dead."""
+        refs = [w.ping.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        ready = set(ready)
+        dead = []
+        for i, ref in enumerate(refs):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    dead.append(i)
+        return dead
+
+    def max_workers(self) -> int | None:
+        """How many workers of this spawner's shape the cluster's resources hold (None: no spawner)."""
+        options = getattr(self.spawn_worker, "options", None)
+        if options is None:
+            return None
+        total = ray.cluster_resources()
+        if options.get("num_gpus"):
+            return int(total.get("GPU", 0) // options["num_gpus"])
+        share = options.get("num_cpus") or 0
+        return None if not share else int(total.get("CPU", 0) // share)
 
     def take_loads(self) -> list[dict]:
         reports = []
@@ -119,6 +159,11 @@ class RayActorOps:
         self.next_workers = self.workers
 
 
+def _resources(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or "memory" not in k
+                     and not k.startswith("node:"))
+
+
 def topology_of(workers: list, slots_per_worker: int) -> Topology:
     """Number the nodes the workers run on (in worker order) and build the topology."""
     node_ids = [info["node_id"] for info in ray.get([w.info.remote() for w in workers])]
@@ -135,9 +180,44 @@ class ControllerActor:
                                               ops=RayActorOps(workers, routers, spawn))
         if ray.get_runtime_context().was_current_actor_reconstructed:  # Ray restarted this controller
             self.controller.rebuild()
-        self._stopped = threading.Event()
+        self._stopped, self._wake_healer = threading.Event(), threading.Event()
         self._loop = threading.Thread(target=self._run, name="moeray-placement-loop", daemon=True)
         self._loop.start()
+        self._healer = threading.Thread(target=self._heal, name="moeray-healer", daemon=True)
+        self._healer.start()
+
+    def _heal(self) -> None:
+        """Find dead workers without waiting for a router to trip over them, restore their experts, and bring the
+        worker list back to its target (replacements, or a requested scale); retried with backoff until it
+        holds."""
+        backoff = HEAL_INTERVAL_S
+        while not self._stopped.is_set():
+            self._wake_healer.wait(backoff)
+            self._wake_healer.clear()
+            controller = self.controller
+            try:
+                dead = set(controller.ops.dead_workers()) - controller.dead_workers
+                if dead:
+                    log.warning("expert workers %s are dead: restoring their experts", sorted(dead))
+                    controller.restore(sorted(dead))
+                controller.heal()
+                backoff = HEAL_INTERVAL_S
+            except Exception:  # e.g. no room for a replacement yet: try again later
+                log.exception("healing the expert workers failed; retrying in %.0fs", backoff)
+                backoff = min(backoff * 2, HEAL_MAX_BACKOFF_S)
+
+    def request_scale(self, workers: int) -> dict:
+        """Validate and accept a worker count; the healer reaches it in the background (GetPlacement shows how
+        far it got)."""
+        record = self.controller.request_scale(workers)
+        self._wake_healer.set()
+        return record
+
+    def health(self) -> dict:
+        """Whether every expert has a live replica, and the healing state (for health checks and GetPlacement)."""
+        c = self.controller
+        return {"serving": c.experts_available(), "dead_workers": sorted(c.dead_workers),
+                "live_workers": c.plan.num_workers - len(c.dead_workers), **c.healing}
 
     def _run(self) -> None:
         while not self._stopped.wait(self.controller.config.poll_interval_s):
@@ -176,7 +256,9 @@ class ControllerActor:
         self.controller.set_policy(name, params)
 
     def restore(self, dead: list[int]) -> dict:
-        return self.controller.restore(dead)
+        record = self.controller.restore(dead)
+        self._wake_healer.set()  # replace the dead workers in the background
+        return record
 
     def scale(self, workers: int) -> dict:
         return self.controller.scale(workers)
@@ -197,5 +279,6 @@ class ControllerActor:
 
     def shutdown(self) -> None:
         self._stopped.set()
+        self._wake_healer.set()
         self._loop.join(timeout=5)
         telemetry.shutdown()  # flush: the engine kills this actor next

@@ -12,6 +12,9 @@ from moeray.placement.policies import resolve_policy
 class ControllerConfig:
     policy: str = "replicated"  # a built-in name or an import path 'package.module:function'
     policy_params: dict = dataclasses.field(default_factory=dict)
+    # Modules whose functions SetPolicy / Rebalance may name, besides the built-ins and ``policy`` itself
+    # (``moeray serve --allow-policy-module``); no other module is ever imported on a client's say-so.
+    allowed_policy_modules: tuple[str, ...] = ()
     window_steps: int = 64  # the load window: the last N step records of all routers
     poll_interval_s: float = 0.5  # how often load is pulled from the routers
     imbalance_threshold: float | None = None  # rebalance when measured imbalance stays above this ...
@@ -26,6 +29,9 @@ class ControllerConfig:
     scale_out_queue: float | None = None  # autoscaler: add a worker when requests waiting in routers stay above
     scale_in_utilisation: float | None = None  # ... remove one when running / batch capacity stays below this
     autoscale_polls: int = 5  # ... for this many consecutive polls (hysteresis)
+    # A step that needs a lost expert waits this long for its restore (replacement workers placed and loaded)
+    # before its requests fail with UNAVAILABLE; healing goes on in the background either way.
+    restore_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.window_steps < 1 or self.consecutive_windows < 1:
@@ -40,11 +46,24 @@ class ControllerConfig:
             raise ValueError(f"rebalance_interval_s must be > 0 or None; got {self.rebalance_interval_s}")
         if self.min_workers < 1 or (self.max_workers is not None and self.max_workers < self.min_workers):
             raise ValueError(f"worker bounds [{self.min_workers}, {self.max_workers}] need 1 <= min <= max")
+        if self.restore_timeout_s <= 0:
+            raise ValueError(f"restore_timeout_s must be > 0; got {self.restore_timeout_s}")
         if self.autoscale_polls < 1:
             raise ValueError(f"autoscale_polls must be >= 1; got {self.autoscale_polls}")
         if self.weight_source not in ("peer", "checkpoint"):
             raise ValueError(f"weight_source {self.weight_source!r} is not one of ('peer', 'checkpoint')")
-        resolve_policy(self.policy)  # fail now, naming the policy, rather than at the first rebalance
+        if not isinstance(self.policy_params, dict):
+            raise ValueError(f"policy_params must be a mapping of parameter names to values; "
+                             f"got {self.policy_params!r}")
+        modules = self.allowed_policy_modules
+        if isinstance(modules, str) or not all(isinstance(m, str) for m in modules):
+            raise ValueError(f"allowed_policy_modules must be a list of module names; got {modules!r}")
+        bad = [m for m in modules if not m or not all(part.isidentifier() for part in m.split("."))]
+        if bad:
+            raise ValueError(f"allowed_policy_modules: {bad[0]!r} is not a module name like 'package.module'")
+        object.__setattr__(self, "allowed_policy_modules", tuple(modules))  # a YAML list becomes a tuple
+        # Fail now, naming the policy or parameter, rather than at the first rebalance.
+        resolve_policy(self.policy, self.policy_params)
 
     @classmethod
     def from_file(cls, path: str | None, **overrides) -> ControllerConfig:

@@ -53,6 +53,12 @@ class ActorOps(Protocol):
     """Calls to the workers and routers. ``skip`` names workers known dead: they are not called."""
 
     def take_loads(self) -> list[dict]: ...
+    def worker_infos(self) -> list[dict | None]: ...
+    def dead_workers(self) -> list[int]: ...
+    def max_workers(self) -> int | None: ...
+    def spawn(self, count: int, epoch: int, timeout_s: float) -> list: ...
+    def stage(self, keep: list[int], new: list) -> list[str]: ...
+    def stop(self, workers: list) -> None: ...
     def prepare(self, epoch: int, experts_per_worker: list[list[list[int]]],
                 peers_per_worker: list[dict[int, list[tuple[int, int]]]], skip: frozenset[int]) -> list[dict]: ...
     def switch(self, plan: Plan) -> None: ...
@@ -71,6 +77,9 @@ class PlacementController:
         self._policy = resolve_policy(self._policy_name, self._policy_params)
         self._lock = threading.Lock()  # guards load state
         self._switching = threading.Lock()  # one plan switch at a time
+        self._reshaping = threading.Lock()  # one change of the worker list at a time (its spawns outside _switching)
+        self.target_workers = plan.num_workers  # what healing and scaling bring the live workers back to
+        self.healing = {"state": "idle", "target_workers": plan.num_workers, "error": ""}  # progress, for GetPlacement
         L, E, W = plan.num_layers, plan.num_experts, plan.num_workers
         self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=config.window_steps)
         self._since_take = (np.zeros((L, E), np.int64), np.zeros((L, W), np.int64))
@@ -174,21 +183,34 @@ class PlacementController:
         return [[sorted(t, key=lambda tc: (-tc[1], tc[0]))[:k] for t in layer] for layer in out]
 
     # -- decisions ---------------------------------------------------------------------------------------
+    def _resolve(self, name: str, params: dict | None):
+        """A policy named over the API: a built-in, the startup policy or a function in an allowed module (nothing
+        else is imported), its ``params`` checked against its signature. Raises ValueError naming what is wrong."""
+        return resolve_policy(name, params, allowed_modules=self.config.allowed_policy_modules,
+                              also=(self.config.policy,))
+
     def set_policy(self, name: str, params: dict | None = None) -> None:
-        policy = resolve_policy(name, params)  # raises ValueError naming a bad policy
-        self._policy_name, self._policy_params, self._policy = name, dict(params or {}), policy
+        policy = self._resolve(name, params)  # raises ValueError; the policy in force stays
+        with self._lock:
+            self._policy_name, self._policy_params, self._policy = name, dict(params or {}), policy
 
     @property
     def policy(self) -> tuple[str, dict]:
-        return self._policy_name, dict(self._policy_params)
+        with self._lock:
+            return self._policy_name, dict(self._policy_params)
 
     def rebalance(self, *, dry_run: bool = False, policy: str | None = None, params: dict | None = None,
                   reason: str = "manual", load_LE: np.ndarray | None = None) -> dict:
         """Ask the policy for a plan from the window's load and switch to it (unless ``dry_run``). Automatic
-        rebalances (any reason but 'manual') apply only if the expected imbalance drops by ``min_gain``."""
+        rebalances (any reason but 'manual') apply only if the expected imbalance drops by ``min_gain``.
+        ``policy`` and/or ``params``: for this rebalance only (``params`` alone: the active policy with these)."""
         started_ns = time.time_ns()
+        with self._lock:
+            name, fn = self._policy_name, self._policy
+        if policy is not None or params:  # checked before waiting for a switch in progress, and before any change
+            name = policy or name
+            fn = self._resolve(name, params)
         with self._switching:
-            fn = self._policy if policy is None else resolve_policy(policy, params)
             if load_LE is None:
                 load_LE = self.window_load()[0]
             load_LE = torch.as_tensor(np.asarray(load_LE), dtype=torch.float64)
@@ -197,7 +219,7 @@ class PlacementController:
             new = self._plan_without(self.dead_workers, fn) if self.dead_workers else \
                 fn(load_LE, self.topology, current, self.budget)
             before, after = self._expected_imbalance(load_LE, current), self._expected_imbalance(load_LE, new)
-            record = {"reason": reason, "policy": policy or self._policy_name, "from_epoch": current.epoch,
+            record = {"reason": reason, "policy": name, "from_epoch": current.epoch,
                       "epoch": new.epoch, "dry_run": dry_run, "moves": _moves(current, new),
                       "moved_slots": current.moved_slots(new),
                       "moved_bytes": current.moved_slots(new) * self.budget.expert_bytes,
@@ -239,29 +261,55 @@ class PlacementController:
     # -- failures ----------------------------------------------------------------------------------------
     def restore(self, dead: list[int]) -> dict:
         """Workers died: re-place every expert over the live workers (their weights fetched from surviving
-        replicas or re-read from the checkpoint), restoring as much redundancy as the live slots hold. Idempotent:
+        replicas or re-read from the checkpoint), restoring as much redundancy as the live slots hold. When the live
+        workers cannot hold every expert, start replacement workers first (bounded by ``restore_timeout_s``).
+        Either way the worker list is brought back to ``target_workers`` afterwards (``heal``). Idempotent:
         routers that find the same dead worker call it too."""
         started_ns = time.time_ns()
         with self._switching:
+            newly = frozenset(dead) - self.dead_workers
             self.dead_workers = self.dead_workers | frozenset(dead)
+            self.telemetry.workers_lost(len(newly))
             if not any(w in self.dead_workers for layer in self.plan.replica_workers() for ws in layer for w in ws):
                 return {"applied": False, "epoch": self.plan.epoch, "dead_workers": sorted(self.dead_workers)}
-            current = self.plan
-            for attempt in range(RESTORE_ATTEMPTS):
-                new = self._plan_without(self.dead_workers)
-                try:
-                    stats = self._switch(new)
-                    break
-                except WorkersDied as e:  # more died than the routers have noticed yet: plan without them too
-                    if attempt == RESTORE_ATTEMPTS - 1:
-                        raise
-                    self.dead_workers = self.dead_workers | frozenset(e.workers)
-            read = sum(s.get("read_slots", 0) for s in stats)
-            record = self._applied({"reason": f"failure: workers {sorted(self.dead_workers)} lost",
-                                    "dead_workers": sorted(self.dead_workers)}, current, new, stats, started_ns)
-            log.warning("placement epoch %d -> %d: %s; %d slots re-read from the checkpoint", current.epoch,
-                        new.epoch, record["reason"], read)
-            return record
+            live = self.plan.num_workers - len(self.dead_workers)
+            if self.plan.num_experts <= live * self.topology.slots_per_worker:
+                return self._restore_on_live(started_ns)
+        # NOTE: outside _switching: placing replacements may take a while (an autoscaler adds a node).
+        return self._reshape(self.target_workers, f"failure: workers {sorted(self.dead_workers)} lost",
+                             timeout_s=self.config.restore_timeout_s, started_ns=started_ns)
+
+    def _restore_on_live(self, started_ns: int) -> dict:
+        current = self.plan
+        for attempt in range(RESTORE_ATTEMPTS):
+            new = self._plan_without(self.dead_workers)
+            try:
+                stats = self._switch(new)
+                break
+            except WorkersDied as e:  # more died than the routers have noticed yet: plan without them too
+                if attempt == RESTORE_ATTEMPTS - 1:
+                    raise
+                self.dead_workers = self.dead_workers | frozenset(e.workers)
+        read = sum(s.get("read_slots", 0) for s in stats)
+        record = self._applied({"reason": f"failure: workers {sorted(self.dead_workers)} lost",
+                                "dead_workers": sorted(self.dead_workers)}, current, new, stats, started_ns)
+        self.telemetry.restored(started_ns)
+        log.warning("placement epoch %d -> %d: %s; %d slots re-read from the checkpoint", current.epoch,
+                    new.epoch, record["reason"], read)
+        return record
+
+    def experts_available(self) -> bool:
+        """Every logical expert has a replica on a live worker (what health reports)."""
+        dead = self.dead_workers
+        return all(any(w not in dead for w in ws) for layer in self.plan.replica_workers() for ws in layer)
+
+    def heal(self) -> dict | None:
+        """Bring the live workers back to ``target_workers`` (replacing the dead, or a requested scale); None when
+        there is nothing to do. The controller's loop calls it until it succeeds."""
+        if self.plan.num_workers - len(self.dead_workers) == self.target_workers and not self.dead_workers:
+            return None
+        reason = "scale" if not self.dead_workers else f"replace: workers {sorted(self.dead_workers)} lost"
+        return self._reshape(self.target_workers, reason, timeout_s=self.config.restore_timeout_s)
 
     def _applied(self, record: dict, current: Plan, new: Plan, stats: list[dict], started_ns: int) -> dict:
         """Complete the record of a switch made for a failure, a scale or a restart; keep and report it. Moved
@@ -343,38 +391,93 @@ class PlacementController:
             return record
 
     # -- elasticity --------------------------------------------------------------------------------------
+    def check_workers(self, workers: int) -> None:
+        """Raise ValueError, naming the limit, for a worker count this controller must not scale to: outside
+        [min_workers, max_workers], or, with no max_workers set, beyond what the cluster's resources hold now (on
+        an autoscaling cluster set max_workers: the autoscaler adds the nodes)."""
+        c = self.config
+        top = c.max_workers if c.max_workers is not None else self.ops.max_workers()
+        if workers < c.min_workers or (top is not None and workers > top):
+            why = " (what the cluster's resources hold; set max_workers to go further)" \
+                if c.max_workers is None and top is not None else ""
+            raise ValueError(f"workers must lie in [{c.min_workers}, {top or 'unbounded'}]{why}; got {workers}")
+        if self.plan.num_experts > workers * self.topology.slots_per_worker:
+            raise ValueError(f"{workers} workers x {self.topology.slots_per_worker} slots cannot hold the "
+                             f"{self.plan.num_experts} experts of a layer; at least "
+                             f"{-(-self.plan.num_experts // self.topology.slots_per_worker)} are needed")
+
+    def request_scale(self, workers: int) -> dict:
+        """Set the worker count to reach and return at once; the controller's loop does the work (``heal``) and
+        ``healing`` reports its progress."""
+        self.check_workers(workers)
+        self.target_workers = workers
+        self.healing = {**self.healing, "target_workers": workers}
+        return {"target": workers, "epoch": self.plan.epoch, "accepted": True}
+
     def scale(self, workers: int, reason: str = "scale") -> dict:
-        """Change the number of live workers to ``workers``: new ones start empty and load their slots from peers;
-        leaving ones (the highest numbers, and any dead) are drained: the new plan places their experts elsewhere
-        before they stop. Requests flow throughout."""
-        c, started_ns = self.config, time.time_ns()
-        if workers < c.min_workers or (c.max_workers is not None and workers > c.max_workers):
-            raise ValueError(f"workers must lie in [{c.min_workers}, {c.max_workers or 'unbounded'}]; got {workers}")
-        with self._switching:
-            live = [w for w in range(self.plan.num_workers) if w not in self.dead_workers]
+        """Change the number of live workers to ``workers`` now: new ones start empty and load their slots from
+        peers; leaving ones (the highest numbers, and any dead) are drained: the new plan places their experts
+        elsewhere before they stop. Requests flow throughout."""
+        self.check_workers(workers)
+        self.target_workers = workers
+        return self._reshape(workers, reason, timeout_s=None)
+
+    def _reshape(self, workers: int, reason: str, timeout_s: float | None, started_ns: int | None = None) -> dict:
+        started_ns = started_ns or time.time_ns()
+        with self._reshaping:
+            live = self._live()
             if workers == len(live) and not self.dead_workers:
                 return {"applied": False, "workers": workers, "epoch": self.plan.epoch, "reason": reason}
-            E = self.plan.num_experts
-            if E > workers * self.topology.slots_per_worker:
-                raise ValueError(f"{workers} workers x {self.topology.slots_per_worker} slots cannot hold the {E} "
-                                 f"experts of a layer; at least {-(-E // self.topology.slots_per_worker)} are needed")
-            keep = live[:workers]
-            node_ids = self.ops.reshape(keep, workers - len(keep), self.plan.epoch)
-            index = {n: i for i, n in enumerate(dict.fromkeys(node_ids))}
-            topology = Topology(worker_node=tuple(index[n] for n in node_ids),
-                                slots_per_worker=self.topology.slots_per_worker)
-            current, new = self.plan, self._fit_plan(topology, "scale")
-            stats = self._switch(new, old_index=keep + [None] * (workers - len(keep)), dead=frozenset())
-            self.topology, self.dead_workers = topology, frozenset()
-            record = self._applied({"reason": reason, "scale": f"{len(live)} -> {workers} workers",
-                                    "workers": workers}, current, new, stats, started_ns)
-            with self._lock:
-                L, W = new.num_layers, new.num_workers
-                self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=c.window_steps)
-                self._since_take = (self._since_take[0], np.zeros((L, W), np.int64))
-                self._hot_windows = self._steps_since_check = 0
-            log.info("placement epoch %d -> %d: %s (%s)", current.epoch, new.epoch, record["scale"], reason)
-            return record
+            # NOTE: the last failure's reason stays until an attempt succeeds (the healer retries with backoff)
+            self.healing = {**self.healing, "state": "placing workers", "target_workers": workers}
+            new: list = []
+            try:
+                for _ in range(RESTORE_ATTEMPTS):
+                    # 1. New workers are placed (and load nothing yet) while requests and switches go on; more
+                    #    are placed if more workers died meanwhile.
+                    missing = workers - min(workers, len(self._live())) - len(new)
+                    if missing > 0:
+                        new += self.ops.spawn(missing, self.plan.epoch, timeout_s or 600.0)
+                    self.healing["state"] = "loading experts"
+                    with self._switching:
+                        keep = self._live()[: max(0, workers - len(new))]
+                        if len(keep) + len(new) < workers:
+                            continue
+                        # 2. The next plan's worker list, then one two-phase switch onto it.
+                        node_ids = self.ops.stage(keep, new)
+                        index = {n: i for i, n in enumerate(dict.fromkeys(node_ids))}
+                        topology = Topology(worker_node=tuple(index[n] for n in node_ids),
+                                            slots_per_worker=self.topology.slots_per_worker)
+                        current, plan = self.plan, self._fit_plan(topology, "scale")
+                        new, placed = [], new  # NOTE: from here on the switch owns them (an abort stops them)
+                        stats = self._switch(plan, old_index=keep + [None] * len(placed), dead=frozenset())
+                        self.topology, self.dead_workers = topology, frozenset()
+                        record = self._applied({"reason": reason, "workers": len(node_ids),
+                                                "scale": f"{len(live)} -> {len(node_ids)} workers"},
+                                               current, plan, stats, started_ns)
+                        self._reset_window(plan)
+                        break
+                else:
+                    raise WorkersDied(sorted(self.dead_workers))
+            except Exception as e:
+                self.ops.stop(new)  # placed but never switched to
+                self.healing = {"state": "failed, retrying", "target_workers": workers, "error": str(e)[:500]}
+                raise
+            self.healing = {"state": "idle", "target_workers": workers, "error": ""}
+        if reason.startswith(("failure", "replace")):
+            self.telemetry.restored(started_ns)
+        log.info("placement epoch %d -> %d: %s (%s)", current.epoch, plan.epoch, record["scale"], reason)
+        return record
+
+    def _live(self) -> list[int]:
+        return [w for w in range(self.plan.num_workers) if w not in self.dead_workers]
+
+    def _reset_window(self, plan: Plan) -> None:
+        with self._lock:
+            L, E, W = plan.num_layers, plan.num_experts, plan.num_workers
+            self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=self.config.window_steps)
+            self._since_take = (self._since_take[0], np.zeros((L, W), np.int64))
+            self._hot_windows = self._steps_since_check = 0
 
     def _peers_for(self, worker: int | None, experts_per_layer: list[list[int]]) -> dict[int, list[tuple[int, int]]]:
         """For each slot a worker (current number, None if new) must load, a current holder to fetch it from

@@ -52,6 +52,18 @@ class ControllerMetrics:
                 "moeray.imbalance.after": record["expected_imbalance_after"]})
             span.end()
 
+    def workers_lost(self, count: int) -> None:
+        if telemetry.STATE.metrics and count:
+            telemetry.M.worker_losses.add(count)
+
+    def restored(self, started_ns: int) -> None:
+        """Every lost expert is served again: a restore (or a replacement) finished, ``started_ns`` after the loss
+        was reported."""
+        if telemetry.STATE.metrics:
+            import time
+
+            telemetry.M.restore_seconds.record((time.time_ns() - started_ns) / 1e9)
+
     def workers_alive(self, alive: int) -> None:
         if telemetry.STATE.metrics:
             telemetry.M.workers_alive.set(alive)

@@ -45,6 +45,8 @@ def add_online_commands(placement_sub: argparse._SubParsersAction) -> None:
     pol.add_argument("--params", default="", help="its parameters as a JSON object")
     sc = command("scale", "add or remove expert workers while requests flow", cmd_scale, True)
     sc.add_argument("--workers", type=int, required=True)
+    sc.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to this long for the workers to be running and loaded")
     rec = command("record", "write a load trace (JSON Lines) from a live server", cmd_record)
     rec.add_argument("--windows", type=int, required=True, help="windows to record, then stop")
     rec.add_argument("--interval", type=float, default=1.0, help="seconds per window")
@@ -100,12 +102,17 @@ def cmd_show(args) -> int:
                for w in workers]
     out = {"epoch": r.epoch, "policy": r.policy, "slots_per_worker": r.slots_per_worker,
            "redundant_slots": r.redundant_slots, "rebalances": r.rebalances, "workers": workers,
-           "experts_per_worker": experts}
+           "experts_per_worker": experts, "target_workers": r.target_workers, "live_workers": r.live_workers,
+           "experts_available": r.experts_available, "healing_state": r.healing_state,
+           "healing_error": r.healing_error}
     if args.json:
         print(json.dumps(out))
         return 0
     print(f"epoch {r.epoch}, policy {r.policy}, {r.rebalances} rebalances, {r.slots_per_worker} slots per worker "
           f"and layer, {r.redundant_slots} redundant per layer")
+    print(f"{r.live_workers} of {r.target_workers} workers live, experts "
+          f"{'available' if r.experts_available else 'UNAVAILABLE'}, healing: {r.healing_state}"
+          + (f" (last failure: {r.healing_error})" if r.healing_error else ""))
     for w, per_layer in zip(workers, experts):
         print(f"worker {w['index']} (node {w['node']}, {w['device']}, {w['resident_bytes'] / 2**20:.1f} MiB): "
               + "; ".join(f"L{l}: {e}" for l, e in enumerate(per_layer)))
@@ -142,7 +149,19 @@ def cmd_policy(args) -> int:
 @_reports_rpc_errors
 def cmd_scale(args) -> int:
     r = _rpc(args, "ScaleWorkers", mutates=True, workers=args.workers)
-    print(f"{r.workers} workers, epoch {r.epoch}" + ("" if r.applied else " (unchanged)"))
+    print(f"scaling to {r.workers} workers (accepted at epoch {r.epoch}); `moeray placement show` shows progress",
+          flush=True)
+    deadline = time.monotonic() + args.wait
+    while args.wait:
+        p = _rpc(args, "GetPlacement")
+        if p.live_workers == r.workers and p.healing_state == "idle" and p.experts_available:
+            print(f"{p.live_workers} workers, epoch {p.epoch}")
+            return 0
+        if time.monotonic() > deadline:
+            print(f"error: {p.live_workers} of {r.workers} workers after {args.wait:.0f}s ({p.healing_state}"
+                  + (f": {p.healing_error}" if p.healing_error else "") + ")", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
     return 0
 
 

@@ -5,6 +5,9 @@ Built in (see each module): ``contiguous`` and ``round_robin`` (static baselines
 ``replicated`` and ``replicated_hierarchical`` (moeray.placement.balanced), ``migration_aware``
 (moeray.placement.migration), ``optimal`` (moeray.placement.optimal). A user's own policy plugs in by import path,
 ``package.module:function``, with the same signature; its parameters come from the config as keyword arguments.
+Over the API (SetPolicy, Rebalance) only the built-ins, the startup policy and functions in the modules allowed at
+startup may be named (``check_policy_allowed``: nothing else is imported), and parameters are checked against the
+function's signature before anything changes (``check_policy_params``).
 
 Static baselines, used before any load is known:
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -89,18 +95,132 @@ contiguous = functools.partial(_static, "contiguous")
 round_robin = functools.partial(_static, "round_robin")
 
 
-def resolve_policy(name: str, params: dict | None = None) -> Policy:
-    """A policy by built-in name or by import path (``pkg.module:function`` or ``pkg.module.function``), with
-    ``params`` bound as keyword arguments."""
+POLICY_INPUTS = ("load_LE", "topology", "current", "budget")  # what every policy is called with, positionally
+
+
+def _import_path(name: str) -> tuple[str, str]:
+    """(module, attribute) of a built-in name or an import path (``pkg.module:function`` or ``pkg.module.function``),
+    without importing anything."""
     path = BUILTIN_POLICIES.get(name, name)
-    module_name, sep, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not attr:
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attr.isidentifier() or not all(p.isidentifier() for p in module_name.split(".")):
         raise ValueError(f"placement policy {name!r} is neither a built-in ({', '.join(BUILTIN_POLICIES)}) nor an "
                          "import path like 'package.module:function'")
+    return module_name, attr
+
+
+def check_policy_allowed(name: str, allowed_modules: Iterable[str], also: Iterable[str] = ()) -> None:
+    """Refuse (ValueError naming the policy and what is allowed) a policy that is neither a built-in, nor a function
+    in one of ``allowed_modules``, nor one of ``also`` (the policy the operator configured at startup). Nothing is
+    imported: importing a module runs its code."""
+    allowed_modules, also = tuple(allowed_modules), tuple(also)
+    builtin = {_import_path(n) for n in BUILTIN_POLICIES}
+    chosen = set()
+    for other in also:
+        try:
+            chosen.add(_import_path(other))
+        except ValueError:
+            pass
+    path = _import_path(name)  # raises for what is not even an import path
+    if path in builtin or path in chosen or path[0] in allowed_modules:
+        return
+    modules = ", ".join(allowed_modules) or "none"
+    startup = f", the startup policy {', '.join(map(repr, also))}" if also else ""
+    raise ValueError(f"placement policy {name!r} is not allowed; allowed: the built-ins "
+                     f"({', '.join(BUILTIN_POLICIES)}){startup}, and functions in the modules allowed at startup "
+                     f"({modules}; `moeray serve --allow-policy-module MODULE` adds one)")
+
+
+def check_policy_params(name: str, fn: Callable, params: dict) -> None:
+    """Refuse (ValueError naming the parameter) ``params`` that ``fn`` cannot take as keyword arguments after the
+    four inputs ``(load_LE, topology, current, budget)``: unknown names (listing the accepted ones), missing required
+    ones, and values of the wrong type where the signature annotates one. The policy is not called."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise ValueError(f"placement policy {name!r} has no signature to check: it must be a Python function "
+                         "(load_LE, topology, current, budget, **params)") from None
+    kinds = inspect.Parameter
+    listed = list(sig.parameters.values())
+    positional = [p for p in listed if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    var_kw = any(p.kind == kinds.VAR_KEYWORD for p in listed)
+    inputs = {p.name for p in positional[:len(POLICY_INPUTS)]}
+    accepted = [p.name for p in listed if p.name not in inputs
+                and p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    unknown = [k for k in params if k not in accepted and (not var_kw or k in inputs)]
+    if unknown:
+        takes = f"it accepts: {', '.join(accepted)}" if accepted else "it takes no parameters"
+        raise ValueError(f"placement policy {name!r} has no parameter {', '.join(map(repr, unknown))}; {takes}")
+    missing = [p.name for p in listed if p.name not in inputs and p.name not in params
+               and p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY) and p.default is p.empty]
+    if missing:
+        raise ValueError(f"placement policy {name!r} needs parameter {', '.join(map(repr, missing))}")
+    try:
+        sig.bind(*([None] * len(POLICY_INPUTS)), **params)
+    except TypeError as e:
+        raise ValueError(f"placement policy {name!r} cannot be called as policy({', '.join(POLICY_INPUTS)}, "
+                         f"**params): {e}") from None
+    hints = _type_hints(fn)
+    for key, value in params.items():
+        expected = hints.get(key)
+        if expected is not None and not _matches(value, expected):
+            raise ValueError(f"placement policy {name!r} parameter {key!r} must be {_type_name(expected)}; got "
+                             f"{value!r} ({type(value).__name__})")
+
+
+def _type_hints(fn: Callable) -> dict:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    try:
+        return typing.get_type_hints(inspect.unwrap(target))
+    except Exception:  # unresolvable annotations: types are then not checked
+        return {}
+
+
+def _matches(value, tp) -> bool:
+    """Whether a JSON/YAML value fits annotation ``tp`` (containers by their kind only; unknown forms pass)."""
+    if tp is typing.Any or tp is object:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    base = origin or tp
+    if not isinstance(base, type):
+        return True
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is tuple:  # JSON has arrays only
+        return isinstance(value, (list, tuple))
+    try:
+        return isinstance(value, base)
+    except TypeError:
+        return True
+
+
+def _type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def resolve_policy(name: str, params: dict | None = None, *, allowed_modules: Iterable[str] | None = None,
+                   also: Iterable[str] = ()) -> Policy:
+    """A policy by built-in name or by import path (``pkg.module:function`` or ``pkg.module.function``), with
+    ``params`` bound as keyword arguments once checked against its signature (``check_policy_params``). With
+    ``allowed_modules`` (not None), a policy outside them, the built-ins and ``also`` is refused before any import
+    (``check_policy_allowed``)."""
+    module_name, attr = _import_path(name)
+    if allowed_modules is not None:
+        check_policy_allowed(name, allowed_modules, also)
+    path = f"{module_name}:{attr}"
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"placement policy {name!r} could not be loaded from {path!r}: {e}") from None
     if not callable(fn):
         raise ValueError(f"placement policy {name!r} ({path}) is not callable")
+    check_policy_params(name, fn, params or {})
     return functools.partial(fn, **params) if params else fn

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,7 +18,8 @@ from transformers import GenerationConfig
 from moeray import telemetry
 from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.placement.plan import Plan
-from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
+from moeray.request import (GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk,
+                            check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.scheduler import Scheduler, Sequence
 
@@ -116,8 +116,9 @@ class Router:
     def new_sequence(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
                      on_token=None, span=None) -> Sequence:
         ids = self.limits.check(prompt_ids, sampling)
+        request_id = check_request_id(request_id) if request_id else new_request_id()
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_ids))
-        return Sequence(request_id=request_id or uuid.uuid4().hex, prompt_ids=ids, sampling=sampling,
+        return Sequence(request_id=request_id, prompt_ids=ids, sampling=sampling,
                         stop_ids=frozenset(stop), on_token=on_token, span=span)
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
@@ -162,8 +163,9 @@ class Router:
         return self.scheduler.abort(request_id)
 
     def score(self, input_ids_BT: np.ndarray, attention_mask_BT: np.ndarray | None = None,
-              traceparent: str | None = None) -> np.ndarray:
-        """Logits [B, T, V] (float32) for a batch of prompts, as transformers' forward would give them."""
+              traceparent: str | None = None, last_only: bool = False) -> np.ndarray:
+        """Logits [B, T, V] (float32) for a batch of prompts, as transformers' forward would give them; with
+        ``last_only``, [B, V]: each row's logits at its last real position (per the attention mask)."""
         ids = torch.as_tensor(np.asarray(input_ids_BT), dtype=torch.long)
         if ids.dim() != 2 or ids.numel() == 0:
             raise InvalidRequest(f"input_ids must be a non-empty [batch, tokens] array; got shape {tuple(ids.shape)}")
@@ -176,8 +178,10 @@ class Router:
         if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
             bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
             raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
+        if not ((mask == 0) | (mask == 1)).all() or (mask.sum(dim=1) == 0).any():
+            raise InvalidRequest("attention_mask must hold 0 and 1 only, with at least one 1 per row")
         with telemetry.request_span("moeray.router.score", traceparent, current=True):
-            return self.scheduler.score(ids, mask).float().cpu().numpy()
+            return self.scheduler.score(ids, mask, last_only=last_only).float().cpu().numpy()
 
     def set_plan(self, plan: Plan, workers: list | None = None) -> int:
         """Switch to ``plan`` between forwards (a forward in flight finishes on the old epoch); returns the epoch.
@@ -207,8 +211,8 @@ class Router:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {"steps": s.steps, "running": len(s.running), "waiting": s.num_waiting, "step_s": s.step_s,
-                "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s,
+        return {"steps": s.steps, "scores": s.scores, "running": len(s.running), "waiting": s.num_waiting,
+                "step_s": s.step_s, "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s,
                 "transport": type(self.dispatcher.transport).__name__,
                 "graph_compiles": getattr(self.dispatcher.transport, "compiles", 0),
                 "graph_idle_releases": getattr(self.dispatcher.transport, "idle_releases", 0)}

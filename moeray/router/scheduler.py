@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from moeray import telemetry
-from moeray.request import GenerationResult, SamplingParams
+from moeray.request import DuplicateRequestId, GenerationResult, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +115,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        self._active: dict[str, Sequence] = {}  # request id -> its sequence, from submit until done (under _cond)
+        self.scores = 0  # score() calls
         self._cache: DynamicCache | None = None
         self._mask_BS: torch.Tensor | None = None
         self.steps = 0
@@ -124,19 +125,33 @@ class Scheduler:
 
     # -- submission (any thread) -------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Sequence:
+        """Queue ``seq``; DuplicateRequestId if a sequence with its id is still in flight (an aborted one that has
+        not finished yet does not count: a client may retry at once under the same id)."""
         with self._cond:
+            other = self._active.get(seq.request_id)
+            if other is not None and not other.done.is_set() and not other.aborted:
+                raise DuplicateRequestId(f"request_id {seq.request_id!r} is already in flight; request ids must be "
+                                         "unique among running requests")
+            self._active[seq.request_id] = seq
             self._waiting.append(seq)
             self._cond.notify_all()
             telemetry.queue_depth(len(self._waiting))
         return seq
 
     def abort(self, request_id: str) -> bool:
+        with self._cond:  # also finds a sequence in its prefill, between the waiting queue and the running batch
+            seq = self._active.get(request_id)
+            if seq is None or seq.done.is_set():
+                return False
+            seq.aborted = True
+            return True
+
+    def _retire(self, seq: Sequence) -> None:
+        """``seq`` is done: wake its caller and free its request id."""
+        seq.done.set()
         with self._cond:
-            for seq in itertools.chain(self._waiting, self.running):
-                if seq.request_id == request_id:
-                    seq.aborted = True
-                    return True
-        return False
+            if self._active.get(seq.request_id) is seq:
+                del self._active[seq.request_id]
 
     @property
     def num_waiting(self) -> int:
@@ -176,7 +191,7 @@ class Scheduler:
                 log.exception("step failed; failing %d sequences", len(self.running) + len(admitted))
                 for seq in set(self.running) | set(admitted):
                     seq.error = e
-                    seq.done.set()
+                    self._retire(seq)
                 self.running, self._cache, self._mask_BS = [], None, None
                 break
         self.steps += 1
@@ -185,7 +200,7 @@ class Scheduler:
     def _finish_if_aborted(self, seq: Sequence) -> bool:
         if seq.aborted:
             seq.finish_reason = "abort"
-            seq.done.set()
+            self._retire(seq)
         return seq.aborted
 
     def _forward(self, ids_BQ, mask_BS, pos_BQ, cache, token_mask_T, seqs=()) -> torch.Tensor:
@@ -249,7 +264,7 @@ class Scheduler:
         keep = [b for b, s in enumerate(self.running) if s.finish_reason is None]
         for seq in self.running:
             if seq.finish_reason is not None:
-                seq.done.set()
+                self._retire(seq)
         if len(keep) == len(self.running):
             return
         if not keep:
@@ -267,14 +282,24 @@ class Scheduler:
         self.running = [self.running[b] for b in keep]
 
     # -- scoring -----------------------------------------------------------------------------------------
-    def score(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-        """Logits for every position of a right- or left-padded batch (no cache kept), [B, T, V]."""
+    def score(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits for every position of a right- or left-padded batch (no cache kept), [B, T, V]; with
+        ``last_only``, each row's logits at its last real position only, [B, V] (the LM head runs on just the
+        distinct last positions, U <= B of them)."""
+        self.scores += 1
         pos_BT = (mask_BT.cumsum(dim=1) - 1).clamp(min=0)
+        keep = {}
+        if last_only:
+            last_B = mask_BT.shape[1] - 1 - mask_BT.flip(1).argmax(dim=1)
+            keep_U, index_B = torch.unique(last_B, return_inverse=True)
+            keep = {"logits_to_keep": keep_U.to(self.device)}
         with self.forward_lock, torch.no_grad():
             self.on_forward(mask_BT.reshape(-1).bool(), ids_BT.reshape(-1))
             try:
                 out = self.model(input_ids=ids_BT.to(self.device), attention_mask=mask_BT.to(self.device),
-                                 position_ids=pos_BT.to(self.device), use_cache=False)
+                                 position_ids=pos_BT.to(self.device), use_cache=False, **keep)
             finally:
                 self.on_forward(None, None)
+        if last_only:  # [B, U, V] -> each row's own position
+            return out.logits[torch.arange(len(index_B), device=out.logits.device), index_B.to(out.logits.device)]
         return out.logits

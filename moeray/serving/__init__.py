@@ -3,5 +3,7 @@
 - ``app``: the ingress deployment behind Serve's gRPC proxy (GenerateService, PlacementService, KServe v2,
   grpc.health.v1) and ``start_serving``;
 - ``codec``: proto <-> engine types;
+- ``errors``: the exception -> gRPC status table; ``admission``: exact admission control and request ids in flight;
+- ``wire``: the servicer functions Serve's gRPC proxy registers (undecodable requests answer INVALID_ARGUMENT);
 - ``gen``: stubs generated from protos/ by scripts/gen_protos.py (only this package imports them).
 """

@@ -13,30 +13,29 @@ import itertools
 import json
 import logging
 import os
-import uuid
+import time
 
 import grpc
 import numpy as np
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from moeray import telemetry
-from moeray.request import InvalidRequest, RequestLimits
-from moeray.router.dispatch import ExpertsUnavailable
+from moeray.request import InvalidRequest, RequestLimits, check_request_id, new_request_id
+from moeray.serving import errors
+from moeray.serving.admission import Admission, serve_limits
+from moeray.serving.errors import Fail as _Fail, fail as _fail  # noqa: F401 - the admin RPCs answer through these
+from moeray.serving.wire import SERVICER_FUNCTIONS  # noqa: F401 - the generated ones, decoding errors answered
 
 # NOTE: the generated stubs are imported inside the ingress only (see _stubs). A process that starts the app may
 # also hold tritonclient, whose own copy of the KServe messages would clash with ours in protobuf's default pool.
 
 log = logging.getLogger(__name__)
 
-SERVICER_FUNCTIONS = [
-    "moeray.serving.gen.generate_pb2_grpc.add_GenerateServiceServicer_to_server",
-    "moeray.serving.gen.placement_pb2_grpc.add_PlacementServiceServicer_to_server",
-    "moeray.serving.gen.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
-ROUTER_DIED = "the router running this request failed and is restarting; the request can be retried"
+HEALTH_TTL_S = 0.5  # how long a health answer is reused (load balancers probe often)
+# Serve's gRPC proxy's limit (Serve reads the same variable, with this default): a ModelInfer response over it is
+# refused before any compute.
+MAX_MESSAGE_ENV, DEFAULT_MAX_MESSAGE_BYTES = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", 2**31 - 1
 ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV = "MOERAY_ADMIN_TOKEN", "MOERAY_ADMIN_TOKEN_FILE"
 
 
@@ -59,21 +58,13 @@ def read_admin_token() -> str | None:
     return os.environ.get(ADMIN_TOKEN_ENV) or None
 
 
-class _Fail(Exception):
-    pass
-
-
-def _fail(ctx: RayServegRPCContext, code: grpc.StatusCode, message: str):
-    telemetry.rejected(code)
-    ctx.set_code(code)
-    ctx.set_details(message)
-    raise _Fail(message)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, max_queued_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, **serve_limits(256, 256))
 class Ingress:
-    def __init__(self, *, model_name: str, engine_state: dict, env: dict | None = None) -> None:
+    def __init__(self, *, model_name: str, engine_state: dict, env: dict | None = None, max_ongoing: int = 256,
+                 max_queued: int = 256) -> None:
         os.environ.update(env or {})
+        self.admission = Admission(max_ongoing, max_queued)  # exact: see moeray/serving/admission.py
+        self.max_message_bytes = int(os.environ.get(MAX_MESSAGE_ENV) or DEFAULT_MAX_MESSAGE_BYTES)
         telemetry.setup(engine_state.get("telemetry"))
         global codec, generate_pb2, placement_pb2, kserve_pb2, health_pb2
         codec, generate_pb2, placement_pb2, kserve_pb2, health_pb2 = _stubs()
@@ -83,6 +74,7 @@ class Ingress:
         self.spec = engine_state["spec"]
         self.limits: RequestLimits = engine_state["limits"]
         self._next_router = itertools.cycle(range(len(self.routers)))
+        self._healthy, self._health_at = True, float("-inf")
         self.tokenizer = None
         if engine_state.get("has_tokenizer"):
             from transformers import AutoTokenizer
@@ -98,13 +90,24 @@ class Ingress:
     # -- moeray.v1.GenerateService -----------------------------------------------------------------------
     @telemetry.traced_rpc("moeray.v1.GenerateService/Generate")
     async def Generate(self, request: generate_pb2.GenerateRequest, grpc_context: RayServegRPCContext):
+        request_id = None
         try:
-            ids = self._prompt_ids(request)
+            request_id = check_request_id(request.request_id) if request.request_id else new_request_id()
             sampling = codec.sampling_from_proto(request.sampling)
-            ids = self.limits.check(ids, sampling)
-        except InvalidRequest as e:
-            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        request_id = request.request_id or uuid.uuid4().hex
+            ids = self.limits.check(self._prompt_ids(request), sampling)
+            async with self.admission.slot(request_id) as admitted:  # AdmissionFull, DuplicateRequestId
+                if admitted.aborted:  # Abort came while it waited for a slot
+                    yield generate_pb2.GenerateResponse(request_id=request_id,
+                                                        finish_reason=codec.FINISH_REASONS["abort"])
+                    return
+                async for response in self._stream(ids, sampling, request_id):
+                    yield response
+        except _Fail:
+            raise
+        except Exception as e:  # noqa: BLE001 - every error answers from the one table (moeray/serving/errors.py)
+            errors.fail_with(grpc_context, e, request_id)
+
+    async def _stream(self, ids: list[int], sampling, request_id: str):
         router = self._router()
         chunks = router.stream.options(num_returns="streaming").remote(ids, sampling, request_id,
                                                                         telemetry.current_traceparent())
@@ -122,11 +125,9 @@ class Ingress:
                     response.usage.prompt_tokens = len(ids)
                     response.usage.completion_tokens = produced
                 yield response
-        except ExpertsUnavailable as e:  # experts lost with their last replica, and not restored in time
-            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
-        except RayActorError:
-            finished = True  # nothing left to abort
-            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, ROUTER_DIED)
+        except Exception:
+            finished = True  # the router ended the request (or died): nothing to abort, and never another's id
+            raise
         finally:
             if not finished:  # the client left (cancel, deadline): stop its generation and free its batch slot
                 router.abort.remote(request_id)
@@ -141,9 +142,18 @@ class Ingress:
             return self.tokenizer(request.prompt_text, add_special_tokens=False)["input_ids"]
         raise InvalidRequest("prompt is empty: set prompt_ids or prompt_text")
 
-    async def Abort(self, request: generate_pb2.AbortRequest) -> generate_pb2.AbortResponse:
-        aborted = await asyncio.gather(*[r.abort.remote(request.request_id) for r in self.routers])
-        return generate_pb2.AbortResponse(aborted=any(aborted))
+    async def Abort(self, request: generate_pb2.AbortRequest,
+                    grpc_context: RayServegRPCContext) -> generate_pb2.AbortResponse:
+        try:
+            waiting = self.admission.abort(request.request_id)  # admitted here, maybe not at a router yet
+            aborted = await asyncio.gather(*[r.abort.remote(request.request_id) for r in self.routers])
+        except Exception as e:  # noqa: BLE001
+            errors.fail_with(grpc_context, e, None)
+        return generate_pb2.AbortResponse(aborted=waiting or any(aborted))
+
+    def admission_stats(self) -> dict:
+        """Requests running and waiting against the admission limits (through a Serve handle; not a gRPC method)."""
+        return self.admission.stats()
 
     def GetModelInfo(self, request: generate_pb2.GetModelInfoRequest) -> generate_pb2.GetModelInfoResponse:
         s = self.spec
@@ -156,12 +166,16 @@ class Ingress:
     # -- moeray.v1.PlacementService ----------------------------------------------------------------------
     async def GetPlacement(self, request) -> placement_pb2.GetPlacementResponse:
         state = await self.controller.describe.remote()
+        health = await self.controller.health.remote()
         workers = await self.controller.workers.remote()  # the controller's list: it may have scaled
         info = await asyncio.gather(*[w.info.remote() for w in workers], return_exceptions=True)
         plan, topology = state["plan"], state["topology"]
         response = placement_pb2.GetPlacementResponse(
             epoch=plan["epoch"], policy=state["policy"], slots_per_worker=topology["slots_per_worker"],
-            redundant_slots=state["redundant"], rebalances=state["rebalances"])
+            redundant_slots=state["redundant"], rebalances=state["rebalances"],
+            target_workers=health["target_workers"], live_workers=health["live_workers"],
+            healing_state=health["state"], healing_error=health["error"],
+            experts_available=health["serving"])
         for phy2log, slot_worker in zip(plan["phy2log"], plan["slot_worker"]):
             response.layers.add(phy2log=phy2log, slot_worker=slot_worker)
         for i, (w, node) in enumerate(zip(info, topology["worker_node"])):
@@ -207,14 +221,19 @@ class Ingress:
             _fail(ctx, grpc.StatusCode.INVALID_ARGUMENT, f"params_json must be a JSON object; got {type(params).__name__}")
         return params
 
+    @staticmethod
+    def _reason(e: Exception) -> str:
+        """The one-line message of an error the controller raised (Ray's wrapper adds the remote traceback)."""
+        return str(getattr(e, "cause", None) or e)
+
     async def Rebalance(self, request, grpc_context: RayServegRPCContext) -> placement_pb2.RebalanceResponse:
         self._authorize(grpc_context)
         params = self._params(request.params_json, grpc_context)
         try:
             record = await self.controller.rebalance.remote(dry_run=request.dry_run, policy=request.policy or None,
                                                             params=params)
-        except ValueError as e:  # a bad policy name or parameters, or a plan that does not fit
-            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:  # a policy not allowed, bad parameters (nothing changed), or a plan that does not fit
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, self._reason(e))
         response = placement_pb2.RebalanceResponse(
             epoch=record["epoch"], imbalance_before=record["expected_imbalance_before"],
             imbalance_after=record["expected_imbalance_after"], applied=record["applied"],
@@ -230,29 +249,29 @@ class Ingress:
         params = self._params(request.params_json, grpc_context)
         try:
             await self.controller.set_policy.remote(request.policy, params)
-        except ValueError as e:
-            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:  # a policy not allowed, or bad parameters: the policy in force stays
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, self._reason(e))
         return placement_pb2.SetPolicyResponse(policy=request.policy)
 
     async def ScaleWorkers(self, request, grpc_context: RayServegRPCContext) -> placement_pb2.ScaleWorkersResponse:
+        """Accept a worker count and answer at once (applied=False: in progress; GetPlacement shows how far it got)."""
         self._authorize(grpc_context)
         try:
-            record = await self.controller.scale.remote(request.workers)
-        except ValueError as e:  # out of bounds, or too few workers for the experts
-            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return placement_pb2.ScaleWorkersResponse(workers=record["workers"], epoch=record["epoch"],
-                                                  applied=record["applied"])
+            accepted = await self.controller.request_scale.remote(request.workers)
+        except ValueError as e:  # out of [min_workers, max_workers], beyond the cluster, or too few for the experts
+            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, self._reason(e))
+        return placement_pb2.ScaleWorkersResponse(workers=accepted["target"], epoch=accepted["epoch"], applied=False)
 
     # -- KServe v2 ---------------------------------------------------------------------------------------
     def ServerLive(self, request) -> kserve_pb2.ServerLiveResponse:
         return kserve_pb2.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request) -> kserve_pb2.ServerReadyResponse:
-        return kserve_pb2.ServerReadyResponse(ready=True)
+    async def ServerReady(self, request) -> kserve_pb2.ServerReadyResponse:
+        return kserve_pb2.ServerReadyResponse(ready=await self._serving())
 
-    def ModelReady(self, request, grpc_context: RayServegRPCContext) -> kserve_pb2.ModelReadyResponse:
+    async def ModelReady(self, request, grpc_context: RayServegRPCContext) -> kserve_pb2.ModelReadyResponse:
         self._check_model(request.name, grpc_context)
-        return kserve_pb2.ModelReadyResponse(ready=True)
+        return kserve_pb2.ModelReadyResponse(ready=await self._serving())
 
     def ServerMetadata(self, request) -> kserve_pb2.ServerMetadataResponse:
         from moeray import __version__
@@ -265,37 +284,63 @@ class Ingress:
         response.inputs.add(name="input_ids", datatype="INT64", shape=[-1, -1])
         response.inputs.add(name="attention_mask", datatype="INT64", shape=[-1, -1])
         response.outputs.add(name="logits", datatype="FP32", shape=[-1, -1, self.spec.vocab_size])
+        response.outputs.add(name="last_logits", datatype="FP32", shape=[-1, self.spec.vocab_size])
         return response
 
     @telemetry.traced_rpc("inference.GRPCInferenceService/ModelInfer")
     async def ModelInfer(self, request, grpc_context: RayServegRPCContext) -> kserve_pb2.ModelInferResponse:
-        self._check_model(request.model_name, grpc_context)
+        request_id = None
         try:
+            self._check_model(request.model_name, grpc_context)
+            request_id = check_request_id(request.id, "id") if request.id else new_request_id()
             ids, mask = codec.kserve_inputs(request)
-            if ids.shape[1] > self.spec.max_positions:
-                raise InvalidRequest(f"input_ids has {ids.shape[1]} tokens; the model has {self.spec.max_positions} "
+            outputs = codec.kserve_outputs(request)
+            (batch, tokens), vocab = ids.shape, self.spec.vocab_size
+            if tokens > self.spec.max_positions:
+                raise InvalidRequest(f"input_ids has {tokens} tokens; the model has {self.spec.max_positions} "
                                      "positions")
-            if ids.min() < 0 or ids.max() >= self.spec.vocab_size:
+            if ids.min() < 0 or ids.max() >= vocab:
                 bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-                raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
-        except InvalidRequest as e:
-            _fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            logits = await self._router().score.remote(ids, mask, telemetry.current_traceparent())
-        except ExpertsUnavailable as e:
-            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, str(e))
-        except RayActorError:
-            _fail(grpc_context, grpc.StatusCode.UNAVAILABLE, ROUTER_DIED)
-        return codec.kserve_logits_response(request, self.model_name, np.asarray(logits))
+                raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})")
+            # before any compute: a response over the message limit would be computed only to be dropped
+            codec.check_response_size(request, self.model_name, outputs, batch, tokens, vocab, self.max_message_bytes)
+            async with self.admission.slot():
+                last_only = "logits" not in outputs
+                scored = np.asarray(await self._router().score.remote(ids, mask, telemetry.current_traceparent(),
+                                                                      last_only=last_only))
+            if last_only:
+                arrays = {"last_logits": scored}
+            else:
+                last = scored[np.arange(batch), codec.last_positions(mask, tokens, batch)]
+                arrays = {name: scored if name == "logits" else last for name in outputs}
+            return codec.kserve_response(request, self.model_name, arrays)
+        except _Fail:
+            raise
+        except Exception as e:  # noqa: BLE001 - every error answers from the one table (moeray/serving/errors.py)
+            errors.fail_with(grpc_context, e, request_id)
 
     def _check_model(self, name: str, ctx: RayServegRPCContext) -> None:
-        if name != self.model_name:
-            _fail(ctx, grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served here; this server serves "
-                                                  f"{self.model_name!r}")
+        if name != self.model_name:  # NOT_FOUND
+            errors.fail_with(ctx, errors.ModelNotFound(f"model {errors.clip(name)} is not served here; this server "
+                                                       f"serves {self.model_name!r}"), None)
 
     # -- grpc.health.v1 ----------------------------------------------------------------------------------
-    def Check(self, request) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    async def Check(self, request) -> health_pb2.HealthCheckResponse:
+        serving = await self._serving()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING if serving else
+                                              health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _serving(self) -> bool:
+        """Every expert has a live replica (the controller's view, at most HEALTH_TTL_S old). An unreachable
+        controller (restarting) keeps the last answer: requests never wait on it."""
+        now = time.monotonic()
+        if now - self._health_at > HEALTH_TTL_S:
+            try:
+                self._healthy = (await asyncio.wait_for(self.controller.health.remote(), 2.0))["serving"]
+                self._health_at = now
+            except Exception:  # noqa: BLE001 - a restarting controller
+                pass
+        return self._healthy
 
 
 def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
@@ -303,8 +348,9 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
                   max_ongoing_requests: int = 256, max_queued_requests: int = 256) -> str:
     """Start Serve's proxies and deploy the ingress in front of ``engine``'s routers; returns the model name.
 
-    Admission control: beyond ``max_ongoing_requests`` in flight and ``max_queued_requests`` waiting, Serve's proxy
-    answers RESOURCE_EXHAUSTED at once.
+    Admission control (exact, in the ingress: moeray/serving/admission.py): at most ``max_ongoing_requests``
+    Generate/ModelInfer calls run and ``max_queued_requests`` more wait; the next is answered RESOURCE_EXHAUSTED at
+    once.
 
     NOTE: Ray 2.60's gRPC proxy binds every interface ([::]:port) whatever ``host`` says; ``host`` binds the
     HTTP proxy. Put a firewall or a Kubernetes Service in front when the machine is reachable from outside.
@@ -332,8 +378,9 @@ def engine_state(engine) -> dict:
 
 def _ingress(state: dict, model_name: str | None, max_ongoing: int, max_queued: int):
     env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV)}
-    return Ingress.options(max_ongoing_requests=max_ongoing, max_queued_requests=max_queued).bind(
-        model_name=model_name or state["model_name"], engine_state=state, env=env)
+    return Ingress.options(**serve_limits(max_ongoing, max_queued)).bind(
+        model_name=model_name or state["model_name"], engine_state=state, env=env, max_ongoing=max_ongoing,
+        max_queued=max_queued)
 
 
 class EngineHost:

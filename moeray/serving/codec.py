@@ -5,9 +5,12 @@ Every decoding error is an ``InvalidRequest`` naming the field, the value and th
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 from moeray.request import InvalidRequest, SamplingParams
+from moeray.serving.errors import ResponseTooLarge, clip
 from moeray.serving.gen import generate_pb2, grpc_predict_v2_pb2 as kserve_pb2
 
 FINISH_REASONS = {
@@ -17,6 +20,9 @@ FINISH_REASONS = {
 }
 # KServe v2 datatype -> (numpy dtype, InferTensorContents field)
 _KSERVE_INTS = {"INT64": (np.int64, "int64_contents"), "INT32": (np.int32, "int_contents")}
+KSERVE_INPUTS = ("input_ids", "attention_mask")
+# logits: FP32 [B, T, V], every position; last_logits: FP32 [B, V], each row's last real position (attention_mask)
+KSERVE_OUTPUTS = ("logits", "last_logits")
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
@@ -34,7 +40,7 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
 def _int_tensor(request: kserve_pb2.ModelInferRequest, index: int) -> np.ndarray:
     tensor = request.inputs[index]
     if tensor.datatype not in _KSERVE_INTS:
-        raise InvalidRequest(f"input '{tensor.name}' has datatype {tensor.datatype!r}; expected INT64 (or INT32)")
+        raise InvalidRequest(f"input '{tensor.name}' has datatype {clip(tensor.datatype)}; expected INT64 (or INT32)")
     shape = tuple(int(d) for d in tensor.shape)
     if len(shape) != 2 or min(shape) <= 0:
         raise InvalidRequest(f"input '{tensor.name}' has shape {list(shape)}; expected [batch, tokens], both > 0")
@@ -60,9 +66,14 @@ def _int_tensor(request: kserve_pb2.ModelInferRequest, index: int) -> np.ndarray
 def kserve_inputs(request: kserve_pb2.ModelInferRequest) -> tuple[np.ndarray, np.ndarray | None]:
     """input_ids [B, T] and the optional attention_mask [B, T] of a ModelInfer request."""
     names = [t.name for t in request.inputs]
-    unknown = sorted(set(names) - {"input_ids", "attention_mask"})
+    unknown = [n for n in dict.fromkeys(names) if n not in KSERVE_INPUTS]
     if unknown:
-        raise InvalidRequest(f"unknown inputs {unknown}; expected 'input_ids' and optionally 'attention_mask'")
+        raise InvalidRequest(f"unknown input {clip(unknown[0])}; expected 'input_ids' and optionally "
+                             "'attention_mask'")
+    repeated = [n for n, count in collections.Counter(names).items() if count > 1]
+    if repeated:
+        raise InvalidRequest(f"input '{repeated[0]}' is given {names.count(repeated[0])} times; each input may "
+                             "appear once")
     if "input_ids" not in names:
         raise InvalidRequest("input 'input_ids' (INT64 [batch, tokens]) is required")
     ids = _int_tensor(request, names.index("input_ids"))
@@ -76,10 +87,60 @@ def kserve_inputs(request: kserve_pb2.ModelInferRequest) -> tuple[np.ndarray, np
     return ids, mask
 
 
-def kserve_logits_response(request: kserve_pb2.ModelInferRequest, model_name: str,
-                           logits_BTV: np.ndarray) -> kserve_pb2.ModelInferResponse:
-    logits = np.ascontiguousarray(logits_BTV, dtype="<f4")
+def kserve_outputs(request: kserve_pb2.ModelInferRequest) -> tuple[str, ...]:
+    """The outputs a ModelInfer request asks for, in its order; none named: ``logits`` alone."""
+    names = [o.name for o in request.outputs]
+    unknown = [n for n in dict.fromkeys(names) if n not in KSERVE_OUTPUTS]
+    if unknown:
+        raise InvalidRequest(f"unknown output {clip(unknown[0])}; this model has outputs 'logits' (FP32 "
+                             "[batch, tokens, vocab]) and 'last_logits' (FP32 [batch, vocab])")
+    repeated = [n for n, count in collections.Counter(names).items() if count > 1]
+    if repeated:
+        raise InvalidRequest(f"output '{repeated[0]}' is requested {names.count(repeated[0])} times; request each "
+                             "output once")
+    return tuple(names) or ("logits",)
+
+
+def _output_shapes(outputs, batch: int, tokens: int, vocab: int) -> dict[str, list[int]]:
+    return {name: [batch, tokens, vocab] if name == "logits" else [batch, vocab] for name in outputs}
+
+
+def _response(request, model_name: str, shapes: dict[str, list[int]]) -> kserve_pb2.ModelInferResponse:
     response = kserve_pb2.ModelInferResponse(model_name=model_name, model_version="1", id=request.id)
-    response.outputs.add(name="logits", datatype="FP32", shape=list(logits.shape))
-    response.raw_output_contents.append(logits.tobytes())
+    for name, shape in shapes.items():
+        response.outputs.add(name=name, datatype="FP32", shape=shape)
     return response
+
+
+def check_response_size(request: kserve_pb2.ModelInferRequest, model_name: str, outputs, batch: int, tokens: int,
+                        vocab: int, max_message_bytes: int) -> int:
+    """The serialized size of the response (before computing it); ResponseTooLarge over ``max_message_bytes``."""
+    shapes = _output_shapes(outputs, batch, tokens, vocab)
+    payload = {name: 4 * int(np.prod(shape)) for name, shape in shapes.items()}
+    # each raw_output_contents entry: a tag byte, a varint length (<= 10 bytes), the bytes
+    size = _response(request, model_name, shapes).ByteSize() + sum(11 + n for n in payload.values())
+    if size > max_message_bytes:
+        parts = ", ".join(f"{name} {shapes[name]} FP32 is {n} bytes" for name, n in payload.items())
+        hint = "; request only 'last_logits', or send fewer tokens" if "logits" in outputs else \
+            "; send fewer rows"
+        raise ResponseTooLarge(f"the response would be {size} bytes ({parts}), over the server's "
+                               f"{max_message_bytes}-byte message limit{hint}")
+    return size
+
+
+def kserve_response(request: kserve_pb2.ModelInferRequest, model_name: str,
+                    arrays: dict[str, np.ndarray]) -> kserve_pb2.ModelInferResponse:
+    """A ModelInfer response with each named FP32 output as raw little-endian bytes, in the order given."""
+    arrays = {name: np.ascontiguousarray(a, dtype="<f4") for name, a in arrays.items()}
+    response = _response(request, model_name, {name: list(a.shape) for name, a in arrays.items()})
+    for a in arrays.values():
+        response.raw_output_contents.append(a.tobytes())
+    return response
+
+
+def last_positions(mask_BT: np.ndarray | None, tokens: int, batch: int) -> np.ndarray:
+    """Each row's last real position: the last 1 of its attention mask (right or left padding alike)."""
+    if mask_BT is None:
+        return np.full(batch, tokens - 1)
+    return tokens - 1 - np.argmax(mask_BT[:, ::-1], axis=1)
+

@@ -15,6 +15,7 @@ from ray.cluster_utils import AutoscalingCluster
 
 from conftest import PROMPTS
 from moeray import Engine, EngineConfig, SamplingParams
+from moeray.placement.config import ControllerConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -63,9 +64,10 @@ def test_scale_out_adds_gpu_nodes_and_scale_in_removes_them(autoscaling, checkpo
     ref = oracle("olmoe")
     expected = [ref.greedy(p) for p in PROMPTS]
     sampling = SamplingParams(max_new_tokens=16)
-    # One worker may hold every expert (memory budget), so the engine can shrink back to one.
+    # One worker may hold every expert (memory budget), so the engine can shrink back to one. NOTE: max_workers
+    # is what lets it scale past the GPUs the cluster has now (an autoscaler adds the nodes).
     config = EngineConfig(model=checkpoints["olmoe"], workers=1, use_gpus=True, worker_memory="1MB",
-                          start_timeout_s=180)
+                          start_timeout_s=180, controller=ControllerConfig(max_workers=3))
     with Engine(config) as engine:
         assert gpu_nodes() == 1, "the first worker's GPU request brought up one node"
         assert [r.output_ids for r in engine.generate(PROMPTS, sampling)] == expected

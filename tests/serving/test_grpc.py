@@ -209,6 +209,36 @@ def test_placement_reads_and_admin_auth(server):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "got 0" in err.value.details()
 
 
+def test_policy_allowlist_params_and_scale_bound(server):
+    """Only allowed policies and parameters their function takes; refusals change nothing; ScaleWorkers is bounded
+    by what the cluster holds and answers at once."""
+    stub = placement_pb2_grpc.PlacementServiceStub(server["channel"])
+    admin = [("authorization", f"Bearer {ADMIN_TOKEN}")]
+    before = stub.GetPlacement(placement_pb2.GetPlacementRequest())
+    refused = [(stub.SetPolicy, placement_pb2.SetPolicyRequest(policy="os:getcwd"),
+                ["'os:getcwd' is not allowed", "--allow-policy-module"]),
+               (stub.SetPolicy, placement_pb2.SetPolicyRequest(policy="greedy", params_json='{"bogus": 1}'),
+                ["no parameter 'bogus'", "it accepts: refine, relabel"]),
+               (stub.Rebalance, placement_pb2.RebalanceRequest(policy="migration_aware", params_json='{"bogus": 1}'),
+                ["no parameter 'bogus'", "threshold, target"]),
+               (stub.Rebalance, placement_pb2.RebalanceRequest(params_json='{"refine": "yes"}'),
+                ["'refine' must be bool"])]
+    for call, message, named in refused:
+        with pytest.raises(grpc.RpcError) as err:
+            call(message, metadata=admin, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert all(n in err.value.details() for n in named) and "Traceback" not in err.value.details()
+    after = stub.GetPlacement(placement_pb2.GetPlacementRequest())
+    assert (after.policy, after.epoch) == (before.policy, before.epoch), "a refused call changes nothing"
+    record = stub.Rebalance(placement_pb2.RebalanceRequest(), metadata=admin, timeout=60)  # still works
+    assert record.policy == before.policy and record.epoch == before.epoch + 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ScaleWorkers(placement_pb2.ScaleWorkersRequest(workers=1000), metadata=admin, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "got 1000" in err.value.details()
+    shown = stub.GetPlacement(placement_pb2.GetPlacementRequest())
+    assert len(shown.workers) == 2 and shown.target_workers == 2, "nothing spawned, the target unchanged"
+
+
 def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch, oracle):
     from moeray.cli import main
 
@@ -233,10 +263,12 @@ def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch,
     assert [t for c in _generate(stub, PROMPTS[1]) for t in c.token_ids] == ref.greedy(PROMPTS[1])
     # scale out to 3 workers and back to 2 while serving; outputs never change
     for workers in (3, 2):
-        assert main(["placement", "scale", *target, "--workers", str(workers)]) == 0
-        assert capsys.readouterr().out.startswith(f"{workers} workers, epoch")
+        assert main(["placement", "scale", *target, "--workers", str(workers), "--wait", "120"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"{workers} workers, epoch")
         assert main(["placement", "show", *target, "--json"]) == 0
         shown_now = json.loads(capsys.readouterr().out)
+        assert shown_now["live_workers"] == shown_now["target_workers"] == workers
+        assert shown_now["experts_available"] and shown_now["healing_state"] == "idle"
         assert [w["index"] for w in shown_now["workers"]] == list(range(workers))
         assert sorted(set(sum((per[0] for per in shown_now["experts_per_worker"]), []))) == list(range(8))
         assert [t for c in _generate(stub, PROMPTS[1]) for t in c.token_ids] == ref.greedy(PROMPTS[1])

@@ -35,6 +35,7 @@ class FakeOps:
         self.reports: list[dict] = []
         self.fail_prepare = False
         self.unnoticed_dead: set[int] = set()
+        self.cluster_max, self.spawn_error, self.spawned = None, None, 0
 
     def take_loads(self):
         reports, self.reports = self.reports, []
@@ -43,9 +44,24 @@ class FakeOps:
     def worker_infos(self):
         return self.infos
 
-    def reshape(self, keep, add, epoch):
-        self.calls.append(("reshape", list(keep), add))
-        return [f"node-{i % 2}" for i in range(len(keep) + add)]
+    def dead_workers(self):
+        return []
+
+    def max_workers(self):
+        return self.cluster_max
+
+    def spawn(self, count, epoch, timeout_s):
+        if self.spawn_error:
+            raise TimeoutError(self.spawn_error)
+        self.spawned += count
+        return [f"new-{self.spawned - count + i}" for i in range(count)]
+
+    def stop(self, workers):
+        self.calls.append(("stop", list(workers)))
+
+    def stage(self, keep, new):
+        self.calls.append(("reshape", list(keep), len(new)))
+        return [f"node-{i % 2}" for i in range(len(keep) + len(new))]
 
     def prepare(self, epoch, experts_per_worker, peers_per_worker, skip):
         self.calls.append(("prepare", epoch, experts_per_worker, peers_per_worker, skip))
@@ -215,10 +231,49 @@ def test_restore_replaces_lost_experts_on_live_workers():
     assert not controller.restore([1])["applied"] and controller.plan.epoch == 1
 
 
-def test_restore_fails_clearly_when_live_slots_cannot_hold_every_expert():
-    controller, _ = make(slots=2)  # 4 workers x 2 slots = 8 experts, no room to lose one
-    with pytest.raises(RuntimeError, match=r"cannot restore: 8 experts need 8 slots .* 3 live workers hold 6"):
+def test_restore_starts_a_replacement_when_live_slots_cannot_hold_every_expert():
+    controller, ops = make(slots=2)  # 4 workers x 2 slots = 8 experts, no room to lose one
+    record = controller.restore([2])
+    assert record["applied"] and record["reason"] == "failure: workers [2] lost"
+    assert ops.spawned == 1 and ops.calls[0] == ("reshape", [0, 1, 3], 1)
+    assert controller.plan.num_workers == 4 and (controller.plan.replica_count_LE >= 1).all()
+    assert not controller.dead_workers and controller.experts_available()
+    assert controller.heal() is None, "nothing left to heal"
+
+
+def test_restore_that_cannot_place_a_replacement_fails_clearly_and_heals_later():
+    controller, ops = make(slots=2)
+    ops.spawn_error = "1 new expert workers were not placed within 120s; the cluster has CPU 0 free"
+    with pytest.raises(TimeoutError, match="not placed within 120s"):
         controller.restore([2])
+    assert not controller.experts_available() and controller.healing["state"] == "failed, retrying"
+    assert "not placed" in controller.healing["error"]
+    ops.spawn_error = None  # a node joined
+    record = controller.heal()
+    assert record["applied"] and controller.experts_available() and controller.healing["state"] == "idle"
+
+
+def test_a_loss_the_live_workers_absorb_is_replaced_afterwards():
+    controller, ops = make(ControllerConfig(policy="replicated"), redundant=4, slots=4)
+    assert controller.restore([1])["applied"] and ops.spawned == 0, "restored at once, on the live workers"
+    assert controller.experts_available() and controller.dead_workers == {1}
+    record = controller.heal()  # the controller's loop does this in the background
+    assert record["applied"] and ops.spawned == 1 and controller.plan.num_workers == 4
+    assert not controller.dead_workers and record["reason"] == "replace: workers [1] lost"
+
+
+def test_request_scale_is_bounded_and_answers_at_once():
+    controller, ops = make(ControllerConfig(policy="replicated", max_workers=6), redundant=4, slots=4)
+    with pytest.raises(ValueError, match=r"workers must lie in \[1, 6\]; got 1000"):
+        controller.request_scale(1000)
+    ops.cluster_max = 5
+    assert controller.request_scale(6)["target"] == 6, "max_workers is set: an autoscaler adds what is missing"
+    controller.config = ControllerConfig(policy="replicated")
+    with pytest.raises(ValueError, match=r"workers must lie in \[1, 5\] \(what the cluster's resources hold"):
+        controller.request_scale(6)
+    assert controller.request_scale(5) == {"target": 5, "epoch": 0, "accepted": True}
+    assert ops.calls == [] and controller.plan.num_workers == 4, "nothing happens until the loop heals"
+    assert controller.heal()["workers"] == 5 and controller.plan.num_workers == 5
 
 
 def test_scale_out_and_in_keeps_every_expert_and_drains_the_leavers():

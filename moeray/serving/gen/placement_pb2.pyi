@@ -34,7 +34,7 @@ class GetPlacementRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetPlacementResponse(_message.Message):
-    __slots__ = ("epoch", "policy", "layers", "workers", "slots_per_worker", "redundant_slots", "rebalances")
+    __slots__ = ("epoch", "policy", "layers", "workers", "slots_per_worker", "redundant_slots", "rebalances", "target_workers", "live_workers", "healing_state", "healing_error", "experts_available")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,11 @@ class GetPlacementResponse(_message.Message):
     SLOTS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
     REDUNDANT_SLOTS_FIELD_NUMBER: _ClassVar[int]
     REBALANCES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    HEALING_STATE_FIELD_NUMBER: _ClassVar[int]
+    HEALING_ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     policy: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
@@ -49,7 +54,12 @@ class GetPlacementResponse(_message.Message):
     slots_per_worker: int
     redundant_slots: int
     rebalances: int
-    def __init__(self, epoch: _Optional[int] = ..., policy: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., slots_per_worker: _Optional[int] = ..., redundant_slots: _Optional[int] = ..., rebalances: _Optional[int] = ...) -> None: ...
+    target_workers: int
+    live_workers: int
+    healing_state: str
+    healing_error: str
+    experts_available: bool
+    def __init__(self, epoch: _Optional[int] = ..., policy: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., slots_per_worker: _Optional[int] = ..., redundant_slots: _Optional[int] = ..., rebalances: _Optional[int] = ..., target_workers: _Optional[int] = ..., live_workers: _Optional[int] = ..., healing_state: _Optional[str] = ..., healing_error: _Optional[str] = ..., experts_available: bool = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ("top_tokens",)

@@ -80,14 +80,17 @@ class PlacementServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Rebalance(self, request, context):
-        """Compute a new plan with the active policy and (unless dry_run) switch to it. Needs the admin token.
+        """Compute a new plan with the active policy and (unless dry_run) switch to it. Needs the admin token. A policy
+        that is not allowed, or parameters its function does not take, answer INVALID_ARGUMENT and change nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetPolicy(self, request, context):
-        """Choose the placement policy and its parameters. Needs the admin token.
+        """Choose the placement policy and its parameters. Needs the admin token. Allowed: the built-ins, the policy the
+        server started with, and functions in the modules allowed at startup (moeray serve --allow-policy-module);
+        anything else, or parameters the function does not take, answer INVALID_ARGUMENT and keep the policy in force.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,7 +98,9 @@ class PlacementServiceServicer(object):
 
     def ScaleWorkers(self, request, context):
         """Add or remove expert workers while requests flow (new ones load slots from peers; leaving ones are drained
-        first). Needs the admin token.
+        first). Needs the admin token. Answers as soon as the target is accepted; the change runs in the background
+        (GetPlacement shows its progress). A target outside [min_workers, max_workers], beyond what the cluster's
+        resources hold, or too small for the experts answers INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,115 @@
+"""Exceptions -> gRPC status codes: the one table the ingress answers errors from.
+
+A client gets one line naming the cause, the value and the limit; never a traceback, a pid, an IP, an actor id or a
+path (Ray's wrapped exceptions carry all of those: they are unwrapped to the original exception first, and what is
+not in the table is logged here with its traceback and the request id, and answered INTERNAL with just that id).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import grpc
+from ray import exceptions as ray_errors
+
+from moeray import telemetry
+from moeray.request import DuplicateRequestId, InvalidRequest, new_request_id
+from moeray.router.dispatch import ExpertsUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_DETAILS_CHARS = 1024
+ROUTER_DIED = "the router running this request failed and is restarting; the request can be retried"
+BACKEND_LOST = "a process serving this request was lost; the request can be retried"
+
+
+class AdmissionFull(Exception):
+    """As many requests as admission control allows are in flight and waiting."""
+
+
+class ResponseTooLarge(Exception):
+    """The response would exceed the server's gRPC message size limit."""
+
+
+class ModelNotFound(Exception):
+    """The request names a model this server does not serve."""
+
+
+class Fail(Exception):
+    """Raised after the status is set on the gRPC context: Serve's proxy answers with that status."""
+
+
+# First match wins (DuplicateRequestId is an InvalidRequest). A message of None: a fixed one, never str(exc).
+STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode, str | None]] = [
+    (DuplicateRequestId, grpc.StatusCode.ALREADY_EXISTS, None),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, None),
+    (AdmissionFull, grpc.StatusCode.RESOURCE_EXHAUSTED, None),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, None),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND, None),
+    (ExpertsUnavailable, grpc.StatusCode.UNAVAILABLE, None),
+    (ray_errors.RayActorError, grpc.StatusCode.UNAVAILABLE, ROUTER_DIED),  # also ActorDied/ActorUnavailable
+    (ray_errors.WorkerCrashedError, grpc.StatusCode.UNAVAILABLE, BACKEND_LOST),
+    (ray_errors.ObjectLostError, grpc.StatusCode.UNAVAILABLE, BACKEND_LOST),
+    (ray_errors.NodeDiedError, grpc.StatusCode.UNAVAILABLE, BACKEND_LOST),
+]
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception an actor raised, out of Ray's RayTaskError wrappers (nested when it crossed several actors)."""
+    seen = 0
+    while isinstance(exc, ray_errors.RayTaskError) and seen < 16:
+        cause = getattr(exc, "cause", None)
+        if cause is None or cause is exc:
+            break
+        exc, seen = cause, seen + 1
+    return exc
+
+
+def one_line(text: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters."""
+    text = " ".join(_ANSI.sub("", str(text)).split())
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(value: str, limit: int = 64) -> str:
+    """A client-supplied string for an error message: repr'd (one line) and cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 4]}...' ({len(value)} characters)"
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """(code, one-line message) for an exception in the table (after unwrapping Ray's wrappers); else None."""
+    exc = unwrap(exc)
+    for kind, code, fixed in STATUS_TABLE:
+        if isinstance(exc, kind):
+            if isinstance(exc, ray_errors.RayTaskError):  # a wrapper whose cause did not survive: never its text
+                return None
+            return code, one_line(fixed if fixed else str(exc))
+    return None
+
+
+def fail(ctx, code: grpc.StatusCode, message: str):
+    """Answer ``code`` with ``message`` (made one line) and stop the handler."""
+    message = one_line(message)
+    telemetry.rejected(code)
+    ctx.set_code(code)
+    ctx.set_details(message)
+    raise Fail(message)
+
+
+def fail_with(ctx, exc: BaseException, request_id: str | None):
+    """Answer the status the table gives ``exc``; anything else is logged with its traceback and the request id
+    and answered INTERNAL with a generic message naming that id."""
+    status = status_of(exc)
+    request_id = request_id or new_request_id()  # an error before the request had one: this one names it in the log
+    if status is None:
+        log.error("request %s failed unexpectedly", request_id, exc_info=exc)
+        fail(ctx, grpc.StatusCode.INTERNAL, f"internal error serving request {request_id}; the server log has the "
+                                            "details")
+    code, message = status
+    if code == grpc.StatusCode.UNAVAILABLE:  # the backend's side: worth a line in the server log
+        log.warning("request %s: %s (%s)", request_id, message, type(unwrap(exc)).__name__, exc_info=exc)
+    fail(ctx, code, message)
