@@ -37,13 +37,19 @@ def test_demo_checkpoint_text_prompt_and_bad_input(tmp_path):
                    env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert line["prompt_ids"] == [3 + b for b in b"Hello, experts"]  # byte-level tokenizer: id = 3 + byte
-    ids = line["output_ids"]
-    assert len(ids) == 4 or (ids and ids[-1] == 2), ids  # max_new_tokens, unless it stopped at EOS (id 2)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
-    assert line["text"] == AutoTokenizer.from_pretrained(tmp_path / "demo-v1").decode(ids)
+    from moeray.model.demo import DEMO_VERSION, demo_corpus
+
+    path = tmp_path / f"demo-{DEMO_VERSION}"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert line["prompt_ids"] == tokenizer("Hello, experts", add_special_tokens=False)["input_ids"]  # byte-level BPE
+    ids = line["output_ids"]
+    eos = GenerationConfig.from_pretrained(path).eos_token_id
+    assert len(ids) == 4 or (ids and ids[-1] in eos), ids  # max_new_tokens, unless it stopped at EOS
+    assert line["text"] == tokenizer.decode(ids)
+    assert "Hello, experts" + line["text"] in demo_corpus()  # the trained demo speaks its corpus
     # Bad input: a clear message naming the value and the limit, exit status 2, nothing on stdout.
     proc = _moeray("generate", "--prompt-ids", "1,2,999", "--workers", "1", "--json", env=env)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert "token id 999 is outside the vocabulary [0, 259)" in proc.stderr
+    assert f"token id 999 is outside the vocabulary [0, {len(tokenizer)})" in proc.stderr
