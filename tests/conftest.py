@@ -58,6 +58,18 @@ def checkpoints(tmp_path_factory):
     return _Lazy()
 
 
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """A MOERAY_HOME holding the demo checkpoint, built once per session (training it takes ~25 s)."""
+    from moeray.model import demo
+
+    home = tmp_path_factory.mktemp("moeray-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOERAY_HOME", str(home))
+        demo.ensure_demo_checkpoint()
+    return home
+
+
 class Oracle:
     """transformers running a checkpoint in this process: the correctness reference."""
 

@@ -31,8 +31,8 @@ def test_generate_json_matches_transformers(checkpoints, oracle):
     assert "total_params" in proc.stderr  # memory accounting is reported while serving
 
 
-def test_demo_checkpoint_text_prompt_and_bad_input(tmp_path):
-    env = {"MOERAY_HOME": str(tmp_path)}
+def test_demo_checkpoint_text_prompt_and_bad_input(demo_home):
+    env = {"MOERAY_HOME": str(demo_home)}
     proc = _moeray("generate", "--prompt", "Hello, experts", "--max-new-tokens", "4", "--workers", "1", "--json",
                    env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,7 +41,7 @@ def test_demo_checkpoint_text_prompt_and_bad_input(tmp_path):
 
     from moeray.model.demo import DEMO_VERSION, demo_corpus
 
-    path = tmp_path / f"demo-{DEMO_VERSION}"
+    path = demo_home / f"demo-{DEMO_VERSION}"
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert line["prompt_ids"] == tokenizer("Hello, experts", add_special_tokens=False)["input_ids"]  # byte-level BPE
     ids = line["output_ids"]

@@ -15,14 +15,13 @@ FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenize
 
 
 @pytest.fixture(scope="session")
-def demo_builds(tmp_path_factory):
-    """The demo checkpoint built twice, each by ensure_demo_checkpoint() in its own MOERAY_HOME (~25 s each)."""
-    dirs = []
-    for name in ("home-a", "home-b"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MOERAY_HOME", str(tmp_path_factory.mktemp(name)))
-            dirs.append(demo.ensure_demo_checkpoint())
-    return dirs
+def demo_builds(demo_home, tmp_path_factory):
+    """The demo checkpoint built twice, each by ensure_demo_checkpoint() in its own MOERAY_HOME (~25 s each); the
+    first is the session's shared one (conftest.demo_home)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOERAY_HOME", str(tmp_path_factory.mktemp("home-b")))
+        second = demo.ensure_demo_checkpoint()
+    return [demo_home / f"demo-{demo.DEMO_VERSION}", second]
 
 
 @pytest.fixture(scope="session")
