@@ -5,6 +5,10 @@
   workers hold their experts packed this way (``PackedExpertWeights``).
 - ``rows_matmul``: 1-8 rows (longer ones in chunks) through weights in the canonical ``[M, K]`` layout, a
   dot-product kernel: 1.2-2x MKL there.
+- ``quantized_rows_matmul`` / ``quantized_panels_matmul``: both kinds of kernel on FP8 / MXFP4 weights as
+  checkpoints store them (``kernels/quantized.py``), dequantized inside: in registers for a few rows (a dot-product
+  kernel), 16 weight rows at a time into an L2-resident panel for more (the panel micro-kernel). No float32 copy
+  of an expert is written.
 
 Built on first use with the system's C compiler into a per-user cache (``MOERAY_KERNEL_CACHE``), into a temporary
 file first and then renamed, so several workers starting at once do not race; loaded with ctypes, which releases
@@ -27,6 +31,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from moeray.kernels.quantized import FP8, MXFP4_BLOCK, ExpertQuant
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,13 @@ def _library() -> ctypes.CDLL | None:
     lib.panels_gemm_f32.restype = ctypes.c_int
     lib.panels_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
                                     ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    p, n = ctypes.c_void_p, ctypes.c_long
+    for name in ("fp8_rows_gemm", "fp8_panels_gemm"):  # q, K, scale, BN, BK, x, ldx, y, ldy, n, M, threads
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = [p, n, p, n, n, p, n, p, n, n, n, ctypes.c_int]
+    for name in ("mxfp4_rows_gemm", "mxfp4_panels_gemm"):  # q, e8m0, K, x, ldx, y, ldy, n, M, threads
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = [p, p, n, p, n, p, n, n, n, ctypes.c_int]
     return lib
 
 
@@ -138,4 +151,57 @@ def panels_matmul(x_nK: torch.Tensor, panels_PK16: torch.Tensor, m: int, out_nM:
                          f"out {tuple(out_nM.shape)} do not fit together")
     lib.panels_gemm_f32(panels_PK16.data_ptr(), m, k, x_nK.data_ptr(), x_nK.stride(0), out_nM.data_ptr(),
                         out_nM.stride(0), n, torch.get_num_threads())
+    return out_nM
+
+
+def _quantized_kernel(kind: str, x_nK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: ExpertQuant,
+                      out_nM: torch.Tensor):
+    """Check one projection's quantized weights (``q``, ``scale`` as QuantizedExpertWeights holds one slot's)
+    against x and out; return ``run(row, rows)``, which computes ``rows`` rows of out from ``row`` on."""
+    name = f"quantized_{kind}_matmul"
+    lib = _checked_library(name, (x_nK, out_nM), (2, 2))
+    (n, k), m = x_nK.shape, out_nM.shape[1]
+    fp8 = quant.format == FP8
+    want = {"q": (quant.weight_shape(m, k), torch.float8_e4m3fn if fp8 else torch.uint8),
+            "scale": (quant.scale_shape(m, k), torch.float32 if fp8 else torch.uint8)}
+    for label, t in (("q", q), ("scale", scale)):
+        shape, dtype = want[label]
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name}: {label} is {t.dtype} {tuple(t.shape)} on {t.device} (contiguous: "
+                             f"{t.is_contiguous()}); x {tuple(x_nK.shape)} and out {tuple(out_nM.shape)} need it "
+                             f"{dtype} {shape}, contiguous, on the CPU")
+    if out_nM.shape[0] != n:
+        raise ValueError(f"{name}: x {tuple(x_nK.shape)} and out {tuple(out_nM.shape)} do not fit together")
+    if not fp8 and k % MXFP4_BLOCK:
+        raise ValueError(f"{name}: mxfp4 needs K to be a multiple of {MXFP4_BLOCK}; got {k}")
+    fn = getattr(lib, f"{quant.format}_{kind}_gemm")
+    head = (q.data_ptr(), k, scale.data_ptr(), *quant.block) if fp8 else (q.data_ptr(), scale.data_ptr(), k)
+
+    def run(row: int, rows: int) -> None:
+        status = fn(*head, x_nK[row].data_ptr(), x_nK.stride(0), out_nM[row].data_ptr(), out_nM.stride(0), rows, m,
+                    torch.get_num_threads())
+        if status == -2:
+            raise MemoryError(f"{name}: the kernel could not allocate its buffers")
+        if status != 0:
+            raise RuntimeError(f"{name}: the kernel refused its arguments (status {status})")
+
+    return run
+
+
+def quantized_rows_matmul(x_nK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: ExpertQuant,
+                          out_nM: torch.Tensor) -> torch.Tensor:
+    """out_nM = x_nK @ W.T for one projection's quantized weights, decoded in registers (``fp8_rows_gemm``,
+    ``mxfp4_rows_gemm``); any n, in chunks of MAX_ROWS that each decode W again."""
+    run = _quantized_kernel("rows", x_nK, q, scale, quant, out_nM)
+    for start in range(0, x_nK.shape[0], MAX_ROWS):
+        run(start, min(MAX_ROWS, x_nK.shape[0] - start))
+    return out_nM
+
+
+def quantized_panels_matmul(x_nK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: ExpertQuant,
+                            out_nM: torch.Tensor) -> torch.Tensor:
+    """out_nM = x_nK @ W.T for one projection's quantized weights, dequantized 16 rows at a time into a panel
+    that every row of x passes over (``fp8_panels_gemm``, ``mxfp4_panels_gemm``); any n."""
+    if x_nK.shape[0]:
+        _quantized_kernel("panels", x_nK, q, scale, quant, out_nM)(0, x_nK.shape[0])
     return out_nM

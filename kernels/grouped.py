@@ -9,7 +9,9 @@ Two implementations share this interface:
 - ``grouped_experts_torch``: sort pairs by slot once, one GEMM pair per slot that has tokens (the CPU path). On
   ``PackedExpertWeights`` (experts in 16-row panels, as CPU workers hold them) every slot runs through the panel
   kernel; on ``ExpertWeights`` small segments use the rows kernel and the rest BLAS (cpu_rows.py, rows_gemm.c).
-  On ``QuantizedExpertWeights`` (FP8 / MXFP4 experts) each slot that has rows is dequantized into a reused
+  On ``QuantizedExpertWeights`` (FP8 / MXFP4 experts), float32 where the C kernels run, every slot goes through
+  kernels that dequantize inside (in registers for a few rows, 16 weight rows at a time into L2 for more), so no
+  float32 expert is written; elsewhere (bfloat16, no compiler) each slot that has rows is dequantized into a reused
   per-thread buffer, then runs as above.
 - ``reference_experts``: the naive per-pair loop, the ground truth in tests.
 """
@@ -193,8 +195,15 @@ def check_inputs(
 #   so each slot's rows are padded to ``padded_rows(count)`` (zero rows, weight 0), the padding tiling needs.
 # - Up to KERNEL_ROWS rows, float32 on an AVX2 CPU, the rows kernel (cpu_rows.py) beats both: 1.2-2x MKL's
 #   weight-major GEMM at 1-8 rows, in chunks of 8 up to 12. Its output is token-major, so nothing is transposed.
+# - Quantized experts (float32 on an AVX2 CPU) never expand a whole expert: up to QUANT_KERNEL_ROWS rows the rows
+#   kernels decode the weights in registers, above the panel kernels dequantize 16 rows at a time into L2 (see
+#   _quantized_rows). Per slot, 2 threads, rows kernels vs panel kernels at 8/12/16/24 rows: FP8 0.78/1.13/1.45/2.05
+#   vs 1.10/1.23/1.44/1.83 ms (H=1024, I=2048), 0.59/0.86/1.14/1.67 vs 0.81/0.90/1.05/1.28 (I=1408); MXFP4
+#   0.60/0.91/1.19/1.84 vs 0.97/1.09/1.27/1.74, 0.47/0.69/0.93/1.35 vs 0.73/0.78/0.92/1.18. Past 8 rows the rows
+#   kernels decode the weights once per 8 rows; the panel kernels dequantize once and run float32 panels.
 TOKEN_MAJOR_ROWS = 256
 KERNEL_ROWS = 12
+QUANT_KERNEL_ROWS = 12
 
 
 def padded_rows(count: int, rows_kernel: bool = False) -> int:
@@ -246,7 +255,8 @@ def grouped_experts_torch(
     counts = torch.bincount(pair_slot_N, minlength=weights.num_slots).tolist()
     packed = isinstance(weights, PackedExpertWeights)
     rows_kernel = not packed and x_TH.dtype == torch.float32 and x_TH.device.type == "cpu" and cpu_rows.available()
-    padded = counts if packed else [padded_rows(c, rows_kernel) for c in counts]
+    quantized_kernels = rows_kernel and isinstance(weights, QuantizedExpertWeights)
+    padded = counts if packed or quantized_kernels else [padded_rows(c, rows_kernel) for c in counts]
     token_P, weight_P, pad_rows = _padded_layout(pair_token_N[order_N], pair_weight_N[order_N], counts, padded)
     x_PH = torch.index_select(x_TH, 0, token_P, out=_WORKSPACE.get("x", len(token_P), x_TH.shape[1], x_TH))
     if pad_rows is not None:
@@ -262,6 +272,8 @@ def grouped_experts_torch(
         start += rows
         if packed:
             _panel_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation)
+        elif quantized_kernels:
+            _quantized_rows(x_PH[seg], out_PH[seg], weight_P1[seg], slot, weights, activation)
         else:
             _slot_rows(x_PH[seg], out_PH[seg], weight_P1[seg], _slot_tensors(weights, slot), activation,
                        weights.interleaved, rows_kernel)
@@ -294,6 +306,23 @@ def _panel_rows(x_nH, out_nH, weight_n1, slot, weights: PackedExpertWeights, act
         gate_up_n2I += weights.b_gate_up_S2I[slot]
     h_nI = activation(gate_up_n2I, weights.interleaved).contiguous()
     cpu_rows.panels_matmul(h_nI, weights.down_panels[slot], weights.hidden, out_nH)
+    if weights.b_down_SH is not None:
+        out_nH += weights.b_down_SH[slot]
+    out_nH.mul_(weight_n1)
+
+
+def _quantized_rows(x_nH, out_nH, weight_n1, slot, weights: QuantizedExpertWeights,
+                    activation: GatedActivation) -> None:
+    """out_nH = weight_n1 * down(act(gate_up(x_nH))) through one quantized slot, dequantized inside the C kernels:
+    in registers up to QUANT_KERNEL_ROWS rows, one 16-row panel at a time above."""
+    matmul = cpu_rows.quantized_rows_matmul if len(x_nH) <= QUANT_KERNEL_ROWS else cpu_rows.quantized_panels_matmul
+    two_i, quant = 2 * weights.intermediate, weights.quant
+    gate_up_n2I = matmul(x_nH, weights.q_gate_up[slot], weights.s_gate_up[slot], quant,
+                         x_nH.new_empty(len(x_nH), two_i))
+    if weights.b_gate_up_S2I is not None:
+        gate_up_n2I += weights.b_gate_up_S2I[slot]
+    h_nI = activation(gate_up_n2I, weights.interleaved).contiguous()
+    matmul(h_nI, weights.q_down[slot], weights.s_down[slot], quant, out_nH)
     if weights.b_down_SH is not None:
         out_nH += weights.b_down_SH[slot]
     out_nH.mul_(weight_n1)

@@ -1,5 +1,6 @@
 // Expert GEMMs for x86-64 CPUs with AVX2 + FMA, built and loaded by cpu_rows.py. Two kernels: rows_gemm_f32 (a few
-// rows, canonical weights) and panels_gemm_f32 (any rows, weights packed in panels), below.
+// rows, canonical weights) and panels_gemm_f32 (any rows, weights packed in panels), below; then both again on FP8 /
+// MXFP4 weights, dequantized inside (fp8_/mxfp4_rows_gemm, fp8_/mxfp4_panels_gemm), at the end.
 //
 // A few rows through one weight matrix, for decode-sized expert batches:
 //     y[j, m] = sum_k W[m, k] * x[j, k]      for j < n <= 8, m < M
@@ -139,4 +140,315 @@ int panels_gemm_f32(const float *Wp, long M, long K, const float *x, long ldx, f
         panel_rows(Wp + p * K * 16, K, x, ldx, y + p * 16, ldy, n, cols);
     }
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Quantized weights (QuantizedExpertWeights, kernels/quantized.py), dequantized inside the kernels:
+//     y[j, m] = sum_k w[m, k] * x[j, k],      w[m, k] = value(q[m, k]) * scale[m / BN, k / BK]
+// FP8: q float8_e4m3fn bytes [M, K], scale float32 [ceil(M/BN), ceil(K/BK)] (edge blocks may be partial). MXFP4:
+// q [M, K/2], two e2m1 nibbles a byte (the low one is the even column), scale one e8m0 exponent byte per row and
+// 32 columns, [M, K/32]. Why: at decode sizes a layer is bound by reading its weights, and a quarter (FP8) or an
+// eighth (MXFP4) of float32's bytes only pays if no float32 copy of the weights is written and read back.
+// - fp8_rows_gemm / mxfp4_rows_gemm: 1-8 rows of x, a dot-product kernel like rows_gemm_f32: each weight vector is
+//   decoded once, in registers, and used for every row of x. A K block's products accumulate unscaled; the block's
+//   sum is then multiplied by its scale into the total (one FMA per block and row of x).
+// - fp8_panels_gemm / mxfp4_panels_gemm: any rows: each thread dequantizes 16 weight rows at a time into one panel
+//   (pack_panels' [K, 16] layout, held in L2) and runs every row of x over it with panels_gemm_f32's micro-kernel;
+//   the weights are decoded once per call however many rows x has, and no float32 expert is written to memory.
+#include <stdlib.h>
+
+// 8 float8_e4m3fn bytes -> 8 floats equal to value * 2^-120, exactly: sign-extended to 32 bits and shifted left by
+// 20, a byte's 4 exponent bits land in the low 4 of float32's 8 and its 3 mantissa bits on top of float32's 23; the
+// AND keeps those and one copy of the sign. float32's exponent bias (127) is e4m3's (7) plus 120, and e4m3's
+// subnormals become float32 subnormals with the same factor. NaN (0x7F, 0xFF) decodes as 480 (checkpoints do not
+// store it). NOTE: with denormals-are-zero set (torch.set_flush_denormal(True)) e4m3 subnormals, |v| < 2^-6, read 0.
+static inline __m256 fp8x8(const unsigned char *q) {
+    __m256i d = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(d, 20), _mm256_set1_epi32((int)0x87F00000)));
+}
+
+static inline float fp8_value(unsigned char b) {  // exact, for tails
+    int e = (b >> 3) & 15, m = b & 7;
+    float v = e ? (float)(8 + m) * (float)(1 << e) / 1024.0f : (float)m / 512.0f;
+    return b & 0x80 ? -v : v;
+}
+
+// The rows kernel multiplies by x * 2^64 (a copy, exact), so that the products of the 2^-120-scaled weights stay
+// clear of float32's subnormal range (where they would lose precision), and folds 2^56 into each block's scale.
+#define FP8_X_SCALE 0x1p64f
+#define FP8_BLOCK_SCALE 0x1p56f
+
+static inline __attribute__((always_inline)) void fp8_row(const unsigned char *q, long K, const float *srow, long BK,
+                                                          const float *x, long ldx, float *y, long ldy, const int N) {
+    __m256 tot[8], acc[8];
+    float tail[8];
+    for (int j = 0; j < N; j++) { tot[j] = _mm256_setzero_ps(); tail[j] = 0.0f; }
+    for (long k0 = 0, kb = 0; k0 < K; k0 += BK, kb++) {
+        long k1 = k0 + BK < K ? k0 + BK : K, k = k0;
+        for (int j = 0; j < N; j++) acc[j] = _mm256_setzero_ps();
+        if (N <= 2) {  // two chains of FMAs per row of x: one chain's latency held 1-2 rows at ~60% of the rate
+            __m256 acc2[2];
+            for (int j = 0; j < N; j++) acc2[j] = _mm256_setzero_ps();
+            for (; k + 16 <= k1; k += 16) {
+                __m256 w = fp8x8(q + k), w2 = fp8x8(q + k + 8);
+                for (int j = 0; j < N; j++) {
+                    acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + j * ldx + k), acc[j]);
+                    acc2[j] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + j * ldx + k + 8), acc2[j]);
+                }
+            }
+            for (int j = 0; j < N; j++) acc[j] = _mm256_add_ps(acc[j], acc2[j]);
+        }
+        for (; k + 8 <= k1; k += 8) {
+            __m256 w = fp8x8(q + k);
+            for (int j = 0; j < N; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + j * ldx + k), acc[j]);
+        }
+        __m256 sv = _mm256_set1_ps(srow[kb] * FP8_BLOCK_SCALE);
+        for (int j = 0; j < N; j++) tot[j] = _mm256_fmadd_ps(acc[j], sv, tot[j]);
+        for (; k < k1; k++)  // the last columns of a block when BK or K is not a multiple of 8
+            for (int j = 0; j < N; j++) tail[j] += fp8_value(q[k]) * srow[kb] * (x[j * ldx + k] / FP8_X_SCALE);
+    }
+    for (int j = 0; j < N; j++) y[j * ldy] = hsum(tot[j]) + tail[j];
+}
+
+#define FOR_ROWS(CALL)                                                                                        \
+    switch (n) {                                                                                              \
+    case 1: for (long m = m0; m < m1; m++) CALL(1); break;                                                    \
+    case 2: for (long m = m0; m < m1; m++) CALL(2); break;                                                    \
+    case 3: for (long m = m0; m < m1; m++) CALL(3); break;                                                    \
+    case 4: for (long m = m0; m < m1; m++) CALL(4); break;                                                    \
+    case 5: for (long m = m0; m < m1; m++) CALL(5); break;                                                    \
+    case 6: for (long m = m0; m < m1; m++) CALL(6); break;                                                    \
+    case 7: for (long m = m0; m < m1; m++) CALL(7); break;                                                    \
+    default: for (long m = m0; m < m1; m++) CALL(8); break;                                                   \
+    }
+
+static void fp8_rows_range(const unsigned char *q, long K, const float *scale, long BN, long BK, const float *x,
+                           long ldx, float *y, long ldy, long n, long m0, long m1) {
+    long SK = (K + BK - 1) / BK;
+#define FP8_CALL(N) fp8_row(q + m * K, K, scale + m / BN * SK, BK, x, ldx, y + m, ldy, N)
+    FOR_ROWS(FP8_CALL)
+#undef FP8_CALL
+}
+
+// MXFP4: 32 bytes (two 32-column blocks, 64 values) -> 8 vectors of twice the e2m1 values (integers in [-12, 12],
+// from a 16-entry byte table, vpshufb), each byte sign-extended in place from its 32-bit lane by shifts (cheaper
+// than widening 8 bytes at a time, which competes with the table lookups for the shuffle unit). Vector v, lane d
+// holds column 8 * (d % 4) + v of block d / 4: the caller permutes x to that order (mxfp4_permute_x), so that
+// the two blocks' scales apply per 128-bit half.
+static inline __attribute__((always_inline)) void mxfp4x64(const unsigned char *q, __m256 w[8]) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
+                                         0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i b = _mm256_loadu_si256((const __m256i *)q);
+    __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(b, low4));
+    __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+    w[0] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 24), 24));
+    w[1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 24), 24));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 16), 24));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 16), 24));
+    w[4] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(lo, 8), 24));
+    w[5] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(hi, 8), 24));
+    w[6] = _mm256_cvtepi32_ps(_mm256_srai_epi32(lo, 24));
+    w[7] = _mm256_cvtepi32_ps(_mm256_srai_epi32(hi, 24));
+}
+
+// 16 bytes (one block) -> 4 vectors of twice the e2m1 values in column order (odd block counts' last block, and
+// the panel dequantizer).
+static inline __attribute__((always_inline)) void mxfp4x32(const unsigned char *q, __m256 w[4]) {
+    const __m128i lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i *)q);
+    __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, low4));
+    __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), low4));
+    __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);  // columns 0-15, 16-31
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c0));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(c0, c0)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c1));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(c1, c1)));
+}
+
+// e8m0 byte e -> 2^(e - 128): the block scale 2^(e - 127) halved for the doubled table values, exactly. e >= 2 puts
+// e - 1 in float32's exponent field; 2^-127 (e = 1) and 2^-128 (e = 0) are float32 subnormals, written as their
+// bit patterns (shifting e into the exponent field would give 0 for e = 0 and 2^-126 for e = 1).
+static inline float e8m0_half(unsigned char e) {
+    union { unsigned u; float f; } v = {.u = e >= 2 ? (unsigned)(e - 1) << 23 : 0x200000u << e};
+    return v.f;
+}
+
+static inline __attribute__((always_inline)) void mxfp4_row(const unsigned char *q, const unsigned char *e, long K,
+                                                            const float *x, long ldx, float *y, long ldy,
+                                                            const int N) {
+    __m256 tot[8], acc[8];
+    for (int j = 0; j < N; j++) tot[j] = _mm256_setzero_ps();
+    long blocks = K / 32, kb = 0;
+    for (; kb + 2 <= blocks; kb += 2) {
+        __m256 w[8], sv = _mm256_setr_m128(_mm_set1_ps(e8m0_half(e[kb])), _mm_set1_ps(e8m0_half(e[kb + 1])));
+        mxfp4x64(q + kb * 16, w);
+        for (int j = 0; j < N; j++) {
+            const float *xk = x + j * ldx + kb * 32;
+            acc[j] = _mm256_mul_ps(w[0], _mm256_loadu_ps(xk));
+            for (int i = 1; i < 8; i++) acc[j] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xk + 8 * i), acc[j]);
+            tot[j] = _mm256_fmadd_ps(acc[j], sv, tot[j]);
+        }
+    }
+    if (kb < blocks) {
+        __m256 w[4], sv = _mm256_set1_ps(e8m0_half(e[kb]));
+        mxfp4x32(q + kb * 16, w);
+        for (int j = 0; j < N; j++) {
+            const float *xk = x + j * ldx + kb * 32;
+            acc[j] = _mm256_mul_ps(w[0], _mm256_loadu_ps(xk));
+            for (int i = 1; i < 4; i++) acc[j] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xk + 8 * i), acc[j]);
+            tot[j] = _mm256_fmadd_ps(acc[j], sv, tot[j]);
+        }
+    }
+    for (int j = 0; j < N; j++) y[j * ldy] = hsum(tot[j]);
+}
+
+static void mxfp4_rows_range(const unsigned char *q, const unsigned char *e, long K, const float *x, long ldx,
+                             float *y, long ldy, long n, long m0, long m1) {
+#define MXFP4_CALL(N) mxfp4_row(q + m * (K / 2), e + m * (K / 32), K, x, ldx, y + m, ldy, N)
+    FOR_ROWS(MXFP4_CALL)
+#undef MXFP4_CALL
+}
+
+// The rows kernels' copy of x ([n, K], contiguous): scaled by 2^64 for FP8; for MXFP4 each pair of blocks (64
+// columns) permuted to mxfp4x64's order, a last odd block left in column order.
+static float *rows_x_copy(const float *x, long ldx, long n, long K, int mxfp4) {
+    float *xc = malloc(sizeof(float) * n * K);
+    if (xc == NULL) return NULL;
+    for (long j = 0; j < n; j++) {
+        const float *xj = x + j * ldx;
+        float *out = xc + j * K;
+        long k = 0;
+        if (mxfp4)
+            for (; k + 64 <= K; k += 64)
+                for (int v = 0; v < 8; v++)
+                    for (int d = 0; d < 8; d++) out[k + 8 * v + d] = xj[k + 32 * (d / 4) + 8 * (d % 4) + v];
+        for (; k < K; k++) out[k] = mxfp4 ? xj[k] : xj[k] * FP8_X_SCALE;
+    }
+    return xc;
+}
+
+// Both rows kernels: rows of W split over `threads` threads in whole 8-row pieces, as in rows_gemm_f32. Returns 0,
+// -1 for arguments they do not handle, -2 when out of memory.
+static int quant_rows(int mxfp4, const unsigned char *q, const void *scale, long BN, long BK, long K,
+                      const float *x, long ldx, float *y, long ldy, long n, long M, int threads) {
+    if (n < 1 || n > 8 || BN < 1 || BK < 1 || (mxfp4 && K % 32)) return -1;
+    float *xc = rows_x_copy(x, ldx, n, K, mxfp4);
+    if (xc == NULL) return -2;
+    long blocks = (M + 7) / 8;
+    if (threads > blocks) threads = (int)blocks;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long lo = blocks * t / nt * 8, hi = blocks * (t + 1) / nt * 8;
+        if (hi > M) hi = M;
+        if (lo < hi && mxfp4) mxfp4_rows_range(q, (const unsigned char *)scale, K, xc, K, y, ldy, n, lo, hi);
+        if (lo < hi && !mxfp4) fp8_rows_range(q, K, (const float *)scale, BN, BK, xc, K, y, ldy, n, lo, hi);
+    }
+    free(xc);
+    return 0;
+}
+
+int fp8_rows_gemm(const unsigned char *q, long K, const float *scale, long BN, long BK, const float *x, long ldx,
+                  float *y, long ldy, long n, long M, int threads) {
+    return quant_rows(0, q, scale, BN, BK, K, x, ldx, y, ldy, n, M, threads);
+}
+
+int mxfp4_rows_gemm(const unsigned char *q, const unsigned char *e, long K, const float *x, long ldx, float *y,
+                    long ldy, long n, long M, int threads) {
+    return quant_rows(1, q, e, 1, 32, K, x, ldx, y, ldy, n, M, threads);
+}
+
+// One weight row dequantized to float32, [K]: the same values as torch's q.to(float32) * scale (one rounding).
+static void fp8_dequant_row(const unsigned char *q, long K, const float *srow, long BK, float *out) {
+    for (long k0 = 0, kb = 0; k0 < K; k0 += BK, kb++) {
+        long k1 = k0 + BK < K ? k0 + BK : K, k = k0;
+        __m256 sv = _mm256_set1_ps(srow[kb] * 0x1p120f);
+        for (; k + 8 <= k1; k += 8) _mm256_storeu_ps(out + k, _mm256_mul_ps(fp8x8(q + k), sv));
+        for (; k < k1; k++) out[k] = fp8_value(q[k]) * srow[kb];
+    }
+}
+
+static void mxfp4_dequant_row(const unsigned char *q, const unsigned char *e, long K, float *out) {
+    for (long kb = 0; kb < K / 32; kb++) {
+        __m256 w[4], sv = _mm256_set1_ps(e8m0_half(e[kb]));
+        mxfp4x32(q + kb * 16, w);
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + kb * 32 + 8 * i, _mm256_mul_ps(w[i], sv));
+    }
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 tile.
+static inline void transpose8(const float *src, long lds, float *dst, long ldd) {
+    __m256 r[8], t[8], s[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(s[i], s[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
+    }
+}
+
+// Both panel kernels: panels split over `threads` threads; each thread dequantizes a panel's (up to) 16 rows into
+// `rows` ([16, K], row-major), transposes them into `panel` ([K, 16], zero rows past M) and runs x over it.
+static int quant_panels(int mxfp4, const unsigned char *q, const void *scale, long BN, long BK, long K,
+                        const float *x, long ldx, float *y, long ldy, long n, long M, int threads) {
+    if (BN < 1 || BK < 1 || (mxfp4 && K % 32)) return -1;
+    if (n < 1) return 0;
+    long panels = (M + 15) / 16, SK = (K + BK - 1) / BK;
+    int failed = 0;
+    if (threads > panels) threads = (int)panels;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        float *rows = malloc(sizeof(float) * 32 * K), *panel = rows + 16 * K;
+        if (rows == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (long p = 0; p < panels; p++) {
+            if (rows == NULL) continue;
+            long cols = M - p * 16 < 16 ? M - p * 16 : 16;
+            for (long i = 0; i < 16; i++) {
+                long m = p * 16 + i;
+                if (i >= cols)
+                    for (long k = 0; k < K; k++) rows[i * K + k] = 0.0f;
+                else if (mxfp4)
+                    mxfp4_dequant_row(q + m * (K / 2), (const unsigned char *)scale + m * (K / 32), K, rows + i * K);
+                else
+                    fp8_dequant_row(q + m * K, K, (const float *)scale + m / BN * SK, BK, rows + i * K);
+            }
+            long k = 0;
+            for (; k + 8 <= K; k += 8) {
+                transpose8(rows + k, K, panel + k * 16, 16);
+                transpose8(rows + 8 * K + k, K, panel + k * 16 + 8, 16);
+            }
+            for (; k < K; k++)
+                for (long i = 0; i < 16; i++) panel[k * 16 + i] = rows[i * K + k];
+            panel_rows(panel, K, x, ldx, y + p * 16, ldy, n, cols);
+        }
+        free(rows);
+    }
+    return failed ? -2 : 0;
+}
+
+int fp8_panels_gemm(const unsigned char *q, long K, const float *scale, long BN, long BK, const float *x, long ldx,
+                    float *y, long ldy, long n, long M, int threads) {
+    return quant_panels(0, q, scale, BN, BK, K, x, ldx, y, ldy, n, M, threads);
+}
+
+int mxfp4_panels_gemm(const unsigned char *q, const unsigned char *e, long K, const float *x, long ldx, float *y,
+                      long ldy, long n, long M, int threads) {
+    return quant_panels(1, q, e, 1, 32, K, x, ldx, y, ldy, n, M, threads);
 }
