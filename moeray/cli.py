@@ -3,11 +3,12 @@
     moeray generate [--model DIR|ORG/NAME[@REV]] --prompt-ids 1,2,3 [--prompt-ids 4,5 ...] [--prompt TEXT ...]
                     --max-new-tokens N --workers W [--replicas R] [--dtype float32|bfloat16] [--json]
     moeray generate --target HOST:PORT --prompt-ids 1,2,3 ...     (calls a running server)
-    moeray serve [--model DIR] [--port 9000] [--workers N] [--routers N] [--address ADDR]
+    moeray serve [--model DIR] [--port 9000] [--http-port 8000] [--workers N] [--routers N] [--address ADDR]
+                 [--served-model-name NAME] [--api-key KEY] [--chat-template FILE] [--drain-timeout 30]
     moeray info [--model DIR]
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
     moeray bench kernels [--tokens 16,256,2048]
-    moeray bench serve [--model DIR] [--concurrency 1,8,32]
+    moeray bench serve [--model DIR] [--concurrency 1,8,32] [--api grpc,http]
     moeray bench placement [--windows 12]
     moeray bench heal [--model DIR] [--kills 5]
     moeray placement show | rebalance [--dry-run] | policy NAME | record --out FILE | inspect   (a running server)
@@ -153,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from moeray import telemetry
     from moeray.placement.config import ControllerConfig
+    from moeray.serving import lifecycle
+    from moeray.serving.openai_api import API_KEY_ENV
 
     try:
         controller = ControllerConfig.from_file(
@@ -171,29 +174,79 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
                               track_tokens=args.track_tokens, controller=controller, transport=args.transport,
                               telemetry=telemetry.config_from_args(args))
+        chat_template = None
+        if args.chat_template:
+            with open(args.chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        if args.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0 seconds; got {args.drain_timeout}")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.api_key:  # the ingress reads it from its environment (moeray/serving/openai_api.py)
+        os.environ[API_KEY_ENV] = args.api_key
     # NOTE: Serve's gRPC proxy reads its message size limit from this variable when it starts; a local cluster's
     # processes inherit it from here (on an existing cluster, set it in the cluster's environment instead).
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(args.max_message_bytes)
     _init_ray(args.address)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with Engine(config) as engine:
+    stop, force = threading.Event(), threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the first drains, a second stops at once
+        signal.signal(sig, lambda *_: force.set() if stop.is_set() else stop.set())
+    try:
+        # 503 / NOT_SERVING on both ports while the engine loads; start_serving replaces it with the ingress
+        lifecycle.serve_loading(grpc_port=args.port, http_port=args.http_port, host=args.host)
+        engine = Engine(config)
+    except BaseException:
+        serve.shutdown()
+        raise
+    with engine:
         try:
             name = start_serving(engine, grpc_port=args.port, http_port=args.http_port, host=args.host,
+                                 model_name=args.served_model_name, chat_template=chat_template,
                                  max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued)
-            print(f"moeray: serving model {name!r} over gRPC on {args.host}:{args.port} "
-                  f"({len(engine.routers)} routers, {len(engine.workers)} expert workers); Ctrl-C stops", flush=True)
+            print(f"moeray: serving model {name!r} over gRPC on {args.host}:{args.port} and HTTP (OpenAI-compatible) "
+                  f"on http://{args.host}:{args.http_port}/v1 ({len(engine.routers)} routers, "
+                  f"{len(engine.workers)} expert workers); Ctrl-C stops", flush=True)
             targets = telemetry.prometheus_targets(config.telemetry, routers=config.routers, workers=config.workers)
             if targets:
                 print(f"moeray: Prometheus metrics at {', '.join(targets)} (/metrics)", flush=True)
             stop.wait()
+            _drain(args.drain_timeout, force)
         finally:
             serve.shutdown()
     return 0
+
+
+def _drain(timeout_s: float, force) -> None:
+    """SIGTERM / Ctrl-C: admit nothing new, let the requests in flight finish (at most ``timeout_s``)."""
+    from moeray.serving import lifecycle
+
+    print(f"moeray: draining: no new requests; waiting up to {timeout_s:g} s for those in flight (a second "
+          "Ctrl-C / SIGTERM stops at once)", flush=True)
+    import threading
+    import time
+
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["stats"] = lifecycle.drain(timeout_s=timeout_s, interrupted=force)
+        except Exception as e:  # noqa: BLE001 - Serve already going away: shut down anyway
+            result["error"] = e
+
+    # NOTE: in a thread, so that a second signal (or a wedged cluster) never leaves the process hanging here
+    thread = threading.Thread(target=run, name="moeray-drain", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s + 60
+    while thread.is_alive() and not force.is_set() and time.monotonic() < deadline:
+        thread.join(0.2)
+    if "stats" not in result:
+        reason = result.get("error") or ("interrupted" if force.is_set() else "no answer from Serve")
+        print(f"moeray: drain cut short ({reason}); shutting down", file=sys.stderr, flush=True)
+        return
+    left = result["stats"]["admitted"]
+    print("moeray: drained; shutting down" if not left else
+          f"moeray: {left} requests still in flight after the drain; shutting down", flush=True)
 
 
 def _human(line: dict) -> str:
@@ -260,8 +313,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
         model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
     _init_ray(None)
+    apis = tuple(dict.fromkeys(a.strip() for a in args.api.split(",") if a.strip()))
+    if not apis or set(apis) - {"grpc", "http"}:
+        print(f"error: --api {args.api!r} must be grpc, http or a comma-separated list of them", file=sys.stderr)
+        return 2
     run_serve_bench(_model_dir(model), args.concurrency, args.requests, args.max_new_tokens, args.workers,
-                    router_threads=args.router_threads, worker_threads=args.worker_threads)
+                    router_threads=args.router_threads, worker_threads=args.worker_threads, apis=apis)
     return 0
 
 
@@ -319,10 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=300.0, help="per-request deadline with --target, seconds")
     gen.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="serve over gRPC (moeray.v1, KServe v2, health) until Ctrl-C / SIGTERM")
+    srv = sub.add_parser("serve", help="serve over gRPC (moeray.v1, KServe v2, health) and HTTP (OpenAI-compatible "
+                         "API) until Ctrl-C / SIGTERM (which drains first)")
     srv.add_argument("--model", help=_MODEL_HELP)
     srv.add_argument("--port", type=int, default=9000, help="gRPC port")
-    srv.add_argument("--http-port", type=int, default=8000)
+    srv.add_argument("--http-port", type=int, default=8000, help="HTTP port: the OpenAI-compatible API and /health")
     srv.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (see README on the gRPC bind)")
     srv.add_argument("--workers", type=int, default=2)
     _add_thread_flags(srv)
@@ -338,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-message-bytes", type=int, default=4 * 2**20,
                      help="largest gRPC request or response; larger ones get RESOURCE_EXHAUSTED (default 4 MiB)")
     srv.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    srv.add_argument("--served-model-name", help="the model name clients use (gRPC, KServe, /v1/models; default: "
+                     "the checkpoint directory's name)")
+    srv.add_argument("--api-key", default=os.environ.get("MOERAY_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on the HTTP API's /v1 routes (default: "
+                     "$MOERAY_API_KEY; none: open)")
+    srv.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions, "
+                     "replacing the checkpoint's (tokenizer_config.json / chat_template.jinja)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM / Ctrl-C, seconds to let "
+                     "requests in flight finish while refusing new ones (default 30)")
     ctl = srv.add_argument_group("live placement (see README: Placement)")
     ctl.add_argument("--placement-config", help="YAML/JSON file of controller settings (policy, policy_params, "
                      "window_steps, imbalance_threshold, ...); the flags below override it")
@@ -383,11 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument("--tokens", type=_ids, default=[16, 256, 2048])
     kernels.add_argument("--repeats", type=int, default=10)
     kernels.set_defaults(func=cmd_bench_kernels)
-    bserve = bench_sub.add_parser("serve", help="load over gRPC vs transformers' generate in one process")
+    bserve = bench_sub.add_parser("serve", help="load over gRPC and HTTP vs transformers' generate in one process")
     bserve.add_argument("--model", help="checkpoint, or 'medium' (built on first use; default: the embedded demo)")
     bserve.add_argument("--concurrency", type=_ids, default=[1, 8, 32])
     bserve.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     bserve.add_argument("--max-new-tokens", type=int, default=32)
+    bserve.add_argument("--api", default="grpc,http", help="the APIs to load, in order: grpc (Generate), http "
+                        "(OpenAI-compatible streaming /v1/completions), or both, comma-separated (default)")
     bserve.add_argument("--workers", type=int, default=2)
     _add_thread_flags(bserve)
     bserve.set_defaults(func=cmd_bench_serve)

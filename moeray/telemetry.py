@@ -77,6 +77,14 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
     ("moeray_expert_compute_seconds", "histogram", "s", ("worker", "layer"), "worker",
      "a worker's grouped expert compute for one layer call"),
     ("moeray_rejected_requests", "counter", "1", ("code",), "ingress", "requests the ingress answered with an error, by gRPC status code"),
+    ("moeray_requests_running", "gauge", "1", (), "ingress",
+     "requests admitted and running at the routers (the admission counter: gRPC and HTTP)"),
+    ("moeray_requests_waiting", "gauge", "1", (), "ingress",
+     "requests admitted and waiting in the ingress for a running slot (the admission counter)"),
+    ("moeray_kv_cache_bytes", "gauge", "By", (), "router",
+     "bytes of KV cache the router holds for its running batch (after each step)"),
+    ("moeray_prompt_tokens", "counter", "1", (), "router", "prompt tokens prefilled for generation requests"),
+    ("moeray_generation_tokens", "counter", "1", (), "router", "new tokens generated"),
 )
 _BUCKETS = {"moeray_step_imbalance_ratio": _RATIO, "moeray_request_latency_seconds": _REQUEST_S,
             "moeray_restore_seconds": _REQUEST_S,
@@ -492,12 +500,36 @@ def tokens_emitted(seqs) -> None:
     if not STATE.metrics:
         return
     now = time.perf_counter()
+    prompt = 0
     for seq in seqs:
         if seq.last_token_s:
             M.inter_token_latency.record(now - seq.last_token_s)
         else:
             M.time_to_first_token.record(now - seq.arrived_s)
+            prompt += len(seq.prompt_ids)
         seq.last_token_s = now
+    M.generation_tokens.add(len(seqs))
+    if prompt:
+        M.prompt_tokens.add(prompt)
+
+
+def kv_cache(cache) -> None:
+    """The router's KV cache after a step (a transformers DynamicCache, or None when nothing runs)."""
+    if not STATE.metrics:
+        return
+    held = 0
+    for layer in getattr(cache, "layers", None) or ():
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "nbytes"):
+                held += t.nbytes
+    M.kv_cache_bytes.set(held)
+
+
+def admission(running: int, waiting: int) -> None:
+    """The ingress's admission counter changed (moeray/serving/admission.py)."""
+    if STATE.metrics:
+        M.requests_running.set(running)
+        M.requests_waiting.set(waiting)
 
 
 def queue_depth(waiting: int) -> None:

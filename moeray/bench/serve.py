@@ -2,8 +2,10 @@
 
 ``run_load`` is a bounded asyncio client: a fixed number of streaming Generate requests, at most ``concurrency``
 in flight, stopping by itself. It reports tokens/s, time to first token and inter-token latency (p50/p99) and the
-failed requests. ``moeray bench serve`` starts a server on 127.0.0.1, runs the load at each concurrency, and in the
-same run measures transformers' own ``generate`` on the same checkpoint in one process with the same batch.
+failed requests. ``moeray bench serve`` starts a server on 127.0.0.1, runs the load at each concurrency over each
+API asked for (``--api grpc,http``: gRPC Generate, and the OpenAI-compatible HTTP API's streaming /v1/completions
+through moeray/bench/http_load.py, the same prompts), and in the same run measures transformers' own ``generate``
+on the same checkpoint in one process with the same batch.
 """
 
 from __future__ import annotations
@@ -127,12 +129,14 @@ def transformers_tokens_per_s(path: str, prompts: list[list[int]], max_new_token
 
 
 def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: int, max_new_tokens: int,
-                    workers: int = 2, router_threads: int = 2, worker_threads: int = 1) -> list[dict]:
+                    workers: int = 2, router_threads: int = 2, worker_threads: int = 1,
+                    apis: tuple[str, ...] = ("grpc",)) -> list[dict]:
     import socket
 
     import ray
     from ray import serve
 
+    from moeray.bench.http_load import run_load_http
     from moeray.engine import Engine, EngineConfig
     from moeray.serving.app import start_serving
 
@@ -145,23 +149,35 @@ def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: in
     config = EngineConfig(model=model, workers=workers, max_batch_size=max(concurrencies),
                           router_threads=router_threads, threads_per_actor=worker_threads)
     with Engine(config) as engine:
-        port = free_port()
-        start_serving(engine, grpc_port=port, http_port=free_port())
-        address = f"127.0.0.1:{port}"
+        port, http_port = free_port(), free_port()
+        start_serving(engine, grpc_port=port, http_port=http_port)
+        address, base_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
+        loads = {"grpc": lambda p, c, n: run_load(address, p, c, n),
+                 "http": lambda p, c, n: run_load_http(base_url, p, c, n)}
         vocab = engine.spec.vocab_size
-        run_load(address, _prompts(2, vocab, seed=99), 2, 4)  # warm-up
+        for api in apis:
+            loads[api](_prompts(2, vocab, seed=99), 2, 4)  # warm-up
         print(f"moeray bench serve: {model}, {workers} workers x {worker_threads} threads, 1 router x "
-              f"{router_threads} threads, greedy, {max_new_tokens} new tokens per request")
+              f"{router_threads} threads, greedy, {max_new_tokens} new tokens per request, APIs {','.join(apis)}")
         for c in concurrencies:
             prompts = _prompts(max(requests_per_level, c), vocab, seed=c)
-            before = ray.get([r.stats.remote() for r in engine.routers])
-            result = run_load(address, prompts, c, max_new_tokens)
-            after = ray.get([r.stats.remote() for r in engine.routers])
             hf = transformers_tokens_per_s(engine.checkpoint.checkpoint.path, prompts[:c], max_new_tokens)
-            row = {**result.summary(), "hf_generate_tokens_per_s": round(hf, 1),
-                   "ratio_vs_hf": round(result.tokens_per_s / hf, 3), **_step_breakdown(before, after)}
-            rows.append(row)
-            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            outputs = {}
+            for api in apis:
+                before = ray.get([r.stats.remote() for r in engine.routers])
+                result = loads[api](prompts, c, max_new_tokens)
+                after = ray.get([r.stats.remote() for r in engine.routers])
+                outputs[api] = result
+                row = {"api": api, **result.summary(), "hf_generate_tokens_per_s": round(hf, 1),
+                       "ratio_vs_hf": round(result.tokens_per_s / hf, 3), **_step_breakdown(before, after)}
+                if api != apis[0]:  # against the first API, on the same prompts
+                    first = outputs[apis[0]]
+                    row[f"ratio_vs_{apis[0]}"] = round(result.tokens_per_s / first.tokens_per_s, 3)
+                    row["same_outputs"] = result.outputs == first.outputs
+                if result.errors:
+                    row["first_error"] = result.errors[0]
+                rows.append(row)
+                print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         serve.shutdown()
     return rows
 

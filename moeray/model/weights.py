@@ -91,7 +91,7 @@ def build_index(checkpoint: Checkpoint, meta_model: torch.nn.Module, spec: Model
             consumed.add(name)
         consumed.update(prefix + attr for attrs in _FUSED_ROLES.values() for attr in attrs)
         source = ExpertSource(fused=fused, split=split)
-        stored = _expert_quant(layer, source, checkpoint_quant)
+        stored = _stored_quant(layer, source, checkpoint_quant)
         source = dataclasses.replace(source, stored=stored, quant=stored and checkpoint_quant.expert_quant(
             layer.intermediate_size, stored_split=not source.fused))
         _check_complete(layer, source)
@@ -102,8 +102,8 @@ def build_index(checkpoint: Checkpoint, meta_model: torch.nn.Module, spec: Model
     return WeightIndex(dense=dense, experts=tuple(sources), quant=checkpoint_quant)
 
 
-def _expert_quant(layer: MoELayerSpec, source: ExpertSource, checkpoint_quant: CheckpointQuant) -> ExpertQuant | None:
-    """Whether this layer's experts are stored quantized, judged by their tensors against config.json."""
+def _stored_quant(layer: MoELayerSpec, source: ExpertSource, checkpoint_quant: CheckpointQuant) -> ExpertQuant | None:
+    """How this layer's experts are stored (None: unquantized), judged by their tensors against config.json."""
     where = f"MoE layer {layer.index} ({layer.module_path})"
     weights = [source.fused[r] for r in ("gate_up", "down") if r in source.fused] + \
               [loc for (_, role), loc in source.split.items() if role in _SPLIT_NAMES]
@@ -122,9 +122,8 @@ def _expert_quant(layer: MoELayerSpec, source: ExpertSource, checkpoint_quant: C
     if mxfp4 and not source.fused:
         raise CheckpointError(f"{where}: mxfp4 experts must be gpt-oss's fused *_blocks/*_scales tensors")
     if fp8 and (layer.is_transposed or not layer.is_concatenated):
-        raise CheckpointError(f"{where}: FP8 experts of {layer.module_path.split('.')[0]} layout (transposed or "
-                              f"interleaved gate/up) are not supported; fp8 serves gate/up stored apart or fused "
-                              f"[E, 2I, H]")
+        raise CheckpointError(f"{where}: FP8 experts with transposed or interleaved gate/up are not supported; "
+                              f"fp8 experts are served stored per expert or fused [E, 2I, H]")
     return checkpoint_quant.expert_quant(layer.intermediate_size, stored_split=False)
 
 

@@ -196,6 +196,7 @@ class Scheduler:
                 break
         self.steps += 1
         self.step_s += time.perf_counter() - started
+        telemetry.kv_cache(self._cache)
 
     def _finish_if_aborted(self, seq: Sequence) -> bool:
         if seq.aborted:

@@ -1,7 +1,8 @@
-"""gRPC serving on Ray Serve.
+"""gRPC and HTTP serving on Ray Serve.
 
 - ``app``: the ingress deployment behind Serve's gRPC proxy (GenerateService, PlacementService, KServe v2,
-  grpc.health.v1) and ``start_serving``;
+  grpc.health.v1) and HTTP proxy (the OpenAI-compatible API of ``openai_api``, requests checked in
+  ``openai_protocol``), and ``start_serving``; ``lifecycle``: the 'loading' stand-in and the drain;
 - ``codec``: proto <-> engine types;
 - ``errors``: the exception -> gRPC status table; ``admission``: exact admission control and request ids in flight;
 - ``wire``: the servicer functions Serve's gRPC proxy registers (undecodable requests answer INVALID_ARGUMENT);

@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import dataclasses
 
+from moeray import telemetry
 from moeray.request import DuplicateRequestId
-from moeray.serving.errors import AdmissionFull
+from moeray.serving.errors import AdmissionFull, Draining
 
 # Serve admits this many calls beyond ours into the ingress, for the RPCs admission does not count (health,
 # metadata, placement) and for calls about to be refused.
@@ -41,6 +42,7 @@ class Admission:
             raise ValueError(f"admission needs max_ongoing >= 1 and max_queued >= 0; got {max_ongoing}, {max_queued}")
         self.max_ongoing, self.max_queued = max_ongoing, max_queued
         self.running = 0
+        self.draining = False  # set by drain(): nothing new is admitted, requests in flight finish
         self._waiters: list[asyncio.Future] = []  # FIFO of requests waiting for a slot
         self._ids: dict[str, InFlight] = {}  # Generate request ids admitted (running or waiting)
 
@@ -52,32 +54,47 @@ class Admission:
         return {"running": self.running, "waiting": len(self._waiters), "admitted": self.admitted,
                 "max_ongoing": self.max_ongoing, "max_queued": self.max_queued}
 
+    def drain(self) -> None:
+        """Admit nothing more (Draining: UNAVAILABLE / HTTP 503); requests running or waiting carry on."""
+        self.draining = True
+
+    def check_room(self, count: int) -> None:
+        """AdmissionFull unless ``count`` more requests fit (running or waiting) now."""
+        if self.admitted + count > self.max_ongoing + self.max_queued:
+            raise AdmissionFull(f"the server is at its admission limit: {self.running} requests running "
+                                f"(max {self.max_ongoing}) and {len(self._waiters)} waiting (max {self.max_queued}); "
+                                "retry later")
+
+    def _report(self) -> None:
+        telemetry.admission(self.running, len(self._waiters))
+
     @contextlib.asynccontextmanager
     async def slot(self, request_id: str | None = None):
         """Hold one admission slot for the body; AdmissionFull at once if every slot and queue place is taken,
         DuplicateRequestId if ``request_id`` is in flight already. Yields the request's InFlight record."""
+        if self.draining:
+            raise Draining("the server is shutting down and admits no new requests; retry on another replica")
         if request_id is not None and request_id in self._ids:
             raise DuplicateRequestId(f"request_id {request_id!r} is already in flight; request ids must be unique "
                                      "among running requests")
-        limit = self.max_ongoing + self.max_queued
-        if self.admitted >= limit:
-            raise AdmissionFull(f"the server is at its admission limit: {self.running} requests running "
-                                f"(max {self.max_ongoing}) and {len(self._waiters)} waiting (max {self.max_queued}); "
-                                "retry later")
+        self.check_room(1)
         record = InFlight(request_id or "")
         if request_id is not None:
             self._ids[request_id] = record
         try:
             if self.running < self.max_ongoing and not self._waiters:
                 self.running += 1
+                self._report()
             else:
                 waiter = asyncio.get_running_loop().create_future()
                 self._waiters.append(waiter)
+                self._report()
                 try:
                     await waiter  # resolved by _release, which hands its slot over (running stays counted)
                 except BaseException:
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
+                        self._report()
                     elif waiter.done() and not waiter.cancelled():  # got the slot as it was cancelled: pass it on
                         self._release()
                     raise
@@ -94,8 +111,10 @@ class Admission:
             waiter = self._waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(None)  # the slot passes straight to the next in line
+                self._report()
                 return
         self.running -= 1
+        self._report()
 
     def abort(self, request_id: str) -> bool:
         """Mark a request still in flight here (waiting for a slot, or running) as aborted; True if it is."""

@@ -1,8 +1,10 @@
-"""The Ray Serve application: one ingress deployment behind Serve's gRPC proxy, fronting the routers.
+"""The Ray Serve application: one ingress deployment behind Serve's gRPC and HTTP proxies, fronting the routers.
 
 It serves moeray.v1.GenerateService, moeray.v1.PlacementService, the KServe v2 GRPCInferenceService and
 grpc.health.v1.Health (Serve's proxy routes each RPC to the ingress method of the same name; reflection comes
-from the proxy). Requests spread round-robin over the routers, which share one pool of expert workers.
+from the proxy), and the OpenAI-compatible HTTP API (moeray/serving/openai_api.py: the ASGI app the same replica
+builds in ``__serve_build_asgi_app__``). Requests spread round-robin over the routers, which share one pool of
+expert workers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from moeray import telemetry
 from moeray.request import InvalidRequest, RequestLimits, check_request_id, new_request_id
 from moeray.serving import errors
 from moeray.serving.admission import Admission, serve_limits
+from moeray.serving.detokenize import text_stream
 from moeray.serving.errors import Fail as _Fail, fail as _fail  # noqa: F401 - the admin RPCs answer through these
 from moeray.serving.wire import SERVICER_FUNCTIONS  # noqa: F401 - the generated ones, decoding errors answered
 
@@ -59,10 +62,12 @@ def read_admin_token() -> str | None:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, **serve_limits(256, 256))
+@serve.ingress()  # HTTP: the app __serve_build_asgi_app__ returns; gRPC: the methods below, by name
 class Ingress:
     def __init__(self, *, model_name: str, engine_state: dict, env: dict | None = None, max_ongoing: int = 256,
-                 max_queued: int = 256) -> None:
+                 max_queued: int = 256, chat_template: str | None = None) -> None:
         os.environ.update(env or {})
+        self.chat_template = chat_template  # --chat-template: overrides the checkpoint's (HTTP chat completions)
         self.admission = Admission(max_ongoing, max_queued)  # exact: see moeray/serving/admission.py
         self.max_message_bytes = int(os.environ.get(MAX_MESSAGE_ENV) or DEFAULT_MAX_MESSAGE_BYTES)
         telemetry.setup(engine_state.get("telemetry"))
@@ -87,6 +92,18 @@ class Ingress:
     def _router(self):
         return self.routers[next(self._next_router)]
 
+    def __serve_build_asgi_app__(self):
+        """The OpenAI-compatible HTTP API, on the routers, admission and tokenizer of this replica."""
+        from moeray.serving.openai_api import build_http_app
+
+        return build_http_app(self)
+
+    def drain(self) -> dict:
+        """Stop admitting (new requests: UNAVAILABLE / HTTP 503; health NOT_SERVING); requests in flight carry on.
+        Called through a Serve handle by ``moeray serve`` on SIGTERM (moeray/serving/lifecycle.py)."""
+        self.admission.drain()
+        return self.admission.stats()
+
     # -- moeray.v1.GenerateService -----------------------------------------------------------------------
     @telemetry.traced_rpc("moeray.v1.GenerateService/Generate")
     async def Generate(self, request: generate_pb2.GenerateRequest, grpc_context: RayServegRPCContext):
@@ -95,19 +112,21 @@ class Ingress:
             request_id = check_request_id(request.request_id) if request.request_id else new_request_id()
             sampling = codec.sampling_from_proto(request.sampling)
             ids = self.limits.check(self._prompt_ids(request), sampling)
+            text = text_stream(self.tokenizer, request.sampling.stop,  # one detokenizer per request; checks stop
+                               include_stop_str_in_output=request.sampling.include_stop_str_in_output)
             async with self.admission.slot(request_id) as admitted:  # AdmissionFull, DuplicateRequestId
                 if admitted.aborted:  # Abort came while it waited for a slot
                     yield generate_pb2.GenerateResponse(request_id=request_id,
                                                         finish_reason=codec.FINISH_REASONS["abort"])
                     return
-                async for response in self._stream(ids, sampling, request_id):
+                async for response in self._stream(ids, sampling, request_id, text):
                     yield response
         except _Fail:
             raise
         except Exception as e:  # noqa: BLE001 - every error answers from the one table (moeray/serving/errors.py)
             errors.fail_with(grpc_context, e, request_id)
 
-    async def _stream(self, ids: list[int], sampling, request_id: str):
+    async def _stream(self, ids: list[int], sampling, request_id: str, text=None):
         router = self._router()
         chunks = router.stream.options(num_returns="streaming").remote(ids, sampling, request_id,
                                                                         telemetry.current_traceparent())
@@ -117,19 +136,22 @@ class Ingress:
                 chunk = await ref
                 produced += len(chunk.token_ids)
                 response = generate_pb2.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids)
-                if self.tokenizer is not None and chunk.token_ids:
-                    response.text = self.tokenizer.decode(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    finished = True
-                    response.finish_reason = codec.FINISH_REASONS[chunk.finish_reason]
+                if text is not None:  # a character split across chunks comes whole; the last chunk flushes
+                    response.text = text.feed(chunk.token_ids) + (text.finish() if chunk.finish_reason else "")
+                stop = text is not None and text.stop_hit is not None
+                if chunk.finish_reason is not None or stop:
+                    finished = chunk.finish_reason is not None  # a stop string ends it early: the finally aborts
+                    response.finish_reason = codec.FINISH_REASONS["stop" if stop else chunk.finish_reason]
                     response.usage.prompt_tokens = len(ids)
                     response.usage.completion_tokens = produced
                 yield response
+                if stop:
+                    return
         except Exception:
             finished = True  # the router ended the request (or died): nothing to abort, and never another's id
             raise
         finally:
-            if not finished:  # the client left (cancel, deadline): stop its generation and free its batch slot
+            if not finished:  # the client left (cancel, deadline) or a stop string: stop its generation, free its slot
                 router.abort.remote(request_id)
 
     def _prompt_ids(self, request: generate_pb2.GenerateRequest) -> list[int]:
@@ -331,8 +353,10 @@ class Ingress:
                                               health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _serving(self) -> bool:
-        """Every expert has a live replica (the controller's view, at most HEALTH_TTL_S old). An unreachable
-        controller (restarting) keeps the last answer: requests never wait on it."""
+        """Not draining, and every expert has a live replica (the controller's view, at most HEALTH_TTL_S old). An
+        unreachable controller (restarting) keeps the last answer: requests never wait on it."""
+        if self.admission.draining:
+            return False
         now = time.monotonic()
         if now - self._health_at > HEALTH_TTL_S:
             try:
@@ -345,26 +369,33 @@ class Ingress:
 
 def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
                   model_name: str | None = None, app_name: str = "moeray", route_prefix: str = "/",
-                  max_ongoing_requests: int = 256, max_queued_requests: int = 256) -> str:
+                  max_ongoing_requests: int = 256, max_queued_requests: int = 256,
+                  chat_template: str | None = None) -> str:
     """Start Serve's proxies and deploy the ingress in front of ``engine``'s routers; returns the model name.
 
     Admission control (exact, in the ingress: moeray/serving/admission.py): at most ``max_ongoing_requests``
     Generate/ModelInfer calls run and ``max_queued_requests`` more wait; the next is answered RESOURCE_EXHAUSTED at
-    once.
+    once. The same ingress serves the OpenAI-compatible HTTP API on ``http_port`` (``chat_template``: a Jinja
+    template replacing the checkpoint's for /v1/chat/completions).
 
     NOTE: Ray 2.60's gRPC proxy binds every interface ([::]:port) whatever ``host`` says; ``host`` binds the
     HTTP proxy. Put a firewall or a Kubernetes Service in front when the machine is reachable from outside.
     """
+    start_proxies(grpc_port=grpc_port, http_port=http_port, host=host)
+    state = engine_state(engine)
+    ingress = _ingress(state, model_name, max_ongoing_requests, max_queued_requests, chat_template)
+    # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
+    serve.run(ingress, name=app_name, route_prefix=route_prefix, logging_config={"enable_access_log": False})
+    return state["model_name"] if model_name is None else model_name
+
+
+def start_proxies(*, grpc_port: int, http_port: int, host: str) -> None:
+    """Start Serve with its gRPC proxy (our servicers registered) and its HTTP proxy (idempotent)."""
     from ray.serve.config import gRPCOptions
 
     serve.start(http_options={"host": host, "port": http_port},
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
                 logging_config={"enable_access_log": False})
-    state = engine_state(engine)
-    ingress = _ingress(state, model_name, max_ongoing_requests, max_queued_requests)
-    # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
-    serve.run(ingress, name=app_name, route_prefix=route_prefix, logging_config={"enable_access_log": False})
-    return state["model_name"] if model_name is None else model_name
 
 
 def engine_state(engine) -> dict:
@@ -376,11 +407,14 @@ def engine_state(engine) -> dict:
             "telemetry": engine.config.telemetry.for_process("ingress")}
 
 
-def _ingress(state: dict, model_name: str | None, max_ongoing: int, max_queued: int):
-    env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV)}
+def _ingress(state: dict, model_name: str | None, max_ongoing: int, max_queued: int,
+             chat_template: str | None = None):
+    from moeray.serving.openai_api import API_KEY_ENV
+
+    env = {k: v for k, v in os.environ.items() if k in (ADMIN_TOKEN_ENV, ADMIN_TOKEN_FILE_ENV, API_KEY_ENV)}
     return Ingress.options(**serve_limits(max_ongoing, max_queued)).bind(
         model_name=model_name or state["model_name"], engine_state=state, env=env, max_ongoing=max_ongoing,
-        max_queued=max_queued)
+        max_queued=max_queued, chat_template=chat_template)
 
 
 class EngineHost:
@@ -413,8 +447,8 @@ def build_app(args: dict):
     from moeray.placement.config import ControllerConfig
 
     args = dict(args)
-    serving = {k: args.pop(k) for k in ("model_name", "max_ongoing_requests", "max_queued_requests", "app_name")
-               if k in args}
+    serving = {k: args.pop(k) for k in ("model_name", "max_ongoing_requests", "max_queued_requests", "app_name",
+                                        "chat_template") if k in args}
     if not args.get("model"):
         from moeray.model.demo import ensure_demo_checkpoint
 
@@ -431,4 +465,4 @@ def build_app(args: dict):
         num_cpus=0, max_concurrency=4).remote(config)
     state = ray.get(host.state.remote())
     return _ingress(state, serving.get("model_name"), serving.get("max_ongoing_requests", 256),
-                    serving.get("max_queued_requests", 256))
+                    serving.get("max_queued_requests", 256), serving.get("chat_template"))

@@ -1,4 +1,5 @@
-"""Exceptions -> gRPC status codes: the one table the ingress answers errors from.
+"""Exceptions -> gRPC status codes and HTTP statuses: the one table the ingress answers errors from (gRPC, and the
+OpenAI-compatible HTTP API in moeray/serving/openai_api.py).
 
 A client gets one line naming the cause, the value and the limit; never a traceback, a pid, an IP, an actor id or a
 path (Ray's wrapped exceptions carry all of those: they are unwrapped to the original exception first, and what is
@@ -32,8 +33,24 @@ class ResponseTooLarge(Exception):
     """The response would exceed the server's gRPC message size limit."""
 
 
+class RequestTooLarge(ResponseTooLarge):
+    """An HTTP request body over the server's message size limit."""
+
+
 class ModelNotFound(Exception):
     """The request names a model this server does not serve."""
+
+
+class Draining(Exception):
+    """The server is shutting down: requests in flight finish, new ones are refused (moeray serve's SIGTERM)."""
+
+
+class NotServing(Exception):
+    """Some experts have no live replica (the controller is restoring them): the HTTP API answers 503 at once."""
+
+
+class Unauthenticated(Exception):
+    """A missing or wrong API key (the HTTP API's --api-key)."""
 
 
 class Fail(Exception):
@@ -41,17 +58,21 @@ class Fail(Exception):
 
 
 # First match wins (DuplicateRequestId is an InvalidRequest). A message of None: a fixed one, never str(exc).
-STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode, str | None]] = [
-    (DuplicateRequestId, grpc.StatusCode.ALREADY_EXISTS, None),
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, None),
-    (AdmissionFull, grpc.StatusCode.RESOURCE_EXHAUSTED, None),
-    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, None),
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND, None),
-    (ExpertsUnavailable, grpc.StatusCode.UNAVAILABLE, None),
-    (ray_errors.RayActorError, grpc.StatusCode.UNAVAILABLE, ROUTER_DIED),  # also ActorDied/ActorUnavailable
-    (ray_errors.WorkerCrashedError, grpc.StatusCode.UNAVAILABLE, BACKEND_LOST),
-    (ray_errors.ObjectLostError, grpc.StatusCode.UNAVAILABLE, BACKEND_LOST),
-    (ray_errors.NodeDiedError, grpc.StatusCode.UNAVAILABLE, BACKEND_LOST),
+# Columns: exception, gRPC status code, HTTP status (the OpenAI-compatible API), fixed message.
+STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode, int, str | None]] = [
+    (DuplicateRequestId, grpc.StatusCode.ALREADY_EXISTS, 409, None),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, 400, None),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, None),
+    (AdmissionFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, None),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, None),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND, 404, None),
+    (Draining, grpc.StatusCode.UNAVAILABLE, 503, None),
+    (NotServing, grpc.StatusCode.UNAVAILABLE, 503, None),
+    (ExpertsUnavailable, grpc.StatusCode.UNAVAILABLE, 503, None),
+    (ray_errors.RayActorError, grpc.StatusCode.UNAVAILABLE, 503, ROUTER_DIED),  # also ActorDied/ActorUnavailable
+    (ray_errors.WorkerCrashedError, grpc.StatusCode.UNAVAILABLE, 503, BACKEND_LOST),
+    (ray_errors.ObjectLostError, grpc.StatusCode.UNAVAILABLE, 503, BACKEND_LOST),
+    (ray_errors.NodeDiedError, grpc.StatusCode.UNAVAILABLE, 503, BACKEND_LOST),
 ]
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -82,12 +103,23 @@ def clip(value: str, limit: int = 64) -> str:
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, one-line message) for an exception in the table (after unwrapping Ray's wrappers); else None."""
+    row = _row(exc)
+    return None if row is None else (row[0], row[2])
+
+
+def http_status_of(exc: BaseException) -> tuple[int, str] | None:
+    """(HTTP status, one-line message) for an exception in the table (after unwrapping Ray's wrappers); else None."""
+    row = _row(exc)
+    return None if row is None else (row[1], row[2])
+
+
+def _row(exc: BaseException) -> tuple[grpc.StatusCode, int, str] | None:
     exc = unwrap(exc)
-    for kind, code, fixed in STATUS_TABLE:
+    for kind, code, http, fixed in STATUS_TABLE:
         if isinstance(exc, kind):
             if isinstance(exc, ray_errors.RayTaskError):  # a wrapper whose cause did not survive: never its text
                 return None
-            return code, one_line(fixed if fixed else str(exc))
+            return code, http, one_line(fixed if fixed else str(exc))
     return None
 
 

@@ -130,6 +130,9 @@ def test_router_metrics(router):
         (latency,) = m["moeray_request_latency_seconds"]
         assert latency.count == 2 and latency.sum > 0
         assert m["moeray_queue_depth"][0].value == 0
+        assert m["moeray_prompt_tokens"][0].value == 2 * 3  # two prompts of 3 tokens
+        assert m["moeray_generation_tokens"][0].value == 2 * 4
+        assert m["moeray_kv_cache_bytes"][0].value == 0  # both finished: nothing held
 
 
 def test_score_spans_nest_the_dispatches(router):

@@ -1,0 +1,294 @@
+"""The OpenAI-compatible HTTP API's requests: their fields, checked, turned into moeray prompts and SamplingParams.
+
+No Ray, no FastAPI here (tests/unit/test_openai_protocol.py runs it alone): ``parse_completion`` and ``parse_chat``
+take the decoded JSON body and return the ``Job``s to run (one per prompt), or raise ``InvalidRequest`` naming the
+field and the limit (HTTP 400). pydantic checks types (strictly: "16" is not an integer, 1 is not a boolean); a
+``pydantic.ValidationError`` becomes one ``InvalidRequest`` through ``validation_message``.
+
+Fields (both endpoints): ``model``, ``max_tokens`` (chat: also ``max_completion_tokens``), ``temperature``
+(default 1.0, OpenAI's), ``top_p``, ``seed``, ``stop`` (a string or up to 16 strings), ``stream``,
+``stream_options.include_usage``, ``n`` (1 only); moeray's extras, as vLLM names them: ``top_k`` (0 or -1: off),
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``return_token_ids``
+(token ids in each choice; on by default when the checkpoint has no tokenizer) and, for completions,
+``add_special_tokens`` (default true: a text prompt gets the tokenizer's BOS, as vLLM does). Fields that would change
+the output and are not implemented (logprobs, echo, best_of > 1, penalties, logit_bias, tools, response_format, ...)
+are refused when set to anything but their neutral value; any other unknown field is ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from moeray.request import InvalidRequest, RequestLimits, SamplingParams
+from moeray.serving.detokenize import check_stop_strings
+from moeray.serving.errors import clip
+
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each takes an admission place)
+MAX_MESSAGES = 4096
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to what the positions allow
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# field -> its neutral values: any other value is refused (the feature is not implemented)
+UNSUPPORTED = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0), "tools": (None, []),
+    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "prompt_logprobs": (None, 0), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; accepted, usage comes once at the end
+
+
+class _Common(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Any = None  # a string or a list of strings: checked by check_stop_strings, which names the limits
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    user: str | None = None
+    # moeray's extras (vLLM's names)
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    return_token_ids: bool | None = None
+
+
+class CompletionBody(_Common):
+    prompt: Any  # a string, token ids, or a list of either: checked in parse_completion
+    add_special_tokens: bool = True
+
+
+class ChatBody(_Common):
+    messages: Any  # checked in chat_messages
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One prompt of a request, ready to run."""
+
+    index: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    jobs: list[Job]
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool
+    return_token_ids: bool
+    model: str | None
+
+
+def validation_message(error: ValidationError) -> tuple[str, str]:
+    """(one-line message, param) for pydantic's first error: the field's dotted path, what was wrong, the value."""
+    first = error.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in first["loc"]) or "body"
+    if first["type"] == "missing":
+        return f"{param} is required", param
+    return f"{param}: {first['msg']}; got {show(first.get('input'))}", param
+
+
+def show(value: Any) -> str:
+    """A client's value for an error message: strings quoted and cut, numbers as they are, containers by type."""
+    if isinstance(value, str):
+        return clip(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+        return text if len(text) <= 64 else text[:40] + f"... ({len(text)} digits)"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def check_unsupported(body: dict) -> None:
+    for field, neutral in UNSUPPORTED.items():
+        if field in body and body[field] not in neutral:
+            raise InvalidRequest(f"{field} is not supported by this server; leave it unset (got {show(body[field])})")
+
+
+def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_tokens: int | None,
+            default_max_tokens: int | None, has_tokenizer: bool) -> Parsed:
+    if body.n is not None and body.n != 1:
+        raise InvalidRequest(f"n must be 1 (one choice per prompt); got {body.n}")
+    stop = check_stop_strings(body.stop)
+    if stop and not has_tokenizer:
+        raise InvalidRequest("stop strings need a checkpoint with a tokenizer; use stop_token_ids")
+    top_k = body.top_k if body.top_k is not None else 0
+    if top_k == -1:  # vLLM's "off"
+        top_k = 0
+    jobs = []
+    for i, ids in enumerate(prompts):
+        where = f"prompt {i}: " if len(prompts) > 1 else ""
+        if not ids:
+            raise InvalidRequest(f"{where}prompt is empty; it needs at least 1 token")
+        room = limits.max_positions - len(ids)
+        if max_tokens is None:
+            wanted = default_max_tokens if default_max_tokens is not None else min(limits.max_new_tokens_cap, room)
+            if wanted <= 0:
+                raise InvalidRequest(f"{where}prompt of {len(ids)} tokens leaves no room for new tokens in the "
+                                     f"model's {limits.max_positions} positions")
+        else:
+            wanted = max_tokens
+            if wanted <= 0:
+                raise InvalidRequest(f"max_tokens must be a positive integer; got {wanted}")
+            if wanted > limits.max_new_tokens_cap:
+                raise InvalidRequest(f"max_tokens {wanted} is above the server's cap {limits.max_new_tokens_cap}")
+        if len(ids) + wanted > limits.max_positions:
+            raise InvalidRequest(f"{where}prompt of {len(ids)} tokens plus max_tokens {wanted} exceeds the "
+                                 f"model's {limits.max_positions} positions")
+        sampling = SamplingParams(
+            max_new_tokens=wanted, temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed,
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
+        try:
+            jobs.append(Job(i, limits.check(ids, sampling), sampling))
+        except InvalidRequest as e:
+            raise InvalidRequest(f"{where}{e}") from None
+    return Parsed(jobs=jobs, stop=stop, stream=body.stream,
+                  include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                  include_stop_str_in_output=body.include_stop_str_in_output,
+                  skip_special_tokens=body.skip_special_tokens,
+                  return_token_ids=(not has_tokenizer) if body.return_token_ids is None else body.return_token_ids,
+                  model=body.model)
+
+
+def _parse(cls, raw: Any):
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"the request body must be a JSON object; got {type(raw).__name__}")
+    check_unsupported(raw)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise InvalidRequest(validation_message(e)[0]) from None
+
+
+def _token_list(value: list, field: str) -> list[int]:
+    for j, t in enumerate(value):
+        if type(t) is not int:
+            raise InvalidRequest(f"{field}[{j}] must be a token id (an integer); got {show(t)}")
+    return value
+
+
+def _encode(tokenizer, text: str, field: str, add_special_tokens: bool) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape such as "\ud800": not a character
+        raise InvalidRequest(f"{field} is not valid Unicode text: character {e.start} is a lone surrogate "
+                             f"({ascii(text[e.start])})") from None
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def parse_completion(raw: Any, limits: RequestLimits, tokenizer) -> Parsed:
+    """/v1/completions: ``prompt`` is a string, a list of token ids, or a list of strings or token-id lists (each
+    its own choice, index i; at most MAX_PROMPTS)."""
+    body = _parse(CompletionBody, raw)
+    prompt, single = body.prompt, False
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+        prompt, single = [prompt], True
+    elif not isinstance(prompt, list) or not prompt:
+        what = "an empty list" if isinstance(prompt, list) else type(prompt).__name__ if prompt is not None else \
+            "null"
+        raise InvalidRequest(f"prompt must be a string, a list of token ids, or a list of those; got {what}")
+    if all(type(p) is int or isinstance(p, float) for p in prompt):  # e.g. [1, 2.5]: token ids, one not an int
+        prompt, single = [prompt], True
+    if len(prompt) > MAX_PROMPTS:
+        raise InvalidRequest(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed per request")
+    ids: list[list[int]] = []
+    for i, p in enumerate(prompt):
+        field = "prompt" if single else f"prompt[{i}]"
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise InvalidRequest(f"{field} is text, which needs a checkpoint with a tokenizer; send token ids")
+            ids.append(_encode(tokenizer, p, field, body.add_special_tokens))
+        elif isinstance(p, list):
+            ids.append(_token_list(p, field))
+        else:
+            raise InvalidRequest(f"{field} must be a string or a list of token ids; got {type(p).__name__}")
+    return _common(body, ids, limits, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, tokenizer is not None)
+
+
+def chat_messages(messages: Any) -> list[dict]:
+    """``messages`` checked and reduced to what a chat template reads: role, content (text parts joined), name."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"messages holds {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object with role and content; got {type(m).__name__}")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got "
+                                 f"{clip(role) if isinstance(role, str) else type(role).__name__}")
+        if m.get("tool_calls") or m.get("function_call"):
+            raise InvalidRequest(f"messages[{i}]: tool calls are not supported by this server")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise InvalidRequest(f"messages[{i}].content[{j}]: only text parts ({{type: text, text}}) are "
+                                         f"supported; got {clip(str(kind))}")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string or a list of text parts; got "
+                                 f"{type(content).__name__}")
+        message = {"role": role, "content": content}
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        out.append(message)
+    return out
+
+
+def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | None) -> Parsed:
+    """/v1/chat/completions: ``messages`` rendered with the checkpoint's chat template (or the server's
+    ``--chat-template``), ``add_generation_prompt`` on, then tokenized without adding special tokens again."""
+    body = _parse(ChatBody, raw)
+    messages = chat_messages(body.messages)
+    if tokenizer is None:
+        raise InvalidRequest("chat completions need a checkpoint with a tokenizer and a chat template; this one has "
+                             "no tokenizer (use /v1/completions with token ids)")
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise InvalidRequest("chat completions need a chat template; this checkpoint has none (start the server "
+                             "with --chat-template FILE, or use /v1/completions)")
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=body.add_generation_prompt,
+                                             **(body.chat_template_kwargs or {}))
+    except Exception as e:  # noqa: BLE001 - a template's raise_exception(...) or bad kwargs: the request's fault
+        raise InvalidRequest(f"the chat template cannot render these messages: {clip(str(e), 300)}") from None
+    if not isinstance(text, str):
+        raise InvalidRequest("the chat template did not render to text")
+    ids = _encode(tokenizer, text, "messages", False)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return _common(body, [ids], limits, max_tokens, None, True)

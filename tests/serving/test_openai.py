@@ -1,0 +1,508 @@
+"""The OpenAI-compatible HTTP API on real servers (Serve's HTTP proxy on 127.0.0.1), driven by the official
+``openai`` client and by ``curl -N``, against transformers on the same checkpoint (a tiny Mixtral with a byte-level
+BPE tokenizer and a chat template saved beside it).
+
+Two servers: one in this process (``start_serving``, behind the 'loading' stand-in first; API key from the
+environment; admission 2 running + 2 queued), and ``moeray serve`` in a subprocess (--served-model-name, --api-key,
+--chat-template, SIGTERM drain), started first so that its start overlaps the other's.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import openai
+import pytest
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+
+from conftest import Oracle, _ray_start
+from moeray import Engine, EngineConfig
+from moeray.serving import lifecycle
+from moeray.serving.app import start_serving
+from moeray.serving.gen import generate_pb2, generate_pb2_grpc
+from moeray.serving.openai_api import API_KEY_ENV
+
+pytestmark = pytest.mark.ray
+API_KEY = "sk-moeray-test"
+CLI_KEY = "sk-moeray-cli"
+POSITIONS = 512
+CAP = 400
+SPECIAL = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")  # ids 0..5: pad, bos, eos as tiny's
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CLI_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+CORPUS = "hello world, the quick brown fox jumps over the lazy dog. experts route tokens to workers. "
+MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "hello, quick fox"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_chat_checkpoint(path) -> str:
+    """A tiny Mixtral whose vocabulary is a byte-level BPE tokenizer's (trained here), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([CORPUS] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(SPECIAL), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        chat_template=TEMPLATE)
+    save_tiny_checkpoint("mixtral", path, seed=ARCHITECTURES.index("mixtral"), vocab_size=len(tokenizer),
+                         max_position_embeddings=POSITIONS)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_chat_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def cli(checkpoint, tmp_path_factory):
+    """``moeray serve`` in a subprocess (stdout lines collected as they come); ``launch()`` starts it again on new
+    ports (a port picked free may be taken by the time Serve binds it, here by the other cluster starting)."""
+    template = tmp_path_factory.mktemp("template") / "chat.jinja"
+    template.write_text(CLI_TEMPLATE)
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    env["MOERAY_HOME"] = str(tmp_path_factory.mktemp("home"))
+    state: dict = {}
+
+    def launch() -> None:
+        grpc_port, http_port = _free_port(), _free_port()
+        log = tmp_path_factory.mktemp("log") / "serve.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moeray.cli", "serve", "--model", checkpoint, "--port", str(grpc_port),
+             "--http-port", str(http_port), "--workers", "2", "--served-model-name", "chatty", "--api-key", CLI_KEY,
+             "--chat-template", str(template), "--drain-timeout", "60", "--max-new-tokens-cap", str(CAP)],
+            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        state.update(proc=proc, lines=lines, http=f"http://127.0.0.1:{http_port}", grpc=f"127.0.0.1:{grpc_port}",
+                     log=log, launch=launch)
+
+    launch()
+    try:
+        yield state
+    finally:
+        if state["proc"].poll() is None:
+            state["proc"].kill()
+            state["proc"].wait(timeout=30)
+
+
+def _during_loading(http: str, grpc_address: str) -> dict:
+    channel = grpc.insecure_channel(grpc_address)
+    try:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            list(generate_pb2_grpc.GenerateServiceStub(channel).Generate(
+                generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=[5])), timeout=30))
+    finally:
+        channel.close()
+    return {"health": curl(http, "/health", key=None), "completion": curl(http, "/v1/completions", {"prompt": [5]}),
+            "grpc_health": check.status, "grpc_generate": (err.value.code(), err.value.details())}
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, cli):
+    os.environ[API_KEY_ENV] = API_KEY
+    try:
+        with _ray_start():
+            grpc_port, http_port = _free_port(), _free_port()
+            http, address = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+            lifecycle.serve_loading(grpc_port=grpc_port, http_port=http_port, host="127.0.0.1")
+            loading = _during_loading(http, address)
+            engine = Engine(EngineConfig(model=checkpoint, workers=2, routers=1, max_new_tokens_cap=CAP))
+            model = start_serving(engine, grpc_port=grpc_port, http_port=http_port, max_ongoing_requests=2,
+                                  max_queued_requests=2)
+            channel = grpc.insecure_channel(address)
+            client = openai.OpenAI(base_url=f"{http}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+            oracle = Oracle(checkpoint)
+            from transformers import AutoTokenizer
+
+            yield {"http": http, "model": model, "engine": engine, "client": client, "loading": loading,
+                   "oracle": oracle, "tokenizer": AutoTokenizer.from_pretrained(checkpoint), "channel": channel,
+                   "generate": generate_pb2_grpc.GenerateServiceStub(channel)}
+            channel.close()
+            serve.shutdown()
+            engine.shutdown()
+    finally:
+        os.environ.pop(API_KEY_ENV, None)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def curl(base: str, path: str, body=None, key: str | None = API_KEY, method: str | None = None,
+         raw: str | None = None) -> tuple[int, str]:
+    """(HTTP status, body) of one request made by ``curl -N`` (no buffering: SSE events as they come)."""
+    args = ["curl", "-sS", "-N", "--max-time", "120", "-w", "\n%{http_code}", base + path]
+    if key is not None:
+        args += ["-H", f"Authorization: Bearer {key}"]
+    if body is not None or raw is not None:
+        args += ["-H", "Content-Type: application/json", "--data-binary", raw if raw is not None else json.dumps(body)]
+    if method:
+        args += ["-X", method]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    text, _, status = proc.stdout.rpartition("\n")
+    return int(status), text
+
+
+def sse(text: str) -> list:
+    """The events of an SSE body: JSON objects, and the final '[DONE]'."""
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line.strip()]
+    assert all(not e.startswith("data:") for e in events)
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]] + ["[DONE]"]
+
+
+def expected(server, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str, str]:
+    """transformers' greedy ids, their text (special tokens skipped, as the stream does) and finish reason."""
+    ids = server["oracle"].greedy(prompt_ids, max_tokens)
+    reason = "stop" if ids and ids[-1] in server["oracle"].eos else "length"
+    return ids, server["tokenizer"].decode(ids, skip_special_tokens=True), reason
+
+
+def assert_error(status: int, body: str, want_status: int, *words: str, param=...) -> dict:
+    assert status == want_status, (status, body)
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+    for w in words:
+        assert w in error["message"], (w, error)
+    if param is not ...:
+        assert error["param"] == param, error
+    return error
+
+
+def still_right(server) -> None:
+    ids, text, reason = expected(server, [7, 8, 9], 6)
+    out = server["client"].completions.create(model=server["model"], prompt=[7, 8, 9], max_tokens=6, temperature=0)
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (text, reason)
+
+
+# -- loading, models, auth -----------------------------------------------------------------------------------
+def test_loading_answers_503_and_not_serving(server):
+    loading = server["loading"]
+    assert_error(*loading["health"], 503, "loading")
+    assert_error(*loading["completion"], 503, "loading")
+    assert loading["grpc_health"] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert loading["grpc_generate"][0] == grpc.StatusCode.UNAVAILABLE, loading["grpc_generate"]
+    status, body = curl(server["http"], "/health", key=None)  # health needs no key
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_models_lists_the_grpc_model_name(server):
+    models = server["client"].models.list()
+    assert [m.id for m in models.data] == [server["model"]] == ["tiny-chat"]
+    assert server["client"].models.retrieve("tiny-chat").id == "tiny-chat"
+    info = generate_pb2_grpc.GenerateServiceStub(server["channel"]).GetModelInfo(generate_pb2.GetModelInfoRequest())
+    assert info.model_name == server["model"]
+
+
+def test_api_key_is_required(server):
+    for key in (None, "sk-wrong"):
+        status, body = curl(server["http"], "/v1/completions", {"prompt": [5], "max_tokens": 2}, key=key)
+        error = assert_error(status, body, 401, "API key" if key is None else "the API key is wrong")
+        assert error["code"] == "invalid_api_key" and "sk-wrong" not in body and API_KEY not in body
+    bad = openai.OpenAI(base_url=server["http"] + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    still_right(server)
+
+
+def test_unknown_model_is_404(server):
+    with pytest.raises(openai.NotFoundError) as err:
+        server["client"].completions.create(model="gpt-4o", prompt=[5], max_tokens=2)
+    assert "model 'gpt-4o' is not served here" in str(err.value) and err.value.code == "model_not_found"
+    assert_error(*curl(server["http"], "/v1/models/gpt-4o"), 404, "'gpt-4o'")
+    assert_error(*curl(server["http"], "/v2/nothing"), 404, "no route GET '/v2/nothing'")
+    still_right(server)
+
+
+# -- completions -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt", [[5, 6, 7], "the quick fox"])
+def test_greedy_completion_equals_transformers(server, prompt):
+    ids = prompt if isinstance(prompt, list) else server["tokenizer"](prompt)["input_ids"]
+    want_ids, want_text, reason = expected(server, ids, 24)
+    client = server["client"]
+    out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=24, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    choice = out.choices[0]
+    assert (choice.text, choice.finish_reason) == (want_text, reason)
+    assert choice.model_extra["token_ids"] == want_ids and choice.model_extra["prompt_token_ids"] == ids
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        len(ids), len(want_ids), len(ids) + len(want_ids))
+    assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.model == "tiny-chat"
+    chunks = list(client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want_text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want_ids)
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_several_prompts_are_choices_in_order(server):
+    prompts = [[5, 6, 7], [40, 41], [9, 10, 11, 12]]
+    want = [expected(server, p, 8) for p in prompts]
+    out = server["client"].completions.create(model="tiny-chat", prompt=prompts, max_tokens=8, temperature=0)
+    assert [(c.index, c.text, c.finish_reason) for c in out.choices] == [(i, w[1], w[2]) for i, w in enumerate(want)]
+    assert out.usage.prompt_tokens == 9 and out.usage.completion_tokens == sum(len(w[0]) for w in want)
+    status, body = curl(server["http"], "/v1/completions", {"prompt": prompts, "max_tokens": 8, "temperature": 0,
+                                                           "stream": True})
+    assert status == 200
+    texts = {i: "" for i in range(3)}
+    for event in sse(body)[:-1]:
+        for c in event["choices"]:
+            texts[c["index"]] += c["text"]
+    assert [texts[i] for i in range(3)] == [w[1] for w in want]
+
+
+def test_stop_string_spanning_tokens_ends_generation(server):
+    prompt = [9, 10, 11]
+    ids, text, _ = expected(server, prompt, 40)
+    decode = lambda k: server["tokenizer"].decode(ids[:k], skip_special_tokens=True)
+    # a stop string made of the last character of one token's text and the first of the next one's (the random
+    # model writes many invalid bytes: both must be real characters)
+    at = next(len(decode(k)) for k in range(1, len(ids)) if decode(k) and decode(k + 1).startswith(decode(k))
+              and len(decode(k + 1)) > len(decode(k)) and "\ufffd" not in decode(k + 1)[len(decode(k)) - 1:
+                                                                                   len(decode(k)) + 1])
+    stop = text[at - 1:at + 1]
+    assert "\ufffd" not in stop and len(stop) == 2
+    start = text.index(stop)
+    through = next(k for k in range(1, len(ids) + 1) if stop in decode(k))
+    client = server["client"]
+    out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=40, temperature=0, stop=[stop])
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (text[:start], "stop")
+    assert out.usage.completion_tokens == through
+    chunks = list(client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=40, temperature=0,
+                                            stop=stop, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text[:start]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == through
+    kept = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=40, temperature=0, stop=stop,
+                                     extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == text[:start + len(stop)]
+    # the router's request was aborted at the stop, not run to max_tokens
+    from ray._private.test_utils import wait_for_condition
+
+    router = server["engine"].routers[0]
+    wait_for_condition(lambda: ray.get(router.stats.remote())["running"] == 0, timeout=30)
+
+
+# -- chat ------------------------------------------------------------------------------------------------------
+def test_chat_completion_equals_transformers_on_the_templated_prompt(server):
+    prompt = server["tokenizer"].apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
+    want_ids, want_text, reason = expected(server, prompt, 20)
+    client = server["client"]
+    out = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=20, temperature=0)
+    choice = out.choices[0]
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", want_text, reason)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), len(want_ids))
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=20,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [reason]
+    assert chunks[-1].choices == [] and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        len(prompt), len(want_ids))
+    # the same over curl -N: role first, then content deltas, then the finish reason, usage, [DONE] last
+    status, body = curl(server["http"], "/v1/chat/completions", {
+        "model": "tiny-chat", "messages": MESSAGES, "max_completion_tokens": 20, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert status == 200
+    events = sse(body)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-2]) == want_text
+    assert events[-3]["choices"][0]["finish_reason"] == reason and events[-2]["usage"]["total_tokens"] == len(
+        prompt) + len(want_ids)
+
+
+def test_a_client_that_leaves_stops_its_generation(server):
+    """curl killed after the first event: the router request is aborted and the admission place freed."""
+    from ray._private.test_utils import wait_for_condition
+
+    stream = subprocess.Popen(
+        ["curl", "-sS", "-N", server["http"] + "/v1/completions", "-H", f"Authorization: Bearer {API_KEY}",
+         "--data-binary", json.dumps({"prompt": [5, 6], "max_tokens": CAP, "ignore_eos": True, "stream": True})],
+        stdout=subprocess.PIPE, text=True)
+    assert stream.stdout.readline().startswith("data: {")
+    router = server["engine"].routers[0]
+    assert ray.get(router.stats.remote())["running"] == 1
+    stream.kill()
+    stream.wait(timeout=30)
+    admitted = lambda: serve.get_app_handle("moeray").admission_stats.remote().result(timeout_s=30)["admitted"]
+    wait_for_condition(lambda: ray.get(router.stats.remote())["running"] == 0 and admitted() == 0, timeout=30)
+    still_right(server)
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+BAD = {
+    "temperature negative": ({"prompt": [5], "temperature": -1}, "temperature", "temperature must be 0 (greedy)"),
+    "temperature text": ({"prompt": [5], "temperature": "hot"}, "temperature", "Input should be a valid number"),
+    "top_p above 1": ({"prompt": [5], "temperature": 1, "top_p": 1.5}, "top_p", "top_p must lie in (0, 1]"),
+    "max_tokens 0": ({"prompt": [5], "max_tokens": 0}, "max_tokens", "max_tokens must be a positive integer"),
+    "max_tokens over cap": ({"prompt": [5], "max_tokens": CAP + 1}, "max_tokens", f"is above the server's cap {CAP}"),
+    "positions": ({"prompt": [5] * 300, "max_tokens": 300}, "prompt", "exceeds the model's 512 positions"),
+    "n 2": ({"prompt": [5], "n": 2}, "n", "n must be 1"),
+    "token outside vocab": ({"prompt": [5, 10**6]}, "prompt", "outside the vocabulary [0, 300)"),
+    "token not int": ({"prompt": [5, 1.5]}, "prompt[1]", "must be a token id"),
+    "empty prompt": ({"prompt": []}, "prompt", "prompt must be a string, a list of token ids"),
+    "no prompt": ({"max_tokens": 2}, "prompt", "prompt is required"),
+    "stop too many": ({"prompt": [5], "stop": ["a"] * 17}, "stop", "at most 16"),
+    "stop not str": ({"prompt": [5], "stop": [1]}, "stop[0]", "must be a string"),
+    "stop token": ({"prompt": [5], "stop_token_ids": [300]}, "stop_token_ids", "stop token id 300 is outside"),
+    "lone surrogate": ({"prompt": "a\ud800"}, "prompt", "lone surrogate"),
+    "seed negative": ({"prompt": [5], "seed": -3}, "seed", "seed must lie in [0, 2**64)"),
+    "logprobs": ({"prompt": [5], "logprobs": 3}, "logprobs", "logprobs is not supported"),
+    "stream not bool": ({"prompt": [5], "stream": "yes"}, "stream", "valid boolean"),
+    "body a list": ([1, 2], None, "must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_fields_are_400_naming_the_field(server, case):
+    body, param, words = BAD[case]
+    error = assert_error(*curl(server["http"], "/v1/completions", body), 400, words, param=param)
+    assert error["type"] == "invalid_request_error"
+
+
+CHAT_BAD = {
+    "no messages": ({"messages": []}, "messages", "non-empty list"),
+    "bad role": ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be one of"),
+    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                   "messages[0].content[0]", "only text parts"),
+    "tools": ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "tools is not supported"),
+    "template kwargs": ({"messages": MESSAGES, "chat_template_kwargs": {"chat_template": "x"}}, None,
+                        "the chat template cannot render these messages"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAT_BAD), ids=list(CHAT_BAD))
+def test_bad_chat_requests_are_400(server, case):
+    body, param, words = CHAT_BAD[case]
+    assert_error(*curl(server["http"], "/v1/chat/completions", body), 400, words, param=param)
+
+
+def test_malformed_bodies_never_422_or_500_and_do_not_disturb_a_stream(server):
+    """Bad input while a stream runs: each answers 400 at once; the stream's output is still transformers'."""
+    want_ids, want_text, _ = expected(server, [9, 10, 11], 60)
+    result = {}
+
+    def stream():
+        chunks = server["client"].completions.create(model="tiny-chat", prompt=[9, 10, 11], max_tokens=60,
+                                                     temperature=0, stream=True)
+        result["text"] = "".join(c.choices[0].text for c in chunks)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    for raw in ("{bad json", "", "null", '{"prompt": [5], "max_tokens": 1e999}', "[" * 100000,
+                '{"prompt": "\\ud800"}', '{"prompt": [5], "temperature": NaN}'):
+        status, body = curl(server["http"], "/v1/completions", raw=raw)
+        assert status == 400, (raw[:40], status, body)
+        assert_error(status, body, 400)
+    status, body = curl(server["http"], "/v1/completions", method="GET")
+    assert_error(status, body, 405, "GET is not allowed")
+    thread.join(timeout=120)
+    assert result["text"] == want_text
+    still_right(server)
+
+
+def test_admission_full_is_429_on_the_shared_counter(server):
+    """gRPC streams take every admission place (2 running + 2 queued): HTTP gets 429 at once; then serves again."""
+    from ray._private.test_utils import wait_for_condition
+
+    long = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=[5, 6]),
+                                        sampling=generate_pb2.SamplingParams(max_new_tokens=CAP, ignore_eos=True))
+    calls = [server["generate"].Generate(long, timeout=120) for _ in range(4)]
+    admitted = lambda: serve.get_app_handle("moeray").admission_stats.remote().result(timeout_s=30)["admitted"]
+    try:
+        wait_for_condition(lambda: admitted() == 4, timeout=60)
+        with pytest.raises(openai.RateLimitError) as err:
+            server["client"].completions.create(model="tiny-chat", prompt=[5], max_tokens=2)
+        assert "2 requests running (max 2) and 2 waiting (max 2)" in str(err.value)
+        assert_error(*curl(server["http"], "/v1/chat/completions", {"messages": MESSAGES}), 429, "admission limit")
+    finally:
+        for call in calls:
+            call.cancel()
+    wait_for_condition(lambda: admitted() == 0, timeout=60)
+    still_right(server)
+
+
+# -- moeray serve: flags and SIGTERM drain ---------------------------------------------------------------------
+def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
+    """--served-model-name, --api-key, --chat-template; on SIGTERM: health 503 / NOT_SERVING, new requests 503 /
+    UNAVAILABLE, the stream in flight runs to its end, and the process exits 0."""
+    banner = lambda: next((line for line in cli["lines"] if line.startswith("moeray: serving")), None)
+    for attempt in range(2):
+        deadline = time.monotonic() + 240
+        while banner() is None and time.monotonic() < deadline and cli["proc"].poll() is None:
+            time.sleep(0.2)
+        if banner() is None and attempt == 0 and "Failed to bind" in cli["log"].read_text():
+            cli["proc"].wait(timeout=60)
+            cli["launch"]()  # its port was taken meanwhile: once more on fresh ones
+    assert banner() and "'chatty'" in banner() and cli["http"] + "/v1" in banner(), (
+        cli["lines"], cli["log"].read_text()[-3000:])
+    http = cli["http"]
+    status, body = curl(http, "/v1/models", key=CLI_KEY)
+    assert status == 200 and json.loads(body)["data"][0]["id"] == "chatty"
+    assert_error(*curl(http, "/v1/models", key=None), 401)
+    from transformers import AutoTokenizer
+
+    rendered = AutoTokenizer.from_pretrained(checkpoint).apply_chat_template(
+        MESSAGES, chat_template=CLI_TEMPLATE, add_generation_prompt=True)["input_ids"]
+    status, body = curl(http, "/v1/chat/completions", {"model": "chatty", "messages": MESSAGES, "max_tokens": 2,
+                                                       "temperature": 0}, key=CLI_KEY)
+    assert status == 200 and json.loads(body)["usage"]["prompt_tokens"] == len(rendered)
+
+    stream = subprocess.Popen(
+        ["curl", "-sS", "-N", "--max-time", "120", http + "/v1/completions", "-H", f"Authorization: Bearer {CLI_KEY}",
+         "-H", "Content-Type: application/json", "--data-binary",
+         json.dumps({"prompt": [5, 6], "max_tokens": CAP, "ignore_eos": True, "temperature": 0, "stream": True,
+                     "return_token_ids": True})], stdout=subprocess.PIPE, text=True)
+    first = stream.stdout.readline()
+    assert first.startswith("data: {"), first
+    cli["proc"].send_signal(signal.SIGTERM)
+    channel = grpc.insecure_channel(cli["grpc"])
+    try:
+        deadline = time.monotonic() + 30
+        while curl(http, "/health", key=None)[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert_error(*curl(http, "/health", key=None), 503, "shutting down")
+        assert_error(*curl(http, "/v1/completions", {"prompt": [5], "max_tokens": 2}, key=CLI_KEY), 503,
+                     "shutting down")
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            list(generate_pb2_grpc.GenerateServiceStub(channel).Generate(generate_pb2.GenerateRequest(
+                prompt_ids=generate_pb2.TokenIds(ids=[5]), sampling=generate_pb2.SamplingParams(max_new_tokens=2)),
+                timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+    finally:
+        channel.close()
+    rest = stream.stdout.read()  # to its end (curl --max-time 120); not communicate(), which skips what is buffered
+    assert stream.wait(timeout=30) == 0
+    events = sse(first + rest)
+    assert sum(len(e["choices"][0]["token_ids"]) for e in events[:-1]) == CAP  # it ran to its end
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert cli["proc"].wait(timeout=120) == 0
+    assert any("drained" in line for line in cli["lines"]), cli["lines"]
