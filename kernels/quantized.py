@@ -188,3 +188,19 @@ def quantize_mxfp4(w_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = (magnitude | ((scaled < 0).to(torch.int64) << 3)).view(m, k)
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
     return packed.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+
+
+def quantize_experts(weights, quant: ExpertQuant, compute_dtype: torch.dtype | None = None) -> QuantizedExpertWeights:
+    """Every slot of ``weights`` (``ExpertWeights``, on the CPU) quantized with ``quantize_fp8`` / ``quantize_mxfp4``;
+    biases in ``compute_dtype`` (default: the weights' dtype). For tests, benchmarks and ``make gpu-check``."""
+    def stacked(w_SMK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [quantize_fp8(m, quant.block) if quant.format == FP8 else quantize_mxfp4(m) for m in w_SMK]
+        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+    dtype = compute_dtype or weights.dtype
+    (q_gu, s_gu), (q_down, s_down) = stacked(weights.w_gate_up_S2IH), stacked(weights.w_down_SHI)
+    bias = lambda b: None if b is None else b.to(dtype)
+    return QuantizedExpertWeights(quant=quant, q_gate_up=q_gu, s_gate_up=s_gu, q_down=q_down, s_down=s_down,
+                                  hidden=weights.hidden, intermediate=weights.w_down_SHI.shape[2],
+                                  compute_dtype=dtype, b_gate_up_S2I=bias(weights.b_gate_up_S2I),
+                                  b_down_SH=bias(weights.b_down_SH), interleaved=weights.interleaved)

@@ -116,22 +116,10 @@ CASES = [
 
 def quantized(w, fmt: str, block, dtype):
     """Every slot of ``w`` (ExpertWeights, CPU) quantized by moeray's quantizers; biases in ``dtype``."""
-    import torch
-    from moeray.kernels import ExpertQuant, QuantizedExpertWeights
-    from moeray.kernels.quantized import quantize_fp8, quantize_mxfp4
+    from moeray.kernels import ExpertQuant
+    from moeray.kernels.quantized import quantize_experts
 
-    quant = ExpertQuant(format=fmt, block=block)
-
-    def stacked(w_SMK):
-        pairs = [quantize_fp8(m, block) if fmt == "fp8" else quantize_mxfp4(m) for m in w_SMK]
-        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
-
-    (q_gu, s_gu), (q_down, s_down) = stacked(w.w_gate_up_S2IH), stacked(w.w_down_SHI)
-    bias = lambda b: None if b is None else b.to(dtype)
-    return QuantizedExpertWeights(quant=quant, q_gate_up=q_gu, s_gate_up=s_gu, q_down=q_down, s_down=s_down,
-                                  hidden=w.hidden, intermediate=w.w_down_SHI.shape[2], compute_dtype=dtype,
-                                  b_gate_up_S2I=bias(w.b_gate_up_S2I), b_down_SH=bias(w.b_down_SH),
-                                  interleaved=w.interleaved)
+    return quantize_experts(w, ExpertQuant(format=fmt, block=block), dtype)
 
 
 def reference_weights(qw):

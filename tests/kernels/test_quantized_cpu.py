@@ -18,7 +18,7 @@ from cases import make_case
 from moeray.kernels import CLAMPED_SWIGLU, ExpertQuant, ExpertWeights, GatedActivation, QuantizedExpertWeights
 from moeray.kernels import cpu_rows, grouped_experts_torch, reference_experts
 from moeray.kernels import grouped as grouped_module
-from moeray.kernels.quantized import MXFP4_BLOCK, quantize_fp8, quantize_mxfp4
+from moeray.kernels.quantized import MXFP4_BLOCK, quantize_experts, quantize_fp8, quantize_mxfp4
 
 pytestmark = pytest.mark.skipif(not cpu_rows._cpu_has_avx2_fma(), reason="the kernels need an x86 CPU with AVX2")
 
@@ -143,17 +143,6 @@ def test_mxfp4_matmul_rejects_partial_blocks():
                                          ExpertQuant(format="mxfp4", block=(1, 32)), torch.empty(2, 8))
 
 
-def _quantize(w: ExpertWeights, quant: ExpertQuant) -> QuantizedExpertWeights:
-    def stacked(w_SMK):
-        pairs = [quantize_fp8(m, quant.block) if quant.format == "fp8" else quantize_mxfp4(m) for m in w_SMK]
-        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
-
-    (q_gu, s_gu), (q_down, s_down) = stacked(w.w_gate_up_S2IH), stacked(w.w_down_SHI)
-    return QuantizedExpertWeights(quant=quant, q_gate_up=q_gu, s_gate_up=s_gu, q_down=q_down, s_down=s_down,
-                                  hidden=w.hidden, intermediate=w.w_down_SHI.shape[2], compute_dtype=torch.float32,
-                                  b_gate_up_S2I=w.b_gate_up_S2I, b_down_SH=w.b_down_SH, interleaved=w.interleaved)
-
-
 def _transformers_dequantized(qw: QuantizedExpertWeights) -> ExpertWeights:
     def expand(q_SMK, s):
         if qw.quant.format == "fp8":
@@ -174,7 +163,7 @@ QUANTS = [("fp8", b, 40, 24) for b in FP8_BLOCKS] + [("mxfp4", (1, 32), 64, 96)]
 def test_torch_path_on_quantized_experts(fmt, block, hidden, inter, tokens, skew, bias, activation):
     # skew: every pair on slot 0 (rows kernel up to QUANT_KERNEL_ROWS rows, panel kernel above); else random slots.
     x, pt, ps, pw, w = make_case(tokens, hidden, inter, 4, 1 if skew else 2, bias, skew=skew, interleaved=bias)
-    qw = _quantize(w, ExpertQuant(format=fmt, block=block))
+    qw = quantize_experts(w, ExpertQuant(format=fmt, block=block), torch.float32)
     want = reference_experts(x, pt, ps, pw, _transformers_dequantized(qw), activation)
     torch.testing.assert_close(grouped_experts_torch(x, pt, ps, pw, qw, activation), want, atol=1e-4, rtol=1e-4)
 
@@ -185,7 +174,7 @@ def test_torch_path_on_quantized_experts_without_the_kernels(monkeypatch, fmt, b
     monkeypatch.setattr(cpu_rows, "available", lambda: False)
     monkeypatch.setattr(cpu_rows, "quantized_rows_matmul", None)  # would raise if the path still reached them
     x, pt, ps, pw, w = make_case(33, hidden, inter, 4, 2, True)
-    qw = _quantize(w, ExpertQuant(format=fmt, block=block))
+    qw = quantize_experts(w, ExpertQuant(format=fmt, block=block), torch.float32)
     want = reference_experts(x, pt, ps, pw, _transformers_dequantized(qw), SILU)
     torch.testing.assert_close(grouped_experts_torch(x, pt, ps, pw, qw, SILU), want, atol=1e-4, rtol=1e-4)
 

@@ -16,7 +16,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from cases import make_case
 from moeray.kernels import CLAMPED_SWIGLU, ExpertQuant, ExpertWeights, GatedActivation, QuantizedExpertWeights
 from moeray.kernels import reference_experts
-from moeray.kernels.quantized import MXFP4_BLOCK, quantize_fp8, quantize_mxfp4
+from moeray.kernels.quantized import MXFP4_BLOCK, quantize_experts
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
@@ -24,20 +24,6 @@ triton_grouped = pytest.importorskip("moeray.kernels.triton_grouped")
 
 SILU, CLAMPED = GatedActivation(), GatedActivation(kind=CLAMPED_SWIGLU, limit=0.6)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _quantize(w: ExpertWeights, quant: ExpertQuant, dtype: torch.dtype) -> QuantizedExpertWeights:
-    """Every slot's projections quantized (moeray's quantizers); biases in the compute dtype."""
-    def stacked(w_SMK):
-        pairs = [quantize_fp8(m, quant.block) if quant.format == "fp8" else quantize_mxfp4(m) for m in w_SMK]
-        return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
-
-    (q_gu, s_gu), (q_down, s_down) = stacked(w.w_gate_up_S2IH), stacked(w.w_down_SHI)
-    bias = lambda b: None if b is None else b.to(dtype)
-    return QuantizedExpertWeights(quant=quant, q_gate_up=q_gu, s_gate_up=s_gu, q_down=q_down, s_down=s_down,
-                                  hidden=w.hidden, intermediate=w.w_down_SHI.shape[2], compute_dtype=dtype,
-                                  b_gate_up_S2I=bias(w.b_gate_up_S2I), b_down_SH=bias(w.b_down_SH),
-                                  interleaved=w.interleaved)
 
 
 def _transformers_dequantized(qw: QuantizedExpertWeights) -> ExpertWeights:
@@ -67,7 +53,7 @@ def _check(case, dtype=torch.float32, deterministic=True, atol=1e-4, block_m=Non
         x = x / 10
         if bias:
             w = dataclasses.replace(w, b_gate_up_S2I=w.b_gate_up_S2I / 10, b_down_SH=w.b_down_SH / 10)
-    qw = _quantize(w, ExpertQuant(format=fmt, block=block), dtype)
+    qw = quantize_experts(w, ExpertQuant(format=fmt, block=block), dtype)
     want = reference_experts(x.to(dtype).float(), pt, ps, pw, _transformers_dequantized(qw), act)
     got = triton_grouped.grouped_experts_triton(x.to(DEVICE, dtype), pt.to(DEVICE), ps.to(DEVICE), pw.to(DEVICE),
                                                 _on(qw, DEVICE), act, deterministic=deterministic, block_m=block_m)
