@@ -6,12 +6,24 @@ Every decoding error is an ``InvalidRequest`` naming the field, the value and th
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moeray.request import InvalidRequest, SamplingParams
 from moeray.serving.errors import ResponseTooLarge, clip
-from moeray.serving.gen import generate_pb2, grpc_predict_v2_pb2 as kserve_pb2
+from moeray.serving.gen import generate_pb2
+
+if TYPE_CHECKING:
+    from moeray.serving.gen import grpc_predict_v2_pb2 as kserve_pb2
+
+
+def _kserve():
+    # NOTE: imported on first use: KServe's messages cannot share protobuf's default pool with another copy of them
+    # (tritonclient's) in one process, and only the KServe paths need ours.
+    from moeray.serving.gen import grpc_predict_v2_pb2
+
+    return grpc_predict_v2_pb2
 
 FINISH_REASONS = {
     "stop": generate_pb2.FINISH_REASON_STOP,
@@ -106,7 +118,7 @@ def _output_shapes(outputs, batch: int, tokens: int, vocab: int) -> dict[str, li
 
 
 def _response(request, model_name: str, shapes: dict[str, list[int]]) -> kserve_pb2.ModelInferResponse:
-    response = kserve_pb2.ModelInferResponse(model_name=model_name, model_version="1", id=request.id)
+    response = _kserve().ModelInferResponse(model_name=model_name, model_version="1", id=request.id)
     for name, shape in shapes.items():
         response.outputs.add(name=name, datatype="FP32", shape=shape)
     return response

@@ -39,7 +39,8 @@ class HealthWatch:
     """Polls the controller's health in the background, keeping every distinct answer in order."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine, self.seen, self._stop = engine, [], threading.Event()
+        self.engine, self._stop = engine, threading.Event()
+        self.seen = [_health(engine)["serving"]]  # before anything is killed
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
