@@ -63,10 +63,7 @@ async def _load_http(base_url: str, prompts: list[list[int]], concurrency: int, 
         started = time.perf_counter()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         seconds = time.perf_counter() - started
-    done = [o for o in outputs if o is not None]
-    return LoadResult(concurrency=concurrency, requests=len(prompts), failed=len(prompts) - len(done),
-                      tokens=sum(len(o) for o in done), seconds=seconds, ttft_s=ttft, itl_s=itl, outputs=outputs,
-                      errors=errors)
+    return LoadResult.of(concurrency, outputs, seconds, ttft, itl, errors)
 
 
 def run_load_http(base_url: str, prompts: list[list[int]], concurrency: int, max_new_tokens: int = 16,

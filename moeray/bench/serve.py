@@ -29,6 +29,15 @@ class LoadResult:
     outputs: list[list[int]]
     errors: list[str]
 
+    @classmethod
+    def of(cls, concurrency: int, outputs: list, seconds: float, ttft_s: list[float], itl_s: list[float],
+           errors: list[str]) -> LoadResult:
+        """One load run's result; ``outputs[i]`` is None for a request that failed."""
+        done = [o for o in outputs if o is not None]
+        return cls(concurrency=concurrency, requests=len(outputs), failed=len(outputs) - len(done),
+                   tokens=sum(len(o) for o in done), seconds=seconds, ttft_s=ttft_s, itl_s=itl_s, outputs=outputs,
+                   errors=errors)
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
@@ -77,10 +86,7 @@ async def _load(address: str, prompts: list[list[int]], concurrency: int, max_ne
         started = time.perf_counter()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         seconds = time.perf_counter() - started
-    done = [o for o in outputs if o is not None]
-    return LoadResult(concurrency=concurrency, requests=len(prompts), failed=len(prompts) - len(done),
-                      tokens=sum(len(o) for o in done), seconds=seconds, ttft_s=ttft, itl_s=itl, outputs=outputs,
-                      errors=errors)
+    return LoadResult.of(concurrency, outputs, seconds, ttft, itl, errors)
 
 
 def run_load(address: str, prompts: list[list[int]], concurrency: int, max_new_tokens: int = 16,
