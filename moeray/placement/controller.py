@@ -38,6 +38,7 @@ from moeray.placement.topology import Budget, Topology
 
 log = logging.getLogger(__name__)
 
+HEAL_PLACEMENT_TIMEOUT_S = 120.0  # how long the background healer waits for replacement workers to be placed
 RESTORE_ATTEMPTS = 3  # a restore that finds more dead workers while it switches plans again without them
 
 
@@ -309,7 +310,10 @@ class PlacementController:
         if self.plan.num_workers - len(self.dead_workers) == self.target_workers and not self.dead_workers:
             return None
         reason = "scale" if not self.dead_workers else f"replace: workers {sorted(self.dead_workers)} lost"
-        return self._reshape(self.target_workers, reason, timeout_s=self.config.restore_timeout_s)
+        # NOTE: no request waits on this: a slow worker start (a loaded node, an autoscaler's new one) must not
+        # fail every retry, so placement may take longer than the restore timeout requests wait.
+        return self._reshape(self.target_workers, reason,
+                             timeout_s=max(self.config.restore_timeout_s, HEAL_PLACEMENT_TIMEOUT_S))
 
     def _applied(self, record: dict, current: Plan, new: Plan, stats: list[dict], started_ns: int) -> dict:
         """Complete the record of a switch made for a failure, a scale or a restart; keep and report it. Moved
