@@ -82,7 +82,15 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
     ("moeray_requests_waiting", "gauge", "1", (), "ingress",
      "requests admitted and waiting in the ingress for a running slot (the admission counter)"),
     ("moeray_kv_cache_bytes", "gauge", "By", (), "router",
-     "bytes of KV cache the router holds for its running batch (after each step)"),
+     "bytes of the router's KV pool held by blocks in use (after each step)"),
+    ("moeray_kv_cache_usage_ratio", "gauge", "1", (), "router",
+     "the fraction of the router's KV pool blocks in use (after each step)"),
+    ("moeray_preemptions", "counter", "1", (), "router",
+     "sequences preempted because the KV pool ran out (recomputed when re-admitted)"),
+    ("moeray_prefix_cache_queries", "counter", "1", (), "router",
+     "prompt tokens looked up in the prefix cache at admission"),
+    ("moeray_prefix_cache_hits", "counter", "1", (), "router",
+     "prompt tokens found in the prefix cache (their prefill skipped)"),
     ("moeray_prompt_tokens", "counter", "1", (), "router", "prompt tokens prefilled for generation requests"),
     ("moeray_generation_tokens", "counter", "1", (), "router", "new tokens generated"),
 )
@@ -513,16 +521,23 @@ def tokens_emitted(seqs) -> None:
         M.prompt_tokens.add(prompt)
 
 
-def kv_cache(cache) -> None:
-    """The router's KV cache after a step (a transformers DynamicCache, or None when nothing runs)."""
-    if not STATE.metrics:
-        return
-    held = 0
-    for layer in getattr(cache, "layers", None) or ():
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if t is not None and hasattr(t, "nbytes"):
-                held += t.nbytes
-    M.kv_cache_bytes.set(held)
+def kv_cache(stats) -> None:
+    """The router's KV pool after a step (a scheduler ``KVStats``)."""
+    if STATE.metrics:
+        M.kv_cache_bytes.set(stats.blocks_used * stats.block_size * stats.bytes_per_token)
+        M.kv_cache_usage_ratio.set(stats.usage)
+
+
+def prefix_lookup(queries: int, hits: int) -> None:
+    """A sequence was admitted: ``queries`` prompt tokens looked up in the prefix cache, ``hits`` found."""
+    if STATE.metrics:
+        M.prefix_cache_queries.add(queries)
+        M.prefix_cache_hits.add(hits)
+
+
+def preempted() -> None:
+    if STATE.metrics:
+        M.preemptions.add(1)
 
 
 def admission(running: int, waiting: int) -> None:

@@ -62,6 +62,10 @@ class ModelSpec:
     activation: GatedActivation
     moe_layers: tuple[MoELayerSpec, ...]
     dense_params: int  # everything a router holds: embeddings, attention, norms, gates, shared experts, lm_head
+    kv_elements_per_token: int = 0  # what the KV cache holds per token, all layers (MLA: the compressed latent)
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        return self.kv_elements_per_token * itemsize
 
     @property
     def num_experts(self) -> int:
@@ -120,6 +124,37 @@ def _activation_of(module: torch.nn.Module, config: PretrainedConfig) -> GatedAc
     raise CheckpointError(f"{type(module).__name__} has a custom gated activation moeray does not implement yet")
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """What one attention layer caches per token: ``key`` and ``value`` as (heads, size). For MLA, the compressed
+    latent and the shared rotary key."""
+
+    key: tuple[int, int]
+    value: tuple[int, int]
+
+    @property
+    def elements(self) -> int:
+        return self.key[0] * self.key[1] + self.value[0] * self.value[1]
+
+
+def kv_layout_of(model: torch.nn.Module) -> list[LayerKV]:
+    """Per attention layer (in layer order), what its cache holds per token."""
+    attention = {}
+    for module in model.modules():
+        if not hasattr(module, "layer_idx") or not type(module).__name__.endswith("Attention"):
+            continue
+        if hasattr(module, "kv_a_proj_with_mqa"):  # MLA: transformers caches the latent and the rotary key
+            attention[module.layer_idx] = LayerKV((1, module.kv_lora_rank), (1, module.qk_rope_head_dim))
+        elif hasattr(module, "k_proj") and hasattr(module, "head_dim"):
+            heads = module.k_proj.out_features // module.head_dim
+            attention[module.layer_idx] = LayerKV((heads, module.head_dim), (heads, module.head_dim))
+        else:
+            raise CheckpointError(f"{type(module).__name__}: moeray's KV cache does not know what it caches")
+    if sorted(attention) != list(range(len(attention))) or not attention:
+        raise CheckpointError(f"attention layers {sorted(attention)} are not numbered 0..n-1")
+    return [attention[i] for i in range(len(attention))]
+
+
 def describe(model: torch.nn.Module, config: PretrainedConfig) -> ModelSpec:
     """Find the experts modules of a (meta) model and describe the architecture."""
     layers = []
@@ -155,4 +190,5 @@ def describe(model: torch.nn.Module, config: PretrainedConfig) -> ModelSpec:
         activation=activation,
         moe_layers=tuple(layers),
         dense_params=dense,
+        kv_elements_per_token=sum(layer.elements for layer in kv_layout_of(model)),
     )

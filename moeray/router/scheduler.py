@@ -1,14 +1,25 @@
-"""Continuous batching: requests join and leave one running batch between steps.
+"""Continuous batching over a paged KV pool: each step runs every running sequence's next token together with
+chunks of waiting prompts, in one packed forward.
 
-The running batch is one left-padded KV cache: row b holds sequence b right-aligned, an attention mask marks its
-padding, and position ids count only its real tokens, so each row computes exactly what it would alone. A step
-is either a prefill of newly admitted requests (their own padded batch, then merged into the running cache) or a
-decode of every running sequence. Finished rows are dropped and common leading padding trimmed.
+```
+submit ─▶ waiting ──admit: shared prefix blocks, blocks for the first chunk──▶ running ──▶ done (blocks returned)
+             ▲                                                                   │ step: next token, or next chunk
+             └───────── preempted: blocks freed, recomputed when re-admitted ◀───┘ (the pool ran out)
+```
 
-transformers' own continuous-batching manager (``generate_batch``) was tried first: it fails on DeepSeek-V3's MLA
-attention (key and value head sizes differ), so moeray keeps this small scheduler that works for every model.
+A step takes every running sequence (its next token, or the next chunk of its prompt while it is still
+prefilling), then admits waiting sequences while the step's prefill budget (``max_prefill_tokens``) and the batch
+size allow. A prompt longer than the budget is prefilled over several steps, so running streams wait at most one
+chunk. A sequence whose keys and values fill a block takes a new one; when the pool has none, the most recently
+admitted sequence is preempted: its blocks go back and it waits at the head of the queue to be prefilled again
+over its prompt and the tokens it has produced, so its output continues exactly. A request that could never fit
+the pool, even alone, is refused when it is submitted.
 
-Shape legend: B rows in a batch, S cached positions, Q new tokens per row, V vocabulary.
+Sequence state is one number: ``num_computed``, its positions whose keys and values are in the pool. A step feeds
+positions ``num_computed ..`` and samples a token when it reaches the end of the known tokens. A failed step
+advances nothing, so running it again after a recovery recomputes exactly the same positions into the same slots.
+
+Shape legend: Q new tokens in a step (packed), S sampled positions, V vocabulary, B rows and T tokens (scoring).
 """
 
 from __future__ import annotations
@@ -21,15 +32,19 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache
 
 from moeray import telemetry
-from moeray.request import DuplicateRequestId, GenerationResult, SamplingParams
+from moeray.model.architecture import kv_layout_of
+from moeray.request import DuplicateRequestId, GenerationResult, InvalidRequest, SamplingParams
+from moeray.router.kv_blocks import BlockTable, OutOfBlocks, SeqBlocks
+from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
 
 log = logging.getLogger(__name__)
 
 MAX_STEP_RETRIES = 3  # a step that still fails after this many recoveries fails its sequences
-PAD_ID = 0  # any valid id: padded positions are masked out of attention and never dispatched to experts
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_PREFILL_TOKENS = 512
+DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the pool's size when none is given: this many tokens per batch slot
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,6 +62,8 @@ class Sequence:
     span: object = None  # the request's router span (telemetry): step spans link to it
     arrived_s: float = dataclasses.field(default_factory=time.perf_counter)
     last_token_s: float = 0.0  # when its latest token came (telemetry: time to first token, inter-token latency)
+    kv: SeqBlocks = dataclasses.field(default_factory=SeqBlocks)
+    num_computed: int = 0  # positions whose keys and values are in the pool
 
     def __post_init__(self) -> None:
         self.generator = None
@@ -57,9 +74,37 @@ class Sequence:
             else:
                 self.generator.seed()
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Positions ``start:stop`` of prompt + output, without concatenating the whole sequence."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[start:stop] + self.output_ids[max(start - n, 0):max(stop - n, 0)]
+
     def result(self) -> GenerationResult:
         return GenerationResult(request_id=self.request_id, prompt_ids=self.prompt_ids,
                                 output_ids=list(self.output_ids), finish_reason=self.finish_reason or "abort")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVStats:
+    """The KV pool as the router's metrics, stats and ``GetModelInfo`` report it."""
+
+    blocks_total: int
+    blocks_used: int
+    block_size: int
+    bytes_per_token: int  # the model's keys and values (or MLA latent) per token, all layers
+    pool_bytes: int
+    tokens_held: int  # positions running sequences hold (shared prefix blocks count once per sequence)
+    preemptions: int
+    prefix_queries: int  # prompt tokens looked up in the prefix cache, and those found
+    prefix_hits: int
+
+    @property
+    def usage(self) -> float:
+        return self.blocks_used / self.blocks_total
 
 
 def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -82,17 +127,6 @@ def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens
 
 
-def _left_pad(t: torch.Tensor, length: int, value: float = 0) -> torch.Tensor:
-    """Pad dim -2 (cache positions) or dim -1 (mask) on the left up to ``length``."""
-    dim = -2 if t.dim() == 4 else -1
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_full(shape, value), t], dim=dim)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -102,31 +136,55 @@ class Scheduler:
         recover: Callable[[Exception], bool] | None = None,
         max_batch_size: int = 32,
         device: torch.device | str = "cpu",
+        kv_cache_bytes: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model
-        # Told before each forward which flattened tokens are real (and their ids), and (None, None) after it.
+        # Told before each forward which flattened tokens are real (None: all) and their ids, and (None, None) after.
         self.on_forward = on_forward
         # Asked when a step fails: True if the cause was repaired (e.g. lost experts re-placed) and the step should
         # run again from where it started.
         self.recover = recover
         self.max_batch_size = max_batch_size
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1; got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         self.device = torch.device(device)
-        self.forward_lock = threading.Lock()  # one forward at a time: the dispatcher's token mask is per forward
+        use_paged_attention(model)
+        layers = kv_layout_of(model)
+        block_bytes = KVPool.bytes_per_token_of(layers, model.dtype) * block_size
+        if kv_cache_bytes is None:
+            kv_cache_bytes = max_batch_size * DEFAULT_TOKENS_PER_SEQUENCE // block_size * block_bytes
+        if kv_cache_bytes < block_bytes:
+            raise ValueError(f"kv_cache_bytes {kv_cache_bytes} is below one block of {block_size} tokens "
+                             f"({block_bytes} bytes for this model)")
+        num_blocks = kv_cache_bytes // block_bytes
+        self.pool = KVPool(layers, num_blocks, block_size, model.dtype, self.device)
+        self.blocks = BlockTable(num_blocks, block_size, prefix_caching)
+        self.forward_lock = threading.Lock()  # one forward at a time: the dispatcher's token ids are per forward
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # admitted sequences holding blocks, in admission order
         self._active: dict[str, Sequence] = {}  # request id -> its sequence, from submit until done (under _cond)
         self.scores = 0  # score() calls
-        self._cache: DynamicCache | None = None
-        self._mask_BS: torch.Tensor | None = None
         self.steps = 0
         self.step_s = 0.0  # wall time in steps, and the part of it inside the model's forward
         self.forward_s = 0.0
+        self.preemptions = 0
+        self.prefix_queries = self.prefix_hits = 0
 
     # -- submission (any thread) -------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue ``seq``; DuplicateRequestId if a sequence with its id is still in flight (an aborted one that has
-        not finished yet does not count: a client may retry at once under the same id)."""
+        """Queue ``seq``. InvalidRequest if it could not fit the KV pool even alone; DuplicateRequestId if a
+        sequence with its id is still in flight (an aborted one that has not finished yet does not count: a client
+        may retry at once under the same id)."""
+        need = len(seq.prompt_ids) + seq.sampling.max_new_tokens
+        if self.blocks.blocks_for(need) > self.blocks.num_blocks:
+            raise InvalidRequest(f"prompt of {len(seq.prompt_ids)} tokens plus max_new_tokens "
+                                 f"{seq.sampling.max_new_tokens} exceeds the router's KV cache of "
+                                 f"{self.blocks.num_blocks * self.blocks.block_size} tokens")
         with self._cond:
             other = self._active.get(seq.request_id)
             if other is not None and not other.done.is_set() and not other.aborted:
@@ -139,7 +197,7 @@ class Scheduler:
         return seq
 
     def abort(self, request_id: str) -> bool:
-        with self._cond:  # also finds a sequence in its prefill, between the waiting queue and the running batch
+        with self._cond:  # finds a sequence waiting, running or preempted
             seq = self._active.get(request_id)
             if seq is None or seq.done.is_set():
                 return False
@@ -147,7 +205,8 @@ class Scheduler:
             return True
 
     def _retire(self, seq: Sequence) -> None:
-        """``seq`` is done: wake its caller and free its request id."""
+        """``seq`` is done: return its blocks, wake its caller and free its request id."""
+        self.blocks.release(seq.kv)
         seq.done.set()
         with self._cond:
             if self._active.get(seq.request_id) is seq:
@@ -166,89 +225,118 @@ class Scheduler:
     # -- stepping (the loop thread) ----------------------------------------------------------------------
     def step(self) -> None:
         started = time.perf_counter()
+        for seq in [s for s in self.running if s.aborted]:
+            self._finish(seq, "abort")
+        batch = self._schedule()
+        if batch:
+            self._run(batch)
+        self.steps += 1
+        self.step_s += time.perf_counter() - started
+        telemetry.kv_cache(self.kv_stats())
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's (sequence, new positions): the running ones first, then admissions."""
+        budget, batch, i = self.max_prefill_tokens, [], 0
+        while i < len(self.running):
+            seq = self.running[i]
+            remaining = seq.num_tokens - seq.num_computed
+            new = 1 if remaining == 1 else min(remaining, budget)
+            if new and not self._reserve(seq, seq.num_computed + new):
+                break  # it was the most recent itself, and is preempted
+            if new:
+                budget -= new if remaining > 1 else 0
+                batch.append((seq, new))
+            i += 1
         with self._cond:
-            free = self.max_batch_size - len(self.running)
-            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            while self._waiting and len(self.running) < self.max_batch_size and budget > 0:
+                seq = self._waiting[0]
+                if seq.aborted:
+                    self._waiting.popleft()
+                    self._finish(seq, "abort")
+                    continue
+                hit = self.blocks.match_prefix(seq.kv, seq.tokens(0, seq.num_tokens), seq.num_tokens - 1)
+                new = min(seq.num_tokens - hit, budget)
+                try:
+                    self.blocks.grow(seq.kv, hit + new)
+                except OutOfBlocks:
+                    self.blocks.release(seq.kv)  # it waits for blocks (running sequences return them)
+                    break
+                self._waiting.popleft()
+                seq.num_computed = hit
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += hit
+                telemetry.prefix_lookup(seq.num_tokens, hit)
+                self.running.append(seq)
+                budget -= new
+                batch.append((seq, new))
             telemetry.queue_depth(len(self._waiting))
-        admitted = [s for s in admitted if not self._finish_if_aborted(s)]
-        # NOTE: a forward only ever replaces cache tensors (torch.cat), never writes into them, so keeping the
-        # current ones is enough to roll a failed step back and run it again.
-        saved = (self.running, self._mask_BS, None if self._cache is None else
-                 [(layer.keys, layer.values) for layer in self._cache.layers])
+        return batch
+
+    def _reserve(self, seq: Sequence, positions: int) -> bool:
+        """Blocks for ``positions`` of ``seq``, preempting the most recently admitted sequences while the pool has
+        too few; False if ``seq`` itself had to go."""
+        while True:
+            try:
+                self.blocks.grow(seq.kv, positions)
+                return True
+            except OutOfBlocks:
+                victim = self.running.pop()
+                self.blocks.release(victim.kv)
+                victim.num_computed = 0
+                self.preemptions += 1
+                telemetry.preempted()
+                log.info("KV pool full: preempted %s (%d tokens; recomputed when re-admitted)", victim.request_id,
+                         victim.num_tokens)
+                with self._cond:
+                    self._waiting.appendleft(victim)
+                if victim is seq:
+                    return False
+
+    def _run(self, batch: list[tuple[Sequence, int]]) -> None:
+        batch = [b for b in batch if b[1] == 1] + [b for b in batch if b[1] != 1]  # the layout's decode block first
+        ids, positions, keep, samplers = [], [], [], []
+        for seq, new in batch:
+            ids += seq.tokens(seq.num_computed, seq.num_computed + new)
+            positions += range(seq.num_computed, seq.num_computed + new)
+            if seq.num_computed + new == seq.num_tokens:
+                keep.append(len(ids) - 1)
+                samplers.append(seq)
+        layout = StepLayout([Row(seq.num_computed, new, seq.kv.block_ids) for seq, new in batch], self.pool,
+                            self.device)
+        seqs = [seq for seq, _ in batch]
+        kind = "decode" if len(batch) == layout.num_decode else "prefill"
         for attempt in range(1 + MAX_STEP_RETRIES):
             try:
-                if admitted:
-                    self._prefill(admitted)
-                elif self.running:
-                    self._decode()
+                logits_SV = self._forward(torch.tensor(ids), torch.tensor(positions), layout, keep, kind, seqs)
                 break
             except Exception as e:  # a failed step fails its sequences, never the loop
                 if attempt < MAX_STEP_RETRIES and self.recover is not None and self.recover(e):
                     log.warning("step failed (%s); retrying it after recovery", e)
-                    self.running, self._mask_BS = saved[0], saved[1]
-                    self._cache = None if saved[2] is None else DynamicCache(ddp_cache_data=saved[2])
                     continue
-                log.exception("step failed; failing %d sequences", len(self.running) + len(admitted))
-                for seq in set(self.running) | set(admitted):
+                log.exception("step failed; failing %d sequences", len(seqs))
+                for seq in seqs:
                     seq.error = e
-                    self._retire(seq)
-                self.running, self._cache, self._mask_BS = [], None, None
-                break
-        self.steps += 1
-        self.step_s += time.perf_counter() - started
-        telemetry.kv_cache(self._cache)
+                    self._finish(seq, None)
+                return
+        for seq, new in batch:
+            seq.num_computed += new
+            if seq.num_computed // self.blocks.block_size > len(seq.kv.content_ids):
+                self.blocks.register_full(seq.kv, seq.tokens(0, seq.num_computed), seq.num_computed)
+        if samplers:
+            self._emit(samplers, sample_next(logits_SV, samplers))
 
-    def _finish_if_aborted(self, seq: Sequence) -> bool:
-        if seq.aborted:
-            seq.finish_reason = "abort"
-            self._retire(seq)
-        return seq.aborted
-
-    def _forward(self, ids_BQ, mask_BS, pos_BQ, cache, token_mask_T, seqs=()) -> torch.Tensor:
-        kind = "decode" if token_mask_T is None else "prefill"
-        with self.forward_lock, torch.no_grad(), telemetry.step_span(kind, seqs):
-            self.on_forward(token_mask_T, ids_BQ.reshape(-1))
+    def _forward(self, ids_Q, pos_Q, layout: StepLayout, keep: list[int], kind: str, seqs) -> torch.Tensor:
+        with self.forward_lock, torch.no_grad(), telemetry.step_span(kind, seqs), layout.active():
+            self.on_forward(None, ids_Q)
             started = time.perf_counter()
             try:
-                out = self.model(input_ids=ids_BQ.to(self.device), attention_mask=mask_BS.to(self.device),
-                                 position_ids=pos_BQ.to(self.device), past_key_values=cache, use_cache=True,
-                                 logits_to_keep=1)
+                out = self.model(input_ids=ids_Q[None].to(self.device), position_ids=pos_Q[None].to(self.device),
+                                 cache=layout, use_cache=True,
+                                 logits_to_keep=torch.tensor(keep or [0], device=self.device))
             finally:
                 self.forward_s += time.perf_counter() - started
                 self.on_forward(None, None)
-        return out.logits[:, -1]
-
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        length = max(len(s.prompt_ids) for s in seqs)
-        pads = [length - len(s.prompt_ids) for s in seqs]
-        ids_BQ = torch.tensor([[PAD_ID] * p + s.prompt_ids for p, s in zip(pads, seqs)])
-        mask_BS = torch.tensor([[0] * p + [1] * (length - p) for p in pads])
-        pos_BQ = torch.arange(length).unsqueeze(0) - torch.tensor(pads).unsqueeze(1)
-        cache = DynamicCache()
-        logits_BV = self._forward(ids_BQ, mask_BS, pos_BQ, cache, mask_BS.reshape(-1).bool(), seqs)
-        self._merge(seqs, cache, mask_BS)
-        self._emit(seqs, sample_next(logits_BV, seqs))
-
-    def _decode(self) -> None:
-        seqs = self.running
-        ids_BQ = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        pos_BQ = self._mask_BS.sum(dim=1, keepdim=True)
-        self._mask_BS = torch.cat([self._mask_BS, torch.ones(len(seqs), 1, dtype=self._mask_BS.dtype)], dim=1)
-        logits_BV = self._forward(ids_BQ, self._mask_BS, pos_BQ, self._cache, None, seqs)
-        self._emit(seqs, sample_next(logits_BV, seqs))
-
-    def _merge(self, seqs: list[Sequence], cache: DynamicCache, mask_BS: torch.Tensor) -> None:
-        if not self.running:
-            self.running, self._cache, self._mask_BS = list(seqs), cache, mask_BS
-            return
-        length = max(self._mask_BS.shape[1], mask_BS.shape[1])
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            layers.append(tuple(torch.cat([_left_pad(a, length), _left_pad(b, length)], dim=0)
-                                for a, b in ((old.keys, new.keys), (old.values, new.values))))
-        self._cache = DynamicCache(ddp_cache_data=layers)
-        self._mask_BS = torch.cat([_left_pad(self._mask_BS, length), _left_pad(mask_BS, length)], dim=0)
-        self.running = self.running + list(seqs)
+        return out.logits[0]
 
     def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
         telemetry.tokens_emitted(seqs)
@@ -257,50 +345,51 @@ class Scheduler:
             if seq.on_token is not None:
                 seq.on_token(token)
             if token in seq.stop_ids:
-                seq.finish_reason = "stop"
+                self._finish(seq, "stop")
             elif len(seq.output_ids) >= seq.sampling.max_new_tokens:
-                seq.finish_reason = "length"
+                self._finish(seq, "length")
             elif seq.aborted:
-                seq.finish_reason = "abort"
-        keep = [b for b, s in enumerate(self.running) if s.finish_reason is None]
-        for seq in self.running:
-            if seq.finish_reason is not None:
-                self._retire(seq)
-        if len(keep) == len(self.running):
-            return
-        if not keep:
-            self.running, self._cache, self._mask_BS = [], None, None
-            return
-        index = torch.tensor(keep)
-        mask_BS = self._mask_BS.index_select(0, index)
-        # trim the leading positions that are padding in every remaining row
-        start = int((mask_BS.cumsum(dim=1) == 0).sum(dim=1).min())
-        layers = [(layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:],
-                   layer.values.index_select(0, index.to(layer.values.device))[:, :, start:])
-                  for layer in self._cache.layers]
-        self._cache = DynamicCache(ddp_cache_data=layers)
-        self._mask_BS = mask_BS[:, start:]
-        self.running = [self.running[b] for b in keep]
+                self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str | None) -> None:
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        self._retire(seq)
+
+    def kv_stats(self) -> KVStats:
+        b = self.blocks
+        return KVStats(blocks_total=b.num_blocks, blocks_used=b.num_used, block_size=b.block_size,
+                       bytes_per_token=self.pool.bytes_per_token, pool_bytes=self.pool.nbytes,
+                       tokens_held=sum(s.num_computed for s in self.running), preemptions=self.preemptions,
+                       prefix_queries=self.prefix_queries, prefix_hits=self.prefix_hits)
 
     # -- scoring -----------------------------------------------------------------------------------------
     def score(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Logits for every position of a right- or left-padded batch (no cache kept), [B, T, V]; with
-        ``last_only``, each row's logits at its last real position only, [B, V] (the LM head runs on just the
-        distinct last positions, U <= B of them)."""
+        """Logits for every position of a padded batch (no cache kept), [B, T, V], zero at padding; with
+        ``last_only``, each row's logits at its last real position only, [B, V]. Rows are packed like a step's
+        prefill chunks, so padding costs nothing."""
         self.scores += 1
-        pos_BT = (mask_BT.cumsum(dim=1) - 1).clamp(min=0)
-        keep = {}
-        if last_only:
-            last_B = mask_BT.shape[1] - 1 - mask_BT.flip(1).argmax(dim=1)
-            keep_U, index_B = torch.unique(last_B, return_inverse=True)
-            keep = {"logits_to_keep": keep_U.to(self.device)}
-        with self.forward_lock, torch.no_grad():
-            self.on_forward(mask_BT.reshape(-1).bool(), ids_BT.reshape(-1))
+        real_BT = mask_BT.bool()
+        lengths = real_BT.sum(dim=1).tolist()
+        order = sorted(range(len(lengths)), key=lambda b: lengths[b] != 1)  # one-token rows: the decode block
+        layout = StepLayout([Row(0, lengths[b]) for b in order], None, self.device)
+        ids_Q = torch.cat([ids_BT[b][real_BT[b]] for b in order])
+        pos_Q = torch.cat([torch.arange(lengths[b]) for b in order])
+        start = dict(zip(order, torch.tensor([0] + [lengths[b] for b in order]).cumsum(0).tolist()))
+        keep = [start[b] + lengths[b] - 1 for b in range(len(lengths))] if last_only else None
+        with self.forward_lock, torch.no_grad(), layout.active():
+            self.on_forward(None, ids_Q)
             try:
-                out = self.model(input_ids=ids_BT.to(self.device), attention_mask=mask_BT.to(self.device),
-                                 position_ids=pos_BT.to(self.device), use_cache=False, **keep)
+                out = self.model(input_ids=ids_Q[None].to(self.device), position_ids=pos_Q[None].to(self.device),
+                                 cache=layout, use_cache=True,
+                                 logits_to_keep=0 if keep is None else torch.tensor(keep, device=self.device))
             finally:
                 self.on_forward(None, None)
-        if last_only:  # [B, U, V] -> each row's own position
-            return out.logits[torch.arange(len(index_B), device=out.logits.device), index_B.to(out.logits.device)]
-        return out.logits
+        logits = out.logits[0]
+        if last_only:
+            return logits
+        logits_BTV = logits.new_zeros(*ids_BT.shape, logits.shape[-1])
+        for b in range(len(lengths)):
+            logits_BTV[b, real_BT[b].to(logits.device)] = logits[start[b]:start[b] + lengths[b]]
+        return logits_BTV

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
-from transformers import DynamicCache
-
 from moeray import telemetry
+from moeray.router.scheduler import KVStats
 from moeray.serving.admission import Admission
 from otel_helpers import otel
 
@@ -34,10 +32,16 @@ def test_running_and_waiting_follow_the_admission_counter():
         asyncio.run(scenario(o))
 
 
-def test_kv_cache_bytes_is_what_the_cache_holds():
-    cache = DynamicCache(ddp_cache_data=[(torch.zeros(2, 4, 5, 8), torch.zeros(2, 4, 5, 8))] * 3)
+def test_kv_cache_metrics_are_what_the_pool_holds():
+    stats = KVStats(blocks_total=10, blocks_used=4, block_size=16, bytes_per_token=96, pool_bytes=10 * 16 * 96,
+                    tokens_held=64, preemptions=0, prefix_queries=0, prefix_hits=0)
     with otel() as o:
-        telemetry.kv_cache(cache)
-        assert o.metrics()["moeray_kv_cache_bytes"][0].value == 3 * 2 * (2 * 4 * 5 * 8) * 4
-        telemetry.kv_cache(None)
-        assert o.metrics()["moeray_kv_cache_bytes"][0].value == 0
+        telemetry.kv_cache(stats)
+        telemetry.preempted()
+        telemetry.prefix_lookup(100, 32)
+        telemetry.prefix_lookup(50, 0)
+        m = o.metrics()
+        assert m["moeray_kv_cache_bytes"][0].value == 4 * 16 * 96
+        assert m["moeray_kv_cache_usage_ratio"][0].value == 0.4
+        assert m["moeray_preemptions"][0].value == 1
+        assert m["moeray_prefix_cache_queries"][0].value == 150 and m["moeray_prefix_cache_hits"][0].value == 32
