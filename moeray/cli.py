@@ -2,18 +2,23 @@
 
     moeray generate [--model DIR|ORG/NAME[@REV]] --prompt-ids 1,2,3 [--prompt-ids 4,5 ...] [--prompt TEXT ...]
                     --max-new-tokens N --workers W [--replicas R] [--dtype float32|bfloat16] [--json]
+                    [--initial-plan FILE | --initial-load TRACE]
     moeray generate --target HOST:PORT --prompt-ids 1,2,3 ...     (calls a running server)
     moeray serve [--model DIR] [--port 9000] [--http-port 8000] [--workers N] [--routers N] [--address ADDR]
                  [--served-model-name NAME] [--api-key KEY] [--chat-template FILE] [--drain-timeout 30]
+                 [--placement-config FILE] [--initial-plan FILE | --initial-load TRACE]
     moeray info [--model DIR]
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
     moeray bench kernels [--tokens 16,256,2048]
     moeray bench serve [--model DIR] [--concurrency 1,8,32] [--api grpc,http]
+    moeray bench kv [--model medium] [--chunk 64]
     moeray bench placement [--windows 12]
     moeray bench heal [--model DIR] [--kills 5]
-    moeray placement show | rebalance [--dry-run] | policy NAME | record --out FILE | inspect   (a running server)
+    moeray placement show | export --out FILE | rebalance [--dry-run] | policy NAME | record --out FILE | inspect
+                                                                                              (a running server)
     moeray placement synth --kind zipf|drifting|bursty ... --out FILE
     moeray placement simulate --trace FILE --policy NAME[,NAME...] --workers N [--nodes M] [--redundant R] [--json]
+    moeray placement simulate --trace FILE --config FILE --workers N ...   (the controller's own triggers)
 
 With no --model, commands use the embedded demo checkpoint (created on first use). --model also takes a Hugging Face
 hub id, org/name[@revision], resolved through huggingface_hub's cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE).
@@ -59,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from transformers import AutoTokenizer
 
-    from moeray.engine import Engine, EngineConfig
+    from moeray.engine import Engine, EngineConfig, plan_placement
     from moeray.model.backbone import inspect_checkpoint
     from moeray.model.checkpoint import CheckpointError
     from moeray.model.hub import local_model_dir
@@ -89,16 +94,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
         config = EngineConfig(model=model, workers=args.workers, replicas=args.replicas, dtype=args.dtype,
                               placement=args.placement, threads_per_actor=args.worker_threads,
-                              router_threads=args.router_threads)
+                              router_threads=args.router_threads, kv_cache=_kv_cache_config(args),
+                              initial_plan=args.initial_plan, initial_load=args.initial_load)
         # Reject bad input before any cluster starts: the checks need only the checkpoint's headers.
         spec = inspect_checkpoint(model, config.torch_dtype).spec
+        plan_placement(config, spec)
         limits = RequestLimits.of(spec, config.max_new_tokens_cap)
         for i, prompt in enumerate(prompts):
             try:
                 limits.check(prompt, sampling)
             except InvalidRequest as e:
                 raise InvalidRequest(f"prompt {i}: {e}") from None
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _init_ray(args.address)
@@ -149,13 +156,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from moeray.engine import Engine, EngineConfig
+    from moeray.engine import Engine, EngineConfig, plan_placement
+    from moeray.model.backbone import inspect_checkpoint
     from moeray.serving.app import start_serving
 
     from moeray import telemetry
     from moeray.placement.config import ControllerConfig
     from moeray.serving import lifecycle
-    from moeray.serving.openai_api import API_KEY_ENV
+    from moeray.serving.auth import API_KEY_ENV
 
     try:
         controller = ControllerConfig.from_file(
@@ -173,7 +181,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               threads_per_actor=args.worker_threads, router_threads=args.router_threads,
                               max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
                               track_tokens=args.track_tokens, controller=controller, transport=args.transport,
-                              telemetry=telemetry.config_from_args(args))
+                              kv_cache=_kv_cache_config(args),
+                              telemetry=telemetry.config_from_args(args), initial_plan=args.initial_plan,
+                              initial_load=args.initial_load)
+        if config.initial_plan or config.initial_load:  # refused before any cluster starts
+            plan_placement(config, inspect_checkpoint(config.model, config.torch_dtype).spec)
         chat_template = None
         if args.chat_template:
             with open(args.chat_template, encoding="utf-8") as f:
@@ -266,6 +278,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 2
     spec, quant = loaded.spec, loaded.index.quant
     itemsize = DTYPES[args.dtype].itemsize
+    from moeray.router.kv_config import KVCacheConfig
+
+    kv_bytes = KVCacheConfig(memory=args.kv_cache_memory, block_size=args.kv_block_size).fixed_bytes()
+    # a pool given in bytes: the blocks it holds (a fraction depends on the device's memory at start)
+    kv_blocks = None if kv_bytes is None else kv_bytes // (spec.kv_bytes_per_token(itemsize) * args.kv_block_size)
     # NOTE: a worker holds ceil((experts + replicas) / workers) slots of every MoE layer (static plans)
     slots = -(-(spec.num_experts + args.replicas) // args.workers)
     print(json.dumps({
@@ -278,6 +295,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "dtype": args.dtype, "workers": args.workers, "replicas": args.replicas, "slots_per_worker": slots,
         "expert_bytes_per_worker": sum(slots * layer.bytes_per_expert(itemsize) for layer in spec.moe_layers),
         "dense_bytes_per_router": spec.dense_params * itemsize,
+        "kv_bytes_per_token": spec.kv_bytes_per_token(itemsize), "kv_block_size": args.kv_block_size,
+        "kv_blocks": kv_blocks,
     }))
     return 0
 
@@ -302,6 +321,48 @@ def _add_thread_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-threads", type=int, default=2,
                         help="torch threads per router: its dense compute runs while its workers wait, so on a CPU "
                         "node it can use their cores (default 2)")
+
+
+def _add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("KV cache (per router)")
+    group.add_argument("--kv-cache-memory", help="the KV pool's size: bytes (8GiB, 512MB) or a fraction such as 0.9 "
+                       "of the device's free memory after the weights (default: 2048 tokens per batch slot)")
+    group.add_argument("--kv-block-size", type=int, default=16, help="token positions per KV block (default 16)")
+    group.add_argument("--max-prefill-tokens", type=int, default=512,
+                       help="prompt tokens a step prefills beside the running streams' next tokens; longer prompts "
+                       "are prefilled in chunks (default 512)")
+    group.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="do not share KV blocks between requests with the same prompt prefix")
+
+
+def _kv_cache_config(args: argparse.Namespace):
+    from moeray.router.kv_config import KVCacheConfig
+
+    return KVCacheConfig(memory=args.kv_cache_memory, block_size=args.kv_block_size,
+                         max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_caching)
+
+
+def _add_initial_flags(parser: argparse.ArgumentParser) -> None:
+    first = parser.add_mutually_exclusive_group()
+    first.add_argument("--initial-plan", metavar="FILE", help="start on this plan (`moeray placement export --out "
+                       "FILE` or `moeray placement show --json` of an earlier run) instead of --placement")
+    first.add_argument("--initial-load", metavar="TRACE", help="start on the policy's layout for this recorded load "
+                       "trace (JSON Lines: `moeray placement record`, or the controller's trace_path)")
+
+
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    from moeray.bench.kv import run_kv_bench
+    from moeray.bench.serve import medium_checkpoint
+
+    model = args.model
+    if model == "medium":
+        from moeray.model.demo import demo_checkpoint_dir
+
+        model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
+    _init_ray(None)
+    run_kv_bench(_model_dir(model), chunk=args.chunk, streams=args.streams, long_prompt=args.long_prompt,
+                 prefix=args.prefix, router_threads=args.router_threads)
+    return 0
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -362,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--workers", type=int, default=2)
     _add_thread_flags(gen)
+    _add_kv_cache_flags(gen)
     gen.add_argument("--replicas", type=int, default=0, help="redundant expert slots per MoE layer")
     gen.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
+    _add_initial_flags(gen)
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -384,11 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (see README on the gRPC bind)")
     srv.add_argument("--workers", type=int, default=2)
     _add_thread_flags(srv)
+    _add_kv_cache_flags(srv)
     srv.add_argument("--replicas", type=int, default=0)
     srv.add_argument("--routers", type=int, default=1)
     srv.add_argument("--transport", default="object_store", choices=["object_store", "compiled_graph"],
                      help="the per-layer data path (compiled_graph: one router only; see README: Data path)")
     srv.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
+    _add_initial_flags(srv)
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     srv.add_argument("--max-new-tokens-cap", type=int, default=4096)
     srv.add_argument("--max-ongoing", type=int, default=256, help="requests in flight before queueing")
@@ -419,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--worker-memory", help="memory budget for one worker's expert slots, e.g. 20GiB "
                      "(default: just enough for the experts and --replicas)")
     ctl.add_argument("--rebalance-threshold", type=float, dest="imbalance_threshold",
-                     help="rebalance when measured imbalance stays above this for --rebalance-windows windows")
+                     help="rebalance when the plan's expected imbalance stays above this for --rebalance-windows "
+                     "windows")
     ctl.add_argument("--rebalance-windows", type=int, dest="consecutive_windows")
     ctl.add_argument("--rebalance-interval", type=float, dest="rebalance_interval_s", help="also every N seconds")
     ctl.add_argument("--window-steps", type=int, help="load window, in steps (default 64)")
@@ -437,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--replicas", type=int, default=0)
     info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="compute dtype: of dense weights, biases and unquantized experts")
+    info.add_argument("--kv-cache-memory", help="a KV pool size in bytes (8GiB): print the blocks it holds")
+    info.add_argument("--kv-block-size", type=int, default=16)
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -460,6 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--workers", type=int, default=2)
     _add_thread_flags(bserve)
     bserve.set_defaults(func=cmd_bench_serve)
+    bkv = bench_sub.add_parser("kv", help="the KV cache through the endpoint: a long prompt beside running streams "
+                               "(chunked vs whole-prompt prefill), a shared prefix, bytes per cached token")
+    bkv.add_argument("--model", default="medium", help="checkpoint, or 'medium' (built on first use; the default)")
+    bkv.add_argument("--chunk", type=int, default=64, help="the chunked setting's --max-prefill-tokens")
+    bkv.add_argument("--streams", type=int, default=16)
+    bkv.add_argument("--long-prompt", type=int, default=768)
+    bkv.add_argument("--prefix", type=int, default=512)
+    bkv.add_argument("--router-threads", type=int, default=2)
+    bkv.set_defaults(func=cmd_bench_kv)
     bheal = bench_sub.add_parser("heal", help="time from a worker's death to full service, and the extra latency "
                                  "of requests in flight, without and with replicas")
     bheal.add_argument("--model", help="checkpoint (default: the embedded demo)")

@@ -21,13 +21,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from moeray.experts.worker import WorkerSpawner
 from moeray.telemetry import TelemetryConfig
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
+from moeray.model.architecture import ModelSpec
 from moeray.placement.actors import ControllerActor, topology_of
 from moeray.placement.config import ControllerConfig
+from moeray.placement.controller import first_plan
+from moeray.placement.initial import initial_layout
 from moeray.placement.plan import Plan
-from moeray.placement.policies import STATIC_POLICIES, static_plan
+from moeray.placement.policies import STATIC_POLICIES
 from moeray.placement.topology import Budget, parse_bytes, slots_per_worker
 from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
+from moeray.router.kv_config import KVCacheConfig
 from moeray.router.router import Router
+from moeray.router.scheduler import KVStats
 from moeray.transport import TRANSPORTS
 
 log = logging.getLogger(__name__)
@@ -41,7 +46,9 @@ class EngineConfig:
     model: str  # a checkpoint directory, or a Hugging Face hub id org/name[@revision] (moeray.model.hub)
     workers: int = 2
     replicas: int = 0  # redundant expert slots per MoE layer, beyond one copy of each expert
-    placement: str = "contiguous"
+    placement: str = "contiguous"  # the first plan's static layout, unless one of the next two is given
+    initial_plan: str | None = None  # start on this plan file's layout (moeray placement export / show --json)
+    initial_load: str | None = None  # start on the controller's policy's layout for this load trace (JSON Lines)
     dtype: str = "float32"
     routers: int = 1
     max_batch_size: int = 32
@@ -59,6 +66,7 @@ class EngineConfig:
     # The per-layer data path: "object_store" (an actor call per touched worker) or "compiled_graph" (one Ray
     # compiled graph over all workers, shared-memory channels; a single router only). See moeray.transport.
     transport: str = "object_store"
+    kv_cache: KVCacheConfig = dataclasses.field(default_factory=KVCacheConfig)  # each router's KV pool
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)  # off unless it names an exporter
 
@@ -73,6 +81,9 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.placement not in STATIC_POLICIES:
             raise ValueError(f"placement {self.placement!r} is not one of {STATIC_POLICIES}")
+        if self.initial_plan and self.initial_load:
+            raise ValueError(f"initial_plan ({self.initial_plan}) and initial_load ({self.initial_load}) are "
+                             "exclusive: give one")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport {self.transport!r} is not one of {TRANSPORTS}")
         if self.transport == "compiled_graph" and self.routers != 1:
@@ -85,27 +96,41 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
 
+def plan_placement(config: EngineConfig, spec: ModelSpec) -> tuple[Plan, int, Budget]:
+    """The first plan (epoch 0), the slots per worker and layer, and the rebalancing budget. Raises ValueError,
+    naming the value and the limit, for a worker memory or an initial plan that does not fit; needs no cluster, so
+    the command line calls it before starting one."""
+    itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+    expert_bytes = spec.moe_layers[0].bytes_per_expert(itemsize)  # quantized: stored bytes + scales
+    needed = -(-(spec.num_experts + config.replicas) // config.workers)
+    slots = needed if config.worker_memory is None else slots_per_worker(
+        parse_bytes(config.worker_memory), expert_bytes, len(spec.moe_layers))
+    if slots < needed:
+        raise ValueError(f"worker_memory {config.worker_memory!r} holds {slots} slots per layer per worker; "
+                         f"{config.workers} workers need {needed} for {spec.num_experts} experts + "
+                         f"{config.replicas} redundant")
+    budget = Budget(redundant=config.replicas, expert_bytes=expert_bytes,
+                    max_moved_slots=config.controller.max_moved_slots,
+                    max_moved_bytes=config.controller.max_moved_bytes)
+    layout = initial_layout(plan_path=config.initial_plan, load_path=config.initial_load,
+                            placement=config.placement, policy=config.controller.policy,
+                            policy_params=config.controller.policy_params, num_layers=len(spec.moe_layers),
+                            num_experts=spec.num_experts, num_workers=config.workers, slots_per_worker=slots,
+                            budget=budget)
+    return first_plan(layout), slots, budget
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         # 1. Everything that can be checked without actors is checked first, so a bad checkpoint leaves none behind.
         self.checkpoint: LoadedCheckpoint = inspect_checkpoint(config.model, config.torch_dtype)
         self.spec = self.checkpoint.spec
-        self.initial_plan: Plan = static_plan(config.placement, num_layers=len(self.spec.moe_layers),
-                                              num_experts=self.spec.num_experts, num_workers=config.workers,
-                                              redundant=config.replicas)
-        itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-        self.expert_bytes = self.spec.moe_layers[0].bytes_per_expert(itemsize)  # quantized: stored bytes + scales
-        needed = -(-(self.spec.num_experts + config.replicas) // config.workers)
-        self.slots_per_worker = needed if config.worker_memory is None else slots_per_worker(
-            parse_bytes(config.worker_memory), self.expert_bytes, len(self.spec.moe_layers))
-        self.budget = Budget(redundant=config.replicas, expert_bytes=self.expert_bytes,
-                             max_moved_slots=config.controller.max_moved_slots,
-                             max_moved_bytes=config.controller.max_moved_bytes)
-        if self.slots_per_worker < needed:
-            raise ValueError(f"worker_memory {config.worker_memory!r} holds {self.slots_per_worker} slots per layer "
-                             f"per worker; {config.workers} workers need {needed} for {self.spec.num_experts} "
-                             f"experts + {config.replicas} redundant")
+        self.initial_plan, self.slots_per_worker, self.budget = plan_placement(config, self.spec)
+        self.expert_bytes = self.budget.expert_bytes
+        if config.initial_plan or config.initial_load:
+            log.info("first plan from %s: layer 0 experts per worker %s", config.initial_plan or config.initial_load,
+                     [self.initial_plan.experts_of(w)[0] for w in range(config.workers)])
         self.limits = RequestLimits.of(self.spec, config.max_new_tokens_cap)
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
@@ -161,8 +186,10 @@ class Engine:
                 num_threads=config.router_threads or config.threads_per_actor, track_tokens=config.track_tokens,
                 telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
                 transport=config.transport, restore_timeout_s=config.controller.restore_timeout_s,
+                kv_cache=config.kv_cache,
             ))
         ray.get([r.ping.remote() for r in self.routers])
+        self.kv_pool: KVStats = ray.get(self.routers[0].kv_stats.remote())  # the KV pool's size, as it started
         # NOTE: the controller is the only writer of the plan from here on.
         # NOTE: a crashed controller restarts and rebuilds the plan from the workers; requests never wait on it.
         self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8, name=controller_name,
@@ -244,6 +271,12 @@ class Engine:
     def plan(self) -> Plan:
         """The plan in force (the controller's)."""
         return ray.get(self.controller.plan.remote())
+
+    def save_plan(self, path: str) -> None:
+        """Write the plan in force to a plan file, which ``EngineConfig(initial_plan=path)`` starts from."""
+        from moeray.placement.initial import write_plan
+
+        write_plan(path, self.plan, slots_per_worker=self.slots_per_worker)
 
     def scale(self, workers: int) -> dict:
         """Grow or shrink the expert workers to ``workers`` while requests flow: new workers get slots (weights from

@@ -7,7 +7,8 @@ For H=1024, I=2048, 16 experts, top-2, float32 (a Mixtral-style layer) at each t
 - transformers in-process: the same experts module with its eager loop and with every other registered
   implementation that runs on CPU (all the machine's threads), tokens/s;
 - each path's floor: a bare round trip of the same payloads to the same actors on that path, no compute (object
-  store: an ``echo`` call per worker; compiled graph: a graph of ``echo_compiled`` nodes);
+  store: an ``echo`` call per worker; compiled graph: a graph of ``echo_compiled`` nodes; both methods of
+  ``BenchWorker``, the expert worker this bench starts);
 and the ratios the engine issue sets targets for: moeray / best in-process (>= 0.8 at T=2048), and moeray's
 overhead above the in-process block / the bare round trip (<= 2 at T=16), for each path; and compiled graph vs
 object store. Only one compiled graph is up at a time (an actor can be in one), none while the object store is timed.
@@ -31,14 +32,27 @@ from moeray.model.backbone import inspect_checkpoint
 from moeray.model.tiny import save_random_checkpoint
 from moeray.placement.policies import static_plan
 from moeray.router.dispatch import ExpertDispatcher
-from moeray.transport.base import Sent, WorkerCall
+from moeray.transport.base import Sent
 from moeray.transport.compiled_graph import POLL_BACKOFF, CompiledGraphTransport
-from moeray.transport.object_store import pack
+from moeray.transport.object_store import ObjectStoreTransport
+from moeray.transport.wire import WireTensor, WorkerCall, pack
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2048, 16, 2
 # Measured: a fresh graph's first ~10 executions are slower (page faults in its channels); then the poll backoff's
 # estimate, inflated by them, takes a few more to shrink.
 WARMUP_COMPILED = 20
+
+
+class BenchWorker(ExpertWorker):
+    """An expert worker with two no-compute methods, for the floor of each data path."""
+
+    def echo(self, payload: tuple) -> WireTensor:
+        """The payload's x untouched: the object-store path's bare round trip."""
+        return payload[0]
+
+    def echo_compiled(self, call: WorkerCall | None) -> WireTensor | None:
+        """``echo`` for a compiled graph (``forward_compiled``'s payload)."""
+        return None if call is None else call.x_TH
 
 
 def _layer_checkpoint(path: str) -> str:
@@ -77,12 +91,12 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
         info = inspect_checkpoint(path)
         plan = static_plan("contiguous", num_layers=1, num_experts=EXPERTS, num_workers=workers)
         # NOTE: max_concurrency as the engine starts them: a compiled graph's loop runs on Ray's system thread.
-        worker_cls = ray.remote(ExpertWorker).options(num_cpus=0, max_concurrency=4)
+        worker_cls = ray.remote(BenchWorker).options(num_cpus=0, max_concurrency=4)
         actors = [worker_cls.remote(worker_index=w, checkpoint_path=path, spec=info.spec,
                                     sources=info.index.experts, experts_per_layer=plan.experts_of(w),
                                     dtype=torch.float32, num_threads=1) for w in range(workers)]
         ray.get([a.ping.remote() for a in actors])
-        dispatch = ExpertDispatcher(plan, actors)
+        dispatch = ExpertDispatcher(plan, ObjectStoreTransport(actors))
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         experts = hf.model.layers[0].mlp.experts
         implementations = ["eager"] + [name for name in ALL_EXPERTS_FUNCTIONS if name != "moeray"]
@@ -156,7 +170,7 @@ def _compiled_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tenso
     shared memory, and the backoff's estimate settles after them, so each is warmed up for ``WARMUP_COMPILED``."""
     seconds = []
     for backoff in (POLL_BACKOFF, 0.0):
-        dispatch = ExpertDispatcher(plan, actors, transport=CompiledGraphTransport(actors, poll_backoff=backoff))
+        dispatch = ExpertDispatcher(plan, CompiledGraphTransport(actors, poll_backoff=backoff))
         try:
             seconds.append(_timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, WARMUP_COMPILED))
         finally:
@@ -178,7 +192,7 @@ def _calls(dispatch: ExpertDispatcher, x_TH: torch.Tensor, index_TK: torch.Tenso
     class _Record:
         def send(self, calls):
             captured.update(calls)
-            return Sent({w: pack(x_TH[: len(c[2][0])]) for w, c in calls.items()})
+            return Sent({w: pack(x_TH[: len(c.x_TH.array)]) for w, c in calls.items()})
 
     transport, dispatch.transport = dispatch.transport, _Record()
     try:

@@ -189,11 +189,16 @@ def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: in
 
 
 def _step_breakdown(before: list[dict], after: list[dict]) -> dict:
-    """Per engine step: wall time, time in the model's forward, and the part of it waiting on expert workers."""
+    """Per engine step: wall time, time in the model's forward, and the part of it waiting on expert workers; and
+    the KV cache's preemptions and prefix-cache hit rate over the run."""
     delta = {k: sum(a[k] - b[k] for a, b in zip(after, before)) for k in ("steps", "step_s", "forward_s",
                                                                           "dispatch_s")}
     steps = max(delta["steps"], 1)
+    kv = {k: sum(a["kv"][k] - b["kv"][k] for a, b in zip(after, before)) for k in ("preemptions", "prefix_queries",
+                                                                                   "prefix_hits")}
     return {"step_ms": round(1e3 * delta["step_s"] / steps, 2),
             "dense_ms": round(1e3 * (delta["forward_s"] - delta["dispatch_s"]) / steps, 2),
             "dispatch_ms": round(1e3 * delta["dispatch_s"] / steps, 2),
-            "outside_forward_ms": round(1e3 * (delta["step_s"] - delta["forward_s"]) / steps, 2)}
+            "outside_forward_ms": round(1e3 * (delta["step_s"] - delta["forward_s"]) / steps, 2),
+            "kv_preemptions": kv["preemptions"],
+            "prefix_hit_rate": round(kv["prefix_hits"] / max(kv["prefix_queries"], 1), 3)}

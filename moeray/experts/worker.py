@@ -30,7 +30,7 @@ from moeray import telemetry
 from moeray.kernels import ExpertWeights, PackedExpertWeights, QuantizedExpertWeights, cpu_rows, grouped_experts
 from moeray.model.architecture import ModelSpec
 from moeray.model.weights import ExpertSource, TensorReader, read_expert
-from moeray.transport.object_store import WireTensor, pack, unpack
+from moeray.transport.wire import WireTensor, WorkerCall, pack, pairs_on, unpack
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,10 @@ class ExpertWorker:
         return _Resident(*self._epochs[self.epoch])
 
     # -- the hot path ------------------------------------------------------------------------------------
-    def forward(self, epoch: int, layer: int, x: WireTensor, pair_token_N: np.ndarray, pair_slot_N: np.ndarray,
+    def forward(self, epoch: int, layer: int, x_TH: WireTensor, pair_token_N: np.ndarray, pair_slot_N: np.ndarray,
                 pair_weight_N: np.ndarray) -> WireTensor:
+        """One ``WorkerCall``, its fields as arguments: the weighted sum of this worker's experts' outputs per token
+        sent (``x_TH``'s rows, in order)."""
         with self._lock:  # NOTE: forward also runs on a compiled graph's thread, beside prepare and commit
             entry = self._epochs.get(epoch)
         if entry is None:
@@ -174,23 +176,16 @@ class ExpertWorker:
         if weights is None:
             raise ValueError(f"worker {self.worker_index} holds no experts of MoE layer {layer} in epoch {epoch}")
         started = time.perf_counter()
-        x_TH = unpack(x, self.device)
-        y_TH = grouped_experts(
-            x_TH,
-            torch.from_numpy(pair_token_N).to(self.device, torch.long),
-            torch.from_numpy(pair_slot_N).to(self.device, torch.long),
-            torch.from_numpy(pair_weight_N).to(self.device),
-            weights,
-            self.spec.activation,
-        )
+        pairs = pairs_on(self.device, pair_token_N, pair_slot_N, pair_weight_N)
+        y_TH = grouped_experts(unpack(x_TH, self.device), *pairs, weights, self.spec.activation)
         out = pack(y_TH)  # NOTE: a copy to host, so on a GPU the time below includes the compute
         if telemetry.STATE.metrics:
             telemetry.M.expert_compute.record(time.perf_counter() - started,
                                               telemetry.attrs(worker=self.worker_index, layer=layer))
         return out
 
-    def forward_compiled(self, call: tuple | None) -> WireTensor | None:
-        """The compiled-graph path (moeray.transport.compiled_graph): ``forward``'s arguments as one tuple, or
+    def forward_compiled(self, call: WorkerCall | None) -> WireTensor | None:
+        """The compiled-graph path (moeray.transport.compiled_graph): ``forward``'s arguments as one WorkerCall, or
         None when this layer sends this worker nothing, answered at once."""
         return None if call is None else self.forward(*call)
 
@@ -265,14 +260,6 @@ class ExpertWorker:
         return [{name: pack(t) for name, t in resident[tuple(p)].items()} for p in pairs]
 
     # -- introspection -----------------------------------------------------------------------------------
-    def echo(self, payload):
-        """Return the payload untouched: ``moeray bench layer`` measures the bare transport floor with it."""
-        return payload[0]
-
-    def echo_compiled(self, call: tuple | None):
-        """``echo`` for a compiled graph (``forward_compiled``'s payload): returns its x untouched."""
-        return None if call is None else call[2]
-
     def resident_bytes(self) -> int:
         with self._lock:
             return sum(w.nbytes for _, layers in self._epochs.values() for w in layers if w is not None)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from moeray.placement.plan import Plan
+from moeray.placement.plan import Layout, Plan
 from moeray.placement.topology import Budget, Topology
 
 
@@ -48,10 +48,6 @@ def check_load(load_LE: torch.Tensor) -> torch.Tensor:
         raise ValueError("load must hold finite, non-negative token counts; "
                          f"got min {load_LE.min().item()}, max {load_LE.max().item()}")
     return load_LE
-
-
-def next_epoch(current: Plan | None) -> int:
-    return 0 if current is None else current.epoch + 1
 
 
 def replica_counts(load_E: list[float], redundant: int, max_replicas_E: list[int],
@@ -338,10 +334,10 @@ def _keep_in_place(layers: list[list[list[int]]], current: Plan | None, num_work
 
 
 def greedy(load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget, *,
-           refine: bool = True, relabel: bool = True) -> Plan:
+           refine: bool = True, relabel: bool = True) -> Layout:
     """One replica per expert, balanced by longest-processing-time: experts by decreasing load onto the
     least-loaded worker with a free slot, then refined by moves and swaps. ``relabel``: renumber workers to keep
-    ``current``'s slots in place (step 4). load_LE [L, E] -> plan with E slots."""
+    ``current``'s slots in place (step 4). load_LE [L, E] -> layout with E slots."""
     load_LE = check_load(load_LE)
     E = load_LE.shape[1]
     budget.check_fits(E, topology)
@@ -352,17 +348,17 @@ def greedy(load_LE: torch.Tensor, topology: Topology, current: Plan | None, budg
     layers = [_replicate_and_pack(load_E, 0, W, S, refine=refine) for load_E in load_LE.tolist()]
     if relabel:  # one replica per expert: nothing to spread, so workers may trade labels across nodes
         layers = _keep_in_place(layers, current, W, None)
-    return Plan.from_replicas(layers, epoch=next_epoch(current), num_workers=W)
+    return Layout.from_replicas(layers, num_workers=W)
 
 
 def replicated(load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget, *,
-               refine: bool = True, spread_nodes: bool = True, relabel: bool = True) -> Plan:
+               refine: bool = True, spread_nodes: bool = True, relabel: bool = True) -> Layout:
     """Replicate hot experts into the redundant slots, then pack all replicas (see the module docstring).
 
     ``spread_nodes``: put the replicas of an expert with >= 2 on >= 2 nodes wherever the slots allow (a
     preference while packing, a repair pass after it, a constraint on refinement). ``relabel``: renumber each
     layer's workers to keep ``current``'s slots in place, within each node when spreading (step 4).
-    load_LE [L, E] -> plan with E + budget.redundant slots per layer; no expert has more than W replicas."""
+    load_LE [L, E] -> layout with E + budget.redundant slots per layer; no expert has more than W replicas."""
     load_LE = check_load(load_LE)
     E = load_LE.shape[1]
     budget.check_fits(E, topology)
@@ -374,7 +370,7 @@ def replicated(load_LE: torch.Tensor, topology: Topology, current: Plan | None, 
         groups = None if node_W is None else [ws for n in range(topology.num_nodes)
                                               if (ws := topology.workers_on(n))]
         layers = _keep_in_place(layers, current, W, groups)
-    return Plan.from_replicas(layers, epoch=next_epoch(current), num_workers=W)
+    return Layout.from_replicas(layers, num_workers=W)
 
 
 def _node_quotas(num_groups: int, group_size: int, redundant: int, workers_N: list[int], slots: int) -> list[int]:
@@ -436,7 +432,7 @@ def _pack_groups(group_load_G: list[float], quota_N: list[int], workers_N: list[
 
 
 def replicated_hierarchical(load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget, *,
-                            num_groups: int | None = None, refine: bool = True) -> Plan:
+                            num_groups: int | None = None, refine: bool = True) -> Layout:
     """Experts onto nodes first, then ``replicated`` inside each node; every replica of an expert stays on its node.
 
     NOTE: deliberately the opposite of ``replicated``'s ``spread_nodes``: keeping an expert's replicas and its
@@ -444,7 +440,7 @@ def replicated_hierarchical(load_LE: torch.Tensor, topology: Topology, current: 
     intra-node dispatch. It also ignores ``current`` (no relabelling).
 
     ``num_groups``: split the experts into that many contiguous groups (DeepSeek-V3's routing groups) and keep a
-    group on one node; default: every expert is its own group. load_LE [L, E] -> plan with E + redundant slots."""
+    group on one node; default: every expert is its own group. load_LE [L, E] -> layout with E + redundant slots."""
     load_LE = check_load(load_LE)
     E = load_LE.shape[1]
     budget.check_fits(E, topology)
@@ -477,4 +473,4 @@ def replicated_hierarchical(load_LE: torch.Tensor, topology: Topology, current: 
             for e, ws in zip(mine, local):
                 replicas_E[e] = [workers[w] for w in ws]
         layers.append(replicas_E)
-    return Plan.from_replicas(layers, epoch=next_epoch(current), num_workers=topology.num_workers)
+    return Layout.from_replicas(layers, num_workers=topology.num_workers)

@@ -1,5 +1,6 @@
 """The placement controller's settings: policy, load window, rebalance triggers, budgets, worker bounds and the
-autoscaler. ``moeray serve --placement-config FILE`` reads them from YAML or JSON."""
+autoscaler. ``moeray serve --placement-config FILE`` reads them from YAML or JSON, and ``moeray placement simulate
+--config FILE`` replays a trace under the same ones (moeray.placement.triggers decides for both)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ class ControllerConfig:
     # Modules whose functions SetPolicy / Rebalance may name, besides the built-ins and ``policy`` itself
     # (``moeray serve --allow-policy-module``); no other module is ever imported on a client's say-so.
     allowed_policy_modules: tuple[str, ...] = ()
-    window_steps: int = 64  # the load window: the last N step records of all routers
+    window_steps: int = 64  # the load window: the last N step records of all routers; triggers decide per window
     poll_interval_s: float = 0.5  # how often load is pulled from the routers
-    imbalance_threshold: float | None = None  # rebalance when measured imbalance stays above this ...
+    imbalance_threshold: float | None = None  # rebalance when the plan's expected imbalance stays above this ...
     consecutive_windows: int = 3  # ... for this many consecutive full windows (None threshold: never)
-    rebalance_interval_s: float | None = None  # also rebalance on this schedule (None: never)
+    rebalance_interval_s: float | None = None  # also rebalance on this schedule, checked as windows close (None: never)
+    rebalance_every_windows: int | None = None  # also rebalance every N windows (None: never)
+    cooldown_windows: int = 0  # after an applied rebalance, this many windows pass before anything triggers again
     min_gain: float = 0.05  # automatic rebalances apply only if expected imbalance drops by this fraction
+    # Append every closed window (its load, when it closed, the decision on it) to this JSON Lines trace, which
+    # ``moeray placement simulate --config`` replays to the same decisions (None: no trace). On the controller's node.
+    trace_path: str | None = None
     weight_source: str = "peer"  # 'peer': fetch a slot from a worker holding it; 'checkpoint': always re-read
     max_moved_slots: int | None = None  # per rebalance, for policies that honour a budget (migration_aware)
     max_moved_bytes: int | None = None
@@ -44,6 +50,12 @@ class ControllerConfig:
                              f"got {self.imbalance_threshold}")
         if self.rebalance_interval_s is not None and self.rebalance_interval_s <= 0:
             raise ValueError(f"rebalance_interval_s must be > 0 or None; got {self.rebalance_interval_s}")
+        if self.rebalance_every_windows is not None and self.rebalance_every_windows < 1:
+            raise ValueError(f"rebalance_every_windows must be >= 1 or None; got {self.rebalance_every_windows}")
+        if self.cooldown_windows < 0:
+            raise ValueError(f"cooldown_windows must be >= 0; got {self.cooldown_windows}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"min_gain must lie in [0, 1) (a fraction of the expected imbalance); got {self.min_gain}")
         if self.min_workers < 1 or (self.max_workers is not None and self.max_workers < self.min_workers):
             raise ValueError(f"worker bounds [{self.min_workers}, {self.max_workers}] need 1 <= min <= max")
         if self.restore_timeout_s <= 0:

@@ -1,4 +1,5 @@
-"""Load: tokens routed to each (MoE layer, logical expert), and what a plan turns it into per worker.
+"""Load: tokens routed to each (MoE layer, logical expert), what a layout turns it into per worker, and the
+controller's ledger of the load it pulls from the routers.
 
 Shape legend: L MoE layers, E logical experts, W workers, P slots per layer.
 
@@ -9,13 +10,17 @@ the slots it holds, of the slot's expert load divided by that expert's replica c
 from __future__ import annotations
 
 import collections
+import dataclasses
+import threading
+from collections.abc import Callable, Collection
 
+import numpy as np
 import torch
 
-from moeray.placement.plan import Plan
+from moeray.placement.plan import Layout
 
 
-def worker_load_LW(load_LE: torch.Tensor, plan: Plan) -> torch.Tensor:
+def worker_load_LW(load_LE: torch.Tensor, plan: Layout) -> torch.Tensor:
     """Expected tokens per (layer, worker) when ``load_LE`` is routed through ``plan`` (float64)."""
     load_LE = torch.as_tensor(load_LE, dtype=torch.float64)
     if load_LE.shape != (plan.num_layers, plan.num_experts):
@@ -32,6 +37,13 @@ def imbalance_L(worker_load_LW: torch.Tensor) -> torch.Tensor:
     load_LW = torch.as_tensor(worker_load_LW, dtype=torch.float64)
     mean_L = load_LW.mean(dim=1)
     return torch.where(mean_L > 0, load_LW.max(dim=1).values / mean_L.clamp(min=1e-12), torch.ones_like(mean_L))
+
+
+def expected_imbalance(load_LE, layout: Layout, dead: Collection[int] = ()) -> float:
+    """Mean over layers of max / mean expected worker load, over the workers not in ``dead``: what the triggers
+    judge a window by, in the controller and the simulator alike (so both compute it here)."""
+    live = [w for w in range(layout.num_workers) if w not in dead]
+    return float(imbalance_L(worker_load_LW(torch.as_tensor(load_LE, dtype=torch.float64), layout)[:, live]).mean())
 
 
 class LoadWindow:
@@ -70,3 +82,102 @@ class LoadWindow:
 
     def clear(self) -> None:
         self._reports.clear()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClosedWindow:
+    """``window_steps`` consecutive step records: what the rebalance trigger decides on."""
+
+    index: int  # windows closed before this one, since the controller started
+    time_s: float  # seconds since the controller started when its last step was pulled
+    load_LE: np.ndarray  # tokens per (layer, expert) over its steps
+
+
+class LoadLedger:
+    """The controller's account of the load it pulls from the routers: the sliding window (GetLoad, manual
+    rebalances), counts since the last ``take`` and since the start, token ids per expert, the routers' queue, and
+    the closed windows the triggers have yet to see.
+
+    NOTE: windows close every ``window_steps`` step records counted from the start, whenever they are pulled, so
+    the windows (and the decisions on them) depend on the step records alone, not on when polls happen.
+    """
+
+    def __init__(self, *, num_layers: int, num_experts: int, num_workers: int, window_steps: int) -> None:
+        L, E, W = num_layers, num_experts, num_workers
+        self._lock = threading.Lock()
+        self.window_steps = window_steps
+        self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=W, size=window_steps)
+        self._since_take_LE, self._since_take_LW = np.zeros((L, E), np.int64), np.zeros((L, W), np.int64)
+        self.total_LE = np.zeros((L, E), np.int64)  # tokens per (layer, expert) since the start: a counter
+        self.total_steps = 0
+        self._token_counts: collections.Counter[tuple[int, int, int]] = collections.Counter()
+        self.queue = {"waiting": 0, "running": 0, "capacity": 0}  # requests in the routers at the last pull
+        self._open_LE, self._open_steps = np.zeros((L, E), np.int64), 0
+        self._closed: list[ClosedWindow] = []
+        self._windows = 0
+
+    def add(self, reports: list[dict], time_s: float,
+            on_step: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
+        """Account the routers' reports (their step records in order, then the token counts and queue)."""
+        with self._lock:
+            self.queue = {key: sum(r.get(key, 0) for r in reports) for key in ("waiting", "running", "capacity")}
+            for report in reports:
+                for expert_LE, worker_LW in report["steps"]:
+                    self._add_step(np.asarray(expert_LE), np.asarray(worker_LW), time_s)
+                    if on_step is not None:
+                        on_step(np.asarray(expert_LE), np.asarray(worker_LW))
+                for layer, expert, token, count in np.asarray(report.get("tokens", ())).reshape(-1, 4).tolist():
+                    self._token_counts[(layer, expert, token)] += count
+
+    def _add_step(self, expert_LE: np.ndarray, worker_LW: np.ndarray, time_s: float) -> None:
+        self.window.add(torch.from_numpy(expert_LE), torch.from_numpy(worker_LW))
+        self._since_take_LE += expert_LE
+        self.total_LE += expert_LE
+        if worker_LW.shape == self._since_take_LW.shape:
+            self._since_take_LW += worker_LW
+        self.total_steps += 1
+        self._open_LE += expert_LE
+        self._open_steps += 1
+        if self._open_steps == self.window_steps:
+            self._closed.append(ClosedWindow(index=self._windows, time_s=time_s, load_LE=self._open_LE))
+            self._windows += 1
+            self._open_LE, self._open_steps = np.zeros_like(self._open_LE), 0
+
+    def take_closed(self) -> list[ClosedWindow]:
+        """The windows closed since the last call, oldest first."""
+        with self._lock:
+            closed, self._closed = self._closed, []
+        return closed
+
+    def window_total(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            expert_LE, worker_LW = self.window.total()
+        return expert_LE.numpy(), worker_LW.numpy()
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens per (layer, expert) and per (layer, worker) since the previous call."""
+        with self._lock:
+            out = (self._since_take_LE.copy(), self._since_take_LW.copy())
+            self._since_take_LE[...] = 0
+            self._since_take_LW[...] = 0
+        return out
+
+    def top_tokens(self, k: int) -> list[list[list[tuple[int, int]]]]:
+        """Per layer and expert, the ``k`` token ids routed to it most often, as (token id, count)."""
+        L, E = self.total_LE.shape
+        out = [[[] for _ in range(E)] for _ in range(L)]
+        with self._lock:
+            for (layer, expert, token), count in self._token_counts.items():
+                out[layer][expert].append((token, count))
+        return [[sorted(t, key=lambda tc: (-tc[1], tc[0]))[:k] for t in layer] for layer in out]
+
+    def clear_window(self, num_workers: int | None = None) -> None:
+        """Drop the sliding window: its worker counts were measured under another plan (``num_workers``: that
+        many workers from now on). Closed windows and the open one keep counting: they hold expert load only."""
+        with self._lock:
+            if num_workers is None:
+                self.window.clear()
+                return
+            L, E, _ = self.window.shape
+            self.window = LoadWindow(num_layers=L, num_experts=E, num_workers=num_workers, size=self.window_steps)
+            self._since_take_LW = np.zeros((L, num_workers), np.int64)

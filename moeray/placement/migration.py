@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from moeray.placement.balanced import check_load, next_epoch, relabel_workers, repoint_steps, replicated
+from moeray.placement.balanced import check_load, relabel_workers, repoint_steps, replicated
 from moeray.placement.load import imbalance_L, worker_load_LW
-from moeray.placement.plan import Plan
+from moeray.placement.plan import Layout, Plan
 from moeray.placement.topology import Budget, Topology
 
 
@@ -116,11 +116,11 @@ def _fits(current: Plan, L: int, E: int, topology: Topology, budget: Budget) -> 
 
 
 def migration_aware(load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget, *,
-                    threshold: float = 0.002, target: float = 1.02) -> Plan:
+                    threshold: float = 0.002, target: float = 1.02) -> Layout:
     """Edit ``current`` by greedy moves, swaps and re-points (module docstring). ``threshold``: least fall in
     a layer's imbalance worth loading one slot; ``target``: a layer is balanced enough at ``target`` times
     ``replicated``'s imbalance on it. Without a usable ``current`` (None, or other workers, experts or slot count),
-    returns ``replicated``'s plan. load_LE [L, E] -> plan with E + budget.redundant slots per layer."""
+    returns ``replicated``'s plan. load_LE [L, E] -> layout with E + budget.redundant slots per layer."""
     load_LE = check_load(load_LE)
     L, E = load_LE.shape
     budget.check_fits(E, topology)
@@ -184,4 +184,4 @@ def migration_aware(load_LE: torch.Tensor, topology: Topology, current: Plan | N
         grew, left = spare() > left, spare()
         best_L = [best_step(k) if k == l or grew or (b is not None and b[2] > left) else b
                   for k, b in enumerate(best_L)]
-    return Plan.from_replicas([layer.replicas_E for layer in layers], epoch=next_epoch(current), num_workers=W)
+    return Layout.from_replicas([layer.replicas_E for layer in layers], num_workers=W)

@@ -4,7 +4,15 @@
                            [--top-k 8] [--seed 0] [--s 1.0] --out FILE
     moeray placement simulate --trace FILE --policy NAME[,NAME...] --workers N [--nodes M] [--redundant R]
                               [--slots-per-worker S] [--policy-params JSON] [--config FILE] [--rebalance-every K]
-                              [--decay D] [--warmup W] [--bound] [--plot DIR] [--json]
+                              [--decay D] [--warmup W] [--initial NAME | --initial-plan FILE] [--bound] [--plot DIR]
+                              [--json]
+
+``--config FILE`` takes either per-policy parameters (``{policies: {name: {params}}}``: policies are compared on a
+fixed cadence, a rebalance every ``--rebalance-every`` windows) or the controller settings ``moeray serve
+--placement-config`` takes (``policy``, ``imbalance_threshold``, ``consecutive_windows``, ``min_gain``,
+``cooldown_windows``, ...): then the trace replays through the controller's own triggers (simulator.replay), window
+by window, and ``--rebalance-every K`` adds a rebalance every K windows to them. A trace the controller wrote
+(``trace_path``) replays to the decisions it made.
 
 With ``--json``, simulate prints one JSON object per line: a ``"type": "window"`` line per (policy, window), then a
 ``"type": "summary"`` line per policy in ``--policy`` order, so the last line is the last policy's summary (with a
@@ -15,6 +23,7 @@ single policy: its summary, keys ``policy``, ``mean_imbalance``, ``p50_imbalance
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -27,9 +36,9 @@ def add_offline_commands(placement_sub: argparse._SubParsersAction) -> None:
     """Register ``simulate`` and ``synth`` under the ``moeray placement`` group's subparsers."""
     sim = placement_sub.add_parser("simulate", help="replay a load trace through placement policies, offline")
     sim.add_argument("--trace", required=True, help="JSON Lines trace: one {\"window\", \"load\": [L][E]} per line")
-    sim.add_argument("--policy", required=True,
-                     help="comma-separated built-in names or import paths (package.module:function)")
-    sim.add_argument("--workers", type=int, required=True)
+    sim.add_argument("--policy", help="comma-separated built-in names or import paths (package.module:function); "
+                     "with controller settings in --config, overrides their policy")
+    sim.add_argument("--workers", type=int, help="expert workers (default: the --initial-plan's)")
     sim.add_argument("--nodes", type=int, default=1)
     sim.add_argument("--redundant", type=int, default=0, help="redundant slots per MoE layer")
     sim.add_argument("--slots-per-worker", type=int, help="slot capacity per worker and layer "
@@ -38,13 +47,17 @@ def add_offline_commands(placement_sub: argparse._SubParsersAction) -> None:
                      "(e.g. 25MB; default 1: moved bytes = moved slots)")
     sim.add_argument("--max-moved-slots", type=int, help="budget: slots one rebalance may load (default: unlimited)")
     sim.add_argument("--policy-params", help=POLICY_PARAMS_HELP)
-    sim.add_argument("--config", help="YAML or JSON file: {policies: {name: {params}}}")
-    sim.add_argument("--rebalance-every", type=int, default=1, help="windows between rebalances")
+    sim.add_argument("--config", help="YAML or JSON file: {policies: {name: {params}}}, or the controller settings "
+                     "of `moeray serve --placement-config` (replayed through the controller's triggers)")
+    sim.add_argument("--rebalance-every", type=int, help="windows between rebalances (default 1; with controller "
+                     "settings: also rebalance every K windows, besides their triggers)")
     sim.add_argument("--decay", type=float, default=0.0,
                      help="weight of the load history at each rebalance (0: windows since the last one; 1: all)")
     sim.add_argument("--warmup", type=int, default=0,
                      help="windows used only to build the first plan (0: start from --initial)")
     sim.add_argument("--initial", default="round_robin", choices=["round_robin", "contiguous"])
+    sim.add_argument("--initial-plan", metavar="FILE", help="start from this plan file (`moeray placement export`) "
+                     "instead of --initial")
     sim.add_argument("--bound", action="store_true", help="also solve optimal's lower bound per (window, layer)")
     sim.add_argument("--bound-time-limit", type=float, default=2.0, help="seconds per bound solve")
     sim.add_argument("--bound-budget", type=float, default=60.0, help="seconds for all bound solves")
@@ -71,16 +84,28 @@ def add_offline_commands(placement_sub: argparse._SubParsersAction) -> None:
     syn.set_defaults(func=cmd_synth)
 
 
-def _load_config(path: str) -> dict:
+def _read_config(path: str):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        import yaml
+        return json.loads(text) or {}
+    import yaml
 
-        data = yaml.safe_load(text)
-    data = data or {}
+    return yaml.safe_load(text) or {}
+
+
+def _is_controller_config(path: str | None) -> bool:
+    """Whether ``--config`` holds controller settings (any ControllerConfig field) rather than per-policy params."""
+    if not path:
+        return False
+    from moeray.placement.config import ControllerConfig
+
+    data = _read_config(path)
+    return isinstance(data, dict) and bool(set(data) & {f.name for f in dataclasses.fields(ControllerConfig)})
+
+
+def _load_config(path: str) -> dict:
+    data = _read_config(path)
     policies = data.get("policies", data) if isinstance(data, dict) else None
     if not isinstance(policies, dict) or not all(isinstance(v, dict) for v in policies.values()):
         raise ValueError(f"config {path}: expected {{policies: {{name: {{params}}}}}}")
@@ -107,32 +132,66 @@ def policy_params(names: list[str], cli_json: str | None, config_path: str | Non
     return out
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from moeray.placement.simulator import optimal_bounds, simulate
-    from moeray.placement.topology import Budget, Topology, parse_bytes
-    from moeray.placement.traces import read_trace
+def _replay_configs(args: argparse.Namespace, names: list[str]) -> list:
+    """One ControllerConfig per policy: the --config file's settings, --policy / --policy-params / --rebalance-every
+    over them (as ``moeray serve``'s flags override its --placement-config)."""
+    from moeray.placement.config import ControllerConfig
 
-    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    if args.decay or args.warmup:
+        raise ValueError("--decay and --warmup do not apply to controller settings: the controller's triggers decide "
+                         "when to rebalance, from the window that triggered")
+    base = ControllerConfig.from_file(args.config, rebalance_every_windows=args.rebalance_every)
+    names = names or [base.policy]
+    given = policy_params(names, args.policy_params, None) if args.policy_params else {}
+    return [dataclasses.replace(base, policy=name, policy_params=given.get(name) or (
+        base.policy_params if name == base.policy else {})) for name in names]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from moeray.placement.initial import read_layout
+    from moeray.placement.simulator import optimal_bounds, replay, simulate
+    from moeray.placement.topology import Budget, Topology, parse_bytes
+    from moeray.placement.traces import read_trace_windows
+
+    names = [n.strip() for n in (args.policy or "").split(",") if n.strip()]
     try:
-        if not names:
-            raise ValueError("--policy names no policy")
-        params = policy_params(names, args.policy_params, args.config)
-        windows = read_trace(args.trace)
+        controller = _is_controller_config(args.config)
+        configs = _replay_configs(args, names) if controller else None
+        if not controller and not names:
+            raise ValueError("--policy names no policy (or give controller settings in --config)")
+        if args.rebalance_every is not None and args.rebalance_every < 1:
+            raise ValueError(f"--rebalance-every must be >= 1; got {args.rebalance_every}")
+        params = {} if controller else policy_params(names, args.policy_params, args.config)
+        traced = read_trace_windows(args.trace)
+        windows = [w.load_LE for w in traced]
         num_layers, num_experts = windows[0].shape
-        if args.workers < 1:
+        initial = read_layout(args.initial_plan) if args.initial_plan else args.initial
+        if args.workers is None and args.initial_plan:
+            args.workers = initial.num_workers
+        if args.workers is None or args.workers < 1:
             raise ValueError(f"--workers must be >= 1; got {args.workers}")
         slots = args.slots_per_worker or math.ceil((num_experts + args.redundant) / args.workers)
         topology = Topology.uniform(num_workers=args.workers, num_nodes=args.nodes, slots_per_worker=slots)
-        budget = Budget(redundant=args.redundant, max_moved_slots=args.max_moved_slots,
-                        expert_bytes=parse_bytes(args.expert_bytes))
+        moved_slots, moved_bytes = args.max_moved_slots, None
+        if controller:  # the controller's move budget, as `moeray serve` builds it; --max-moved-slots over it
+            moved_bytes = configs[0].max_moved_bytes
+            moved_slots = configs[0].max_moved_slots if moved_slots is None else moved_slots
+        budget = Budget(redundant=args.redundant, expert_bytes=parse_bytes(args.expert_bytes),
+                        max_moved_slots=moved_slots, max_moved_bytes=moved_bytes)
         budget.check_fits(num_experts, topology)
         bounds = None
         if args.bound:
             bounds = optimal_bounds(windows, topology, budget, window_ids=range(args.warmup, len(windows)),
                                     time_limit_s=args.bound_time_limit, budget_s=args.bound_budget)
-        results = [simulate(windows, name, topology, budget, params=params[name], rebalance_every=args.rebalance_every,
-                            decay=args.decay, warmup=args.warmup, initial=args.initial, bounds=bounds)
-                   for name in names]
+        if controller:
+            times = [w.time_s for w in traced]
+            results = [dataclasses.replace(replay(windows, config, topology, budget, initial=initial,
+                                                  times=None if None in times else times), bounds=bounds)
+                       for config in configs]
+        else:
+            results = [simulate(windows, name, topology, budget, params=params[name],
+                                rebalance_every=args.rebalance_every or 1, decay=args.decay, warmup=args.warmup,
+                                initial=initial, bounds=bounds) for name in names]
     except (OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -148,7 +207,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             line = {"type": "window", "policy": result.policy, **record.to_json()}
             print(json.dumps(line) if args.json else
                   f"{result.policy:>24} window {line['window']:4d} epoch {line['epoch']:3d}  imbalance mean "
-                  f"{line['mean_imbalance']:.3f} max {line['max_imbalance']:.3f}  moved {line['moved_slots']}")
+                  f"{line['mean_imbalance']:.3f} max {line['max_imbalance']:.3f}  moved {line['moved_slots']}"
+                  + (f"  trigger: {line['trigger']}" + ("" if line["rebalanced"] else " (not applied)")
+                     if line["trigger"] else ""))
     if args.plot:
         from moeray.placement.plots import write_plots
 

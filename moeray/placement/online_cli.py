@@ -1,6 +1,7 @@
-"""``moeray placement show | rebalance | policy | record | inspect``: the placement API of a running server.
+"""``moeray placement show | export | rebalance | policy | record | inspect``: the placement API of a running server.
 
     moeray placement show     --target HOST:PORT [--json]
+    moeray placement export   --target HOST:PORT --out FILE     (a plan file: serve / generate --initial-plan FILE)
     moeray placement rebalance --target HOST:PORT [--dry-run] [--policy NAME] [--params JSON] [--json]
     moeray placement policy   --target HOST:PORT NAME [--params JSON]
     moeray placement scale    --target HOST:PORT --workers N
@@ -35,6 +36,9 @@ def add_online_commands(placement_sub: argparse._SubParsersAction) -> None:
 
     show = command("show", "the plan in force: experts per worker and layer, bytes resident", cmd_show)
     show.add_argument("--json", action="store_true")
+    exp = command("export", "write the plan in force to a file that `moeray serve --initial-plan` starts from",
+                  cmd_export)
+    exp.add_argument("--out", required=True)
     reb = command("rebalance", "compute a new plan from the load window and switch to it", cmd_rebalance, True)
     reb.add_argument("--dry-run", action="store_true", help="show the moves without making them")
     reb.add_argument("--policy", default="", help="use this policy for this rebalance only")
@@ -116,6 +120,24 @@ def cmd_show(args) -> int:
     for w, per_layer in zip(workers, experts):
         print(f"worker {w['index']} (node {w['node']}, {w['device']}, {w['resident_bytes'] / 2**20:.1f} MiB): "
               + "; ".join(f"L{l}: {e}" for l, e in enumerate(per_layer)))
+    return 0
+
+
+@_reports_rpc_errors
+def cmd_export(args) -> int:
+    import torch
+
+    from moeray.placement.initial import write_plan
+    from moeray.placement.plan import Layout
+
+    r = _rpc(args, "GetPlacement")
+    phy2log_LP = torch.tensor([list(layer.phy2log) for layer in r.layers], dtype=torch.long)
+    slot_worker_LP = torch.tensor([list(layer.slot_worker) for layer in r.layers], dtype=torch.long)
+    layout = Layout(num_workers=max(len(r.workers), int(slot_worker_LP.max()) + 1),
+                    num_experts=int(phy2log_LP.max()) + 1, phy2log_LP=phy2log_LP, slot_worker_LP=slot_worker_LP)
+    write_plan(args.out, layout, epoch=r.epoch, policy=r.policy, slots_per_worker=r.slots_per_worker)
+    print(f"wrote the plan of epoch {r.epoch} ({layout.num_layers} MoE layers, {layout.num_workers} workers, "
+          f"{layout.num_slots} slots per layer) to {args.out}; start from it with --initial-plan {args.out}")
     return 0
 
 

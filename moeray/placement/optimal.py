@@ -27,8 +27,8 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from moeray.placement.balanced import check_load, next_epoch, replicated
-from moeray.placement.plan import Plan
+from moeray.placement.balanced import check_load, replicated
+from moeray.placement.plan import Layout, Plan
 from moeray.placement.topology import Budget, Topology
 
 log = logging.getLogger(__name__)
@@ -176,10 +176,10 @@ def _exact_layer(load_E: torch.Tensor, topology: Topology, budget: Budget, time_
 
 
 def optimal(load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget, *,
-            time_limit_s: float = 10.0, max_binaries: int = MAX_EXACT_BINARIES) -> Plan:
+            time_limit_s: float = 10.0, max_binaries: int = MAX_EXACT_BINARIES) -> Layout:
     """The plan with the smallest max worker load under even splitting, layer by layer, within ``time_limit_s``
     seconds in all (split evenly over the layers); a layer the solver does not finish keeps the best plan found
-    (never worse than ``replicated``'s). load_LE [L, E] -> plan with E + budget.redundant slots per layer."""
+    (never worse than ``replicated``'s). load_LE [L, E] -> layout with E + budget.redundant slots per layer."""
     load_LE = check_load(load_LE)
     L, E = load_LE.shape
     W = topology.num_workers
@@ -198,4 +198,4 @@ def optimal(load_LE: torch.Tensor, topology: Topology, current: Plan | None, bud
     if unproven:
         log.warning("optimal: layers %s hit the %.3g s time limit; their plans are the best found, not proven "
                     "optimal", unproven, time_limit_s / L)
-    return Plan.from_replicas(layers, epoch=next_epoch(current), num_workers=W)
+    return Layout.from_replicas(layers, num_workers=W)

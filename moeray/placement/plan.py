@@ -1,4 +1,8 @@
-"""The plan: which worker holds which copy of which expert, per MoE layer, at one epoch.
+"""The layout and the plan: which worker holds which copy of which expert, per MoE layer.
+
+A ``Layout`` is what a policy returns: slots, their experts and their workers, and no epoch. A ``Plan`` is a layout
+the controller has numbered with an epoch (``Layout.at_epoch``): what workers and routers switch to. Only the
+controller (and the engine, for the first plan, epoch 0) numbers plans, so a policy can never skip or reuse one.
 
 Shape legend: L MoE layers, P physical slots per layer, E logical experts, R max replicas of one expert.
 
@@ -17,8 +21,7 @@ import torch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Plan:
-    epoch: int
+class Layout:
     num_workers: int
     num_experts: int
     phy2log_LP: torch.Tensor
@@ -85,15 +88,25 @@ class Plan:
         """The (logical expert, worker) pairs resident in one layer: what a plan change loads or drops."""
         return set(zip(self.phy2log_LP[layer].tolist(), self.slot_worker_LP[layer].tolist()))
 
-    def moved_slots(self, new: Plan) -> int:
+    def moved_slots(self, new: Layout) -> int:
         """Slots ``new`` loads that this plan does not hold (a replica that only changes slot index moves nothing)."""
         if new.num_layers != self.num_layers:
             raise ValueError(f"plans differ in layers: {self.num_layers} vs {new.num_layers}")
         return sum(len(new.holders(l) - self.holders(l)) for l in range(self.num_layers))
 
+    def at_epoch(self, epoch: int) -> Plan:
+        """This layout as the plan of ``epoch`` (a plan's own epoch is replaced)."""
+        return Plan(epoch=epoch, num_workers=self.num_workers, num_experts=self.num_experts,
+                    phy2log_LP=self.phy2log_LP, slot_worker_LP=self.slot_worker_LP)
+
+    def same_holders(self, other: Layout) -> bool:
+        """Every layer holds the same (expert, worker) pairs: the same layout up to slot numbering."""
+        return self.num_layers == other.num_layers and self.num_workers == other.num_workers and \
+            all(self.holders(l) == other.holders(l) for l in range(self.num_layers))
+
     @classmethod
-    def from_replicas(cls, replica_workers: list[list[list[int]]], *, epoch: int, num_workers: int) -> Plan:
-        """Build a plan from ``replica_workers[layer][expert]`` = the workers holding that expert. Slots are
+    def from_replicas(cls, replica_workers: list[list[list[int]]], *, num_workers: int) -> Layout:
+        """Build a layout from ``replica_workers[layer][expert]`` = the workers holding that expert. Slots are
         numbered worker by worker, each worker's in increasing expert order."""
         num_experts = len(replica_workers[0]) if replica_workers else 0
         phy2log, slot_worker = [], []
@@ -106,8 +119,9 @@ class Plan:
         if len({len(p) for p in phy2log}) > 1:
             raise ValueError(f"layers hold different slot counts {sorted({len(p) for p in phy2log})}; "
                              "every layer must hold the same number")
-        return cls(epoch=epoch, num_workers=num_workers, num_experts=num_experts,
-                   phy2log_LP=torch.tensor(phy2log, dtype=torch.long), slot_worker_LP=torch.tensor(slot_worker, dtype=torch.long))
+        return Layout(num_workers=num_workers, num_experts=num_experts,
+                      phy2log_LP=torch.tensor(phy2log, dtype=torch.long),
+                      slot_worker_LP=torch.tensor(slot_worker, dtype=torch.long))
 
     def replica_workers(self) -> list[list[list[int]]]:
         """``[layer][expert]`` -> the workers holding that expert (the inverse of ``from_replicas``)."""
@@ -119,8 +133,21 @@ class Plan:
 
     def describe(self) -> dict:
         return {
-            "epoch": self.epoch,
             "num_workers": self.num_workers,
+            "num_experts": self.num_experts,
             "phy2log": self.phy2log_LP.tolist(),
             "slot_worker": self.slot_worker_LP.tolist(),
         }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Plan(Layout):
+    epoch: int
+
+    @classmethod
+    def from_replicas(cls, replica_workers: list[list[list[int]]], *, epoch: int, num_workers: int) -> Plan:
+        """``Layout.from_replicas`` numbered with ``epoch``."""
+        return Layout.from_replicas(replica_workers, num_workers=num_workers).at_epoch(epoch)
+
+    def describe(self) -> dict:
+        return {"epoch": self.epoch, **super().describe()}

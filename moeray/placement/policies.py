@@ -1,5 +1,9 @@
-"""Placement policies: pure functions ``(load_LE, topology, current plan, budget, **params) -> plan``, and the
+"""Placement policies: pure functions ``(load_LE, topology, current plan, budget, **params) -> layout``, and the
 registry that finds one by name or import path.
+
+A policy returns a ``Layout`` (slots, experts, workers; no epoch): the controller alone numbers it as the next
+``Plan`` (a policy that returns a ``Plan`` has its epoch ignored). ``check_layout`` is the contract both the
+controller and the simulator hold a policy's result to.
 
 Built in (see each module): ``contiguous`` and ``round_robin`` (static baselines, here), ``greedy``,
 ``replicated`` and ``replicated_hierarchical`` (moeray.placement.balanced), ``migration_aware``
@@ -15,7 +19,8 @@ Static baselines, used before any load is known:
 - ``round_robin``: expert e goes to worker e % W, so neighbouring (often co-activated) experts spread out.
 
 ``redundant`` extra slots per layer hold second copies; with no load known yet they go to experts 0, 1, ...,
-each on the worker with the fewest slots that does not already hold that expert.
+each on the worker with the fewest slots that does not already hold that expert (an expert that would fill a worker
+beyond ceil((E + R) / W) slots gives its turn to the next).
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from moeray.placement.plan import Plan
+from moeray.placement.plan import Layout, Plan
 from moeray.placement.topology import Budget, Topology
 
-Policy = Callable[[torch.Tensor, Topology, "Plan | None", Budget], Plan]
+Policy = Callable[[torch.Tensor, Topology, "Plan | None", Budget], Layout]
 
 BUILTIN_POLICIES = {
     "contiguous": "moeray.placement.policies:contiguous",
@@ -55,9 +60,7 @@ def _primary_workers(policy: str, num_experts: int, num_workers: int) -> list[in
     raise ValueError(f"placement policy {policy!r} is not one of {STATIC_POLICIES}")
 
 
-def static_plan(
-    policy: str, *, num_layers: int, num_experts: int, num_workers: int, redundant: int = 0, epoch: int = 0
-) -> Plan:
+def static_layout(policy: str, *, num_layers: int, num_experts: int, num_workers: int, redundant: int = 0) -> Layout:
     if num_workers < 1:
         raise ValueError(f"workers must be >= 1; got {num_workers}")
     if num_workers > num_experts + redundant:
@@ -70,25 +73,38 @@ def static_plan(
     # 1. One primary copy of every expert.
     logical = list(range(num_experts))
     workers = _primary_workers(policy, num_experts, num_workers)
-    # 2. Redundant copies, each on the least-filled worker that lacks that expert.
+    # 2. Redundant copies of experts r % E, r + 1 % E, ..., each on the least-filled worker that lacks that expert.
+    #    An expert whose every such worker already holds ceil((E + R) / W) slots (the slots an engine gives each
+    #    worker) gives its turn to the next one, so the layout fits the workers the controller holds it to.
+    cap = -(-(num_experts + redundant) // num_workers)
     for r in range(redundant):
-        expert = r % num_experts
-        holders = {w for e, w in zip(logical, workers) if e == expert}
         fill = [workers.count(w) for w in range(num_workers)]
-        worker = min((w for w in range(num_workers) if w not in holders), key=lambda w: (fill[w], w))
+        choices = []
+        for expert in [(r + i) % num_experts for i in range(num_experts)]:
+            holders = {w for e, w in zip(logical, workers) if e == expert}
+            free = [w for w in range(num_workers) if w not in holders]
+            if free:
+                choices.append((expert, min(free, key=lambda w: (fill[w], w))))
+        expert, worker = next(((e, w) for e, w in choices if fill[w] < cap), choices[0])
         logical.append(expert)
         workers.append(worker)
     phy2log_LP = torch.tensor([logical] * num_layers, dtype=torch.long).reshape(num_layers, -1)
     slot_worker_LP = torch.tensor([workers] * num_layers, dtype=torch.long).reshape(num_layers, -1)
-    return Plan(epoch=epoch, num_workers=num_workers, num_experts=num_experts,
-                phy2log_LP=phy2log_LP, slot_worker_LP=slot_worker_LP)
+    return Layout(num_workers=num_workers, num_experts=num_experts, phy2log_LP=phy2log_LP,
+                  slot_worker_LP=slot_worker_LP)
 
 
-def _static(policy: str, load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget) -> Plan:
+def static_plan(policy: str, *, num_layers: int, num_experts: int, num_workers: int, redundant: int = 0,
+                epoch: int = 0) -> Plan:
+    """``static_layout`` as the plan of ``epoch``: the first plan, before any controller runs (engine, benches)."""
+    return static_layout(policy, num_layers=num_layers, num_experts=num_experts, num_workers=num_workers,
+                         redundant=redundant).at_epoch(epoch)
+
+
+def _static(policy: str, load_LE: torch.Tensor, topology: Topology, current: Plan | None, budget: Budget) -> Layout:
     budget.check_fits(load_LE.shape[1], topology)
-    return static_plan(policy, num_layers=load_LE.shape[0], num_experts=load_LE.shape[1],
-                       num_workers=topology.num_workers, redundant=budget.redundant,
-                       epoch=0 if current is None else current.epoch + 1)
+    return static_layout(policy, num_layers=load_LE.shape[0], num_experts=load_LE.shape[1],
+                         num_workers=topology.num_workers, redundant=budget.redundant)
 
 
 contiguous = functools.partial(_static, "contiguous")
@@ -96,6 +112,30 @@ round_robin = functools.partial(_static, "round_robin")
 
 
 POLICY_INPUTS = ("load_LE", "topology", "current", "budget")  # what every policy is called with, positionally
+
+
+def check_layout(layout, name: str, load_LE: torch.Tensor, topology: Topology, budget: Budget) -> Layout:
+    """Refuse (ValueError naming the policy, the value and the limit) what a policy returned unless it is a layout of
+    ``load_LE``'s layers and experts on ``topology``'s workers, within the budget's slots and each worker's
+    capacity. Returns it as a ``Layout`` (a ``Plan``'s epoch dropped: the controller numbers plans)."""
+    if not isinstance(layout, Layout):
+        raise ValueError(f"policy {name!r} returned {type(layout).__name__}; a policy returns a Layout "
+                         "(moeray.placement.plan)")
+    L, E = load_LE.shape
+    if (layout.num_layers, layout.num_experts, layout.num_workers) != (L, E, topology.num_workers):
+        raise ValueError(f"policy {name!r} returned a layout of {layout.num_layers} layers x {layout.num_experts} "
+                         f"experts on {layout.num_workers} workers; expected {L} x {E} on {topology.num_workers}")
+    if layout.num_slots > budget.slots_per_layer(E):
+        raise ValueError(f"policy {name!r} used {layout.num_slots} slots per layer; the budget allows "
+                         f"{budget.slots_per_layer(E)} ({E} experts + {budget.redundant} redundant)")
+    fill_LW = torch.zeros(L, topology.num_workers, dtype=torch.long)
+    fill_LW.scatter_add_(1, layout.slot_worker_LP, torch.ones_like(layout.slot_worker_LP))
+    if int(fill_LW.max()) > topology.slots_per_worker:
+        l, w = divmod(int(fill_LW.argmax()), topology.num_workers)
+        raise ValueError(f"policy {name!r} put {int(fill_LW[l, w])} slots of layer {l} on worker {w}, which holds "
+                         f"{topology.slots_per_worker}")
+    return Layout(num_workers=layout.num_workers, num_experts=layout.num_experts, phy2log_LP=layout.phy2log_LP,
+                  slot_worker_LP=layout.slot_worker_LP) if isinstance(layout, Plan) else layout
 
 
 def _import_path(name: str) -> tuple[str, str]:
@@ -139,7 +179,7 @@ def check_policy_params(name: str, fn: Callable, params: dict) -> None:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         raise ValueError(f"placement policy {name!r} has no signature to check: it must be a Python function "
-                         "(load_LE, topology, current, budget, **params)") from None
+                         "(load_LE, topology, current, budget, **params) -> Layout") from None
     kinds = inspect.Parameter
     listed = list(sig.parameters.values())
     positional = [p for p in listed if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]

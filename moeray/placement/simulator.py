@@ -2,7 +2,13 @@
 
 Shape legend: L MoE layers, E logical experts, W workers, N windows.
 
-    plan_0 = static plan (round_robin), or the policy applied to the first ``warmup`` windows
+Two replays. ``replay`` is the controller's own loop: for each window, judge the plan in force on it, ask the same
+trigger functions the live controller asks (moeray.placement.triggers: threshold with hysteresis, schedule,
+cool-down, then min_gain on the policy's layout) under the same ``ControllerConfig``, and number each applied
+layout as the next epoch; fed a trace the controller recorded (its ``trace_path``), it makes the same decisions at
+the same windows. ``simulate`` compares policies on a fixed cadence:
+
+    plan_0 = static plan (round_robin) or a given layout, or the policy applied to the first ``warmup`` windows
     for each window t:
         judge the CURRENT plan on window t's load      -> worker_load_LW, imbalance_L   (load it has not seen)
         history += load_t
@@ -23,10 +29,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from moeray.placement.load import imbalance_L, worker_load_LW
-from moeray.placement.plan import Plan
-from moeray.placement.policies import resolve_policy, static_plan
+from moeray.placement.config import ControllerConfig
+from moeray.placement.initial import check_fits
+from moeray.placement.load import expected_imbalance, imbalance_L, worker_load_LW
+from moeray.placement.plan import Layout, Plan
+from moeray.placement.policies import check_layout, resolve_policy, static_layout
 from moeray.placement.topology import Budget, Topology
+from moeray.placement.triggers import Proposal, RebalanceState, WindowObservation, decide_apply, decide_rebalance
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,13 +45,14 @@ class WindowRecord:
     worker_load_LW: torch.Tensor  # expected tokens per (layer, worker) under that plan
     imbalance_L: torch.Tensor
     moved_slots: int = 0  # slots the rebalance after this window loaded (0: no rebalance)
-    rebalanced: bool = False
+    rebalanced: bool = False  # a rebalance after this window was applied
     policy_s: float = 0.0  # wall time of that rebalance's policy call
+    trigger: str = ""  # why the trigger called for a rebalance after this window ("": it did not; replay only)
 
     def to_json(self) -> dict:
         return {"window": self.window, "epoch": self.epoch, "mean_imbalance": float(self.imbalance_L.mean()),
                 "max_imbalance": float(self.imbalance_L.max()), "rebalanced": self.rebalanced,
-                "moved_slots": self.moved_slots}
+                "moved_slots": self.moved_slots, "trigger": self.trigger}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,25 +112,69 @@ class SimResult:
         return out
 
 
-def _check_plan(plan: Plan, name: str, load_LE: torch.Tensor, topology: Topology, budget: Budget) -> None:
-    L, E = load_LE.shape
-    if (plan.num_layers, plan.num_experts, plan.num_workers) != (L, E, topology.num_workers):
-        raise ValueError(f"policy {name!r} returned a plan of {plan.num_layers} layers x {plan.num_experts} experts "
-                         f"on {plan.num_workers} workers; expected {L} x {E} on {topology.num_workers}")
-    if plan.num_slots > budget.slots_per_layer(E):
-        raise ValueError(f"policy {name!r} used {plan.num_slots} slots per layer; the budget allows "
-                         f"{budget.slots_per_layer(E)} ({E} experts + {budget.redundant} redundant)")
-    fill_LW = torch.zeros(L, topology.num_workers, dtype=torch.long)
-    fill_LW.scatter_add_(1, plan.slot_worker_LP, torch.ones_like(plan.slot_worker_LP))
-    if int(fill_LW.max()) > topology.slots_per_worker:
-        l, w = divmod(int(fill_LW.argmax()), topology.num_workers)
-        raise ValueError(f"policy {name!r} put {int(fill_LW[l, w])} slots of layer {l} on worker {w}, which holds "
-                         f"{topology.slots_per_worker}")
+def _first_plan(initial: str | Layout, num_layers: int, num_experts: int, topology: Topology,
+                budget: Budget) -> Plan:
+    """Epoch 0: a static layout by name, or a given one (an exported plan), which must fit ``topology``."""
+    if isinstance(initial, str):
+        return static_layout(initial, num_layers=num_layers, num_experts=num_experts,
+                             num_workers=topology.num_workers, redundant=budget.redundant).at_epoch(0)
+    return check_fits(initial, source="the initial plan", num_layers=num_layers, num_experts=num_experts,
+                      num_workers=topology.num_workers, slots_per_worker=topology.slots_per_worker,
+                      redundant=budget.redundant).at_epoch(0)
+
+
+def replay(
+    windows: Sequence[torch.Tensor],
+    config: ControllerConfig,
+    topology: Topology,
+    budget: Budget,
+    *,
+    initial: str | Layout = "round_robin",
+    times: Sequence[float | None] | None = None,
+    name: str | None = None,
+) -> SimResult:
+    """Replay ``windows`` (each ``load_LE``, one closed window of ``config.window_steps`` steps) through the
+    controller's triggers and ``config.policy``, as the live controller would decide on them (module docstring).
+    ``times[t]``: when window t closed, seconds since the start (needed by ``rebalance_interval_s`` only)."""
+    if times is not None and len(times) != len(windows):
+        raise ValueError(f"{len(times)} window times for {len(windows)} windows")
+    name = name or config.policy
+    fn = resolve_policy(config.policy, config.policy_params)
+    num_layers, num_experts = windows[0].shape
+    budget.check_fits(num_experts, topology)
+    plan = _first_plan(initial, num_layers, num_experts, topology, budget)
+    state, records = RebalanceState(), []
+    for t, window in enumerate(windows):
+        load_LE = torch.as_tensor(window).to(torch.float64)
+        if load_LE.shape != (num_layers, num_experts):
+            raise ValueError(f"window {t}: load shape {tuple(load_LE.shape)} is not [{num_layers}, {num_experts}]")
+        time_s = None if times is None else times[t]
+        # 1. Judge the plan in force on the window, and let the trigger decide, as the controller's _on_window does.
+        load_LW = worker_load_LW(load_LE, plan)
+        observation = WindowObservation(window=t, time_s=time_s, imbalance=expected_imbalance(load_LE, plan))
+        decision, state = decide_rebalance(state, observation, config)
+        record = dict(window=t, epoch=plan.epoch, worker_load_LW=load_LW, imbalance_L=imbalance_L(load_LW),
+                      trigger=decision.reason)
+        # 2. The policy's layout for this window, applied if the trigger judges it worth its moves.
+        if decision.rebalance:
+            start = time.perf_counter()
+            layout = check_layout(fn(load_LE, topology, plan, budget), name, load_LE, topology, budget)
+            elapsed = time.perf_counter() - start
+            new = layout.at_epoch(plan.epoch + 1)
+            moved = plan.moved_slots(new)
+            verdict, state = decide_apply(state, Proposal(time_s=time_s, imbalance_before=observation.imbalance,
+                                                          imbalance_after=expected_imbalance(load_LE, new),
+                                                          moved_slots=moved), config)
+            if verdict.apply:
+                record.update(moved_slots=moved, rebalanced=True, policy_s=elapsed)
+                plan = new
+        records.append(WindowRecord(**record))
+    return SimResult(policy=name, records=records, expert_bytes=budget.expert_bytes)
 
 
 def simulate(
     windows: Sequence[torch.Tensor],
-    policy: str | Callable[..., Plan],
+    policy: str | Callable[..., Layout],
     topology: Topology,
     budget: Budget,
     *,
@@ -129,7 +183,7 @@ def simulate(
     rebalance_every: int = 1,
     decay: float = 0.0,
     warmup: int = 0,
-    initial: str = "round_robin",
+    initial: str | Layout = "round_robin",
     bounds: Bounds | None = None,
 ) -> SimResult:
     """Replay ``windows`` (each ``load_LE``) through ``policy`` (a name or import path resolved with ``params``, or
@@ -145,12 +199,10 @@ def simulate(
     num_layers, num_experts = windows[0].shape
     budget.check_fits(num_experts, topology)
     # 1. The plan before any load is known: a static one, or the policy applied to the warm-up windows.
-    plan = static_plan(initial, num_layers=num_layers, num_experts=num_experts, num_workers=topology.num_workers,
-                       redundant=budget.redundant)
+    plan = _first_plan(initial, num_layers, num_experts, topology, budget)
     if warmup:
         seen_LE = torch.stack([torch.as_tensor(w) for w in windows[:warmup]]).sum(0)
-        plan = fn(seen_LE, topology, plan, budget)
-        _check_plan(plan, name, seen_LE, topology, budget)
+        plan = check_layout(fn(seen_LE, topology, plan, budget), name, seen_LE, topology, budget).at_epoch(1)
     history_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64 if decay else torch.long)
     records = []
     for t in range(warmup, len(windows)):
@@ -164,9 +216,9 @@ def simulate(
         # 3. Rebalance from the history; the last window's plan would never be judged, so none is made.
         if (t - warmup + 1) % rebalance_every == 0 and t + 1 < len(windows):
             start = time.perf_counter()
-            new = fn(history_LE.clone(), topology, plan, budget)
+            layout = fn(history_LE.clone(), topology, plan, budget)
             elapsed = time.perf_counter() - start
-            _check_plan(new, name, load_LE, topology, budget)
+            new = check_layout(layout, name, load_LE, topology, budget).at_epoch(plan.epoch + 1)
             record.update(moved_slots=plan.moved_slots(new), rebalanced=True, policy_s=elapsed)
             plan = new
             history_LE = history_LE * decay if decay else torch.zeros_like(history_LE)

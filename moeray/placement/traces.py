@@ -9,6 +9,11 @@ The file format is JSON Lines with no header: every non-blank line is one window
 ``window`` (optional) is the window's index; ``load`` holds non-negative integers, with the same layer and expert
 counts on every line: the ``[L, E]`` expert counts ``Engine.take_load()`` returns, one window per call.
 
+The placement controller writes the same format (``trace_path`` in its config), one line per closed window, with
+more keys the simulator reads back: ``time_s`` (seconds since the controller started, when the window closed; for
+``rebalance_interval_s``), and what the controller decided on it: ``epoch`` (of the plan the window was judged
+under), ``imbalance``, ``trigger`` (the reason, "" for none), ``applied``, and the routers' ``queue``.
+
 Synthetic kinds (each deterministic for a seed; tokens are sampled multinomially, ``tokens x top_k`` (token,
 expert) pairs per layer and window, so one token may count twice for one expert):
 
@@ -21,6 +26,7 @@ expert) pairs per layer and window, so one token may count twice for one expert)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -43,8 +49,20 @@ def _check_count(value, where: str) -> int:
     return value
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TraceWindow:
+    load_LE: torch.Tensor  # int64 tokens per (layer, expert)
+    time_s: float | None = None  # when the window closed (controller traces)
+    recorded: dict = dataclasses.field(default_factory=dict)  # the controller's decision keys, when it wrote it
+
+
 def parse_window(line: str, *, where: str, shape: tuple[int, int] | None = None) -> torch.Tensor:
     """One trace line -> ``load_LE`` (int64). ``shape``, when given, is the (layers, experts) it must have."""
+    return parse_line(line, where=where, shape=shape).load_LE
+
+
+def parse_line(line: str, *, where: str, shape: tuple[int, int] | None = None) -> TraceWindow:
+    """One trace line -> its window, with the controller's keys when present."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -68,27 +86,48 @@ def parse_window(line: str, *, where: str, shape: tuple[int, int] | None = None)
     if shape is not None and (len(load), num_experts) != shape:
         raise TraceError(f"{where}: {len(load)} layers x {num_experts} experts, but earlier lines have "
                          f"{shape[0]} layers x {shape[1]} experts")
-    return torch.tensor(load, dtype=torch.long)
+    time_s = obj.get("time_s")
+    if time_s is not None and (isinstance(time_s, bool) or not isinstance(time_s, (int, float)) or time_s < 0):
+        raise TraceError(f"{where}: 'time_s' {time_s!r} is not a number of seconds >= 0")
+    recorded = {k: v for k, v in obj.items() if k not in ("window", "load", "time_s")}
+    return TraceWindow(load_LE=torch.tensor(load, dtype=torch.long), time_s=time_s, recorded=recorded)
 
 
-def iter_trace(path: str | os.PathLike) -> Iterator[torch.Tensor]:
-    """Yield each window's ``load_LE`` (int64) as its line is read; raise ``TraceError`` naming the line."""
+def iter_trace_windows(path: str | os.PathLike) -> Iterator[TraceWindow]:
+    """Yield each window as its line is read; raise ``TraceError`` naming the line."""
     shape = None
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            load_LE = parse_window(line, where=f"{path}, line {lineno}", shape=shape)
-            shape = tuple(load_LE.shape)
-            yield load_LE
+            window = parse_line(line, where=f"{path}, line {lineno}", shape=shape)
+            shape = tuple(window.load_LE.shape)
+            yield window
 
 
-def read_trace(path: str | os.PathLike) -> list[torch.Tensor]:
-    """Every window of a trace file, validated; an empty file is an error."""
-    windows = list(iter_trace(path))
+def iter_trace(path: str | os.PathLike) -> Iterator[torch.Tensor]:
+    """Yield each window's ``load_LE`` (int64) as its line is read; raise ``TraceError`` naming the line."""
+    for window in iter_trace_windows(path):
+        yield window.load_LE
+
+
+def read_trace_windows(path: str | os.PathLike) -> list[TraceWindow]:
+    """Every window of a trace file with its time and recorded decision, validated; an empty file is an error."""
+    windows = list(iter_trace_windows(path))
     if not windows:
         raise TraceError(f"{path}: the trace holds no window")
     return windows
+
+
+def read_trace(path: str | os.PathLike) -> list[torch.Tensor]:
+    """Every window's ``load_LE`` of a trace file, validated; an empty file is an error."""
+    return [w.load_LE for w in read_trace_windows(path)]
+
+
+def trace_line(window: int, load_LE, **extra) -> str:
+    """One window as a trace line (with its newline); ``extra`` keys (``time_s``, the decision) are written too."""
+    load = np.asarray(torch.as_tensor(load_LE).cpu()).tolist()
+    return json.dumps({"window": window, "load": load, **extra}, separators=(",", ":")) + "\n"
 
 
 def write_trace(path: str | os.PathLike, windows: Iterable) -> int:

@@ -18,14 +18,13 @@ import logging
 import time
 from collections.abc import Sequence
 
-import ray
 import torch
 
 from moeray import telemetry
 from moeray.placement.plan import Plan
 from moeray.router.load import LoadCounter
-from moeray.transport.base import Transport, WorkerCall, make_transport
-from moeray.transport.object_store import pack, unpack
+from moeray.transport.base import Transport
+from moeray.transport.wire import WorkerCall, unpack
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +41,17 @@ class ExpertsUnavailable(RuntimeError):
 
 
 class ExpertDispatcher:
-    def __init__(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle], track_tokens: bool = False,
-                 transport: str | Transport = "object_store") -> None:
+    """Dispatch and combine over ``transport``, which holds the worker handles ``plan`` numbers (see
+    ``moeray.transport.make_transport``)."""
+
+    def __init__(self, plan: Plan, transport: Transport, *, track_tokens: bool = False) -> None:
         self.dead_workers: set[int] = set()
-        self.transport = make_transport(transport, list(workers)) if isinstance(transport, str) else transport
+        self.transport = transport
         self.on_worker_lost = None  # called with a worker index when a call to it finds it dead
         self.load = LoadCounter(num_layers=plan.num_layers, num_experts=plan.num_experts,
                                 num_workers=plan.num_workers, track_tokens=track_tokens)
-        self.set_plan(plan, workers)
+        self.plan: Plan | None = None
+        self.set_plan(plan)
         # Set by the scheduler around each forward: which of the flattened tokens are real (False for padding),
         # and their token ids (for the optional per-expert token histogram).
         self.token_mask_T: torch.Tensor | None = None
@@ -57,18 +59,17 @@ class ExpertDispatcher:
         self.dispatch_s = 0.0  # wall time in dispatch/combine, expert compute included
         self.workers_touched = 0  # by the last layer call (telemetry)
 
-    def set_plan(self, plan: Plan, workers: Sequence[ray.actor.ActorHandle] | None = None) -> None:
+    def set_plan(self, plan: Plan, workers: Sequence | None = None) -> None:
         """Switch to a new epoch's plan (and worker handles, when they changed); call between forwards only."""
-        new_workers = workers is not None
-        workers = self.workers if workers is None else list(workers)
-        if len(workers) != plan.num_workers:
-            raise ValueError(f"the plan places experts on {plan.num_workers} workers; {len(workers)} were given")
-        if new_workers:  # a new worker list (the controller scaled): earlier deaths no longer apply
+        count = len(self.transport.workers if workers is None else workers)
+        if count != plan.num_workers:
+            raise ValueError(f"the plan places experts on {plan.num_workers} workers; {count} were given")
+        if workers is not None:  # a new worker list (the controller scaled): earlier deaths no longer apply
             self.dead_workers = set()
-            self.transport.set_workers(workers)
-        if getattr(self, "plan", None) is None or plan.num_workers != self.plan.num_workers:
+            self.transport.set_workers(list(workers))
+        if self.plan is None or plan.num_workers != self.plan.num_workers:
             self.load.resize(plan.num_workers)
-        self.plan, self.workers = plan, workers
+        self.plan = plan
         self._slot_worker_LP = plan.slot_worker_LP
         self._local_slot_LP = plan.local_slot_LP
         self._route_live_slots()
@@ -143,14 +144,8 @@ class ExpertDispatcher:
             sel_N = worker_N == worker
             tokens_T = pair_token_N[sel_N].unique()  # sorted
             pair_local_token_N = torch.searchsorted(tokens_T, pair_token_N[sel_N])
-            calls[worker] = (
-                self.plan.epoch,
-                layer,
-                pack(x_TH.index_select(0, tokens_T.to(x_TH.device))),
-                pair_local_token_N.to(torch.int32).numpy(),
-                local_slot_N[sel_N].to(torch.int32).numpy(),
-                pair_weight_N[sel_N].numpy(),
-            )
+            calls[worker] = WorkerCall.of(self.plan.epoch, layer, x_TH.index_select(0, tokens_T.to(x_TH.device)),
+                                          pair_local_token_N, local_slot_N[sel_N], pair_weight_N[sel_N])
             shares.append((worker, sel_N, tokens_T))
         self.workers_touched = len(calls)
         sent = self.transport.send(calls)

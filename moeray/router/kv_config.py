@@ -37,13 +37,17 @@ class KVCacheConfig:
             return float(self.memory)
         return None
 
+    def fixed_bytes(self) -> int | None:
+        """The pool's size when it is given in bytes; None when it is a fraction or unset."""
+        if self.memory is None or self._fraction() is not None:
+            return None
+        return parse_bytes(self.memory)
+
     def pool_bytes(self, device: torch.device) -> int | None:
         """The pool's size in bytes on ``device`` (None: the scheduler's default)."""
-        if self.memory is None:
-            return None
         fraction = self._fraction()
         if fraction is None:
-            return parse_bytes(self.memory)
+            return self.fixed_bytes()
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
         else:

@@ -5,6 +5,7 @@ A threaded Ray actor: callers block in ``generate`` on their own thread while on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -21,7 +22,9 @@ from moeray.placement.plan import Plan
 from moeray.request import (GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk,
                             check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
-from moeray.router.scheduler import Scheduler, Sequence
+from moeray.router.kv_config import KVCacheConfig
+from moeray.router.scheduler import KVStats, Scheduler, Sequence
+from moeray.transport import make_transport
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,16 @@ def _eos_ids(checkpoint_path: str, config) -> frozenset[int]:
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _memory() -> dict:
+    """This process's resident memory now and at its peak (Linux /proc; empty elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return {}
+    return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024, "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024}
 
 
 class Router:
@@ -52,6 +65,7 @@ class Router:
         controller_name: str | None = None,
         telemetry_config: telemetry.TelemetryConfig | None = None,
         transport: str = "object_store",
+        kv_cache: KVCacheConfig = KVCacheConfig(),
     ) -> None:
         torch.set_num_threads(num_threads)
         telemetry.setup(telemetry_config)
@@ -65,7 +79,8 @@ class Router:
                 plan, workers = ray.get(self.controller.plan_and_workers.remote())
             except ValueError:
                 pass
-        self.dispatcher = ExpertDispatcher(plan, workers, track_tokens=track_tokens, transport=transport)
+        # NOTE: the transport is built here, in this process: a compiled graph runs only where it was compiled.
+        self.dispatcher = ExpertDispatcher(plan, make_transport(transport, workers), track_tokens=track_tokens)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(loaded.checkpoint.path, loaded.checkpoint.config)  # a directory, also for a hub id
@@ -73,7 +88,10 @@ class Router:
         self.restore_timeout_s = restore_timeout_s
         self.dispatcher.on_worker_lost = self._report_lost
         self.scheduler = Scheduler(self.model, on_forward=self._on_forward, recover=self._recover,
-                                   max_batch_size=max_batch_size, device=device)
+                                   max_batch_size=max_batch_size, device=device,
+                                   kv_cache_bytes=kv_cache.pool_bytes(torch.device(device)),
+                                   block_size=kv_cache.block_size, max_prefill_tokens=kv_cache.max_prefill_tokens,
+                                   prefix_caching=kv_cache.prefix_caching)
         self._stopped = threading.Event()
         self._loop = threading.Thread(target=self._run, name="moeray-step-loop", daemon=True)
         self._loop.start()
@@ -200,6 +218,9 @@ class Router:
         return {**self.dispatcher.load.take(), "waiting": s.num_waiting, "running": len(s.running),
                 "capacity": s.max_batch_size}
 
+    def kv_stats(self) -> KVStats:
+        return self.scheduler.kv_stats()
+
     def resident_bytes(self) -> int:
         return resident_bytes(self.model)
 
@@ -215,7 +236,8 @@ class Router:
                 "step_s": s.step_s, "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s,
                 "transport": type(self.dispatcher.transport).__name__,
                 "graph_compiles": getattr(self.dispatcher.transport, "compiles", 0),
-                "graph_idle_releases": getattr(self.dispatcher.transport, "idle_releases", 0)}
+                "graph_idle_releases": getattr(self.dispatcher.transport, "idle_releases", 0),
+                "kv": dataclasses.asdict(s.kv_stats()), **_memory()}
 
     def ping(self) -> bool:
         return True
@@ -227,5 +249,3 @@ class Router:
             self.dispatcher.transport.close()  # a compiled graph: its workers' loops exit
         telemetry.shutdown()  # flush: the engine kills this actor next
 
-
-RouterActor = ray.remote(Router)

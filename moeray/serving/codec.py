@@ -1,4 +1,5 @@
-"""Proto <-> engine types: the only place besides the ingress that touches generated ``*_pb2`` messages.
+"""Proto <-> engine types: every gRPC response is built here (moeray.v1, KServe v2, grpc.health.v1), and the
+requests' fields are decoded here.
 
 Every decoding error is an ``InvalidRequest`` naming the field, the value and the limit.
 """
@@ -6,15 +7,18 @@ Every decoding error is an ``InvalidRequest`` naming the field, the value and th
 from __future__ import annotations
 
 import collections
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moeray.request import InvalidRequest, SamplingParams
+from moeray.request import InvalidRequest, SamplingParams, StreamChunk
 from moeray.serving.errors import ResponseTooLarge, clip
-from moeray.serving.gen import generate_pb2
+from moeray.serving.gen import generate_pb2, placement_pb2
 
 if TYPE_CHECKING:
+    from moeray.model.architecture import ModelSpec
+    from moeray.router.scheduler import KVStats
     from moeray.serving.gen import grpc_predict_v2_pb2 as kserve_pb2
 
 
@@ -24,6 +28,7 @@ def _kserve():
     from moeray.serving.gen import grpc_predict_v2_pb2
 
     return grpc_predict_v2_pb2
+
 
 FINISH_REASONS = {
     "stop": generate_pb2.FINISH_REASON_STOP,
@@ -47,6 +52,152 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(int(t) for t in msg.stop_token_ids),
         ignore_eos=bool(msg.ignore_eos),
     )
+
+
+# -- moeray.v1.GenerateService ------------------------------------------------------------------------------
+def prompt_ids(request: generate_pb2.GenerateRequest, tokenizer) -> list[int]:
+    kind = request.WhichOneof("prompt")
+    if kind == "prompt_ids":
+        return [int(t) for t in request.prompt_ids.ids]
+    if kind == "prompt_text":
+        if tokenizer is None:
+            raise InvalidRequest("prompt_text needs a checkpoint with a tokenizer; send prompt_ids")
+        return tokenizer(request.prompt_text, add_special_tokens=False)["input_ids"]
+    raise InvalidRequest("prompt is empty: set prompt_ids or prompt_text")
+
+
+def generate_response(chunk: StreamChunk, text: str, finish_reason: str | None, prompt_tokens: int,
+                      completion_tokens: int) -> generate_pb2.GenerateResponse:
+    """One streamed chunk; the last (``finish_reason`` set: the router's, or "stop" for a stop string) with usage."""
+    response = generate_pb2.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=text)
+    if finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[finish_reason]
+        response.usage.prompt_tokens = prompt_tokens
+        response.usage.completion_tokens = completion_tokens
+    return response
+
+
+def aborted_response(request_id: str) -> generate_pb2.GenerateResponse:
+    return generate_pb2.GenerateResponse(request_id=request_id, finish_reason=FINISH_REASONS["abort"])
+
+
+def abort_response(aborted: bool) -> generate_pb2.AbortResponse:
+    return generate_pb2.AbortResponse(aborted=aborted)
+
+
+def model_info(model_name: str, spec: ModelSpec, has_tokenizer: bool,
+               kv_pool: KVStats | None = None) -> generate_pb2.GetModelInfoResponse:
+    kv = {} if kv_pool is None else dict(kv_bytes_per_token=kv_pool.bytes_per_token, kv_block_size=kv_pool.block_size,
+                                         kv_blocks=kv_pool.blocks_total)
+    return generate_pb2.GetModelInfoResponse(
+        model_name=model_name, architecture=spec.architecture, num_layers=spec.num_hidden_layers,
+        num_moe_layers=len(spec.moe_layers), num_experts=spec.num_experts, top_k=spec.top_k,
+        vocab_size=spec.vocab_size, max_positions=spec.max_positions, total_params=spec.total_params,
+        active_params=spec.active_params, has_tokenizer=has_tokenizer, **kv)
+
+
+# -- moeray.v1.PlacementService -----------------------------------------------------------------------------
+def params_from_json(text: str) -> dict | None:
+    """A request's ``params_json``: a JSON object of policy parameters, or None when empty."""
+    if not text:
+        return None
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"params_json is not valid JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise InvalidRequest(f"params_json must be a JSON object; got {type(params).__name__}")
+    return params
+
+
+def placement_response(state: dict, health: dict, info: list) -> placement_pb2.GetPlacementResponse:
+    """From the controller's ``describe`` and ``health``, and each worker's info (an exception: a dead worker)."""
+    plan, topology = state["plan"], state["topology"]
+    response = placement_pb2.GetPlacementResponse(
+        epoch=plan["epoch"], policy=state["policy"], slots_per_worker=topology["slots_per_worker"],
+        redundant_slots=state["redundant"], rebalances=state["rebalances"], target_workers=health["target_workers"],
+        live_workers=health["live_workers"], healing_state=health["state"], healing_error=health["error"],
+        experts_available=health["serving"])
+    for phy2log, slot_worker in zip(plan["phy2log"], plan["slot_worker"]):
+        response.layers.add(phy2log=phy2log, slot_worker=slot_worker)
+    for i, (w, node) in enumerate(zip(info, topology["worker_node"])):
+        if isinstance(w, Exception):  # a dead worker: the controller has placed its experts elsewhere
+            response.workers.add(index=i, device="dead", node=node)
+            continue
+        response.workers.add(index=w["worker"], node_id=w["node_id"], device=w["device"],
+                             resident_bytes=w["resident_bytes"], node=node)
+    return response
+
+
+def load_response(load: dict, top: list | None, tokenizer) -> placement_pb2.GetLoadResponse:
+    """From the controller's ``window_load`` and ``top_tokens`` (per layer, per expert: (token id, count) pairs)."""
+    response = placement_pb2.GetLoadResponse(window_steps=load["steps"])
+    for l, (e_E, w_W, t_E) in enumerate(zip(load["expert_LE"], load["worker_LW"], load["total_LE"])):
+        imbalance = float(w_W.max() / w_W.mean()) if w_W.sum() else 1.0
+        layer = response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=imbalance,
+                                    expert_tokens_total=t_E.tolist())
+        for tokens in top[l] if top else ():
+            ids = [t for t, _ in tokens]
+            texts = [tokenizer.decode([t]) for t in ids] if tokenizer is not None else []
+            layer.top_tokens.add(token_ids=ids, counts=[c for _, c in tokens], texts=texts)
+    return response
+
+
+def rebalance_response(record: dict) -> placement_pb2.RebalanceResponse:
+    response = placement_pb2.RebalanceResponse(
+        epoch=record["epoch"], imbalance_before=record["expected_imbalance_before"],
+        imbalance_after=record["expected_imbalance_after"], applied=record["applied"],
+        moved_slots=record["moved_slots"], moved_bytes=record["moved_bytes"], policy=record["policy"])
+    for move in record["moves"]:
+        load = move["action"] == "load"
+        response.moves.add(layer=move["layer"], expert=move["expert"], from_worker=-1 if load else move["worker"],
+                           to_worker=move["worker"] if load else -1)
+    return response
+
+
+def set_policy_response(policy: str) -> placement_pb2.SetPolicyResponse:
+    return placement_pb2.SetPolicyResponse(policy=policy)
+
+
+def scale_response(accepted: dict) -> placement_pb2.ScaleWorkersResponse:
+    """A worker count accepted, not yet reached (GetPlacement shows how far it got)."""
+    return placement_pb2.ScaleWorkersResponse(workers=accepted["target"], epoch=accepted["epoch"], applied=False)
+
+
+# -- grpc.health.v1 -----------------------------------------------------------------------------------------
+def health_response(serving: bool):
+    from grpc_health.v1 import health_pb2
+
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    return health_pb2.HealthCheckResponse(status=status)
+
+
+# -- KServe v2 ----------------------------------------------------------------------------------------------
+def server_live() -> kserve_pb2.ServerLiveResponse:
+    return _kserve().ServerLiveResponse(live=True)
+
+
+def server_ready(ready: bool) -> kserve_pb2.ServerReadyResponse:
+    return _kserve().ServerReadyResponse(ready=ready)
+
+
+def model_ready(ready: bool) -> kserve_pb2.ModelReadyResponse:
+    return _kserve().ModelReadyResponse(ready=ready)
+
+
+def server_metadata() -> kserve_pb2.ServerMetadataResponse:
+    from moeray import __version__
+
+    return _kserve().ServerMetadataResponse(name="moeray", version=__version__, extensions=[])
+
+
+def model_metadata(model_name: str, vocab_size: int) -> kserve_pb2.ModelMetadataResponse:
+    response = _kserve().ModelMetadataResponse(name=model_name, versions=["1"], platform="moeray")
+    response.inputs.add(name="input_ids", datatype="INT64", shape=[-1, -1])
+    response.inputs.add(name="attention_mask", datatype="INT64", shape=[-1, -1])
+    response.outputs.add(name="logits", datatype="FP32", shape=[-1, -1, vocab_size])
+    response.outputs.add(name="last_logits", datatype="FP32", shape=[-1, vocab_size])
+    return response
 
 
 def _int_tensor(request: kserve_pb2.ModelInferRequest, index: int) -> np.ndarray:
@@ -75,8 +226,9 @@ def _int_tensor(request: kserve_pb2.ModelInferRequest, index: int) -> np.ndarray
     return values.astype(np.int64).reshape(shape)
 
 
-def kserve_inputs(request: kserve_pb2.ModelInferRequest) -> tuple[np.ndarray, np.ndarray | None]:
-    """input_ids [B, T] and the optional attention_mask [B, T] of a ModelInfer request."""
+def kserve_inputs(request: kserve_pb2.ModelInferRequest, vocab_size: int,
+                  max_positions: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """input_ids [B, T] and the optional attention_mask [B, T] of a ModelInfer request, within the model's limits."""
     names = [t.name for t in request.inputs]
     unknown = [n for n in dict.fromkeys(names) if n not in KSERVE_INPUTS]
     if unknown:
@@ -89,6 +241,11 @@ def kserve_inputs(request: kserve_pb2.ModelInferRequest) -> tuple[np.ndarray, np
     if "input_ids" not in names:
         raise InvalidRequest("input 'input_ids' (INT64 [batch, tokens]) is required")
     ids = _int_tensor(request, names.index("input_ids"))
+    if ids.shape[1] > max_positions:
+        raise InvalidRequest(f"input_ids has {ids.shape[1]} tokens; the model has {max_positions} positions")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     mask = None
     if "attention_mask" in names:
         mask = _int_tensor(request, names.index("attention_mask"))
@@ -140,9 +297,16 @@ def check_response_size(request: kserve_pb2.ModelInferRequest, model_name: str, 
     return size
 
 
-def kserve_response(request: kserve_pb2.ModelInferRequest, model_name: str,
-                    arrays: dict[str, np.ndarray]) -> kserve_pb2.ModelInferResponse:
-    """A ModelInfer response with each named FP32 output as raw little-endian bytes, in the order given."""
+def kserve_response(request: kserve_pb2.ModelInferRequest, model_name: str, outputs: tuple[str, ...],
+                    scored: np.ndarray, mask_BT: np.ndarray | None) -> kserve_pb2.ModelInferResponse:
+    """A ModelInfer response with each output asked for as raw little-endian FP32 bytes, in the order asked.
+    ``scored``: the router's logits, [B, T, V], or [B, V] when only ``last_logits`` was asked for (``last_only``)."""
+    if "logits" not in outputs:
+        arrays = {"last_logits": scored}
+    else:
+        batch, tokens = scored.shape[:2]
+        last = scored[np.arange(batch), last_positions(mask_BT, tokens, batch)]
+        arrays = {name: scored if name == "logits" else last for name in outputs}
     arrays = {name: np.ascontiguousarray(a, dtype="<f4") for name, a in arrays.items()}
     response = _response(request, model_name, {name: list(a.shape) for name, a in arrays.items()})
     for a in arrays.values():

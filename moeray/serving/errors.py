@@ -1,5 +1,6 @@
-"""Exceptions -> gRPC status codes and HTTP statuses: the one table the ingress answers errors from (gRPC, and the
-OpenAI-compatible HTTP API in moeray/serving/openai_api.py).
+"""Exceptions -> gRPC status codes and HTTP statuses: the one table every error the ingress answers comes from
+(gRPC handlers through ``answers`` / ``fail_with``, the OpenAI-compatible HTTP API in moeray/serving/openai_api.py
+through ``answer``, and the 'loading' stand-in in moeray/serving/lifecycle.py).
 
 A client gets one line naming the cause, the value and the limit; never a traceback, a pid, an IP, an actor id or a
 path (Ray's wrapped exceptions carry all of those: they are unwrapped to the original exception first, and what is
@@ -8,6 +9,9 @@ not in the table is logged here with its traceback and the request id, and answe
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
 import re
 
@@ -50,7 +54,23 @@ class NotServing(Exception):
 
 
 class Unauthenticated(Exception):
-    """A missing or wrong API key (the HTTP API's --api-key)."""
+    """A missing or wrong API key (the HTTP API's --api-key), or no admin token sent (placement mutations)."""
+
+
+class PermissionDenied(Exception):
+    """A wrong admin token, or none configured on the server (placement mutations)."""
+
+
+class ModelLoading(Exception):
+    """The engine is still loading (moeray serve's stand-in answers everything with it)."""
+
+
+class RouteNotFound(Exception):
+    """An HTTP path this server does not serve."""
+
+
+class MethodNotAllowed(Exception):
+    """An HTTP method a path does not take."""
 
 
 class Fail(Exception):
@@ -63,18 +83,31 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode, int, str | None]]
     (DuplicateRequestId, grpc.StatusCode.ALREADY_EXISTS, 409, None),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, 400, None),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, None),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403, None),
+    (RouteNotFound, grpc.StatusCode.NOT_FOUND, 404, None),
+    (MethodNotAllowed, grpc.StatusCode.UNIMPLEMENTED, 405, None),
     (AdmissionFull, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, None),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, None),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND, 404, None),
     (Draining, grpc.StatusCode.UNAVAILABLE, 503, None),
     (NotServing, grpc.StatusCode.UNAVAILABLE, 503, None),
+    (ModelLoading, grpc.StatusCode.UNAVAILABLE, 503, None),
     (ExpertsUnavailable, grpc.StatusCode.UNAVAILABLE, 503, None),
     (ray_errors.RayActorError, grpc.StatusCode.UNAVAILABLE, 503, ROUTER_DIED),  # also ActorDied/ActorUnavailable
     (ray_errors.WorkerCrashedError, grpc.StatusCode.UNAVAILABLE, 503, BACKEND_LOST),
     (ray_errors.ObjectLostError, grpc.StatusCode.UNAVAILABLE, 503, BACKEND_LOST),
     (ray_errors.NodeDiedError, grpc.StatusCode.UNAVAILABLE, 503, BACKEND_LOST),
 ]
+# Answers about the server's own state, not a failure of the backend: not worth a warning in the server log.
+_EXPECTED = (Draining, NotServing, ModelLoading)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    code: grpc.StatusCode  # gRPC; also the ``code`` label of moeray_rejected_requests for either protocol
+    http: int  # the OpenAI-compatible API's status
+    message: str  # one line, safe to show a client
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -104,23 +137,42 @@ def clip(value: str, limit: int = 64) -> str:
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, one-line message) for an exception in the table (after unwrapping Ray's wrappers); else None."""
     row = _row(exc)
-    return None if row is None else (row[0], row[2])
+    return None if row is None else (row.code, row.message)
 
 
 def http_status_of(exc: BaseException) -> tuple[int, str] | None:
     """(HTTP status, one-line message) for an exception in the table (after unwrapping Ray's wrappers); else None."""
     row = _row(exc)
-    return None if row is None else (row[1], row[2])
+    return None if row is None else (row.http, row.message)
 
 
-def _row(exc: BaseException) -> tuple[grpc.StatusCode, int, str] | None:
+def _row(exc: BaseException) -> Answer | None:
     exc = unwrap(exc)
     for kind, code, http, fixed in STATUS_TABLE:
         if isinstance(exc, kind):
             if isinstance(exc, ray_errors.RayTaskError):  # a wrapper whose cause did not survive: never its text
                 return None
-            return code, http, one_line(fixed if fixed else str(exc))
+            return Answer(code, http, one_line(fixed if fixed else str(exc)))
     return None
+
+
+def answer(exc: BaseException, request_id: str | None) -> Answer:
+    """The table's answer to ``exc``. Anything else is logged with its traceback and the request id and answered
+    INTERNAL (HTTP 500) with a generic message naming that id; a backend failure (UNAVAILABLE) is logged too."""
+    found = _row(exc)
+    request_id = request_id or new_request_id()  # an error before the request had one: this one names it in the log
+    if found is None:
+        log.error("request %s failed unexpectedly", request_id, exc_info=exc)
+        return Answer(grpc.StatusCode.INTERNAL, 500,
+                      f"internal error serving request {request_id}; the server log has the details")
+    if found.code == grpc.StatusCode.UNAVAILABLE and not isinstance(unwrap(exc), _EXPECTED):
+        log.warning("request %s: %s (%s)", request_id, found.message, type(unwrap(exc)).__name__, exc_info=exc)
+    return found
+
+
+def reason(exc: BaseException) -> str:
+    """The one-line message of an error an actor raised (Ray's wrapper adds the remote traceback to its own)."""
+    return str(getattr(exc, "cause", None) or exc)
 
 
 def fail(ctx, code: grpc.StatusCode, message: str):
@@ -133,15 +185,21 @@ def fail(ctx, code: grpc.StatusCode, message: str):
 
 
 def fail_with(ctx, exc: BaseException, request_id: str | None):
-    """Answer the status the table gives ``exc``; anything else is logged with its traceback and the request id
-    and answered INTERNAL with a generic message naming that id."""
-    status = status_of(exc)
-    request_id = request_id or new_request_id()  # an error before the request had one: this one names it in the log
-    if status is None:
-        log.error("request %s failed unexpectedly", request_id, exc_info=exc)
-        fail(ctx, grpc.StatusCode.INTERNAL, f"internal error serving request {request_id}; the server log has the "
-                                            "details")
-    code, message = status
-    if code == grpc.StatusCode.UNAVAILABLE:  # the backend's side: worth a line in the server log
-        log.warning("request %s: %s (%s)", request_id, message, type(unwrap(exc)).__name__, exc_info=exc)
-    fail(ctx, code, message)
+    """Answer the status the table gives ``exc`` (see ``answer``) and stop the handler."""
+    found = answer(exc, request_id)
+    fail(ctx, found.code, found.message)
+
+
+def answers(handler):
+    """Decorate a unary gRPC handler ``(self, request, grpc_context)``, sync or async: any error it raises is
+    answered from the table. The wrapper keeps the handler's signature, so Serve still passes ``grpc_context``."""
+    @functools.wraps(handler)
+    async def wrapped(self, request, grpc_context):
+        try:
+            result = handler(self, request, grpc_context)
+            return await result if inspect.isawaitable(result) else result
+        except Fail:
+            raise
+        except Exception as e:  # noqa: BLE001 - every error answers from the one table
+            fail_with(grpc_context, e, None)
+    return wrapped

@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 
-import grpc
 from ray import serve
 
 from moeray.serving import errors
@@ -28,19 +27,20 @@ def _loading_http_app():
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    from moeray.serving.openai_api import error_body
+    from moeray.serving.openai_responses import error_body
 
     app = FastAPI(title="moeray (loading)", docs_url=None, redoc_url=None, openapi_url=None)
+    status, message = errors.http_status_of(errors.ModelLoading(LOADING))
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def loading(path: str):
-        return JSONResponse(error_body(503, LOADING), status_code=503, headers={"Retry-After": "2"})
+        return JSONResponse(error_body(status, message), status_code=status, headers={"Retry-After": "2"})
 
     return app
 
 
 def _unavailable(ctx) -> None:
-    errors.fail(ctx, grpc.StatusCode.UNAVAILABLE, LOADING)
+    errors.fail_with(ctx, errors.ModelLoading(LOADING), None)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
@@ -49,19 +49,19 @@ class Loading:
     """Stands in for the ingress while the engine loads (same application name, so the ingress replaces it)."""
 
     def Check(self, request):
-        from grpc_health.v1 import health_pb2
+        from moeray.serving import codec
 
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return codec.health_response(False)
 
     def ServerLive(self, request):
-        from moeray.serving.gen import grpc_predict_v2_pb2
+        from moeray.serving import codec
 
-        return grpc_predict_v2_pb2.ServerLiveResponse(live=True)
+        return codec.server_live()
 
     def ServerReady(self, request):
-        from moeray.serving.gen import grpc_predict_v2_pb2
+        from moeray.serving import codec
 
-        return grpc_predict_v2_pb2.ServerReadyResponse(ready=False)
+        return codec.server_ready(False)
 
     async def Generate(self, request, grpc_context):
         _unavailable(grpc_context)

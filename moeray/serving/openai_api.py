@@ -8,9 +8,11 @@
 One deployment, two front doors: ``Ingress`` (moeray/serving/app.py) is a ``@serve.ingress()`` deployment whose
 ``__serve_build_asgi_app__`` returns ``build_http_app(self)``, so Serve's HTTP proxy sends HTTP requests to this
 ASGI app while its gRPC proxy keeps calling the gRPC methods by name, in the same replica. Both take the same
-admission slots (moeray/serving/admission.py: one exact counter), the same round-robin over the routers, the same
-tokenizer and the same incremental detokenizer and stop strings (moeray/serving/detokenize.py), and answer errors
-from the same table (moeray/serving/errors.py, whose HTTP column gives the status here).
+admission slots (moeray/serving/admission.py: one exact counter), the same engine handle (routing and aborts:
+moeray/serving/engine_handle.py), the same tokenizer and the same incremental detokenizer and stop strings
+(moeray/serving/detokenize.py), and answer errors from the same table (moeray/serving/errors.py, whose HTTP column
+gives the status here). Request fields are checked in moeray/serving/openai_protocol.py; bodies are built in
+moeray/serving/openai_responses.py.
 
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, one line naming the field and the
 limit, never a traceback (pydantic's errors included: never FastAPI's 422). A stream that fails after its first
@@ -21,12 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hmac
 import json
-import logging
-import os
-import re
 import time
 from collections.abc import AsyncIterator
 
@@ -37,68 +34,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeray import telemetry
 from moeray.request import InvalidRequest, new_request_id
-from moeray.serving import errors
+from moeray.serving import auth, errors
+from moeray.serving import openai_responses as bodies
 from moeray.serving.detokenize import TextStream
-from moeray.serving.openai_protocol import UNSUPPORTED, Job, Parsed, parse_chat, parse_completion
-
-log = logging.getLogger(__name__)
-
-API_KEY_ENV = "MOERAY_API_KEY"
-_GRPC_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED",
-              409: "ALREADY_EXISTS", 413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
-              503: "UNAVAILABLE"}
-# HTTP status -> OpenAI's error type and code
-_KIND = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
-         404: ("invalid_request_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
-         409: ("invalid_request_error", "conflict"), 413: ("invalid_request_error", "request_too_large"),
-         429: ("rate_limit_error", "rate_limit_exceeded"), 500: ("server_error", "internal_error"),
-         503: ("service_unavailable", "service_unavailable")}
-_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-           "seed", "stop", "stream", "stream_options", "n", "ignore_eos", "stop_token_ids", "return_token_ids",
-           "include_stop_str_in_output", "skip_special_tokens", "add_special_tokens", "add_generation_prompt",
-           "chat_template_kwargs", "user", *UNSUPPORTED}
-_PARAM = re.compile(r"(?:prompt \d+: )?([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*)")
-_PARAM_PREFIXES = {"stop token id": "stop_token_ids", "prompt token id": "prompt", "prompt of": "prompt"}
-_DONE = "data: [DONE]\n\n"
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-class HTTPError(Exception):
-    """An answer with this status and message (routes, methods: what Starlette's own exceptions carry)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclasses.dataclass(slots=True)
-class Piece:
-    """New output of one choice: its text delta, token ids, and on the last piece the finish reason."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind, default_code = _KIND.get(status, ("server_error", None))
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code}}
-
-
-def _param(message: str) -> str | None:
-    """The request field a message names (they start with it: 'max_tokens 9000 is above ...')."""
-    for prefix, param in _PARAM_PREFIXES.items():
-        if message.startswith(prefix) or message.partition(": ")[2].startswith(prefix):
-            return param
-    m = _PARAM.match(message)
-    if m and re.split(r"[.\[]", m.group(1))[0] in _FIELDS:
-        return m.group(1)
-    return None
+from moeray.serving.openai_protocol import Job, Parsed, parse_chat, parse_completion
+from moeray.serving.openai_responses import Piece
 
 
 def build_http_app(ingress) -> FastAPI:
-    """The ASGI app Serve's HTTP proxy calls for ``ingress`` (an ``Ingress`` instance: routers, admission,
+    """The ASGI app Serve's HTTP proxy calls for ``ingress`` (an ``Ingress`` instance: engine handle, admission,
     tokenizer, limits, model name)."""
     api = OpenAIServer(ingress)
     app = FastAPI(title="moeray", docs_url=None, redoc_url=None, openapi_url=None)
@@ -121,7 +65,7 @@ class OpenAIServer:
     async def health(self, request: Request) -> Response:
         if self.ingress.admission.draining:
             return self._error(errors.Draining("the server is shutting down (draining)"), None)
-        if not await self.ingress._serving():
+        if not await self.ingress.serving():
             return self._error(errors.NotServing("some experts have no live replica; the server is restoring them"),
                                None)
         return JSONResponse({"status": "ok", "model": self.ingress.model_name})
@@ -132,14 +76,14 @@ class OpenAIServer:
 
     async def models(self, request: Request) -> Response:
         try:
-            self._authorize(request)
+            auth.check_api_key(request.headers.get("authorization", ""))
         except Exception as e:  # noqa: BLE001
             return self._error(e, None)
         return JSONResponse({"object": "list", "data": [self._card()]})
 
     async def model(self, request: Request, model: str) -> Response:
         try:
-            self._authorize(request)
+            auth.check_api_key(request.headers.get("authorization", ""))
             self._check_model(model)
         except Exception as e:  # noqa: BLE001
             return self._error(e, None)
@@ -153,59 +97,35 @@ class OpenAIServer:
 
     # -- errors ------------------------------------------------------------------------------------------
     async def route_error(self, request: Request, exc: StarletteHTTPException) -> Response:
+        path = errors.clip(request.url.path)
         if exc.status_code == 404:
-            message = (f"no route {request.method} {errors.clip(request.url.path)}; this server serves GET /health, "
-                       "GET /v1/models, POST /v1/completions and POST /v1/chat/completions")
+            e = errors.RouteNotFound(f"no route {request.method} {path}; this server serves GET /health, GET "
+                                     "/v1/models, POST /v1/completions and POST /v1/chat/completions")
         elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {errors.clip(request.url.path)}"
-        else:
-            message = errors.one_line(str(exc.detail))
-        return self._error(HTTPError(exc.status_code, message), None)
+            e = errors.MethodNotAllowed(f"{request.method} is not allowed on {path}")
+        else:  # Starlette raises only the two above for these routes
+            e = InvalidRequest(str(exc.detail)) if exc.status_code < 500 else exc
+        return self._error(e, None)
 
     async def validation_error(self, request: Request, exc: RequestValidationError) -> Response:
         first = (exc.errors() or [{}])[0]
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return self._error(HTTPError(400, errors.one_line(f"{param or 'the request'}: {first.get('msg', 'invalid')}")),
-                           None, param)
+        return self._error(InvalidRequest(f"{param or 'the request'}: {first.get('msg', 'invalid')}"), None, param)
 
     def _error(self, exc: BaseException, request_id: str | None, param: str | None = None) -> Response:
-        """The OpenAI-shaped answer for ``exc``: its status from errors.py's table; anything else is logged with
-        its traceback and the request id and answered 500 naming only that id."""
-        status, message, code = self._status(exc, request_id)
-        if param is None and status == 400:
-            param = _param(message)
-        telemetry.rejected(_GRPC_CODE.get(status, "UNKNOWN"))
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        """The OpenAI-shaped answer for ``exc``, from errors.py's table (anything else: 500 naming the request id,
+        the details in the server log)."""
+        answer = errors.answer(exc, request_id)
+        telemetry.rejected(answer.code)
+        if param is None and answer.http == 400:
+            param = bodies.param_of(answer.message)
+        headers = {"WWW-Authenticate": "Bearer"} if answer.http == 401 else {}
         if request_id:
-            headers = {**(headers or {}), "x-request-id": request_id}
-        return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
-
-    @staticmethod
-    def _status(exc: BaseException, request_id: str | None) -> tuple[int, str, str | None]:
-        if isinstance(exc, HTTPError):
-            return exc.status, str(exc), None
-        found = errors.http_status_of(exc)
-        if found is None:
-            request_id = request_id or new_request_id()
-            log.error("request %s failed unexpectedly", request_id, exc_info=exc)
-            return 500, f"internal error serving request {request_id}; the server log has the details", None
-        status, message = found
-        if status == 503 and not isinstance(exc, (errors.Draining, errors.NotServing)):
-            log.warning("request %s: %s (%s)", request_id, message, type(errors.unwrap(exc)).__name__, exc_info=exc)
-        code = "model_not_found" if isinstance(exc, errors.ModelNotFound) else None
-        return status, message, code
+            headers["x-request-id"] = request_id
+        return JSONResponse(bodies.error_body(answer.http, answer.message, param, _code(exc)),
+                            status_code=answer.http, headers=headers or None)
 
     # -- request checks ----------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        expected = os.environ.get(API_KEY_ENV)
-        if not expected:
-            return
-        given = request.headers.get("authorization", "")
-        if given[:7].lower() != "bearer ":
-            raise errors.Unauthenticated("this server needs an API key: send 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(given[7:].strip().encode(), expected.encode()):
-            raise errors.Unauthenticated("the API key is wrong")  # never echo either key
-
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.ingress.model_name:
             raise errors.ModelNotFound(f"model {errors.clip(model)} is not served here; this server serves "
@@ -238,7 +158,7 @@ class OpenAIServer:
         created = int(time.time())
         ingress = self.ingress
         try:
-            self._authorize(request)
+            auth.check_api_key(request.headers.get("authorization", ""))
             raw = await self._json(request)
             if chat:
                 parsed = parse_chat(raw, ingress.limits, ingress.tokenizer, getattr(ingress, "chat_template", None))
@@ -248,7 +168,7 @@ class OpenAIServer:
             if ingress.admission.draining:
                 raise errors.Draining("the server is shutting down and admits no new requests; retry on another "
                                       "replica")
-            if not await ingress._serving():
+            if not await ingress.serving():
                 raise errors.NotServing("some experts have no live replica; the server is restoring them, retry "
                                         "later")
             events = self._run(parsed, request_id)
@@ -270,7 +190,7 @@ class OpenAIServer:
             return self._error(e, request_id)
         finally:
             await events.aclose()
-        return JSONResponse(self._whole(pieces, parsed, chat, meta), headers=headers)
+        return JSONResponse(bodies.whole(pieces, parsed, chat, meta), headers=headers)
 
     async def _run(self, parsed: Parsed, request_id: str) -> AsyncIterator[Piece]:
         """Every prompt's pieces, as they come. Each prompt takes one admission place, from when it is admitted
@@ -301,12 +221,9 @@ class OpenAIServer:
                 yield piece
 
     async def _at_router(self, job: Job, request_id: str, parsed: Parsed, text: TextStream | None):
-        router = self.ingress._router()
-        chunks = router.stream.options(num_returns="streaming").remote(job.prompt_ids, job.sampling, request_id, None)
-        finished = False
-        try:
-            async for ref in chunks:
-                chunk = await ref
+        chunks = self.ingress.engine.stream(job.prompt_ids, job.sampling, request_id, None)
+        async with contextlib.aclosing(chunks):  # leaving early (a stop string, the client gone) aborts it
+            async for chunk in chunks:
                 tokens = chunk.token_ids
                 if text is None:
                     delta = ""
@@ -321,49 +238,12 @@ class OpenAIServer:
                             break
                 stop = text is not None and text.stop_hit is not None
                 reason = "stop" if stop else chunk.finish_reason
-                if reason is not None:
-                    finished = chunk.finish_reason is not None  # a stop string ends it early: the finally aborts
-                    if text is not None and not stop:
-                        delta += text.finish()  # held-back text: it may still complete a stop string
-                        reason = "stop" if text.stop_hit is not None else reason
+                if reason is not None and text is not None and not stop:
+                    delta += text.finish()  # held-back text: it may still complete a stop string
+                    reason = "stop" if text.stop_hit is not None else reason
                 yield Piece(job.index, delta, tokens, reason)
                 if reason is not None:
                     return
-        except Exception:
-            finished = True  # the router ended the request (or died): nothing to abort
-            raise
-        finally:
-            if not finished:  # a stop string, or the client left: stop its generation, free its batch slot
-                router.abort.remote(request_id)
-
-    # -- responses ---------------------------------------------------------------------------------------
-    def _usage(self, parsed: Parsed, completion_tokens: int) -> dict:
-        prompt = sum(len(j.prompt_ids) for j in parsed.jobs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                "total_tokens": prompt + completion_tokens}
-
-    def _whole(self, pieces: list[Piece], parsed: Parsed, chat: bool, meta: dict) -> dict:
-        texts = {j.index: [] for j in parsed.jobs}
-        tokens = {j.index: [] for j in parsed.jobs}
-        reasons: dict[int, str | None] = {j.index: None for j in parsed.jobs}
-        for p in pieces:
-            texts[p.index].append(p.text)
-            tokens[p.index].extend(p.token_ids)
-            reasons[p.index] = p.finish_reason or reasons[p.index]
-        choices = []
-        for job in parsed.jobs:
-            i, text = job.index, "".join(texts[job.index])
-            if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                          "finish_reason": reasons[i]}
-            else:
-                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reasons[i]}
-            if parsed.return_token_ids:
-                choice["prompt_token_ids"] = job.prompt_ids
-                choice["token_ids"] = tokens[i]
-            choices.append(choice)
-        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": self._usage(parsed, sum(map(len, tokens.values())))}
 
     async def _sse(self, first: Piece, events: AsyncIterator[Piece], parsed: Parsed, chat: bool, meta: dict):
         """Server-sent events: (chat: the role first,) text deltas, each choice's finish reason, usage when asked
@@ -371,39 +251,30 @@ class OpenAIServer:
         head = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
         usage_null = {"usage": None} if parsed.include_usage else {}
         completion_tokens = 0
-
-        def event(choices: list, **extra) -> str:
-            return f"data: {_dumps({**head, 'choices': choices, **usage_null, **extra})}\n\n"
-
         try:
             if chat:
-                yield event([{"index": j.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for j in parsed.jobs])
+                yield bodies.event({**head, "choices": bodies.first_choices(parsed), **usage_null})
             piece = first
             while piece is not None:
                 completion_tokens += len(piece.token_ids)
-                ids = {"token_ids": piece.token_ids} if parsed.return_token_ids else {}
-                if chat:
-                    if piece.text or ids:
-                        yield event([{"index": piece.index, "delta": {"content": piece.text}, "logprobs": None,
-                                      "finish_reason": None, **ids}])
-                    if piece.finish_reason is not None:
-                        yield event([{"index": piece.index, "delta": {}, "logprobs": None,
-                                      "finish_reason": piece.finish_reason}])
-                elif piece.text or ids or piece.finish_reason is not None:
-                    yield event([{"index": piece.index, "text": piece.text, "logprobs": None,
-                                  "finish_reason": piece.finish_reason, **ids}])
+                for choices in bodies.piece_choices(piece, chat, parsed.return_token_ids):
+                    yield bodies.event({**head, "choices": choices, **usage_null})
                 piece = await anext(events, None)
             if parsed.include_usage:
-                yield f"data: {_dumps({**head, 'choices': [], 'usage': self._usage(parsed, completion_tokens)})}\n\n"
-            yield _DONE
+                yield bodies.event({**head, "choices": [], "usage": bodies.usage(parsed, completion_tokens)})
+            yield bodies.DONE
         except Exception as e:  # noqa: BLE001 - after the first byte the status is sent: the error is an event
-            status, message, code = self._status(e, meta["id"])
-            telemetry.rejected(_GRPC_CODE.get(status, "UNKNOWN"))
-            yield f"data: {_dumps(error_body(status, message, None, code))}\n\n"
-            yield _DONE
+            answer = errors.answer(e, meta["id"])
+            telemetry.rejected(answer.code)
+            yield bodies.event(bodies.error_body(answer.http, answer.message, None, _code(e)))
+            yield bodies.DONE
         finally:
             await events.aclose()
+
+
+def _code(exc: BaseException) -> str | None:
+    """OpenAI's error code where it has one more precise than the status's."""
+    return "model_not_found" if isinstance(errors.unwrap(exc), errors.ModelNotFound) else None
 
 
 async def _merge(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:

@@ -1,6 +1,7 @@
 """The transport interface: how one MoE layer's per-worker payloads reach the expert workers and come back.
 
-The dispatcher decides what each worker gets (``moeray.router.dispatch``); a transport only moves it:
+The dispatcher decides what each worker gets (``moeray.router.dispatch``); a transport only moves it, in the wire
+format every path shares (``moeray.transport.wire``):
 
     send({worker: WorkerCall}) -> Sent(results={worker: WireTensor}, lost={workers found dead})
 
@@ -11,6 +12,8 @@ The dispatcher decides what each worker gets (``moeray.router.dispatch``); a tra
   in one compiled graph at a time, and only the process that compiled a graph may execute it.
 
 A worker found dead is reported in ``lost``; the dispatcher routes its pairs to other replicas and sends again.
+``make_transport`` turns the configured name (``EngineConfig.transport``) into a transport; the router calls it in
+its own process (a compiled graph runs only in the process that compiled it).
 """
 
 from __future__ import annotations
@@ -18,13 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-import numpy as np
-
-WireTensor = tuple[np.ndarray, str]  # see moeray.transport.object_store.pack
-
-# (epoch, MoE layer, x [T, H], pair_token_N, pair_slot_N, pair_weight_N): one worker's share of one layer, the
-# arguments of ExpertWorker.forward. NOTE: the epoch travels in it, so a plan switch never rebuilds a transport.
-WorkerCall = tuple[int, int, WireTensor, np.ndarray, np.ndarray, np.ndarray]
+from moeray.transport.wire import WireTensor, WorkerCall
 
 TRANSPORTS = ("object_store", "compiled_graph")
 
@@ -36,6 +33,8 @@ class Sent:
 
 
 class Transport(Protocol):
+    workers: list  # the worker handles, indexed as the plan numbers them
+
     def send(self, calls: dict[int, WorkerCall]) -> Sent:
         """Run every call (keyed by worker index); a worker's error other than its death raises here."""
 
@@ -49,6 +48,7 @@ class Transport(Protocol):
 
 
 def make_transport(name: str, workers: list) -> Transport:
+    """The transport ``name`` (one of ``TRANSPORTS``) over ``workers``."""
     if name == "object_store":
         from moeray.transport.object_store import ObjectStoreTransport
         return ObjectStoreTransport(workers)

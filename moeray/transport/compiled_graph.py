@@ -39,7 +39,8 @@ import time
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
 
-from moeray.transport.base import Sent, WorkerCall
+from moeray.transport.base import Sent
+from moeray.transport.wire import WorkerCall
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class CompiledGraphTransport:
         if not 0 <= poll_backoff < 1:
             raise ValueError(f"poll_backoff must lie in [0, 1); got {poll_backoff}")
         self.workers = list(workers)
-        self.method = method  # the worker method each node runs (``moeray bench layer``'s floor: echo_compiled)
+        self.method = method  # the worker method each node runs (``moeray bench layer``'s floor: an echo)
         self.get_timeout_s, self.idle_teardown_s, self.poll_backoff = get_timeout_s, idle_teardown_s, poll_backoff
         self._round_trip_s: dict[int, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=ROUND_TRIP_WINDOW))  # size bucket -> recent round trips
@@ -104,8 +105,8 @@ class CompiledGraphTransport:
             return Sent({w: out for w, out in zip(self.members, outs) if w in pending}, frozenset(lost))
         raise RuntimeError(f"the compiled graph failed {MAX_ATTEMPTS} times in a row")
 
-    def _execute(self, payloads: list) -> list:
-        bucket = max((len(p[3]) for p in payloads if p is not None), default=0).bit_length()
+    def _execute(self, payloads: list[WorkerCall | None]) -> list:
+        bucket = max((len(p.pair_token_N) for p in payloads if p is not None), default=0).bit_length()
         recent = self._round_trip_s[bucket]
         started = time.perf_counter()
         refs = self.graph.execute(*payloads)

@@ -1,41 +1,15 @@
-"""The object-store transport: one ``worker.forward.remote(...)`` per touched worker per MoE layer.
+"""The object-store transport: one ``worker.forward.remote(*call)`` per touched worker per MoE layer.
 
-Tensors travel as numpy arrays (on every path): Ray pickles those zero-copy and fast, torch tensors not. numpy has
-no bfloat16 or float8, so those travel as their raw bits (int16, uint8) with the dtype name beside them.
+Each call's arrays go through Ray's object store (the format: ``moeray.transport.wire``); it always works, for any
+number of routers.
 """
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import ray
-import torch
 
-from moeray.transport.base import Sent, WireTensor, WorkerCall
-
-# Arrays from the object store are read-only, zero-copy views; nothing here writes to the tensors made from them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-# dtypes numpy lacks travel as raw bits of the same width, with their name beside them
-_RAW = {"bfloat16": (torch.bfloat16, torch.int16), "float16": (torch.float16, torch.int16),
-        "float8_e4m3fn": (torch.float8_e4m3fn, torch.uint8), "float8_e8m0fnu": (torch.float8_e8m0fnu, torch.uint8)}
-
-
-def pack(t: torch.Tensor) -> WireTensor:
-    t = t.detach().contiguous().cpu()
-    name = str(t.dtype).removeprefix("torch.")
-    if name in _RAW:
-        return t.view(_RAW[name][1]).numpy(), name
-    return t.numpy(), name
-
-
-def unpack(wire: WireTensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    array, name = wire
-    t = torch.from_numpy(np.asarray(array))
-    if name in _RAW:
-        t = t.view(_RAW[name][0])
-    return t.to(device, non_blocking=True)
+from moeray.transport.base import Sent
+from moeray.transport.wire import WorkerCall
 
 
 class ObjectStoreTransport:

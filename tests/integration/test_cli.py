@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import PROMPTS
+from moeray.placement.balanced import replicated
+from moeray.placement.topology import Budget, Topology
+from moeray.placement.traces import synthesize, write_trace
 
 pytestmark = pytest.mark.ray
 
@@ -17,11 +21,16 @@ def _moeray(*args, env=None, timeout=240):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_generate_json_matches_transformers(checkpoints, oracle):
+def test_generate_json_matches_transformers(checkpoints, oracle, tmp_path):
     arch = "mixtral"
     ref = oracle(arch)
+    # The first plan comes from a recorded load (replicated's layout for it), not the static default.
+    windows = synthesize("zipf", num_layers=2, num_experts=8, num_windows=2, tokens=200, top_k=2, seed=1, s=1.5)
+    write_trace(tmp_path / "load.jsonl", windows)
+    expected = replicated(torch.stack(windows).sum(0).double(), Topology.uniform(num_workers=2, slots_per_worker=5),
+                          None, Budget(redundant=1))
     args = ["generate", "--model", checkpoints[arch], "--max-new-tokens", "16", "--workers", "2", "--replicas", "1",
-            "--json"]
+            "--initial-load", str(tmp_path / "load.jsonl"), "--json"]
     for p in PROMPTS[:3]:
         args += ["--prompt-ids", ",".join(map(str, p))]
     proc = _moeray(*args)
@@ -29,6 +38,8 @@ def test_generate_json_matches_transformers(checkpoints, oracle):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert lines == [{"prompt_ids": p, "output_ids": ref.greedy(p)} for p in PROMPTS[:3]]
     assert "total_params" in proc.stderr  # memory accounting is reported while serving
+    first = [expected.experts_of(w)[0] for w in range(2)]
+    assert f"first plan from {tmp_path / 'load.jsonl'}: layer 0 experts per worker {first}" in proc.stderr
 
 
 def test_demo_checkpoint_text_prompt_and_bad_input(demo_home):

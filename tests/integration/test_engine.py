@@ -146,3 +146,25 @@ def test_streaming_matches_offline_and_abort_frees_the_slot(checkpoints, oracle,
         results = engine.generate(PROMPTS[2:], SamplingParams(max_new_tokens=16))
         assert [r.output_ids for r in results] == [ref.greedy(p) for p in PROMPTS[2:]]
         assert not engine.abort("no-such-request")
+
+
+def test_a_burst_three_times_the_kv_pool_completes_exactly(checkpoints, oracle, ray_local):
+    from moeray.router.kv_config import KVCacheConfig
+
+    arch = "qwen2_moe"
+    ref = oracle(arch)
+    prompts = [PROMPTS[i % len(PROMPTS)] + [50 + i] for i in range(12)]
+    expected = [ref.greedy(p, 12) for p in prompts]
+    need = sum(len(p) + len(e) for p, e in zip(prompts, expected))
+    from moeray.model.backbone import inspect_checkpoint
+
+    per_token = inspect_checkpoint(checkpoints[arch]).spec.kv_bytes_per_token(4)
+    budget = per_token * (need // 3 // 4 * 4)  # a third of what the burst holds at its peak, in whole blocks of 4
+    kv = KVCacheConfig(memory=budget, block_size=4, max_prefill_tokens=8)
+    with Engine(EngineConfig(model=checkpoints[arch], workers=2, kv_cache=kv)) as engine:
+        results = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+        assert [r.output_ids for r in results] == expected  # no request failed, and none changed
+        (stats,) = ray.get([r.stats.remote() for r in engine.routers])
+        assert stats["kv"]["preemptions"] > 0
+        assert stats["kv"]["pool_bytes"] <= budget  # allocated once, within the budget
+        assert stats["kv"]["blocks_used"] == 0  # every block came back

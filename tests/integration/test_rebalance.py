@@ -1,18 +1,26 @@
 """Live placement on a local Ray cluster with 4 expert workers: rebalancing under a skewed request mix lowers the
-routers' measured imbalance, and requests running through several plan switches finish exactly as a static run."""
+routers' measured imbalance, requests running through several plan switches finish exactly as a static run, the
+controller's own triggers under a drifting load make the decisions the simulator replays from its trace, and an
+engine restarted from an exported plan starts on it, with outputs equal to transformers'."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
 import pytest
 import ray
+from ray._common.test_utils import wait_for_condition
 
-from conftest import _ray_start, held_bytes_per_expert
+from conftest import Oracle, _ray_start, held_bytes_per_expert
 from moeray import Engine, EngineConfig, SamplingParams
+from moeray.cli import main
 from moeray.model.tiny import save_tiny_checkpoint
 from moeray.placement.config import ControllerConfig
+from moeray.placement.initial import read_layout
+from moeray.placement.policies import static_layout
+from moeray.placement.traces import read_trace_windows
 
 pytestmark = pytest.mark.ray
 
@@ -89,3 +97,64 @@ def test_requests_survive_several_rebalances(engine):
     report = engine.memory_report()
     slots = engine.plan.num_layers * engine.plan.num_slots
     assert sum(report["worker_resident_bytes"]) == slots * held_bytes_per_expert(engine.spec.moe_layers[0])
+
+
+# The hot set drifts: first the SKEWED mix (tokens 7 and 9), then prompts that hit other experts.
+DRIFTED = [[3] * 12, [3, 3, 11] * 4, [11] * 10, [3] * 6 + [11] * 6, [3] * 20, [11, 3] * 7]
+TRIGGERS = {"policy": "replicated", "poll_interval_s": 0.2, "window_steps": 4, "imbalance_threshold": 1.3,
+            "consecutive_windows": 2, "cooldown_windows": 1, "min_gain": 0.05}
+
+
+@pytest.fixture(scope="module")
+def restarted(engine, tmp_path_factory):
+    """An engine restarted from the plan the module's engine exported after a rebalance, its controller deciding
+    with its own triggers (the settings `moeray serve --placement-config` reads) and writing a trace of them."""
+    tmp = tmp_path_factory.mktemp("restart")
+    engine.generate(SKEWED, SAMPLING)
+    engine.rebalance()
+    saved = engine.plan
+    engine.save_plan(str(tmp / "plan.json"))
+    (tmp / "placement.yaml").write_text(json.dumps(TRIGGERS))
+    controller = ControllerConfig.from_file(str(tmp / "placement.yaml"), trace_path=str(tmp / "trace.jsonl"))
+    config = EngineConfig(model=engine.config.model, workers=4, replicas=8, initial_plan=str(tmp / "plan.json"),
+                          controller=controller)
+    with Engine(config) as restarted:
+        yield restarted, saved, tmp
+
+
+def test_a_restart_from_the_exported_plan_starts_on_it(restarted):
+    engine, saved, tmp = restarted
+    static = static_layout("round_robin", num_layers=saved.num_layers, num_experts=16, num_workers=4, redundant=8)
+    assert saved.epoch > 0 and not saved.same_holders(static), "a rebalanced plan, not the static default"
+    assert read_layout(tmp / "plan.json").same_holders(saved)
+    started = engine.plan
+    assert started.epoch == 0 and started.same_holders(saved), "the same plan, with no rebalance needed"
+    assert ray.get(engine.controller.history.remote()) == []
+    assert [w["experts_per_layer"] for w in engine.workers_info()] == [started.experts_of(w) for w in range(4)]
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [30], [7] * 12]
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    oracle = Oracle(engine.config.model)
+    assert [r.output_ids for r in results] == [oracle.greedy(p, 8) for p in prompts]
+
+
+def test_the_simulator_replays_the_live_controllers_decisions(restarted, capsys):
+    engine, _, tmp = restarted
+    trace = tmp / "trace.jsonl"
+    for prompts in (SKEWED, SKEWED, DRIFTED, DRIFTED):
+        engine.generate(prompts, SAMPLING)
+    steps = ray.get(engine.controller.describe.remote())["total_steps"]
+    # Every window closed so far is decided on and written (the controller's loop does it, between polls).
+    wait_for_condition(lambda: ray.get(engine.controller.describe.remote())["total_steps"] == steps and
+                       len(trace.read_text().splitlines()) == steps // 4, timeout=60)
+    history = ray.get(engine.controller.history.remote())
+    decided = [(w.recorded["epoch"], w.recorded["trigger"], w.recorded["applied"]) for w in read_trace_windows(trace)]
+    applied = [d for d in decided if d[2]]
+    assert applied and len(applied) == len(history) == engine.plan.epoch, decided
+    assert all(r["reason"].startswith("imbalance") for r in history)
+    # The simulator, from the same plan file, with the same settings file and the controller's trace.
+    assert main(["placement", "simulate", "--trace", str(trace), "--config", str(tmp / "placement.yaml"),
+                 "--initial-plan", str(tmp / "plan.json"), "--redundant", "8", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    replayed = [(r["epoch"], r["trigger"], r["rebalanced"]) for r in lines if r["type"] == "window"]
+    assert replayed == decided, "the same decisions at the same windows"
+    assert lines[-1]["rebalances"] == len(history)

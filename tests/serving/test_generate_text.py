@@ -3,13 +3,13 @@ strings ending the stream (finish reason STOP, the generation aborted). The ingr
 process, against a fake router stream (the gRPC server fixtures serve a checkpoint without a tokenizer); no Ray."""
 
 import asyncio
-from unittest import mock
 
 import grpc
 
 from moeray.model.demo import byte_tokenizer
 from moeray.request import RequestLimits, StreamChunk
 from moeray.serving import app, errors
+from moeray.serving.engine_handle import EngineHandle
 from moeray.serving.gen import generate_pb2
 
 
@@ -54,25 +54,11 @@ class Context:
         self.details = details
 
 
-def _stubs_without_kserve():
-    # NOTE: our KServe stubs cannot share protobuf's default pool with tritonclient's, which other serving tests load
-    # into this pytest process; Generate needs none of them.
-    from grpc_health.v1 import health_pb2
-
-    from moeray.serving import codec
-    from moeray.serving.gen import placement_pb2
-
-    return codec, generate_pb2, placement_pb2, None, health_pb2
-
-
 def _ingress(router, tokenizer):
     # the class as written: Serve's ingress wrapper (HTTP) would build an ASGI app around it
     cls = next(c for c in app.Ingress.func_or_class.__mro__ if "Generate" in vars(c))
-    with mock.patch.object(app, "_stubs", _stubs_without_kserve):
-        ingress = cls(
-            model_name="demo", engine_state={"routers": [router], "controller": None, "spec": None,
-                                             "limits": RequestLimits(vocab_size=259, max_positions=2048,
-                                                                     max_new_tokens_cap=64)})
+    limits = RequestLimits(vocab_size=259, max_positions=2048, max_new_tokens_cap=64)
+    ingress = cls(model_name="demo", engine=EngineHandle(routers=[router], controller=None, limits=limits))
     ingress.tokenizer = tokenizer
     return ingress
 

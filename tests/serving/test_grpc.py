@@ -74,6 +74,11 @@ def test_streaming_equals_offline_greedy(server, oracle):
     spec = server["engine"].spec
     assert (info.num_experts, info.top_k, info.vocab_size) == (spec.num_experts, spec.top_k, spec.vocab_size)
     assert info.total_params == spec.total_params > info.active_params == spec.active_params
+    # The KV cache: the model's own bytes per token (float32), and the pool the routers were given (the default:
+    # 2048 tokens per batch slot, in blocks of 16).
+    assert info.kv_bytes_per_token == spec.kv_bytes_per_token(4) > 0
+    assert info.kv_block_size == 16
+    assert info.kv_blocks == server["engine"].config.max_batch_size * 2048 // 16
 
 
 def test_tritonclient_model_infer_matches_transformers(server, oracle):
@@ -259,6 +264,15 @@ def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch,
     assert record["policy"] == "greedy" and record["applied"] and record["epoch"] == shown["epoch"] + 1
     assert main(["placement", "show", *target, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["epoch"] == record["epoch"]
+    # export: the plan in force as a file a restart starts from (--initial-plan), the same layout show prints
+    from moeray.placement.initial import read_layout
+
+    assert main(["placement", "export", *target, "--out", str(tmp_path / "plan.json")]) == 0
+    assert f"--initial-plan {tmp_path / 'plan.json'}" in capsys.readouterr().out
+    assert main(["placement", "show", *target, "--json"]) == 0
+    (tmp_path / "shown.json").write_text(capsys.readouterr().out)
+    assert read_layout(tmp_path / "plan.json").same_holders(read_layout(tmp_path / "shown.json"))
+    assert json.loads((tmp_path / "plan.json").read_text())["epoch"] == record["epoch"]
     ref = oracle("mixtral")
     assert [t for c in _generate(stub, PROMPTS[1]) for t in c.token_ids] == ref.greedy(PROMPTS[1])
     # scale out to 3 workers and back to 2 while serving; outputs never change

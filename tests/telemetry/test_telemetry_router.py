@@ -19,7 +19,7 @@ from moeray.model.weights import TensorReader, read_expert
 from moeray.placement.policies import static_plan
 from moeray.request import SamplingParams
 from moeray.router.router import Router
-from moeray.transport.object_store import pack, unpack
+from moeray.transport.wire import pack, unpack
 from otel_helpers import otel
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from moeray.placement.config import ControllerConfig
 from moeray.placement.controller import PlacementController, WorkersDied
-from moeray.placement.plan import Plan
+from moeray.placement.plan import Layout, Plan
 from moeray.placement.policies import static_plan
 from moeray.placement.topology import Budget, Topology
 
@@ -25,8 +27,7 @@ def lpt(load_LE, topology, current, budget):
                     key=lambda w: (fill[w], w))
             fill[w], slots[w], placed[e] = fill[w] + load_E[e], slots[w] + 1, w
         replicas.append([[placed[e]] for e in range(len(load_E))])
-    return Plan.from_replicas(replicas, epoch=0 if current is None else current.epoch + 1,
-                              num_workers=topology.num_workers)
+    return Layout.from_replicas(replicas, num_workers=topology.num_workers)
 
 
 class FakeOps:
@@ -130,6 +131,67 @@ def test_hysteresis_needs_consecutive_hot_windows():
     assert len(controller.window) == 0, "loads measured under the old plan are dropped"
 
 
+def test_windows_close_by_step_count_and_replay_to_the_same_decisions(tmp_path, capsys):
+    """The controller under a drifting load, its steps pulled in uneven batches, writes a trace; the simulator fed
+    that trace and the same settings decides the same at every window."""
+    from moeray.cli import main
+    from moeray.placement.traces import read_trace_windows, synthesize
+
+    settings = {"policy": "replicated", "window_steps": 3, "imbalance_threshold": 1.5, "consecutive_windows": 2,
+                "cooldown_windows": 1, "min_gain": 0.1, "rebalance_interval_s": 3.0}
+    (tmp_path / "placement.yaml").write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
+    now = [0.0]
+    config = ControllerConfig.from_file(str(tmp_path / "placement.yaml"), trace_path=str(tmp_path / "t.jsonl"))
+    controller, ops = make(config, clock=lambda: now[0], redundant=4, slots=3)
+    steps_NLE = synthesize("drifting", num_layers=L, num_experts=E, num_windows=60, tokens=40, top_k=2, seed=3,
+                           s=1.6, drift_every=24, drift_experts=2)
+    batches = [1, 5, 2, 7, 3, 4]
+    records, i = [], 0
+    while i < len(steps_NLE):
+        n, now[0] = batches[len(records) % len(batches)], now[0] + 1.0
+        ops.reports = [{"steps": [(s.numpy(), np.zeros((L, W), np.int64)) for s in steps_NLE[i:i + n]]}]
+        records.append(controller.poll())
+        i += n
+    traced = read_trace_windows(tmp_path / "t.jsonl")
+    assert len(traced) == 60 // 3, "one window per 3 steps, however the polls batched them"
+    assert all(w.load_LE.sum() == 3 * 40 * 2 * L for w in traced)
+    live = [(w.recorded["epoch"], w.recorded["trigger"], w.recorded["applied"]) for w in traced]
+    kinds = {(trigger.split(" ")[0], applied) for _, trigger, applied in live}
+    # Hot windows after each drift trigger rebalances; the schedule's on calm windows miss min_gain.
+    assert {("imbalance", True), ("schedule", False), ("", False)} <= kinds, kinds
+    assert controller.plan.epoch == sum(applied for _, _, applied in live)
+    assert main(["placement", "simulate", "--trace", str(tmp_path / "t.jsonl"), "--config",
+                 str(tmp_path / "placement.yaml"), "--workers", str(W), "--redundant", "4", "--slots-per-worker", "3",
+                 "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    replayed = [(r["epoch"], r["trigger"], r["rebalanced"]) for r in lines if r["type"] == "window"]
+    assert replayed == live
+    assert [r["mean_imbalance"] for r in lines if r["type"] == "window"] == \
+        pytest.approx([w.recorded["imbalance"] for w in traced], rel=1e-12)
+
+
+def test_the_controller_numbers_epochs_and_holds_policies_to_their_contract():
+    controller, ops = make(ControllerConfig(policy="test_controller:numbered",
+                                            allowed_policy_modules=("test_controller",)))
+    ops.reports = [{"steps": [hot_step(controller.plan)]}]
+    controller.poll()
+    assert controller.rebalance()["epoch"] == 1, "the policy's epoch 99 is not the plan's"
+    with pytest.raises(ValueError, match=r"policy 'test_controller:lopsided' put 8 slots of layer 0 on worker 0, "
+                                         r"which holds 2"):
+        controller.rebalance(policy="test_controller:lopsided")
+    assert controller.plan.epoch == 1 and [c[0] for c in ops.calls] == ["prepare", "switch", "commit"]
+
+
+def numbered(load_LE, topology, current, budget):
+    """An old-style policy that numbers its own plan: the controller ignores the epoch."""
+    return lpt(load_LE, topology, current, budget).at_epoch(99)
+
+
+def lopsided(load_LE, topology, current, budget):
+    """Every expert on worker 0: more slots than the worker holds."""
+    return Layout.from_replicas([[[0]] * E] * L, num_workers=topology.num_workers)
+
+
 def test_switch_order_moves_and_peers():
     controller, ops = make(nodes=2)
     ops.reports = [{"steps": [hot_step(controller.plan)]}]
@@ -176,13 +238,16 @@ def test_dry_run_and_min_gain_change_nothing():
     assert not controller.rebalance(reason="schedule")["applied"] and ops.calls == []
 
 
-def test_schedule_trigger_uses_the_clock():
+def test_schedule_trigger_uses_the_clock_as_windows_close():
     now = [0.0]
-    controller, ops = make(ControllerConfig(policy="test_controller:lpt", rebalance_interval_s=10.0),
+    controller, ops = make(ControllerConfig(policy="test_controller:lpt", rebalance_interval_s=10.0, window_steps=2),
                            clock=lambda: now[0])
-    ops.reports = [{"steps": [hot_step(controller.plan)]}]
-    assert controller.poll() is None  # not yet time
+    ops.reports = [{"steps": [hot_step(controller.plan)] * 2}]
+    assert controller.poll() is None  # a window closed, but it is not yet time
     now[0] = 10.5
+    ops.reports = [{"steps": [hot_step(controller.plan)]}]
+    assert controller.poll() is None, "time, but no window closed: the schedule waits for one"
+    ops.reports = [{"steps": [hot_step(controller.plan)]}]
     record = controller.poll()
     assert record["reason"] == "schedule" and record["applied"]
 

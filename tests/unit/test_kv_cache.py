@@ -116,3 +116,19 @@ def test_the_pool_holds_the_mla_latent_not_expanded_keys(checkpoints):
     expanded = config.num_hidden_layers * config.num_attention_heads * (
         config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * 4
     assert per_token < expanded
+
+
+def test_kv_cache_memory_is_bytes_or_a_fraction_of_free_memory():
+    from moeray.router.kv_config import KVCacheConfig
+
+    cpu = torch.device("cpu")
+    assert KVCacheConfig(memory="2MiB").pool_bytes(cpu) == 2 * 2**20 == KVCacheConfig(memory=2 * 2**20).fixed_bytes()
+    assert KVCacheConfig().pool_bytes(cpu) is None  # the scheduler's default
+    half = KVCacheConfig(memory="0.5")
+    assert half.fixed_bytes() is None and 0 < half.pool_bytes(cpu) < KVCacheConfig(memory=1.0).pool_bytes(cpu)
+    for bad, message in [("1.5", r"fraction '1.5' must be in \(0, 1\]"), ("0", "must be positive"),
+                         ("lots", "is not a number")]:
+        with pytest.raises(ValueError, match=message):
+            KVCacheConfig(memory=bad)
+    with pytest.raises(ValueError, match="max_prefill_tokens must be >= 1; got 0"):
+        KVCacheConfig(max_prefill_tokens=0)

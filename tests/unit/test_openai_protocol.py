@@ -8,7 +8,7 @@ from ray.exceptions import ActorDiedError
 from moeray.request import DuplicateRequestId, InvalidRequest, RequestLimits
 from moeray.router.dispatch import ExpertsUnavailable
 from moeray.serving import errors
-from moeray.serving.openai_api import _param, error_body
+from moeray.serving.openai_responses import error_body, param_of
 from moeray.serving.openai_protocol import (DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, chat_messages,
                                             parse_chat, parse_completion)
 
@@ -148,7 +148,7 @@ def test_lone_surrogates_are_refused():
     ("the request body is not valid JSON", None),
 ])
 def test_the_field_an_error_names(message, param):
-    assert _param(message) == param
+    assert param_of(message) == param
 
 
 @pytest.mark.parametrize("exc,grpc_code,status", [

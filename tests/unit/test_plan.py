@@ -20,8 +20,10 @@ def _check_invariants(plan: Plan, num_experts: int, redundant: int) -> None:
             workers = plan.slot_worker_LP[l, slots].tolist()
             assert len(set(workers)) == len(workers), "no two replicas of one expert on one worker"
     local = plan.local_slot_LP
+    cap = -(-(num_experts + redundant) // plan.num_workers)
     for w in range(plan.num_workers):
         mine = plan.slot_worker_LP == w
+        assert int(mine.sum(1).max()) <= cap, "no worker holds more than the slots an engine gives it"
         assert sorted(local[mine].tolist()) == sorted(sum([list(range(int(n))) for n in mine.sum(1)], []))
 
 
@@ -29,6 +31,14 @@ def test_contiguous_golden():
     plan = static_plan("contiguous", num_layers=2, num_experts=8, num_workers=3)
     assert plan.slot_worker_LP[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
     assert plan.experts_of(2) == [[6, 7], [6, 7]]
+
+
+def test_contiguous_with_replicas_fits_each_workers_slots():
+    # Experts 0 and 1 both live on worker 0, so both their copies could only go to worker 1 (6 of 5 slots): the
+    # second copy goes to the next expert that fits.
+    plan = static_plan("contiguous", num_layers=1, num_experts=8, num_workers=2, redundant=2)
+    assert plan.replica_workers()[0] == [[0, 1], [0], [0], [0], [1, 0], [1], [1], [1]]
+    assert plan.experts_of(0) == [[0, 1, 2, 3, 4]] and plan.experts_of(1) == [[4, 5, 6, 7, 0]]
 
 
 def test_round_robin_golden_with_replicas():

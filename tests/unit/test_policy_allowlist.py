@@ -202,7 +202,6 @@ def ingress(monkeypatch):
 
     monkeypatch.setenv("MOERAY_ADMIN_TOKEN", "t0ken")
     monkeypatch.delenv("MOERAY_ADMIN_TOKEN_FILE", raising=False)
-    monkeypatch.setattr(app, "placement_pb2", placement_pb2, raising=False)  # the ingress binds it in __init__
     cls = app.Ingress.func_or_class
     return cls.__new__(cls), app, placement_pb2
 
@@ -219,11 +218,11 @@ def test_scale_workers_answers_the_accepted_target_at_once(ingress):
             raise ValueError(f"workers must lie in [1, 4] (what the cluster's resources hold); got {workers}")
         return {"target": workers, "epoch": 7, "accepted": True}
 
-    server.controller = _Handle(request_scale=request_scale)
+    server.engine = app.EngineHandle(routers=[], controller=_Handle(request_scale=request_scale))
     response = asyncio.run(server.ScaleWorkers(pb.ScaleWorkersRequest(workers=3), _Context()))
     assert (response.workers, response.epoch, response.applied) == (3, 7, False)  # accepted, in progress
     ctx = _Context()
-    with pytest.raises(app._Fail):
+    with pytest.raises(app.errors.Fail):
         asyncio.run(server.ScaleWorkers(pb.ScaleWorkersRequest(workers=1000), ctx))
     assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
     assert ctx.details == "workers must lie in [1, 4] (what the cluster's resources hold); got 1000"  # one line
@@ -235,14 +234,15 @@ def test_set_policy_and_rebalance_refusals_are_invalid_argument(ingress):
 
     server, app, pb = ingress
     controller, _ = make()
-    server.controller = _Handle(set_policy=controller.set_policy, rebalance=controller.rebalance)
+    server.engine = app.EngineHandle(routers=[], controller=_Handle(set_policy=controller.set_policy,
+                                                                    rebalance=controller.rebalance))
     for call, request, named in [
             (server.SetPolicy, pb.SetPolicyRequest(policy="os:getcwd"), "'os:getcwd' is not allowed"),
             (server.SetPolicy, pb.SetPolicyRequest(policy="greedy", params_json='{"bogus": 1}'),
              "has no parameter 'bogus'; it accepts: refine, relabel"),
             (server.Rebalance, pb.RebalanceRequest(params_json='{"bogus": 1}'), "has no parameter 'bogus'")]:
         ctx = _Context()
-        with pytest.raises(app._Fail):
+        with pytest.raises(app.errors.Fail):
             asyncio.run(call(request, ctx))
         assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and named in ctx.details and "Traceback" not in ctx.details
     assert controller.policy == ("test_controller:lpt", {})

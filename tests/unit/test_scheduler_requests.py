@@ -56,8 +56,8 @@ def test_abort_finds_a_sequence_between_the_queue_and_the_batch(scheduler):
     seen = {}
     original = scheduler.on_forward
 
-    def on_forward(mask, ids):  # the prefill's forward: the sequence left the queue but has not joined the batch
-        if mask is not None and "abort" not in seen:
+    def on_forward(mask, ids):  # the prefill's forward: the sequence is being admitted, its first token not out yet
+        if ids is not None and "abort" not in seen:
             seen["abort"] = scheduler.abort("mid-prefill")
         original(mask, ids)
 

@@ -114,3 +114,36 @@ def test_undecodable_requests_answer_invalid_argument_in_the_proxy():
 def test_servicer_functions_are_importable_defs():
     assert wire.SERVICER_FUNCTIONS == [f"moeray.serving.wire.add_{s}_service"
                                        for s in ("generate", "placement", "inference", "health")]
+
+
+def test_every_unary_handler_answers_from_the_table_and_keeps_its_signature():
+    import inspect
+
+    class Servicer:
+        @errors.answers
+        def Sync(self, request, grpc_context):
+            raise InvalidRequest(f"field x is {request}; the limit is 3")
+
+        @errors.answers
+        async def Async(self, request, grpc_context):
+            if request == "denied":
+                raise errors.PermissionDenied("the admin token is wrong")
+            return request * 2
+
+    assert "grpc_context" in inspect.signature(Servicer.Sync).parameters  # how Serve decides to pass it
+    for call, request, code, details in [(Servicer().Sync, 9, C.INVALID_ARGUMENT, "field x is 9; the limit is 3"),
+                                         (Servicer().Async, "denied", C.PERMISSION_DENIED, "the admin token is wrong")]:
+        ctx = mock.Mock()
+        with pytest.raises(errors.Fail):
+            asyncio.run(call(request, ctx))
+        ctx.set_code.assert_called_once_with(code)
+        ctx.set_details.assert_called_once_with(details)
+    assert asyncio.run(Servicer().Async("ab", mock.Mock())) == "abab"
+
+
+def test_one_answer_per_exception_for_both_protocols():
+    assert errors.answer(errors.RouteNotFound("no route"), "r") == errors.Answer(C.NOT_FOUND, 404, "no route")
+    assert errors.answer(errors.ModelLoading("loading"), None) == errors.Answer(C.UNAVAILABLE, 503, "loading")
+    internal = errors.answer(ValueError("/etc/secret"), "req-9")
+    assert (internal.code, internal.http) == (C.INTERNAL, 500) and "req-9" in internal.message
+    assert "secret" not in internal.message

@@ -204,13 +204,17 @@ def test_cli_synth_then_simulate_several_policies_with_plots(tmp_path, capsys):
 
 def test_cli_policy_params_and_config(tmp_path, capsys):
     config = tmp_path / "policies.yaml"
-    config.write_text("policies:\n  sim_fake_policies:lpt: {epoch_step: 5}\n")
+    config.write_text("policies:\n  sim_fake_policies:lpt: {lazy: true}\n")
     argv = ["placement", "simulate", "--trace", _trace(tmp_path), "--policy", "sim_fake_policies:lpt",
             "--workers", "2", "--json"]
+
+    def imbalances():
+        return [json.loads(line)["mean_imbalance"] for line in capsys.readouterr().out.splitlines()[:2]]
+
     assert main(argv + ["--config", str(config)]) == 0
-    assert [json.loads(line).get("epoch") for line in capsys.readouterr().out.splitlines()[:2]] == [0, 5]
-    assert main(argv + ["--config", str(config), "--policy-params", '{"epoch_step": 3}']) == 0
-    assert [json.loads(line).get("epoch") for line in capsys.readouterr().out.splitlines()[:2]] == [0, 3]
+    assert imbalances() == [2.0, 2.0], "lazy: the round-robin layout stays"
+    assert main(argv + ["--config", str(config), "--policy-params", '{"lazy": false}']) == 0
+    assert imbalances() == [2.0, 1.0]
 
 
 def test_policy_params_global_or_per_policy():
@@ -261,3 +265,28 @@ def test_bounds_on_warmup_windows_are_left_out(monkeypatch):
     bounds = optimal_bounds(GOLDEN, TWO_WORKERS, Budget())
     summary = simulate(GOLDEN, "contiguous", TWO_WORKERS, Budget(), warmup=1, bounds=bounds).summary()
     assert (summary["bound_cells"], summary["bound_proven"], summary["vs_bound"]) == (1, 0, 1.0)
+
+
+def test_cli_replays_controller_settings_from_an_initial_plan(tmp_path, capsys):
+    from moeray.placement.initial import write_plan
+    from moeray.placement.policies import static_layout
+
+    config = tmp_path / "placement.yaml"
+    config.write_text("policy: sim_fake_policies:lpt\nmin_gain: 0.05\n")  # what `moeray serve --placement-config` reads
+    argv = ["placement", "simulate", "--trace", _trace(tmp_path), "--config", str(config), "--rebalance-every", "1",
+            "--json"]
+
+    def windows():
+        return [(r["epoch"], r["trigger"], r["rebalanced"], r["mean_imbalance"])
+                for r in map(json.loads, capsys.readouterr().out.splitlines()) if r["type"] == "window"]
+
+    assert main(argv + ["--workers", "2"]) == 0  # from round_robin: experts 0 and 2 share worker 0
+    assert windows() == [(0, "schedule", True, 2.0), (1, "schedule", False, 1.0)], "the second moves nothing"
+    write_plan(tmp_path / "plan.json", static_layout("contiguous", num_layers=1, num_experts=4, num_workers=2))
+    assert main(argv + ["--initial-plan", str(tmp_path / "plan.json")]) == 0  # its 2 workers
+    assert windows() == [(0, "schedule", False, 1.0)] * 2, "already balanced: no rebalance pays"
+    write_plan(tmp_path / "plan.json", static_layout("contiguous", num_layers=1, num_experts=4, num_workers=4))
+    assert main(argv + ["--initial-plan", str(tmp_path / "plan.json"), "--workers", "2"]) == 2
+    assert "the initial plan is for 4 expert workers; workers is 2" in capsys.readouterr().err
+    assert main(argv + ["--workers", "2", "--decay", "0.5"]) == 2
+    assert "--decay and --warmup do not apply to controller settings" in capsys.readouterr().err

@@ -98,7 +98,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "architecture", "num_layers", "num_moe_layers", "num_experts", "top_k", "vocab_size", "max_positions", "total_params", "active_params", "has_tokenizer")
+    __slots__ = ("model_name", "architecture", "num_layers", "num_moe_layers", "num_experts", "top_k", "vocab_size", "max_positions", "total_params", "active_params", "has_tokenizer", "kv_bytes_per_token", "kv_block_size", "kv_blocks")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,9 @@ class GetModelInfoResponse(_message.Message):
     TOTAL_PARAMS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_PARAMS_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     num_layers: int
@@ -121,4 +124,7 @@ class GetModelInfoResponse(_message.Message):
     total_params: int
     active_params: int
     has_tokenizer: bool
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_moe_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., total_params: _Optional[int] = ..., active_params: _Optional[int] = ..., has_tokenizer: bool = ...) -> None: ...
+    kv_bytes_per_token: int
+    kv_block_size: int
+    kv_blocks: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_moe_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., total_params: _Optional[int] = ..., active_params: _Optional[int] = ..., has_tokenizer: bool = ..., kv_bytes_per_token: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks: _Optional[int] = ...) -> None: ...
