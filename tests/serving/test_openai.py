@@ -28,7 +28,7 @@ from moeray import Engine, EngineConfig
 from moeray.serving import lifecycle
 from moeray.serving.app import start_serving
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc
-from moeray.serving.openai_api import API_KEY_ENV
+from moeray.serving.auth import API_KEY_ENV
 
 pytestmark = pytest.mark.ray
 API_KEY = "sk-moeray-test"
