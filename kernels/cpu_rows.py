@@ -1,4 +1,5 @@
-"""The CPU kernels of rows_gemm.c, ``out_nM = x_nK @ W_MK.T`` in float32 on AVX2 + FMA, and the panel layout.
+"""The CPU kernels of rows_gemm.c, ``out_nM = x_nK @ W_MK.T`` in float32 on AVX2 + FMA (and AVX-512 for MXFP4 where
+the CPU has it), and the panel layout.
 
 - ``panels_matmul``: any number of rows through weights packed by ``pack_panels`` (``[ceil(M/16), K, 16]``), an
   outer-product micro-kernel that never repacks them: 1.1-1.9x MKL from 4 to 256 rows (BENCHMARKS.md). CPU
@@ -8,14 +9,18 @@
 - ``quantized_rows_matmul`` / ``quantized_panels_matmul``: both kinds of kernel on FP8 / MXFP4 weights as
   checkpoints store them (``kernels/quantized.py``), dequantized inside: in registers for a few rows (a dot-product
   kernel), 16 weight rows at a time into an L2-resident panel for more (the panel micro-kernel). No float32 copy
-  of an expert is written.
+  of an expert is written. The MXFP4 rows kernel has an AVX-512 variant, used where the CPU has AVX-512
+  F/BW/VL/DQ (``avx512_enabled()``; 1.5-2.5x the AVX2 one, BENCHMARKS.md): the library is built for AVX2, those
+  functions alone for AVX-512 (target attributes), and the kernel is chosen at run time from cpuid, so one build
+  runs on both kinds of CPU. ``MOERAY_CPU_AVX512=0`` keeps the AVX2 kernel.
 
 Built on first use with the system's C compiler into a per-user cache (``MOERAY_KERNEL_CACHE``), into a temporary
 file first and then renamed, so several workers starting at once do not race; loaded with ctypes, which releases
 the GIL during a call. Built with ``-fopenmp``, the library binds to the libgomp torch already loaded (same
 soname), so the work is split over ``torch.get_num_threads()`` threads of torch's own OpenMP team rather than over
-threads that would compete with that team's spinning ones. No compiler, no AVX2, or ``MOERAY_CPU_KERNEL=0``:
-``available()`` is False and the torch path stays on BLAS.
+threads that would compete with that team's spinning ones. A compiler that cannot build the AVX-512 functions gets a
+second try without them (``-DMOERAY_NO_AVX512``). No compiler, no AVX2, or ``MOERAY_CPU_KERNEL=0``: ``available()``
+is False and the torch path stays on BLAS.
 """
 
 from __future__ import annotations
@@ -66,11 +71,16 @@ def _library() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", str(built), str(_SOURCE)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                log.warning("building the CPU rows kernel failed (%s); expert GEMMs of 1-8 rows stay on BLAS: %s",
-                            " ".join(cmd), result.stderr.strip()[-500:])
+            for extra in ([], ["-DMOERAY_NO_AVX512"]):  # the second for compilers without AVX-512 intrinsics
+                cmd = [compiler, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *extra, "-o", str(built),
+                       str(_SOURCE)]
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+                log.warning("building the CPU rows kernel failed (%s): %s", " ".join(cmd),
+                            result.stderr.strip()[-500:])
+            else:
+                log.warning("expert GEMMs of 1-8 rows stay on BLAS")
                 return None
             os.replace(built, target)
     lib = ctypes.CDLL(str(target))
@@ -84,14 +94,29 @@ def _library() -> ctypes.CDLL | None:
     for name in ("fp8_rows_gemm", "fp8_panels_gemm"):  # q, K, scale, BN, BK, x, ldx, y, ldy, n, M, threads
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = [p, n, p, n, n, p, n, p, n, n, n, ctypes.c_int]
-    for name in ("mxfp4_rows_gemm", "mxfp4_panels_gemm"):  # q, e8m0, K, x, ldx, y, ldy, n, M, threads
-        getattr(lib, name).restype = ctypes.c_int
+    for name in ("mxfp4_rows_gemm", "mxfp4_rows_gemm_avx2", "mxfp4_panels_gemm"):  # q, e8m0, K, x, ldx, y, ldy,
+        getattr(lib, name).restype = ctypes.c_int  # n, M, threads
         getattr(lib, name).argtypes = [p, p, n, p, n, p, n, n, n, ctypes.c_int]
+    lib.rows_gemm_avx512.restype = ctypes.c_int
+    lib.rows_gemm_avx512.argtypes = []
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether this CPU runs the AVX-512 MXFP4 rows kernel (AVX-512 F, BW, VL and DQ, from cpuid in the library)."""
+    lib = _library()
+    return lib is not None and bool(lib.rows_gemm_avx512())
+
+
+def avx512_enabled() -> bool:
+    """Whether ``quantized_rows_matmul`` runs MXFP4 on the AVX-512 kernel by default: the CPU has it and
+    ``MOERAY_CPU_AVX512`` is not 0."""
+    return cpu_has_avx512() and os.environ.get("MOERAY_CPU_AVX512", "1") != "0"
 
 
 def _checked_library(name: str, tensors: tuple[torch.Tensor, ...], dims: tuple[int, ...]) -> ctypes.CDLL:
@@ -155,9 +180,11 @@ def panels_matmul(x_nK: torch.Tensor, panels_PK16: torch.Tensor, m: int, out_nM:
 
 
 def _quantized_kernel(kind: str, x_nK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: ExpertQuant,
-                      out_nM: torch.Tensor):
+                      out_nM: torch.Tensor, avx512: bool | None = None):
     """Check one projection's quantized weights (``q``, ``scale`` as QuantizedExpertWeights holds one slot's)
-    against x and out; return ``run(row, rows)``, which computes ``rows`` rows of out from ``row`` on."""
+    against x and out; return ``run(row, rows)``, which computes ``rows`` rows of out from ``row`` on. ``avx512``
+    (the MXFP4 rows kernel only): None for ``avx512_enabled()``, False for the AVX2 kernel, True for the AVX-512
+    one (an error on a CPU without it)."""
     name = f"quantized_{kind}_matmul"
     lib = _checked_library(name, (x_nK, out_nM), (2, 2))
     (n, k), m = x_nK.shape, out_nM.shape[1]
@@ -174,7 +201,14 @@ def _quantized_kernel(kind: str, x_nK: torch.Tensor, q: torch.Tensor, scale: tor
         raise ValueError(f"{name}: x {tuple(x_nK.shape)} and out {tuple(out_nM.shape)} do not fit together")
     if not fp8 and k % MXFP4_BLOCK:
         raise ValueError(f"{name}: mxfp4 needs K to be a multiple of {MXFP4_BLOCK}; got {k}")
-    fn = getattr(lib, f"{quant.format}_{kind}_gemm")
+    name_suffix = ""
+    if not fp8 and kind == "rows":
+        if avx512 is None:
+            avx512 = avx512_enabled()
+        elif avx512 and not cpu_has_avx512():
+            raise RuntimeError(f"{name}: this CPU has no AVX-512 (F, BW, VL and DQ) for the AVX-512 kernel")
+        name_suffix = "" if avx512 else "_avx2"
+    fn = getattr(lib, f"{quant.format}_{kind}_gemm{name_suffix}")
     head = (q.data_ptr(), k, scale.data_ptr(), *quant.block) if fp8 else (q.data_ptr(), scale.data_ptr(), k)
 
     def run(row: int, rows: int) -> None:
@@ -189,10 +223,11 @@ def _quantized_kernel(kind: str, x_nK: torch.Tensor, q: torch.Tensor, scale: tor
 
 
 def quantized_rows_matmul(x_nK: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, quant: ExpertQuant,
-                          out_nM: torch.Tensor) -> torch.Tensor:
+                          out_nM: torch.Tensor, avx512: bool | None = None) -> torch.Tensor:
     """out_nM = x_nK @ W.T for one projection's quantized weights, decoded in registers (``fp8_rows_gemm``,
-    ``mxfp4_rows_gemm``); any n, in chunks of MAX_ROWS that each decode W again."""
-    run = _quantized_kernel("rows", x_nK, q, scale, quant, out_nM)
+    ``mxfp4_rows_gemm``); any n, in chunks of MAX_ROWS that each decode W again. ``avx512`` picks MXFP4's kernel:
+    None (default) the AVX-512 one where ``avx512_enabled()``, False the AVX2 one, True the AVX-512 one or an error."""
+    run = _quantized_kernel("rows", x_nK, q, scale, quant, out_nM, avx512)
     for start in range(0, x_nK.shape[0], MAX_ROWS):
         run(start, min(MAX_ROWS, x_nK.shape[0] - start))
     return out_nM

@@ -4,10 +4,14 @@ path that runs them, against transformers.
 The reference expands the same bytes with transformers' own dequantization (``_dequantize_fp8_weight`` for FP8,
 ``convert_moe_packed_tensors`` for MXFP4), not moeray's. FP8 sizes are not block multiples: H=40 and I=24 against
 scale blocks (16, 16), (8, 4), (1, 8) and (128, 128) (partial edge blocks, blocks narrower than a vector, K not a
-multiple of 8). The conversions themselves are checked bit for bit over every byte value against torch's.
+multiple of 8). The conversions themselves are checked bit for bit over every byte value against torch's. The MXFP4
+rows kernel runs twice where the CPU has AVX-512: its AVX-512 variant (the default there) and the AVX2 one.
 """
 
+import ctypes
 import functools
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -26,6 +30,8 @@ SILU, CLAMPED = GatedActivation(), GatedActivation(kind=CLAMPED_SWIGLU, limit=0.
 FP8_BLOCKS = [(16, 16), (8, 4), (1, 8), (128, 128)]
 ROWS = [*range(1, 14), 33]
 KERNELS = {"rows": cpu_rows.quantized_rows_matmul, "panels": cpu_rows.quantized_panels_matmul}
+# MXFP4's rows kernel also forced onto AVX2 ("rows" is the AVX-512 one on a CPU that has it)
+MXFP4_KERNELS = {**KERNELS, "rows_avx2": functools.partial(cpu_rows.quantized_rows_matmul, avx512=False)}
 NOT_NAN = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)  # e4m3fn NaN: 0x7F, 0xFF
 
 
@@ -57,24 +63,25 @@ def test_fp8_decoding_is_exact(kind, k):
         assert torch.equal(got[0], NOT_NAN.view(torch.float8_e4m3fn).to(torch.float32) * scale[:, 0])
 
 
-@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("kind", MXFP4_KERNELS)
 def test_e8m0_scales_are_exact(kind):
     # Row m's scale byte is m (2^(m-127): subnormal for m = 0, 1; 255 is NaN), every weight 1.0; x = e_0.
     e = torch.arange(255, dtype=torch.uint8)[:, None]
     q = torch.full((len(e), 16), 0x22, dtype=torch.uint8)
     x = torch.zeros(1, 32)
     x[0, 0] = 1.0
-    got = KERNELS[kind](x, q, e, ExpertQuant(format="mxfp4", block=(1, 32)), torch.empty(1, len(e)))
+    got = MXFP4_KERNELS[kind](x, q, e, ExpertQuant(format="mxfp4", block=(1, 32)), torch.empty(1, len(e)))
     assert torch.equal(got[0], e[:, 0].view(torch.float8_e8m0fnu).to(torch.float32))
 
 
-@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("kind", MXFP4_KERNELS)
 def test_e2m1_values_are_exact(kind):
     # Column k holds code k % 16; x = identity, so out[k, m] is weight [m, k]. Scales from subnormal to 2^125.
     e = torch.tensor([0, 1, 2, 100, 127, 128, 200, 252], dtype=torch.uint8)[:, None]
     codes = torch.arange(32) % 16
     q = (codes[0::2] | codes[1::2] << 4).to(torch.uint8).expand(len(e), 16).contiguous()
-    got = KERNELS[kind](torch.eye(32), q, e, ExpertQuant(format="mxfp4", block=(1, 32)), torch.empty(32, len(e)))
+    got = MXFP4_KERNELS[kind](torch.eye(32), q, e, ExpertQuant(format="mxfp4", block=(1, 32)),
+                              torch.empty(32, len(e)))
     scales = e[:, 0].view(torch.float8_e8m0fnu).to(torch.float32)
     assert torch.equal(got, torch.tensor(FP4_VALUES)[codes][:, None] * scales[None, :])
     assert torch.equal(got, _mxfp4_hf(q, e).t())
@@ -119,6 +126,62 @@ def test_quantized_matmul_splits_rows_over_threads(fmt, threads):
             assert not out[:, :4].any() and not out[:, 304:].any()
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not cpu_rows.cpu_has_avx512(), reason="the AVX-512 kernel needs AVX-512 F, BW, VL and DQ")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("m,k", [(192, 64), (64, 96), (300, 1024), (37, 2080)])
+def test_mxfp4_rows_kernel_avx512_and_avx2_agree(m, k, rows, threads):
+    # Both variants run, each matches transformers' expansion and they agree; strided x and out, rows of W split
+    # over threads (partial 8-row pieces and weight-row groups), K of 2-65 blocks (2080: past one 64-block segment
+    # of scales, and not a multiple of 128).
+    q, scale, w_hf = _projection("mxfp4", (1, 32), m, k)
+    x = torch.randn(rows, k + 5, generator=torch.Generator().manual_seed(rows))[:, 2 : k + 2]
+    want = x @ w_hf.t()
+    quant = ExpertQuant(format="mxfp4", block=(1, 32))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = {}
+        for avx512 in (True, False):
+            out = torch.full((rows, m + 6), float("nan"))
+            cpu_rows.quantized_rows_matmul(x, q, scale, quant, out[:, 3 : m + 3], avx512=avx512)
+            assert out[:, :3].isnan().all() and out[:, m + 3 :].isnan().all()
+            got[avx512] = out[:, 3 : m + 3]
+            torch.testing.assert_close(got[avx512], want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(got[True], got[False], atol=1e-5, rtol=1e-5)
+
+
+def test_avx512_is_the_default_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.delenv("MOERAY_CPU_AVX512", raising=False)
+    assert cpu_rows.avx512_enabled() == cpu_rows.cpu_has_avx512()
+    monkeypatch.setenv("MOERAY_CPU_AVX512", "0")
+    assert not cpu_rows.avx512_enabled()
+    monkeypatch.setattr(cpu_rows, "cpu_has_avx512", lambda: False)
+    q, scale, _ = _projection("mxfp4", (1, 32), 64, 96)
+    with pytest.raises(RuntimeError, match="no AVX-512"):
+        cpu_rows.quantized_rows_matmul(torch.randn(2, 96), q, scale, ExpertQuant(format="mxfp4", block=(1, 32)),
+                                       torch.empty(2, 64), avx512=True)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_the_build_without_avx512_runs_the_avx2_kernel(tmp_path):
+    # What cpu_rows builds when the compiler lacks AVX-512 support: no AVX-512 code; mxfp4_rows_gemm is AVX2's.
+    lib_path = tmp_path / "rows_gemm_no_avx512.so"
+    subprocess.run([shutil.which("cc") or shutil.which("gcc"), "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared",
+                    "-fPIC", "-DMOERAY_NO_AVX512", "-o", str(lib_path), str(cpu_rows._SOURCE)], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    assert lib.rows_gemm_avx512() == 0
+    q, scale, w_hf = _projection("mxfp4", (1, 32), 64, 96)
+    x, out = torch.randn(3, 96), torch.full((3, 64), float("nan"))
+    p = ctypes.c_void_p
+    lib.mxfp4_rows_gemm.argtypes = [p, p, ctypes.c_long, p, ctypes.c_long, p, ctypes.c_long, ctypes.c_long,
+                                    ctypes.c_long, ctypes.c_int]
+    assert lib.mxfp4_rows_gemm(q.data_ptr(), scale.data_ptr(), 96, x.data_ptr(), 96, out.data_ptr(), 64, 3, 64, 1) == 0
+    torch.testing.assert_close(out, x @ w_hf.t(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bad,message", [
