@@ -19,20 +19,20 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moeray.experts.worker import WorkerSpawner
-from moeray.telemetry import TelemetryConfig
-from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.model.architecture import ModelSpec
-from moeray.placement.actors import ControllerActor, topology_of
+from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
+from moeray.placement.algorithms.plan import Plan
+from moeray.placement.algorithms.policies import STATIC_POLICIES
+from moeray.placement.algorithms.topology import Budget, parse_bytes, slots_per_worker
 from moeray.placement.config import ControllerConfig
-from moeray.placement.controller import first_plan
 from moeray.placement.initial import initial_layout
-from moeray.placement.plan import Plan
-from moeray.placement.policies import STATIC_POLICIES
-from moeray.placement.topology import Budget, parse_bytes, slots_per_worker
+from moeray.placement.runtime.actors import ControllerActor, topology_of
+from moeray.placement.runtime.controller import first_plan
 from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.router import Router
 from moeray.router.scheduler import KVStats
+from moeray.telemetry import TelemetryConfig
 from moeray.transport import TRANSPORTS
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from moeray.experts.worker import ExpertWorker
 from moeray.model.backbone import inspect_checkpoint
 from moeray.model.tiny import save_random_checkpoint
-from moeray.placement.policies import static_plan
+from moeray.placement.algorithms.policies import static_plan
 from moeray.router.dispatch import ExpertDispatcher
 from moeray.transport.base import Sent
 from moeray.transport.compiled_graph import POLL_BACKOFF, CompiledGraphTransport

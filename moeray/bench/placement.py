@@ -4,7 +4,7 @@ Set-up (the placement issue's): 64 experts, 32 MoE layers, 8 workers on 2 nodes,
 (10 slots per worker), top-8 routing. Traces: Zipf s = 1.0, Zipf s = 1.5, and a drifting Zipf (s = 1.0, two hot
 experts per layer trade ranks with colder ones every 2 windows). Each policy starts from a plan it builds on the
 first window (not judged), then rebalances after every window from that window's load and is judged on the next
-one (``moeray.placement.simulator``). optimal's lower bound is solved per layer on the last window(s), as many
+one (``moeray.placement.offline.simulator``). optimal's lower bound is solved per layer on the last window(s), as many
 layers as fit in a time budget; ``in-sample`` compares a policy's plan built from that same window with it
 (the bound's own terms), ``replay`` the plan the replay actually judged there (built from the window before).
 """
@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 
-from moeray.placement.load import imbalance_L, worker_load_LW
-from moeray.placement.policies import BUILTIN_POLICIES, resolve_policy, static_plan
-from moeray.placement.simulator import Bounds, SimResult, optimal_bounds, simulate
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.load import imbalance_L, worker_load_LW
+from moeray.placement.algorithms.policies import BUILTIN_POLICIES, resolve_policy, static_plan
+from moeray.placement.algorithms.topology import Budget, Topology
+from moeray.placement.offline.simulator import Bounds, SimResult, optimal_bounds, simulate
 from moeray.placement.traces import synthesize, top_share
 
 EXPERTS, LAYERS, WORKERS, NODES, REDUNDANT, TOP_K = 64, 32, 8, 2, 16, 8

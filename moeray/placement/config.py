@@ -1,12 +1,12 @@
 """The placement controller's settings: policy, load window, rebalance triggers, budgets, worker bounds and the
 autoscaler. ``moeray serve --placement-config FILE`` reads them from YAML or JSON, and ``moeray placement simulate
---config FILE`` replays a trace under the same ones (moeray.placement.triggers decides for both)."""
+--config FILE`` replays a trace under the same ones (moeray.placement.algorithms.triggers decides for both)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from moeray.placement.policies import resolve_policy
+from moeray.placement.algorithms.policies import resolve_policy
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -21,9 +21,9 @@ import os
 
 import torch
 
-from moeray.placement.plan import Layout
-from moeray.placement.policies import check_layout, resolve_policy, static_layout
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.plan import Layout
+from moeray.placement.algorithms.policies import check_layout, resolve_policy, static_layout
+from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.traces import read_trace
 
 

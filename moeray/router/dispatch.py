@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from moeray import telemetry
-from moeray.placement.plan import Plan
+from moeray.placement.algorithms.plan import Plan
 from moeray.router.load import LoadCounter
 from moeray.transport.base import Transport
 from moeray.transport.wire import WorkerCall, unpack

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from moeray.placement.topology import parse_bytes
+from moeray.placement.algorithms.topology import parse_bytes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from moeray import telemetry
 from moeray.model.backbone import build_backbone, resident_bytes
-from moeray.placement.plan import Plan
+from moeray.placement.algorithms.plan import Plan
 from moeray.request import (GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk,
                             check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from moeray.placement.balanced import replicated
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.balanced import replicated
+from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.traces import synthesize, write_trace
 
 pytestmark = pytest.mark.ray

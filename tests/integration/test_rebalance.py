@@ -17,9 +17,9 @@ from conftest import Oracle, _ray_start, held_bytes_per_expert
 from moeray import Engine, EngineConfig, SamplingParams
 from moeray.cli import main
 from moeray.model.tiny import save_tiny_checkpoint
+from moeray.placement.algorithms.policies import static_layout
 from moeray.placement.config import ControllerConfig
 from moeray.placement.initial import read_layout
-from moeray.placement.policies import static_layout
 from moeray.placement.traces import read_trace_windows
 
 pytestmark = pytest.mark.ray

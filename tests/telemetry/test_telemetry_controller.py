@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moeray.placement.algorithms.policies import static_plan
+from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.config import ControllerConfig
-from moeray.placement.controller import PlacementController
-from moeray.placement.policies import static_plan
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.runtime.controller import PlacementController
 from otel_helpers import otel, point
 
 L, E, W = 2, 8, 4

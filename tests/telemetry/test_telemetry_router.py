@@ -16,7 +16,7 @@ from moeray import telemetry
 from moeray.kernels import ExpertWeights, grouped_experts
 from moeray.model.backbone import inspect_checkpoint
 from moeray.model.weights import TensorReader, read_expert
-from moeray.placement.policies import static_plan
+from moeray.placement.algorithms.policies import static_plan
 from moeray.request import SamplingParams
 from moeray.router.router import Router
 from moeray.transport.wire import pack, unpack

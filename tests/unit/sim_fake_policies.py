@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moeray.placement.plan import Layout
+from moeray.placement.algorithms.plan import Layout
 
 SEEN: list[torch.Tensor] = []  # the loads ``recording`` was called with
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from moeray.placement.algorithms.plan import Layout, Plan
+from moeray.placement.algorithms.policies import static_plan
+from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.config import ControllerConfig
-from moeray.placement.controller import PlacementController, WorkersDied
-from moeray.placement.plan import Layout, Plan
-from moeray.placement.policies import static_plan
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.runtime.controller import PlacementController, WorkersDied
 
 L, E, W = 2, 8, 4
 

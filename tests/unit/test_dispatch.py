@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from moeray.placement.plan import Plan
+from moeray.placement.algorithms.plan import Plan
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.transport import Sent, WorkerCall
 from moeray.transport.wire import pack, pairs_on, unpack

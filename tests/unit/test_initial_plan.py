@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from moeray.cli import main
+from moeray.cli import placement as placement_cli
 from moeray.engine import EngineConfig, plan_placement
 from moeray.model.backbone import inspect_checkpoint
-from moeray.placement import online_cli
-from moeray.placement.balanced import replicated
+from moeray.placement.algorithms.balanced import replicated
+from moeray.placement.algorithms.plan import Layout
+from moeray.placement.algorithms.policies import static_layout
+from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.initial import check_fits, initial_layout, read_layout, write_plan
-from moeray.placement.plan import Layout
-from moeray.placement.policies import static_layout
-from moeray.placement.topology import Budget, Topology
 from moeray.placement.traces import synthesize, write_trace
 
 L, E, W = 2, 8, 4  # the tiny mixtral checkpoint: 2 MoE layers of 8 experts
@@ -55,7 +55,7 @@ def _placement_response(layout: Layout, epoch: int = 5):
 @pytest.mark.parametrize("command", ["export", "show"])
 def test_export_and_show_json_read_back_as_the_served_layout(tmp_path, monkeypatch, capsys, command):
     layout = _layout()
-    monkeypatch.setattr(online_cli, "_rpc", lambda args, method, **_: _placement_response(layout))
+    monkeypatch.setattr(placement_cli, "_rpc", lambda args, method, **_: _placement_response(layout))
     path = tmp_path / "plan.json"
     if command == "export":
         assert main(["placement", "export", "--out", str(path)]) == 0

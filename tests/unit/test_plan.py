@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moeray.placement.plan import Plan
-from moeray.placement.policies import static_plan
+from moeray.placement.algorithms.plan import Plan
+from moeray.placement.algorithms.policies import static_plan
 
 
 def _check_invariants(plan: Plan, num_experts: int, redundant: int) -> None:

@@ -10,13 +10,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moeray.placement.balanced import greedy, relabel_workers, replicated, replicated_hierarchical, spread_ok
-from moeray.placement.load import imbalance_L, worker_load_LW
-from moeray.placement.migration import migration_aware
-from moeray.placement.optimal import optimal, optimal_bound
-from moeray.placement.plan import Layout, Plan
-from moeray.placement.policies import resolve_policy, static_plan
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.balanced import greedy, replicated, replicated_hierarchical
+from moeray.placement.algorithms.load import imbalance_L, worker_load_LW
+from moeray.placement.algorithms.migration import migration_aware
+from moeray.placement.algorithms.optimal import optimal, optimal_bound
+from moeray.placement.algorithms.packing import relabel_workers, spread_ok
+from moeray.placement.algorithms.plan import Layout, Plan
+from moeray.placement.algorithms.policies import resolve_policy, static_plan
+from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.traces import synthesize
 
 POLICIES = {"greedy": greedy, "replicated": replicated, "replicated_hierarchical": replicated_hierarchical,

@@ -8,15 +8,15 @@ import uuid
 
 import pytest
 
+from moeray.placement.algorithms.policies import check_policy_allowed, check_policy_params
 from moeray.placement.config import ControllerConfig
-from moeray.placement.policies import check_policy_allowed, check_policy_params
 from test_controller import make
 
 SENTINEL = '''
 """A policy module that records its import (its code runs on import: only an allowed module may be imported)."""
 import pathlib
 
-from moeray.placement.balanced import greedy
+from moeray.placement.algorithms.balanced import greedy
 
 pathlib.Path(__file__).with_suffix(".imported").write_text("imported")
 
@@ -63,8 +63,8 @@ def test_an_allowed_modules_function_is_accepted_and_used(sentinel):
     # the built-ins and the startup policy stay allowed
     controller.set_policy("greedy")
     controller.set_policy("test_controller:lpt")
-    assert controller.rebalance(dry_run=True, policy="moeray.placement.balanced:greedy")["policy"] == \
-        "moeray.placement.balanced:greedy"
+    assert controller.rebalance(dry_run=True, policy="moeray.placement.algorithms.balanced:greedy")["policy"] == \
+        "moeray.placement.algorithms.balanced:greedy"
 
 
 def test_bad_params_are_refused_naming_them_and_the_policy_in_force_stays():

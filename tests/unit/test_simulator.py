@@ -10,9 +10,9 @@ import sim_fake_policies
 import torch
 
 from moeray.cli import main
-from moeray.placement.offline_cli import policy_params
-from moeray.placement.simulator import optimal_bounds, simulate
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.topology import Budget, Topology
+from moeray.placement.offline.cli import policy_params
+from moeray.placement.offline.simulator import optimal_bounds, simulate
 from moeray.placement.traces import TraceError, read_trace, synthesize, top_share, write_trace
 
 # Window 0 sends all tokens to experts 0 and 2, which round_robin puts on worker 0; contiguous splits them.
@@ -154,9 +154,9 @@ def test_simulate_rejects_a_plan_over_capacity():
 
 
 def test_bounds_from_optimal(monkeypatch):
-    fake = types.ModuleType("moeray.placement.optimal")
+    fake = types.ModuleType("moeray.placement.algorithms.optimal")
     fake.optimal_bound = lambda load_E, topology, budget, time_limit_s: (None, float(load_E.max()), True)
-    monkeypatch.setitem(sys.modules, "moeray.placement.optimal", fake)
+    monkeypatch.setitem(sys.modules, "moeray.placement.algorithms.optimal", fake)
     bounds = optimal_bounds(GOLDEN, TWO_WORKERS, Budget())
     assert bounds.cells == ((0, 0), (1, 0)) and bounds.ratio == (1.0, 1.0) and bounds.layers_solved() == 1
     summary = simulate(GOLDEN, "contiguous", TWO_WORKERS, Budget(), bounds=bounds).summary()
@@ -259,17 +259,17 @@ def test_bench_targets_verdicts():
 
 
 def test_bounds_on_warmup_windows_are_left_out(monkeypatch):
-    fake = types.ModuleType("moeray.placement.optimal")
+    fake = types.ModuleType("moeray.placement.algorithms.optimal")
     fake.optimal_bound = lambda load_E, topology, budget, time_limit_s: (None, float(load_E.max()), False)
-    monkeypatch.setitem(sys.modules, "moeray.placement.optimal", fake)
+    monkeypatch.setitem(sys.modules, "moeray.placement.algorithms.optimal", fake)
     bounds = optimal_bounds(GOLDEN, TWO_WORKERS, Budget())
     summary = simulate(GOLDEN, "contiguous", TWO_WORKERS, Budget(), warmup=1, bounds=bounds).summary()
     assert (summary["bound_cells"], summary["bound_proven"], summary["vs_bound"]) == (1, 0, 1.0)
 
 
 def test_cli_replays_controller_settings_from_an_initial_plan(tmp_path, capsys):
+    from moeray.placement.algorithms.policies import static_layout
     from moeray.placement.initial import write_plan
-    from moeray.placement.policies import static_layout
 
     config = tmp_path / "placement.yaml"
     config.write_text("policy: sim_fake_policies:lpt\nmin_gain: 0.05\n")  # what `moeray serve --placement-config` reads

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
+from moeray.placement.algorithms.triggers import (ApplyDecision, AutoscaleState, Proposal, QueueObservation,
+                                                  RebalanceState, ScaleDecision, WindowObservation, after_rebalance,
+                                                  decide_apply, decide_autoscale, decide_rebalance)
 from moeray.placement.config import ControllerConfig
-from moeray.placement.triggers import (ApplyDecision, AutoscaleState, Proposal, QueueObservation, RebalanceState,
-                                       ScaleDecision, WindowObservation, after_rebalance, decide_apply,
-                                       decide_autoscale, decide_rebalance)
 
 
 def run(config: ControllerConfig, imbalances: list[float], times: list[float] | None = None,

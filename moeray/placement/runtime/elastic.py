@@ -2,10 +2,10 @@
 or on replacements), the operator or the autoscaler asks for more or fewer (scale, drained before they stop), the
 healer brings the live workers back to the target, and a restarted controller rebuilds the plan from what the
 workers hold. Every change is one two-phase switch (``PlacementController._switch``) onto a plan the controller
-numbers; layouts come from moeray.placement.replan.
+numbers; layouts come from moeray.placement.algorithms.replan.
 
-``ElasticWorkers`` is mixed into ``PlacementController`` (moeray.placement.controller); it uses the controller's
-plan, topology, ops, locks and switch.
+``ElasticWorkers`` is mixed into ``PlacementController`` (moeray.placement.runtime.controller); it uses the
+controller's plan, topology, ops, locks and switch.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import dataclasses
 import logging
 import time
 
-from moeray.placement import replan
-from moeray.placement.plan import Plan
-from moeray.placement.topology import Topology
+from moeray.placement.algorithms import replan
+from moeray.placement.algorithms.plan import Plan
+from moeray.placement.algorithms.topology import Topology
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Sequence
 
-from moeray.placement.simulator import SimResult
+from moeray.placement.offline.simulator import SimResult
 
 
 def _pyplot():

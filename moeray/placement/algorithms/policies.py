@@ -6,9 +6,10 @@ A policy returns a ``Layout`` (slots, experts, workers; no epoch): the controlle
 controller and the simulator hold a policy's result to.
 
 Built in (see each module): ``contiguous`` and ``round_robin`` (static baselines, here), ``greedy``,
-``replicated`` and ``replicated_hierarchical`` (moeray.placement.balanced), ``migration_aware``
-(moeray.placement.migration), ``optimal`` (moeray.placement.optimal). A user's own policy plugs in by import path,
-``package.module:function``, with the same signature; its parameters come from the config as keyword arguments.
+``replicated`` and ``replicated_hierarchical`` (moeray.placement.algorithms.balanced), ``migration_aware``
+(moeray.placement.algorithms.migration), ``optimal`` (moeray.placement.algorithms.optimal). A user's own policy
+plugs in by import path, ``package.module:function``, with the same signature; its parameters come from the config
+as keyword arguments.
 Over the API (SetPolicy, Rebalance) only the built-ins, the startup policy and functions in the modules allowed at
 startup may be named (``check_policy_allowed``: nothing else is imported), and parameters are checked against the
 function's signature before anything changes (``check_policy_params``).
@@ -34,19 +35,19 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from moeray.placement.plan import Layout, Plan
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.plan import Layout, Plan
+from moeray.placement.algorithms.topology import Budget, Topology
 
 Policy = Callable[[torch.Tensor, Topology, "Plan | None", Budget], Layout]
 
 BUILTIN_POLICIES = {
-    "contiguous": "moeray.placement.policies:contiguous",
-    "round_robin": "moeray.placement.policies:round_robin",
-    "greedy": "moeray.placement.balanced:greedy",
-    "replicated": "moeray.placement.balanced:replicated",
-    "replicated_hierarchical": "moeray.placement.balanced:replicated_hierarchical",
-    "migration_aware": "moeray.placement.migration:migration_aware",
-    "optimal": "moeray.placement.optimal:optimal",
+    "contiguous": "moeray.placement.algorithms.policies:contiguous",
+    "round_robin": "moeray.placement.algorithms.policies:round_robin",
+    "greedy": "moeray.placement.algorithms.balanced:greedy",
+    "replicated": "moeray.placement.algorithms.balanced:replicated",
+    "replicated_hierarchical": "moeray.placement.algorithms.balanced:replicated_hierarchical",
+    "migration_aware": "moeray.placement.algorithms.migration:migration_aware",
+    "optimal": "moeray.placement.algorithms.optimal:optimal",
 }
 
 STATIC_POLICIES = ("contiguous", "round_robin")
@@ -120,7 +121,7 @@ def check_layout(layout, name: str, load_LE: torch.Tensor, topology: Topology, b
     capacity. Returns it as a ``Layout`` (a ``Plan``'s epoch dropped: the controller numbers plans)."""
     if not isinstance(layout, Layout):
         raise ValueError(f"policy {name!r} returned {type(layout).__name__}; a policy returns a Layout "
-                         "(moeray.placement.plan)")
+                         "(moeray.placement.algorithms.plan)")
     L, E = load_LE.shape
     if (layout.num_layers, layout.num_experts, layout.num_workers) != (L, E, topology.num_workers):
         raise ValueError(f"policy {name!r} returned a layout of {layout.num_layers} layers x {layout.num_experts} "

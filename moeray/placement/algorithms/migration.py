@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from moeray.placement.balanced import check_load, relabel_workers, repoint_steps, replicated
-from moeray.placement.load import imbalance_L, worker_load_LW
-from moeray.placement.plan import Layout, Plan
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.balanced import check_load, replicated
+from moeray.placement.algorithms.load import imbalance_L, worker_load_LW
+from moeray.placement.algorithms.packing import relabel_workers, repoint_steps
+from moeray.placement.algorithms.plan import Layout, Plan
+from moeray.placement.algorithms.topology import Budget, Topology
 
 
 class _Layer:

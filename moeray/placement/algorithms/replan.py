@@ -13,9 +13,9 @@ from collections.abc import Collection
 
 import torch
 
-from moeray.placement.plan import Layout
-from moeray.placement.policies import Policy, check_layout, resolve_policy
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.plan import Layout
+from moeray.placement.algorithms.policies import Policy, check_layout, resolve_policy
+from moeray.placement.algorithms.topology import Budget, Topology
 
 
 def propose(policy: Policy, name: str, load_LE: torch.Tensor, topology: Topology, current, budget: Budget) -> Layout:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 import numpy as np
 import torch
 
-from moeray.placement.plan import Layout
+from moeray.placement.algorithms.plan import Layout
 
 
 def worker_load_LW(load_LE: torch.Tensor, plan: Layout) -> torch.Tensor:

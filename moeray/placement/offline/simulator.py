@@ -3,8 +3,8 @@
 Shape legend: L MoE layers, E logical experts, W workers, N windows.
 
 Two replays. ``replay`` is the controller's own loop: for each window, judge the plan in force on it, ask the same
-trigger functions the live controller asks (moeray.placement.triggers: threshold with hysteresis, schedule,
-cool-down, then min_gain on the policy's layout) under the same ``ControllerConfig``, and number each applied
+trigger functions the live controller asks (moeray.placement.algorithms.triggers: threshold with hysteresis,
+schedule, cool-down, then min_gain on the policy's layout) under the same ``ControllerConfig``, and number each applied
 layout as the next epoch; fed a trace the controller recorded (its ``trace_path``), it makes the same decisions at
 the same windows. ``simulate`` compares policies on a fixed cadence:
 
@@ -29,13 +29,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from moeray.placement.algorithms.load import expected_imbalance, imbalance_L, worker_load_LW
+from moeray.placement.algorithms.plan import Layout, Plan
+from moeray.placement.algorithms.policies import check_layout, resolve_policy, static_layout
+from moeray.placement.algorithms.topology import Budget, Topology
+from moeray.placement.algorithms.triggers import (Proposal, RebalanceState, WindowObservation, decide_apply,
+                                                  decide_rebalance)
 from moeray.placement.config import ControllerConfig
 from moeray.placement.initial import check_fits
-from moeray.placement.load import expected_imbalance, imbalance_L, worker_load_LW
-from moeray.placement.plan import Layout, Plan
-from moeray.placement.policies import check_layout, resolve_policy, static_layout
-from moeray.placement.topology import Budget, Topology
-from moeray.placement.triggers import Proposal, RebalanceState, WindowObservation, decide_apply, decide_rebalance
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -238,7 +239,7 @@ def optimal_bounds(
 ) -> Bounds:
     """optimal's lower bound for each (window, layer) asked (default: every one), each solve limited to
     ``time_limit_s``; stop starting new solves once ``budget_s`` has passed, and say how many were solved."""
-    from moeray.placement.optimal import optimal_bound
+    from moeray.placement.algorithms.optimal import optimal_bound
 
     window_ids = list(range(len(windows))) if window_ids is None else list(window_ids)
     layers = list(range(windows[0].shape[0])) if layers is None else list(layers)

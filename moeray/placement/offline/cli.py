@@ -148,9 +148,9 @@ def _replay_configs(args: argparse.Namespace, names: list[str]) -> list:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from moeray.placement.algorithms.topology import Budget, Topology, parse_bytes
     from moeray.placement.initial import read_layout
-    from moeray.placement.simulator import optimal_bounds, replay, simulate
-    from moeray.placement.topology import Budget, Topology, parse_bytes
+    from moeray.placement.offline.simulator import optimal_bounds, replay, simulate
     from moeray.placement.traces import read_trace_windows
 
     names = [n.strip() for n in (args.policy or "").split(",") if n.strip()]
@@ -211,7 +211,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                   + (f"  trigger: {line['trigger']}" + ("" if line["rebalanced"] else " (not applied)")
                      if line["trigger"] else ""))
     if args.plot:
-        from moeray.placement.plots import write_plots
+        from moeray.placement.offline.plots import write_plots
 
         try:
             for path in write_plots(results, args.plot):

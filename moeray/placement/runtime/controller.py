@@ -1,8 +1,8 @@
 """The placement controller: the only writer of the plan.
 
-It pulls step load records from the routers (moeray.placement.load's ledger), and as each window of
-``window_steps`` steps closes asks the rebalance trigger whether to rebalance (moeray.placement.triggers: on a
-schedule, or when the plan's expected imbalance stays above a threshold for several consecutive windows:
+It pulls step load records from the routers (moeray.placement.algorithms.load's ledger), and as each window of
+``window_steps`` steps closes asks the rebalance trigger whether to rebalance (moeray.placement.algorithms.triggers:
+on a schedule, or when the plan's expected imbalance stays above a threshold for several consecutive windows:
 hysteresis, so it does not flap); once per poll it asks the autoscale trigger whether to scale. A rebalance asks
 the policy for a layout, numbers it as the next plan's epoch, and switches to it in two phases:
 
@@ -13,9 +13,9 @@ the policy for a layout, numbers it as the next plan's epoch, and switches to it
 
 A failed prepare aborts the switch (workers drop what they loaded; the current plan stays). Requests never see a
 half-switched plan, so outputs are identical to a run that never rebalanced. Changes to the worker list (restore,
-heal, scale, rebuild after a restart) switch the same way; they live in moeray.placement.elastic.
+heal, scale, rebuild after a restart) switch the same way; they live in moeray.placement.runtime.elastic.
 
-All Ray calls go through ``ActorOps`` (moeray.placement.actors), so this logic is tested with a fake. The
+All Ray calls go through ``ActorOps`` (moeray.placement.runtime.actors), so this logic is tested with a fake. The
 triggers are pure functions the offline simulator calls too: a trace of the closed windows (``trace_path``)
 replays to the same decisions.
 
@@ -32,18 +32,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from moeray.placement import replan
+from moeray.placement.algorithms import replan
+from moeray.placement.algorithms.load import ClosedWindow, LoadLedger, expected_imbalance
+from moeray.placement.algorithms.plan import Layout, Plan
+from moeray.placement.algorithms.policies import resolve_policy
+from moeray.placement.algorithms.topology import Budget, Topology
+from moeray.placement.algorithms.triggers import (AutoscaleState, Proposal, QueueObservation, RebalanceState,
+                                                  WindowObservation, after_rebalance, decide_apply, decide_autoscale,
+                                                  decide_rebalance)
 from moeray.placement.config import ControllerConfig
-from moeray.placement.elastic import ElasticWorkers, WorkersDied
-from moeray.placement.load import ClosedWindow, LoadLedger, expected_imbalance
-from moeray.placement.metrics import ControllerMetrics
-from moeray.placement.plan import Layout, Plan
-from moeray.placement.policies import resolve_policy
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.runtime.elastic import ElasticWorkers, WorkersDied
+from moeray.placement.runtime.metrics import ControllerMetrics
 from moeray.placement.traces import trace_line
-from moeray.placement.triggers import (AutoscaleState, Proposal, QueueObservation, RebalanceState,
-                                       WindowObservation, after_rebalance, decide_apply, decide_autoscale,
-                                       decide_rebalance)
 
 log = logging.getLogger(__name__)
 

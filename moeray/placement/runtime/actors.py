@@ -13,10 +13,10 @@ import threading
 import ray
 
 from moeray import telemetry
+from moeray.placement.algorithms.plan import Plan
+from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.config import ControllerConfig
-from moeray.placement.controller import PlacementController, WorkersDied
-from moeray.placement.plan import Plan
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.runtime.controller import PlacementController, WorkersDied
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``moeray placement show | export | rebalance | policy | record | inspect``: the placement API of a running server.
+"""``moeray placement``: the command group, and the commands that call a running server's placement API (gRPC).
 
     moeray placement show     --target HOST:PORT [--json]
     moeray placement export   --target HOST:PORT --out FILE     (a plan file: serve / generate --initial-plan FILE)
@@ -10,6 +10,9 @@
 
 Mutations (rebalance, policy, scale) send ``authorization: Bearer <token>`` with the token from ``--token-file`` or
 ``$MOERAY_ADMIN_TOKEN`` (never from a flag's value, which would show in the process list).
+
+The offline commands (``simulate``, ``synth``) live with the simulator (moeray.placement.offline.cli); ``add_parser``
+registers both sets in the group.
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ import os
 import sys
 import time
 
-from moeray.placement.traces import write_trace
+from moeray.placement.offline.cli import add_offline_commands
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The ``moeray placement`` group: the commands for a live server (here) and the offline simulator's."""
+    placement = sub.add_parser("placement", help="expert placement: a live server's plan and load, the offline "
+                                                 "simulator, synthetic traces")
+    placement_sub = placement.add_subparsers(dest="placement", required=True)
+    add_online_commands(placement_sub)
+    add_offline_commands(placement_sub)
+    return placement_sub
 
 
 def add_online_commands(placement_sub: argparse._SubParsersAction) -> None:
@@ -127,8 +140,8 @@ def cmd_show(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
+    from moeray.placement.algorithms.plan import Layout
     from moeray.placement.initial import write_plan
-    from moeray.placement.plan import Layout
 
     r = _rpc(args, "GetPlacement")
     phy2log_LP = torch.tensor([list(layer.phy2log) for layer in r.layers], dtype=torch.long)
@@ -190,6 +203,8 @@ def cmd_scale(args) -> int:
 @_reports_rpc_errors
 def cmd_record(args) -> int:
     """Each window is the difference of the server's per-expert token counters over ``--interval`` seconds."""
+    from moeray.placement.traces import write_trace
+
     if args.windows < 1 or args.interval <= 0:
         print(f"error: --windows ({args.windows}) must be >= 1 and --interval ({args.interval}) > 0", file=sys.stderr)
         return 2

@@ -27,9 +27,9 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from moeray.placement.balanced import check_load, replicated
-from moeray.placement.plan import Layout, Plan
-from moeray.placement.topology import Budget, Topology
+from moeray.placement.algorithms.balanced import check_load, replicated
+from moeray.placement.algorithms.plan import Layout, Plan
+from moeray.placement.algorithms.topology import Budget, Topology
 
 log = logging.getLogger(__name__)
 

@@ -17,199 +17,42 @@ Every Ray actor is its own process: the engine passes a ``TelemetryConfig`` to t
 the controller, and each calls ``configure`` once. Unconfigured, the tracer and meter are OpenTelemetry's no-op
 ones and the hot paths test ``STATE.on`` before building any attribute. Metric names: ``METRICS`` (the README's
 Telemetry table lists the same ones as Prometheus sees them).
+
+Here: each process's set-up, spans and the hot paths' recording calls. ``config.py`` holds ``TelemetryConfig`` and
+its flags, ``instruments.py`` the metric table and its instruments; call sites reach all of it as ``telemetry.NAME``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import inspect
 import logging
 import os
 import threading
 import time
-import weakref
-from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from moeray.telemetry.config import ROLES, TelemetryConfig, add_cli_flags, config_from_args, prometheus_targets
+from moeray.telemetry.instruments import METRICS, SOURCES, Instruments, prometheus_names
+
+__all__ = [  # config.py's and instruments.py's names, re-exported; then this module's
+    "ROLES", "TelemetryConfig", "add_cli_flags", "config_from_args", "prometheus_targets", "METRICS", "SOURCES",
+    "Instruments", "prometheus_names",
+    "STATE", "M", "configure", "setup", "shutdown", "flush", "attrs", "extract", "traceparent", "rpc_span",
+    "traced_rpc", "current_traceparent", "request_span", "step_span", "dispatch_span", "dispatched",
+    "tokens_emitted", "kv_cache", "prefix_lookup", "preempted", "admission", "queue_depth", "rejected",
+]
+# NOTE: configure rebinds ``M``: read it as ``telemetry.M`` at each use, never import it by name.
+
+
 log = logging.getLogger(__name__)
 
-ROLES = ("engine", "ingress", "controller", "router", "worker")
 _PROPAGATOR = TraceContextTextMapPropagator()
-
-_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-_REQUEST_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_TOKEN_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_RATIO = (1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2, 2.5, 3, 4, 6, 8, 16)
-
-# name, kind, unit, attributes, process, description (names, attributes and words follow DESIGN.md's glossary)
-METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
-    ("moeray_expert_tokens", "observable_counter", "1", ("layer", "expert"), "controller",
-     "(token, expert) pairs routed to each logical expert of each MoE layer"),
-    ("moeray_worker_tokens", "observable_counter", "1", ("layer", "worker"), "controller",
-     "(token, expert) pairs sent to each worker per MoE layer"),
-    ("moeray_imbalance_ratio", "observable_gauge", "1", ("layer",), "controller",
-     "max worker load / mean worker load over the load window (1.0 is perfect)"),
-    ("moeray_step_imbalance_ratio", "histogram", "1", ("layer",), "controller",
-     "max worker load / mean worker load of each step"),
-    ("moeray_plan_epoch", "observable_gauge", "1", (), "controller", "the epoch of the plan in force"),
-    ("moeray_rebalances", "counter", "1", ("reason",), "controller",
-     "applied rebalances by reason: manual, imbalance, schedule"),
-    ("moeray_migrated_slots", "counter", "1", (), "controller", "slots loaded onto workers by rebalances"),
-    ("moeray_migrated_bytes", "counter", "By", (), "controller", "expert weight bytes moved by rebalances"),
-    ("moeray_workers_alive", "gauge", "1", (), "controller", "expert workers answering a ping"),
-    ("moeray_worker_losses", "counter", "1", (), "controller", "expert workers found dead"),
-    ("moeray_restore_seconds", "histogram", "s", (), "controller",
-     "from a loss being reported to every lost expert served again (restore or replacement)"),
-    ("moeray_dispatch_latency_seconds", "histogram", "s", ("layer",), "router",
-     "one MoE layer's dispatch → expert compute → combine, as the router waits for it"),
-    ("moeray_step_latency_seconds", "histogram", "s", ("kind",), "router",
-     "one engine step's forward (prefill or decode)"),
-    ("moeray_request_latency_seconds", "histogram", "s", (), "router", "a request from submission to its end"),
-    ("moeray_time_to_first_token_seconds", "histogram", "s", (), "router", "submission to the first new token"),
-    ("moeray_inter_token_latency_seconds", "histogram", "s", (), "router", "between consecutive new tokens"),
-    ("moeray_queue_depth", "gauge", "1", (), "router", "requests waiting to join the running batch"),
-    ("moeray_expert_compute_seconds", "histogram", "s", ("worker", "layer"), "worker",
-     "a worker's grouped expert compute for one layer call"),
-    ("moeray_rejected_requests", "counter", "1", ("code",), "ingress", "requests the ingress answered with an error, by gRPC status code"),
-    ("moeray_requests_running", "gauge", "1", (), "ingress",
-     "requests admitted and running at the routers (the admission counter: gRPC and HTTP)"),
-    ("moeray_requests_waiting", "gauge", "1", (), "ingress",
-     "requests admitted and waiting in the ingress for a running slot (the admission counter)"),
-    ("moeray_kv_cache_bytes", "gauge", "By", (), "router",
-     "bytes of the router's KV pool held by blocks in use (after each step)"),
-    ("moeray_kv_cache_usage_ratio", "gauge", "1", (), "router",
-     "the fraction of the router's KV pool blocks in use (after each step)"),
-    ("moeray_preemptions", "counter", "1", (), "router",
-     "sequences preempted because the KV pool ran out (recomputed when re-admitted)"),
-    ("moeray_prefix_cache_queries", "counter", "1", (), "router",
-     "prompt tokens looked up in the prefix cache at admission"),
-    ("moeray_prefix_cache_hits", "counter", "1", (), "router",
-     "prompt tokens found in the prefix cache (their prefill skipped)"),
-    ("moeray_prompt_tokens", "counter", "1", (), "router", "prompt tokens prefilled for generation requests"),
-    ("moeray_generation_tokens", "counter", "1", (), "router", "new tokens generated"),
-)
-_BUCKETS = {"moeray_step_imbalance_ratio": _RATIO, "moeray_request_latency_seconds": _REQUEST_S,
-            "moeray_restore_seconds": _REQUEST_S,
-            "moeray_time_to_first_token_seconds": _TOKEN_S, "moeray_inter_token_latency_seconds": _TOKEN_S}
-
-
-def prometheus_names() -> set[str]:
-    """The metric names Prometheus sees (counters gain ``_total``; histograms ``_bucket``, ``_sum``, ``_count``)."""
-    out = set()
-    for name, kind, *_ in METRICS:
-        if kind.endswith("counter"):
-            out.add(name + "_total")
-        elif kind == "histogram":
-            out.update(name + s for s in ("_bucket", "_sum", "_count"))
-        else:
-            out.add(name)
-    return out
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TelemetryConfig:
-    otlp_endpoint: str | None = None  # an OTLP/gRPC collector, e.g. 'http://127.0.0.1:4317' ('https://' for TLS)
-    otlp_headers: Mapping[str, str] = dataclasses.field(default_factory=dict)  # e.g. an auth header
-    prometheus_port: int | None = None  # base port: each process serves /metrics on base + its offset
-    prometheus_host: str = "127.0.0.1"
-    service_name: str = "moeray"
-    export_interval_s: float = 10.0  # OTLP metric export period and span batch delay
-    trace_sample_ratio: float = 1.0  # of new traces (a caller's sampled traceparent is always followed)
-    expert_metrics: bool = True  # per (layer, expert) token series: layers x experts series
-    role: str = "engine"  # set per process by for_process
-    index: int = 0
-
-    def __post_init__(self) -> None:
-        if self.otlp_endpoint is not None and not self.otlp_endpoint.strip():
-            raise ValueError("otlp_endpoint is empty; use None to turn OTLP export off")
-        bad = {k: v for k, v in dict(self.otlp_headers).items() if not isinstance(k, str) or not isinstance(v, str)}
-        if bad:
-            raise ValueError(f"otlp_headers must map strings to strings; got {sorted(map(repr, bad))}")
-        if self.prometheus_port is not None and not 1 <= self.prometheus_port <= 65535:
-            raise ValueError(f"prometheus_port must be in 1..65535; got {self.prometheus_port}")
-        if not self.service_name:
-            raise ValueError("service_name is empty")
-        if self.export_interval_s <= 0:
-            raise ValueError(f"export_interval_s must be > 0; got {self.export_interval_s}")
-        if not 0.0 <= self.trace_sample_ratio <= 1.0:
-            raise ValueError(f"trace_sample_ratio must be in [0, 1]; got {self.trace_sample_ratio}")
-        if self.role not in ROLES:
-            raise ValueError(f"role {self.role!r} is not one of {ROLES}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.otlp_endpoint is not None or self.prometheus_port is not None
-
-    def for_process(self, role: str, index: int = 0, *, routers: int = 1) -> TelemetryConfig:
-        """This config for one process, its Prometheus port offset by role: ingress +0, controller +1,
-        routers +2.., workers after the routers (so processes on one node never share a port)."""
-        offset = {"ingress": 0, "controller": 1, "router": 2 + index, "worker": 2 + routers + index}.get(role, 0)
-        port = None if self.prometheus_port is None else self.prometheus_port + offset
-        if port is not None and port > 65535:
-            raise ValueError(f"prometheus_port {self.prometheus_port} + offset {offset} for {role} {index} > 65535")
-        return dataclasses.replace(self, role=role, index=index, prometheus_port=port)
-
-
-def add_cli_flags(parser) -> None:
-    """``moeray serve``'s telemetry flags."""
-    group = parser.add_argument_group("telemetry (see README: Telemetry)")
-    group.add_argument("--otlp-endpoint", help="send traces and metrics over OTLP/gRPC to this collector, e.g. "
-                       "http://127.0.0.1:4317 (https:// for TLS)")
-    group.add_argument("--otlp-header", action="append", default=[], metavar="KEY=VALUE",
-                       help="a header for the collector (e.g. authorization=Bearer ...); repeatable")
-    group.add_argument("--prometheus-port", type=int, help="serve /metrics from each process: the ingress on this "
-                       "port, the controller on +1, routers and workers after")
-    group.add_argument("--prometheus-host", default="127.0.0.1", help="address the /metrics endpoints bind")
-    group.add_argument("--trace-sample-ratio", type=float, default=1.0, help="fraction of new traces recorded")
-
-
-def config_from_args(args) -> TelemetryConfig:
-    headers = {}
-    for item in args.otlp_header:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--otlp-header {item!r} must be KEY=VALUE")
-        headers[key.strip().lower()] = value.strip()
-    return TelemetryConfig(otlp_endpoint=args.otlp_endpoint, otlp_headers=headers,
-                           prometheus_port=args.prometheus_port, prometheus_host=args.prometheus_host,
-                           trace_sample_ratio=args.trace_sample_ratio)
-
-
-def prometheus_targets(config: TelemetryConfig, *, routers: int, workers: int) -> list[str]:
-    """host:port of every process's /metrics on one node (ingress, controller, routers, workers), for a scrape
-    config; empty when Prometheus is off."""
-    if config.prometheus_port is None:
-        return []
-    roles = [("ingress", 0), ("controller", 0)] + [("router", r) for r in range(routers)] + \
-        [("worker", w) for w in range(workers)]
-    return [f"{config.prometheus_host}:{config.for_process(role, i, routers=routers).prometheus_port}"
-            for role, i in roles]
-
-
-class Instruments:
-    """The instruments of ``METRICS``, by name without the ``moeray_`` prefix (no-op ones until configured)."""
-
-    def __init__(self, meter: metrics.Meter) -> None:
-        for name, kind, unit, _, _, description in METRICS:
-            key = name.removeprefix("moeray_").removesuffix("_seconds")
-            if kind == "counter":
-                inst = meter.create_counter(name, unit=unit, description=description)
-            elif kind == "gauge":
-                inst = meter.create_gauge(name, unit=unit, description=description)
-            elif kind == "histogram":
-                inst = meter.create_histogram(name, unit=unit, description=description,
-                                              explicit_bucket_boundaries_advisory=_BUCKETS.get(name, _S))
-            else:
-                create = meter.create_observable_counter if kind == "observable_counter" else \
-                    meter.create_observable_gauge
-                inst = create(name, callbacks=[functools.partial(_observe, key)], unit=unit, description=description)
-            setattr(self, key, inst)
 
 
 class _State:
@@ -220,19 +63,9 @@ class _State:
         self.tracer_provider = self.meter_provider = self.prometheus_server = None
 
 
-SOURCES: weakref.WeakSet = weakref.WeakSet()  # objects with observe(key), feeding the observable instruments
-# (moeray.placement.metrics.ControllerMetrics registers itself here)
-
-
-def _observe(key: str, options=None):
-    for source in list(SOURCES):
-        yield from source.observe(key)
-
-
 STATE = _State()
 M = Instruments(metrics.NoOpMeter("moeray"))
 _lock = threading.Lock()
-
 
 
 def configure(config: TelemetryConfig | None, *, span_exporters=(), metric_readers=()) -> None:

@@ -1,0 +1,123 @@
+"""``moeray bench layer | kernels | serve | kv | heal | placement``: the reproducible benchmarks (moeray/bench/)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moeray.cli.common import add_thread_flags, init_ray, model_dir, parse_ids
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``bench`` group and its commands."""
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    layer = bench_sub.add_parser("layer", help="one MoE layer: moeray vs transformers in-process")
+    layer.add_argument("--tokens", type=parse_ids, default=[16, 256, 2048])
+    layer.add_argument("--workers", type=int, default=2)
+    layer.add_argument("--repeats", type=int, default=10)
+    layer.set_defaults(func=cmd_bench_layer)
+    kernels = bench_sub.add_parser("kernels", help="grouped expert compute: moeray kernels vs transformers'")
+    kernels.add_argument("--tokens", type=parse_ids, default=[16, 256, 2048])
+    kernels.add_argument("--repeats", type=int, default=10)
+    kernels.set_defaults(func=cmd_bench_kernels)
+    bserve = bench_sub.add_parser("serve", help="load over gRPC and HTTP vs transformers' generate in one process")
+    bserve.add_argument("--model", help="checkpoint, or 'medium' (built on first use; default: the embedded demo)")
+    bserve.add_argument("--concurrency", type=parse_ids, default=[1, 8, 32])
+    bserve.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    bserve.add_argument("--max-new-tokens", type=int, default=32)
+    bserve.add_argument("--api", default="grpc,http", help="the APIs to load, in order: grpc (Generate), http "
+                        "(OpenAI-compatible streaming /v1/completions), or both, comma-separated (default)")
+    bserve.add_argument("--workers", type=int, default=2)
+    add_thread_flags(bserve)
+    bserve.set_defaults(func=cmd_bench_serve)
+    bkv = bench_sub.add_parser("kv", help="the KV cache through the endpoint: a long prompt beside running streams "
+                               "(chunked vs whole-prompt prefill), a shared prefix, bytes per cached token")
+    bkv.add_argument("--model", default="medium", help="checkpoint, or 'medium' (built on first use; the default)")
+    bkv.add_argument("--chunk", type=int, default=64, help="the chunked setting's --max-prefill-tokens")
+    bkv.add_argument("--streams", type=int, default=16)
+    bkv.add_argument("--long-prompt", type=int, default=768)
+    bkv.add_argument("--prefix", type=int, default=512)
+    bkv.add_argument("--router-threads", type=int, default=2)
+    bkv.set_defaults(func=cmd_bench_kv)
+    bheal = bench_sub.add_parser("heal", help="time from a worker's death to full service, and the extra latency "
+                                 "of requests in flight, without and with replicas")
+    bheal.add_argument("--model", help="checkpoint (default: the embedded demo)")
+    bheal.add_argument("--workers", type=int, default=3)
+    bheal.add_argument("--kills", type=int, default=5)
+    bheal.add_argument("--requests", type=int, default=8)
+    bheal.add_argument("--max-new-tokens", type=int, default=48)
+    bheal.set_defaults(func=cmd_bench_heal)
+    bplace = bench_sub.add_parser("placement", help="placement policies on synthetic traces vs round_robin and "
+                                  "optimal's bound")
+    bplace.add_argument("--windows", type=int, default=12, help="windows per trace")
+    bplace.add_argument("--tokens", type=int, default=16384, help="tokens per window")
+    bplace.add_argument("--bound-windows", type=int, default=1, help="last windows of each trace to bound")
+    bplace.add_argument("--bound-time-limit", type=float, default=5.0, help="seconds per bound solve")
+    bplace.add_argument("--bound-budget", type=float, default=30.0, help="seconds of bound solves per trace")
+    bplace.add_argument("--seed", type=int, default=0)
+    bplace.set_defaults(func=cmd_bench_placement)
+
+
+def cmd_bench_layer(args: argparse.Namespace) -> int:
+    from moeray.bench.layer import run_layer_bench
+
+    init_ray(None)
+    run_layer_bench(tokens=args.tokens, workers=args.workers, repeats=args.repeats)
+    return 0
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from moeray.bench.kernels import run_kernels_bench
+
+    run_kernels_bench(tokens=args.tokens, repeats=args.repeats)
+    return 0
+
+
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    from moeray.bench.kv import run_kv_bench
+    from moeray.bench.serve import medium_checkpoint
+
+    model = args.model
+    if model == "medium":
+        from moeray.model.demo import demo_checkpoint_dir
+
+        model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
+    init_ray(None)
+    run_kv_bench(model_dir(model), chunk=args.chunk, streams=args.streams, long_prompt=args.long_prompt,
+                 prefix=args.prefix, router_threads=args.router_threads)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from moeray.bench.serve import medium_checkpoint, run_serve_bench
+
+    model = args.model
+    if model == "medium":
+        from moeray.model.demo import demo_checkpoint_dir
+
+        model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
+    init_ray(None)
+    apis = tuple(dict.fromkeys(a.strip() for a in args.api.split(",") if a.strip()))
+    if not apis or set(apis) - {"grpc", "http"}:
+        print(f"error: --api {args.api!r} must be grpc, http or a comma-separated list of them", file=sys.stderr)
+        return 2
+    run_serve_bench(model_dir(model), args.concurrency, args.requests, args.max_new_tokens, args.workers,
+                    router_threads=args.router_threads, worker_threads=args.worker_threads, apis=apis)
+    return 0
+
+
+def cmd_bench_heal(args: argparse.Namespace) -> int:
+    from moeray.bench.heal import run_heal_bench
+
+    run_heal_bench(model_dir(args.model), workers=args.workers, kills=args.kills, requests=args.requests,
+                   max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_bench_placement(args: argparse.Namespace) -> int:
+    from moeray.bench.placement import run_placement_bench
+
+    run_placement_bench(windows=args.windows, tokens=args.tokens, bound_windows=args.bound_windows,
+                        bound_time_limit_s=args.bound_time_limit, bound_budget_s=args.bound_budget, seed=args.seed)
+    return 0

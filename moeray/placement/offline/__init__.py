@@ -1,0 +1,1 @@
+"""Offline placement tools: replay load traces through policies and triggers, plot the result."""
