@@ -1,11 +1,11 @@
 """``moeray bench kv``: what the paged KV cache buys, measured through the gRPC endpoint.
 
-For each KV setting (the chunked one asked for, and the baseline that prefills a whole prompt in one step, as
+For each KV setting (the chunk sizes asked for, and the baseline that prefills a whole prompt in one step, as
 moeray did before chunked prefill), one server on 127.0.0.1 and three measurements:
 
 - **long prompt**: ``streams`` streams decode; once each has produced ``warmup`` tokens, one ``long_prompt``-token
   prompt arrives. Reported: the streams' median inter-token gap before it arrived, and their worst gap from its
-  arrival until its first token (how long it stalled them).
+  arrival until its first token (how long it stalled them), and their median gap in that window.
 - **shared prefix**: two requests with the same ``prefix``-token prefix, one after the other; each one's time to
   first token (the second finds the prefix's blocks cached).
 - **KV bytes per cached token**: the router's blocks in use x block size x bytes per token, over the tokens its
@@ -66,7 +66,8 @@ async def _long_prompt(address: str, vocab: int, streams: int, warmup: int, long
     during = [b - a for s in arrivals for a, b in zip(s, s[1:]) if b >= arrived and a <= first_token]
     median, worst = statistics.median(before), max(during)
     return {"median_gap_ms": round(1e3 * median, 1), "worst_gap_ms": round(1e3 * worst, 1),
-            "worst_over_median": round(worst / median, 2),
+            "worst_over_median": round(worst / median, 2), "median_gap_during_ms": round(1e3 * statistics.median(
+                during), 1),
             "long_prompt_ttft_ms": round(1e3 * (first_token - arrived), 1), "kv": kv}
 
 
@@ -111,7 +112,7 @@ def _burst(engine, prompts: list[list[int]], max_new_tokens: int) -> tuple[list,
     return outputs, ray.get(engine.routers[0].stats.remote())
 
 
-def run_kv_bench(model: str, chunk: int, streams: int = 16, warmup: int = 16, long_prompt: int = 768,
+def run_kv_bench(model: str, chunks: list[int], streams: int = 16, warmup: int = 16, long_prompt: int = 768,
                  prefix: int = 512, workers: int = 2, router_threads: int = 2) -> list[dict]:
     import socket
 
@@ -128,8 +129,8 @@ def run_kv_bench(model: str, chunk: int, streams: int = 16, warmup: int = 16, lo
             return s.getsockname()[1]
 
     rows, reference = [], None
-    settings = [(f"chunked ({chunk}-token prefill budget)", chunk),
-                (f"baseline: whole prompt in one step ({long_prompt + 256}-token budget)", long_prompt + 256)]
+    settings = [(f"chunked ({chunk}-token prefill budget)", chunk) for chunk in chunks]
+    settings.append((f"baseline: whole prompt in one step ({long_prompt + 256}-token budget)", long_prompt + 256))
     print(f"moeray bench kv: {model}, {workers} workers, 1 router x {router_threads} threads; {streams} streams, "
           f"a {long_prompt}-token prompt, a {prefix}-token shared prefix")
     for name, budget in settings:
@@ -159,7 +160,7 @@ def run_kv_bench(model: str, chunk: int, streams: int = 16, warmup: int = 16, lo
     # A burst needing three times the pool: every request completes, with the outputs of the unconstrained run.
     need = sum(len(p) + 64 for p in burst) * per_token
     config = EngineConfig(model=model, workers=workers, max_batch_size=2 * streams, router_threads=router_threads,
-                          kv_cache=KVCacheConfig(memory=need // 3, max_prefill_tokens=chunk))
+                          kv_cache=KVCacheConfig(memory=need // 3, max_prefill_tokens=chunks[0]))
     with Engine(config) as engine:
         idle = ray.get(engine.routers[0].stats.remote())
         outputs, after = _burst(engine, burst, 64)

@@ -11,7 +11,7 @@
     moeray bench layer [--tokens 16,256,2048] [--workers 2]
     moeray bench kernels [--tokens 16,256,2048]
     moeray bench serve [--model DIR] [--concurrency 1,8,32] [--api grpc,http]
-    moeray bench kv [--model medium] [--chunk 64]
+    moeray bench kv [--model medium] [--chunks 16,64]
     moeray bench placement [--windows 12]
     moeray bench heal [--model DIR] [--kills 5]
     moeray placement show | export --out FILE | rebalance [--dry-run] | policy NAME | record --out FILE | inspect

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bkv = bench_sub.add_parser("kv", help="the KV cache through the endpoint: a long prompt beside running streams "
                                "(chunked vs whole-prompt prefill), a shared prefix, bytes per cached token")
     bkv.add_argument("--model", default="medium", help="checkpoint, or 'medium' (built on first use; the default)")
-    bkv.add_argument("--chunk", type=int, default=64, help="the chunked setting's --max-prefill-tokens")
+    bkv.add_argument("--chunks", type=parse_ids, default=[16, 64],
+                     help="the chunked settings' --max-prefill-tokens, comma-separated (the first sizes the burst's)")
     bkv.add_argument("--streams", type=int, default=16)
     bkv.add_argument("--long-prompt", type=int, default=768)
     bkv.add_argument("--prefix", type=int, default=512)
@@ -84,7 +85,7 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
 
         model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
     init_ray(None)
-    run_kv_bench(model_dir(model), chunk=args.chunk, streams=args.streams, long_prompt=args.long_prompt,
+    run_kv_bench(model_dir(model), chunks=args.chunks, streams=args.streams, long_prompt=args.long_prompt,
                  prefix=args.prefix, router_threads=args.router_threads)
     return 0
 
