@@ -19,6 +19,9 @@ assumes keys and values of one head size, which DeepSeek's MLA breaks. MLA is se
 the cache holds the compressed latent (``kv_nope`` and the shared rotary key, one head each) and the attention
 module expands it after ``update``; the pool just stores those two instead of keys and values.
 
+Sliding-window layers (GPT-OSS, Mixtral with a window) read only their window through the masks; the pool keeps
+every position's blocks, since full-attention layers of the same model still need them.
+
 Because moeray's name is not among transformers' mask functions, the model builds no mask of its own (it would
 assume one padded batch); every mask here comes from the layout.
 
@@ -32,6 +35,7 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,17 @@ class Row:
     block_ids: Sequence[int] = ()
 
 
+class Segment(NamedTuple):
+    """A sequence with several new tokens in the key layout: its queries ``q_start:q_start + new`` and keys
+    ``k_start:k_start + keys``, the first ``context`` of them cached before this step."""
+
+    q_start: int
+    new: int
+    k_start: int
+    keys: int
+    context: int
+
+
 class StepLayout:
     """One forward's cache: where each new token's keys go, and the key layout attention reads.
 
@@ -90,7 +105,7 @@ class StepLayout:
         self.decode_width = int(self.decode_len_B.max()) if decode else 0
         q_start, k_start = self.num_decode, self.num_decode * self.decode_width
         for r in rows[self.num_decode:]:
-            self.segments.append((q_start, r.new, k_start, r.context + r.new, r.context))
+            self.segments.append(Segment(q_start, r.new, k_start, r.context + r.new, r.context))
             q_start, k_start = q_start + r.new, k_start + r.context + r.new
         self.num_new = q_start
         self.write_slots_Q = self.read_slots_K = None
@@ -158,9 +173,9 @@ class StepLayout:
                     decode &= key_L > query_B1 - window
                 decode = decode[:, None, None, :].to(self.device)
             segments = []
-            for _, new, _, keys, context in self.segments:
-                query_n1 = (torch.arange(new) + context).unsqueeze(1)
-                key_l = torch.arange(keys)
+            for segment in self.segments:
+                query_n1 = (torch.arange(segment.new) + segment.context).unsqueeze(1)
+                key_l = torch.arange(segment.keys)
                 mask = key_l <= query_n1
                 if window is not None:
                     mask &= key_l > query_n1 - window
@@ -204,9 +219,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         k = key[0, :, :b * width].unflatten(1, (b, width)).transpose(0, 1)  # [B, H, L, D]
         v = value[0, :, :b * width].unflatten(1, (b, width)).transpose(0, 1)
         outs.append(_attend(q, k, v, decode_mask, scaling, s_aux).transpose(0, 1))  # [1, B, H, D]
-    for (q_start, new, k_start, keys, _), mask in zip(layout.segments, segment_masks):
-        outs.append(_attend(query[:, :, q_start:q_start + new], key[:, :, k_start:k_start + keys],
-                            value[:, :, k_start:k_start + keys], mask, scaling, s_aux))
+    for s, mask in zip(layout.segments, segment_masks):
+        keys = slice(s.k_start, s.k_start + s.keys)
+        outs.append(_attend(query[:, :, s.q_start:s.q_start + s.new], key[:, :, keys], value[:, :, keys], mask,
+                            scaling, s_aux))
     return torch.cat(outs, dim=1), None
 
 
