@@ -75,35 +75,35 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_kv(args: argparse.Namespace) -> int:
-    from moeray.bench.kv import run_kv_bench
-    from moeray.bench.serve import medium_checkpoint
-
-    model = args.model
-    if model == "medium":
+def _bench_model(name: str | None) -> str:
+    """A checkpoint directory for a bench: 'medium' is built on first use beside the demo model."""
+    if name == "medium":
+        from moeray.bench.serve import medium_checkpoint
         from moeray.model.demo import demo_checkpoint_dir
 
-        model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
+        return medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
+    return model_dir(name)
+
+
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    from moeray.bench.kv import run_kv_bench
+
     init_ray(None)
-    run_kv_bench(model_dir(model), chunks=args.chunks, streams=args.streams, long_prompt=args.long_prompt,
+    run_kv_bench(_bench_model(args.model), chunks=args.chunks, streams=args.streams, long_prompt=args.long_prompt,
                  prefix=args.prefix, router_threads=args.router_threads)
     return 0
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from moeray.bench.serve import medium_checkpoint, run_serve_bench
+    from moeray.bench.serve import run_serve_bench
 
-    model = args.model
-    if model == "medium":
-        from moeray.model.demo import demo_checkpoint_dir
-
-        model = medium_checkpoint(str(demo_checkpoint_dir().parent / "bench-medium"))
+    model = _bench_model(args.model)
     init_ray(None)
     apis = tuple(dict.fromkeys(a.strip() for a in args.api.split(",") if a.strip()))
     if not apis or set(apis) - {"grpc", "http"}:
         print(f"error: --api {args.api!r} must be grpc, http or a comma-separated list of them", file=sys.stderr)
         return 2
-    run_serve_bench(model_dir(model), args.concurrency, args.requests, args.max_new_tokens, args.workers,
+    run_serve_bench(model, args.concurrency, args.requests, args.max_new_tokens, args.workers,
                     router_threads=args.router_threads, worker_threads=args.worker_threads, apis=apis)
     return 0
 
