@@ -50,9 +50,9 @@ class BenchWorker(ExpertWorker):
         """The payload's x untouched: the object-store path's bare round trip."""
         return payload[0]
 
-    def echo_compiled(self, call: WorkerCall | None) -> WireTensor | None:
-        """``echo`` for a compiled graph (``forward_compiled``'s payload)."""
-        return None if call is None else call.x_TH
+    def echo_compiled(self, call: tuple | None) -> WireTensor | None:
+        """``echo`` for a compiled graph (``forward_compiled``'s payload: a WorkerCall's fields as a tuple)."""
+        return None if call is None else WorkerCall(*call).x_TH
 
 
 def _layer_checkpoint(path: str) -> str:

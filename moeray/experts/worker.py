@@ -30,7 +30,7 @@ from moeray import telemetry
 from moeray.kernels import ExpertWeights, PackedExpertWeights, QuantizedExpertWeights, cpu_rows, grouped_experts
 from moeray.model.architecture import ModelSpec
 from moeray.model.weights import ExpertSource, TensorReader, read_expert
-from moeray.transport.wire import WireTensor, WorkerCall, pack, pairs_on, unpack
+from moeray.transport.wire import WireTensor, pack, pairs_on, unpack
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,8 @@ class ExpertWorker:
                                               telemetry.attrs(worker=self.worker_index, layer=layer))
         return out
 
-    def forward_compiled(self, call: WorkerCall | None) -> WireTensor | None:
-        """The compiled-graph path (moeray.transport.compiled_graph): ``forward``'s arguments as one WorkerCall, or
+    def forward_compiled(self, call: tuple | None) -> WireTensor | None:
+        """The compiled-graph path (moeray.transport.compiled_graph): a WorkerCall's fields as a plain tuple, or
         None when this layer sends this worker nothing, answered at once."""
         return None if call is None else self.forward(*call)
 

@@ -109,7 +109,8 @@ class CompiledGraphTransport:
         bucket = max((len(p.pair_token_N) for p in payloads if p is not None), default=0).bit_length()
         recent = self._round_trip_s[bucket]
         started = time.perf_counter()
-        refs = self.graph.execute(*payloads)
+        # NOTE: plain tuples on the channel: Ray serializes them natively, a NamedTuple goes through pickle
+        refs = self.graph.execute(*(None if p is None else tuple(p) for p in payloads))
         if self.poll_backoff and recent:
             time.sleep(self.poll_backoff * min(recent))  # rather than spin on the channel meanwhile
         outs = ray.get(refs, timeout=self.get_timeout_s)
