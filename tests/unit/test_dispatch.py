@@ -141,13 +141,16 @@ def test_a_dead_workers_pairs_go_again_to_the_other_replicas():
     torch.testing.assert_close(y_TH, _direct(0, x_TH, index_TK, weights_TK), rtol=1e-5, atol=1e-5)
     assert lost == [1] and dispatch.dead_workers == {1}
     first, retry = transport.sends
-    assert 1 in first and 1 not in retry and set(retry) <= {0, 2}
+    pairs = lambda sent: sum(len(call.pair_token_N) for call in sent.values())
+    assert set(first) == {0, 1, 2} and retry and set(retry) <= {0, 2}
+    assert pairs(retry) == len(first[1].pair_token_N)  # exactly worker 1's pairs, sent again
     # worker 1's share was run exactly once more: every pair computed once by a live worker
     workers = transport.workers
     assert len(workers[0].seen) + len(workers[2].seen) == index_TK.numel()
     # later layers route around it from the start
     dispatch(0, x_TH, index_TK, weights_TK)
-    assert 1 not in transport.sends[-1]
+    later = transport.sends[-1]
+    assert set(later) == {0, 2} and pairs(later) == index_TK.numel()  # every pair, none to worker 1
     dispatch.load.end_step()
     [(_, worker_LW)] = dispatch.load.take()["steps"]  # both calls, each pair counted once, none on worker 1
     assert worker_LW[0, 1] == 0 and worker_LW[0].sum() == 2 * index_TK.numel()
