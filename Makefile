@@ -47,6 +47,7 @@ bench: install
 	$(VENV)/bin/moeray bench layer
 
 # On a GPU machine, with its own python3 (torch, triton, transformers; no venv, no Ray): the Triton kernels checked
-# against the reference, then timed; one table, non-zero exit on a failure (scripts/gpu_check.py).
+# against the reference, then timed, and the in-process engine against transformers on the GPU (greedy ids, decode
+# and prefill tokens/s); one table, non-zero exit on a failure (scripts/gpu_check.py, scripts/gpu_check_engine.py).
 gpu-check:
 	python3 scripts/gpu_check.py

@@ -3,6 +3,9 @@ and runs requests through them.
 
     with Engine(EngineConfig(model="path/to/checkpoint", workers=2)) as engine:
         results = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=16))
+
+``EngineConfig(backend="local")`` makes ``Engine(config)`` a ``moeray.local_engine.LocalEngine`` instead: the same
+router and workers as plain objects in this process, without Ray (which this module then imports only if present).
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+try:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+except ImportError:  # NOTE: backend="local" runs without Ray; Engine.__init__ says what a Ray engine is missing
+    ray = NodeAffinitySchedulingStrategy = None
+
+from moeray.deployment import TOPOLOGIES, Devices, RouterGroup, choose_devices, pool_gpus, worker_options
 from moeray.experts.worker import WorkerSpawner
 from moeray.model.architecture import ModelSpec
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
@@ -28,10 +36,10 @@ from moeray.placement.config import ControllerConfig
 from moeray.placement.initial import initial_layout
 from moeray.placement.runtime.actors import ControllerActor, topology_of
 from moeray.placement.runtime.controller import first_plan
-from moeray.request import GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
+from moeray.request import GenerationResult, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.router import Router
-from moeray.router.scheduler import KVStats
+from moeray.router.scheduler import MAX_MICRO_BATCHES, KVStats
 from moeray.telemetry import TelemetryConfig
 from moeray.transport import TRANSPORTS
 
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 
 ROUTER_RESTARTS = CONTROLLER_RESTARTS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("ray", "local")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +60,12 @@ class EngineConfig:
     initial_load: str | None = None  # start on the controller's policy's layout for this load trace (JSON Lines)
     dtype: str = "float32"
     routers: int = 1
+    # Where routers and workers run (moeray.deployment): "colocated" (any node runs both) or "disaggregated" (routers
+    # on nodes labelled moeray.io/role=attention, workers on moeray.io/role=experts).
+    topology: str = "colocated"
+    # GPUs per router for its dense compute and KV cache (None: one where the cluster has a GPU for every router
+    # beside the workers', else 0: the dense half on CPU).
+    router_gpus: float | None = None
     max_batch_size: int = 32
     max_new_tokens_cap: int = 4096
     use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough, else CPU shares
@@ -63,9 +78,18 @@ class EngineConfig:
     start_timeout_s: float = 600.0  # how long workers may wait for devices (an autoscaler adding nodes)
     worker_memory: str | int | None = None  # per-worker budget for expert slots, e.g. '20GiB' (None: just enough)
     track_tokens: bool = False  # count which token ids each expert receives (moeray placement inspect)
-    # The per-layer data path: "object_store" (an actor call per touched worker) or "compiled_graph" (one Ray
-    # compiled graph over all workers, shared-memory channels; a single router only). See moeray.transport.
+    # The per-layer data path: "object_store" (an actor call per touched worker), "compiled_graph" (one Ray
+    # compiled graph over all workers, shared-memory channels; a single router only), "collective" (a
+    # torch.distributed group per router and its workers: gloo on CPU, NCCL on GPU) or "direct" (backend "local").
+    # See moeray.transport.
     transport: str = "object_store"
+    # "ray": actors on a Ray cluster. "local": the same router and workers as plain objects in this process, the
+    # direct transport between them, no Ray needed (moeray.local_engine; unit tests, machines without Ray).
+    backend: str = "ray"
+    # Micro-batches per step (moeray.router.overlap): while one's tokens are with the expert workers, the router
+    # computes another's dense layers. None: automatic (1 for small steps, 2 when each half has enough tokens;
+    # moeray.router.scheduler.plan_micro_batches).
+    micro_batches: int | None = None
     kv_cache: KVCacheConfig = dataclasses.field(default_factory=KVCacheConfig)  # each router's KV pool
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)  # off unless it names an exporter
@@ -77,6 +101,13 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0; got {self.replicas}")
+        if self.micro_batches is not None and not 1 <= self.micro_batches <= MAX_MICRO_BATCHES:
+            raise ValueError(f"micro_batches must lie in [1, {MAX_MICRO_BATCHES}] (or None: automatic); got "
+                             f"{self.micro_batches}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology {self.topology!r} is not one of {TOPOLOGIES}")
+        if self.router_gpus is not None and self.router_gpus < 0:
+            raise ValueError(f"router_gpus must be >= 0; got {self.router_gpus}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.placement not in STATIC_POLICIES:
@@ -90,6 +121,15 @@ class EngineConfig:
             # NOTE: Ray: an actor is in one compiled graph at a time, and only its compiling process executes it.
             raise ValueError(f"transport 'compiled_graph' serves a single router (each expert worker can be in one "
                              f"compiled graph at a time); got routers={self.routers}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
+        if self.backend == "local" and self.routers != 1:
+            raise ValueError(f"backend 'local' runs one router in this process; got routers={self.routers}")
+        if self.backend == "local" and self.transport not in ("object_store", "direct"):  # the first is the default
+            raise ValueError(f"backend 'local' calls its workers directly; transport {self.transport!r} needs "
+                             "backend 'ray'")
+        if self.backend == "ray" and self.transport == "direct":
+            raise ValueError("transport 'direct' calls workers in this process; it needs backend 'local'")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -121,7 +161,19 @@ def plan_placement(config: EngineConfig, spec: ModelSpec) -> tuple[Plan, int, Bu
 
 
 class Engine:
+    def __new__(cls, config: EngineConfig):
+        # NOTE: one entry point for both backends: with backend="local", Engine(config) is a LocalEngine (not an
+        # Engine, so this __init__ does not run on it).
+        if cls is Engine and config.backend == "local":
+            from moeray.local_engine import LocalEngine
+
+            return LocalEngine(config)
+        return super().__new__(cls)
+
     def __init__(self, config: EngineConfig) -> None:
+        if ray is None:
+            raise ImportError("backend 'ray' needs Ray, which is not installed here: pip install 'ray[serve]', or "
+                              "run in this process with EngineConfig(backend='local')")
         self.config = config
         # 1. Everything that can be checked without actors is checked first, so a bad checkpoint leaves none behind.
         self.checkpoint: LoadedCheckpoint = inspect_checkpoint(config.model, config.torch_dtype)
@@ -137,25 +189,32 @@ class Engine:
         self.workers: list = []
         self.routers: list = []
         self.controller = None
+        self.router_group: RouterGroup | None = None
         try:
             self._start_actors()
         except BaseException:
             self.shutdown()
             raise
 
-    def _worker_options(self) -> dict:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpus = self.config.use_gpus if self.config.use_gpus is not None else gpus >= self.config.workers
-        if use_gpus and gpus < self.config.workers:
-            # NOTE: not an error: on an autoscaling cluster (KubeRay) the pending workers bring up GPU nodes.
-            log.warning("%d workers need one GPU each and the cluster has %d now: waiting up to %.0fs for more",
-                        self.config.workers, gpus, self.config.start_timeout_s)
-        return {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": self.config.worker_num_cpus}
+    def _devices(self) -> Devices:
+        config = self.config
+        worker_pool, router_pool = pool_gpus(config.topology)
+        devices = choose_devices(topology=config.topology, worker_pool_gpus=worker_pool, router_pool_gpus=router_pool,
+                                 workers=config.workers, routers=config.routers, use_gpus=config.use_gpus,
+                                 router_gpus=config.router_gpus)
+        wanted = devices.worker_gpus * config.workers + (devices.router_gpus * config.routers
+                                                         if config.topology == "colocated" else 0)
+        if wanted > worker_pool:
+            # NOTE: not an error: on an autoscaling cluster (KubeRay) the pending actors bring up GPU nodes.
+            log.warning("%d workers and %d routers need %g GPUs and the cluster has %d now: waiting up to %.0fs for "
+                        "more", config.workers, config.routers, wanted, worker_pool, config.start_timeout_s)
+        return devices
 
     def _start_actors(self) -> None:
         # NOTE: a hub checkpoint travels as org/name@<commit>, so every actor reads the snapshot the driver indexed.
         config, path = self.config, self.checkpoint.checkpoint.ref
-        options = self._worker_options()
+        self.devices = self._devices()
+        options = worker_options(self.devices, config.topology, config.worker_num_cpus)
         log.info("starting %d expert workers (%s) for %s", config.workers, options, path)
         spawn = WorkerSpawner(options=options, checkpoint_path=path, spec=self.spec,
                               sources=self.checkpoint.index.experts, dtype=config.torch_dtype,
@@ -169,29 +228,34 @@ class Engine:
                                f"start_timeout_s={config.start_timeout_s}s; the cluster has "
                                f"{ray.cluster_resources()}") from None
         router_cls = ray.remote(Router)
-        # Routers and the controller stay beside the process that drives them (the ingress or the driver) when it
-        # can: one hop less per request, and they do not go down with an expert worker's node.
-        # NOTE: hard affinity: with soft, a busy raylet spilled them onto expert nodes (seen in the multi-node chaos
-        # test, which then lost them with that node). They need no resources, and they share this node's fate anyway.
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        # Routers go where their placement group's bundles are: spread over the nodes (attention nodes when
+        # disaggregated), each with its GPU; a node lost takes its bundle elsewhere and Ray restarts the router there.
+        self.router_group = RouterGroup(routers=config.routers, router_gpus=self.devices.router_gpus,
+                                        router_num_cpus=config.router_num_cpus, topology=config.topology)
+        self.router_group.wait(config.start_timeout_s)
         controller_name = f"moeray-controller-{uuid.uuid4().hex[:12]}"
         for r in range(config.routers):
             # NOTE: Ray restarts a crashed router (its in-flight requests fail with a clear error); the restarted
             # one takes the plan in force from the controller, found by name.
-            self.routers.append(router_cls.options(num_cpus=config.router_num_cpus, max_concurrency=1000,
-                                                   max_restarts=ROUTER_RESTARTS, scheduling_strategy=here).remote(
+            self.routers.append(router_cls.options(**self.router_group.options(r), max_concurrency=1000,
+                                                   max_restarts=ROUTER_RESTARTS).remote(
                 controller_name=controller_name,
                 checkpoint_path=path, dtype=config.torch_dtype, plan=self.initial_plan, workers=self.workers,
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
                 num_threads=config.router_threads or config.threads_per_actor, track_tokens=config.track_tokens,
                 telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
                 transport=config.transport, restore_timeout_s=config.controller.restore_timeout_s,
-                kv_cache=config.kv_cache,
+                kv_cache=config.kv_cache, device="cuda" if self.devices.router_gpus else "cpu",
+                micro_batches=config.micro_batches,
             ))
         ray.get([r.ping.remote() for r in self.routers])
         self.kv_pool: KVStats = ray.get(self.routers[0].kv_stats.remote())  # the KV pool's size, as it started
-        # NOTE: the controller is the only writer of the plan from here on.
-        # NOTE: a crashed controller restarts and rebuilds the plan from the workers; requests never wait on it.
+        # NOTE: the controller is the only writer of the plan from here on. A crashed controller restarts and
+        # rebuilds the plan from the workers; requests never wait on it. It stays on this process's node (hard
+        # affinity): its actors share this process's fate anyway (it owns them), and a soft one spilled onto other
+        # nodes, where losing one restarted it while a router there restarted too, each constructor waiting on the
+        # other (seen in tests/integration/test_router_placement.py).
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         self.controller = ray.remote(ControllerActor).options(num_cpus=0, max_concurrency=8, name=controller_name,
                                                               max_restarts=CONTROLLER_RESTARTS,
                                                               scheduling_strategy=here).remote(
@@ -226,14 +290,7 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[GenerationResult]:
         """Run prompts concurrently (they share batched steps); results in prompt order."""
-        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        if len(samplings) != len(prompts):
-            raise InvalidRequest(f"{len(samplings)} sampling parameter sets for {len(prompts)} prompts")
-        for i, (p, s) in enumerate(zip(prompts, samplings)):
-            try:
-                self.limits.check(p, s or SamplingParams())
-            except InvalidRequest as e:
-                raise InvalidRequest(f"prompt {i}: {e}") from None
+        samplings = self.limits.check_batch(prompts, sampling)
         refs = [self.submit(p, s, router=i) for i, (p, s) in enumerate(zip(prompts, samplings))]
         return ray.get(refs)
 
@@ -261,6 +318,18 @@ class Engine:
     def workers_info(self) -> list[dict]:
         self.workers = ray.get(self.controller.workers.remote())  # the controller's list: it may have scaled
         return ray.get([w.info.remote() for w in self.workers])
+
+    def routers_info(self, timeout_s: float = 10.0) -> list[dict]:
+        """Where each router runs (``Router.where``); a router that does not answer within ``timeout_s`` (restarting
+        on another node, or gone) is {"state": <the error's name>}."""
+        refs = [r.where.remote() for r in self.routers]
+        info = []
+        for ref in refs:
+            try:
+                info.append({"state": "alive", **ray.get(ref, timeout=timeout_s)})
+            except Exception as e:  # noqa: BLE001 - any failure says the same: not serving now
+                info.append({"state": type(e).__name__})
+        return info
 
     def take_load(self) -> tuple[np.ndarray, np.ndarray]:
         """Tokens per (MoE layer, logical expert) and per (MoE layer, worker) since the last call, all routers."""
@@ -313,6 +382,9 @@ class Engine:
         for actor in self.routers + self.workers:
             ray.kill(actor)
         self.routers, self.workers = [], []
+        if self.router_group is not None:
+            self.router_group.remove()
+            self.router_group = None
 
     def __enter__(self) -> Engine:
         return self

@@ -119,3 +119,18 @@ class RequestLimits:
         if bad is not None:
             raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return ids
+
+    def check_batch(self, prompts: Sequence[Sequence[int]],
+                    sampling: SamplingParams | Sequence[SamplingParams | None] | None) -> list[SamplingParams]:
+        """Every prompt of a batch checked before any starts (the error names the prompt); one sampling setting for
+        all, or one per prompt. Returns the settings per prompt."""
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise InvalidRequest(f"{len(samplings)} sampling parameter sets for {len(prompts)} prompts")
+        samplings = [s or SamplingParams() for s in samplings]
+        for i, (p, s) in enumerate(zip(prompts, samplings)):
+            try:
+                self.check(p, s)
+            except InvalidRequest as e:
+                raise InvalidRequest(f"prompt {i}: {e}") from None
+        return samplings

@@ -11,12 +11,19 @@ network; versions may differ from the pins): moeray is imported from this checko
 2. Timings, bf16 activations: mixtral-like and deepseek-like layers at T = 16, 256, 2048 through Triton (plain,
    FP8 128x128, MXFP4), the torch path and transformers' grouped_mm experts (``torch._grouped_mm``): TFLOP/s and
    percent of the GPU's bf16 peak (moeray/bench/kernels.py times them).
+3. The in-process engine (``EngineConfig(backend="local")``), between the two: greedy ids and logits equal
+   transformers' on the same GPU for the demo checkpoint (built if absent, ~25 s) and a tiny checkpoint of each of
+   the six architectures; decode and prefill tokens/s against transformers' ``generate`` (scripts/gpu_check_engine.py).
+   It gets at most ENGINE_BUDGET_S of the budget; the timings of 2. have the rest.
 
 One table at the end. Exit status: 1 if a check failed, 2 if a required module is missing, 0 otherwise (also on a
 machine without a GPU, where nothing is checked). Past the time budget (--budget-s, 6 minutes) the remaining
 timings are skipped, and said to be; 3 minutes later still (a hung kernel), a watchdog prints the table so far and
 exits 1.
-``--interpret`` runs the correctness section on CPU tensors under TRITON_INTERPRET=1 at tiny sizes, no timings.
+``--interpret`` runs the correctness section on CPU tensors under TRITON_INTERPRET=1 at tiny sizes, no timings, and
+the engine section on the CPU at toy sizes. ``--section kernels|engine`` runs one section alone. Ray and
+OpenTelemetry are kept out of the process (the GPU machines this runs on have neither), so a run here proves none
+is needed.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("torch", "triton", "transformers", "safetensors", "tokenizers")  # module name == wheel name
 TOKENS = (16, 256, 2048)
 WATCHDOG_S = 180
+ENGINE_BUDGET_S = 150.0  # the engine section's share of --budget-s
+SECTIONS = ("all", "kernels", "engine")
 
 
 @dataclasses.dataclass
@@ -238,6 +247,38 @@ def add_timing_rows(rows: list[Row], deadline: float, device: str, shapes, token
             print(f"  timed {name} T={t} in {time.monotonic() - t0:.1f} s", flush=True)
 
 
+def add_kernel_timings(rows: list[Row], deadline: float, device: str, args) -> None:
+    try:
+        from moeray.bench.kernels import SHAPES
+    except Exception as e:  # noqa: BLE001 - e.g. a transformers without the experts registry
+        rows.append(Row("timings", "FAIL", f"cannot import moeray.bench.kernels: {type(e).__name__}: {e}"[:160]))
+        return
+    if args.interpret:  # the timing code run once at a toy size: no measurement
+        add_timing_rows(rows, deadline, device, [("toy", 4, 2, 64, 32)], [4], 1, note=" (interpreter smoke)")
+    else:
+        add_timing_rows(rows, deadline, device, SHAPES, TOKENS, args.reps)
+
+
+# -- 3. the in-process engine --------------------------------------------------------------------------------------
+
+
+def add_engine_rows(rows: list[Row], deadline: float, device: str, smoke: bool) -> None:
+    """scripts/gpu_check_engine.py's rows, each added (and printed) as it is checked."""
+    def add(check: str, result: str, detail: str) -> None:
+        rows.append(Row(check, result, detail))
+        print(f"  {result} {check}: {detail}", flush=True)
+
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check_engine  # beside this script
+    except Exception as e:  # noqa: BLE001 - e.g. a moeray module that needs what this machine lacks
+        traceback.print_exc()
+        add("engine", "FAIL", f"cannot import the engine checks: {type(e).__name__}: {e}"[:160])
+        return
+    gpu_check_engine.run(device, deadline, add, smoke=smoke)
+
+
 # -- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -253,10 +294,17 @@ def print_table(rows: list[Row]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--interpret", action="store_true",
-                        help="correctness only, on CPU tensors under TRITON_INTERPRET=1, tiny sizes")
+                        help="kernel correctness on CPU tensors under TRITON_INTERPRET=1, tiny sizes; the engine on "
+                             "the CPU, toy sizes; no measurements")
     parser.add_argument("--budget-s", type=float, default=360.0, help="skip timings past this many seconds")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per implementation")
+    parser.add_argument("--section", choices=SECTIONS, default="all",
+                        help="the Triton kernels (1. and 2.) or the in-process engine (3.) alone")
     args = parser.parse_args(argv)
+    # NOTE: None in sys.modules makes any import of them fail, as it does on the GPU machines (no Ray, no
+    # OpenTelemetry): a run on a machine that has them still proves the checks need neither.
+    for name in ("ray", "opentelemetry"):
+        sys.modules.setdefault(name, None)
     start = time.monotonic()
     deadline = start + args.budget_s
     if args.interpret:  # NOTE: before anything imports triton
@@ -294,7 +342,8 @@ def main(argv=None) -> int:
     timer = threading.Timer(max(0.0, deadline + WATCHDOG_S - time.monotonic()), watchdog)
     timer.daemon = True
     timer.start()
-    for case in CASES:
+    kernels = args.section in ("all", "kernels")
+    for case in CASES if kernels else ():
         if args.interpret and not case.tiny:
             continue
         t0 = time.monotonic()
@@ -307,19 +356,15 @@ def main(argv=None) -> int:
         print(f"  {row.result} {row.check}: {row.detail}", flush=True)
         rows.append(row)
     try:
-        rows.append(routing_row(device))
+        if kernels:
+            rows.append(routing_row(device))
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         rows.append(Row("routing: grouped_experts(fp8 on CUDA) is Triton", "FAIL", f"{type(e).__name__}: {e}"[:160]))
-    try:
-        from moeray.bench.kernels import SHAPES
-    except Exception as e:  # noqa: BLE001 - e.g. a transformers without the experts registry
-        rows.append(Row("timings", "FAIL", f"cannot import moeray.bench.kernels: {type(e).__name__}: {e}"[:160]))
-    else:
-        if args.interpret:  # the timing code run once at a toy size: no measurement
-            add_timing_rows(rows, deadline, device, [("toy", 4, 2, 64, 32)], [4], 1, note=" (interpreter smoke)")
-        else:
-            add_timing_rows(rows, deadline, device, SHAPES, TOKENS, args.reps)
+    if args.section in ("all", "engine"):
+        add_engine_rows(rows, min(deadline, time.monotonic() + ENGINE_BUDGET_S), device, smoke=args.interpret)
+    if kernels:
+        add_kernel_timings(rows, deadline, device, args)
     timer.cancel()
     if any(r.result == "SKIP" and r.detail == "past the time budget" for r in rows):
         print(f"\ngpu-check: the time budget ({args.budget_s:.0f} s) ran out: the remaining timings were skipped")

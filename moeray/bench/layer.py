@@ -12,6 +12,16 @@ For H=1024, I=2048, 16 experts, top-2, float32 (a Mixtral-style layer) at each t
 and the ratios the engine issue sets targets for: moeray / best in-process (>= 0.8 at T=2048), and moeray's
 overhead above the in-process block / the bare round trip (<= 2 at T=16), for each path; and compiled graph vs
 object store. Only one compiled graph is up at a time (an actor can be in one), none while the object store is timed.
+- the collective path (``transport="collective"``): a gloo process group over this process and the workers, one
+  layer as point-to-point transfers, beside its floor (the same calls echoed by ``echo_call``, no compute); timed
+  with no compiled graph up.
+
+For the token counts in ``breakdown_tokens`` (default: one token, routed to one expert on each worker) it also
+prints where the fixed time of a layer goes on the object-store path (``fixed_costs``): the router's preparation
+(pairs, buckets, the calls' arrays), submitting the actor calls, the wait, and the combine; inside the wait, each
+worker's time in ``forward`` split into expert compute and its bookkeeping, and the rest (Ray: arguments and
+result serialized and moved, scheduling); and beside it, bare round trips: a no-op call given the same six
+arguments, and an echo of one argument (the floor).
 """
 
 from __future__ import annotations
@@ -28,14 +38,16 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeray.experts.worker import ExpertWorker
+from moeray.kernels import grouped_experts
 from moeray.model.backbone import inspect_checkpoint
 from moeray.model.tiny import save_random_checkpoint
 from moeray.placement.algorithms.policies import static_plan
 from moeray.router.dispatch import ExpertDispatcher
 from moeray.transport.base import Sent
+from moeray.transport.collective import CollectiveTransport
 from moeray.transport.compiled_graph import POLL_BACKOFF, CompiledGraphTransport
 from moeray.transport.object_store import ObjectStoreTransport
-from moeray.transport.wire import WireTensor, WorkerCall, pack
+from moeray.transport.wire import WireTensor, WorkerCall, pack, pairs_on, unpack
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2048, 16, 2
 # Measured: a fresh graph's first ~10 executions are slower (page faults in its channels); then the poll backoff's
@@ -44,7 +56,33 @@ WARMUP_COMPILED = 20
 
 
 class BenchWorker(ExpertWorker):
-    """An expert worker with two no-compute methods, for the floor of each data path."""
+    """An expert worker with no-compute methods, for the floor of each data path, and timings of its forward."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._in_method: list[float] = []  # seconds inside each forward call, since the last take
+
+    def forward(self, *call) -> WireTensor:
+        started = time.perf_counter()
+        try:
+            return super().forward(*call)
+        finally:
+            self._in_method.append(time.perf_counter() - started)
+
+    def take_in_method(self) -> list[float]:
+        out, self._in_method = self._in_method, []
+        return out
+
+    def compute_only(self, call: tuple, repeats: int) -> float:
+        """Median seconds of the grouped expert compute alone on ``call``'s inputs: no wire, no bookkeeping."""
+        epoch, layer, x, *pairs = call
+        x_TH, pairs = unpack(x, self.device), pairs_on(self.device, *pairs)
+        weights = self._epochs[epoch][1][layer]
+        return _timed(lambda: grouped_experts(x_TH, *pairs, weights, self.spec.activation), repeats)
+
+    def noop(self, *call) -> None:
+        """A WorkerCall's six arguments, deserialized and dropped: the round trip with forward's arguments."""
+        return None
 
     def echo(self, payload: tuple) -> WireTensor:
         """The payload's x untouched: the object-store path's bare round trip."""
@@ -53,6 +91,10 @@ class BenchWorker(ExpertWorker):
     def echo_compiled(self, call: tuple | None) -> WireTensor | None:
         """``echo`` for a compiled graph (``forward_compiled``'s payload: a WorkerCall's fields as a tuple)."""
         return None if call is None else WorkerCall(*call).x_TH
+
+    def echo_call(self, epoch: int, layer: int, x_TH: WireTensor, *pairs) -> WireTensor:
+        """``echo`` for the collective path (its serving loop calls a method with a WorkerCall's fields)."""
+        return x_TH
 
 
 def _layer_checkpoint(path: str) -> str:
@@ -83,7 +125,8 @@ def _routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return x_TH, index_TK, weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
 
-def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> list[dict]:
+def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10,
+                    breakdown_tokens: tuple[int, ...] = (1,)) -> list[dict]:
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,6 +146,13 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
 
         print(f"MoE layer H={HIDDEN} I={INTERMEDIATE} E={EXPERTS} top-{TOP_K} float32; moeray: {workers} workers x 1 "
               f"thread; transformers {transformers.__version__} in-process: {torch.get_num_threads()} threads")
+        for t in breakdown_tokens:
+            x_TH, index_TK, weights_TK = _routing(t, seed=t)
+            if t == 1:  # one token, an expert on each of the first two workers: the case of part 3 of the issue
+                index_TK = torch.tensor([[0, EXPERTS - 1]])
+            costs = fixed_costs(dispatch, actors, x_TH, index_TK, weights_TK, repeats=max(50, 20 * repeats))
+            rows.append({"tokens": t, "breakdown": costs})
+            print_fixed_costs(t, costs)
         for t in tokens:
             x_TH, index_TK, weights_TK = _routing(t, seed=t)
             reps = max(2, repeats if t <= 256 else repeats // 3)
@@ -120,6 +170,7 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
             payloads = _payloads(dispatch, x_TH, index_TK)
             floor_s = _timed(lambda: ray.get([actors[w].echo.remote(p) for w, p in payloads]), reps)
             compiled_s, spinning_s, compiled_floor_s = _compiled_path(plan, actors, x_TH, index_TK, weights_TK, reps)
+            collective_s, collective_floor_s = _collective_path(plan, actors, x_TH, index_TK, weights_TK, reps)
             row = {
                 "tokens": t,
                 "moeray_tok_s": t / moeray_s,
@@ -143,6 +194,10 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
                 "compiled_spinning_ms": spinning_s * 1e3,
             })
             row["compiled_overhead_over_floor"] = row["compiled_overhead_ms"] / row["compiled_floor_ms"]
+            row.update({"collective_tok_s": t / collective_s, "collective_ms": collective_s * 1e3,
+                        "collective_floor_ms": collective_floor_s * 1e3,
+                        "collective_x_floor": collective_s / collective_floor_s,
+                        "collective_vs_store": moeray_s / collective_s})
             rows.append(row)
             hf_cols = "  ".join(f"hf[{n}] {t / s:9.0f}" for n, s in in_process.items())
             print(f"T={t:5d}  moeray {row['moeray_tok_s']:9.0f} tok/s  {hf_cols}  "
@@ -156,6 +211,9 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10) -> l
                   f"({row['compiled_overhead_over_floor']:.2f}x floor) | compiled vs object store "
                   f"{row['compiled_vs_store']:.2f}x | compiled, spinning read (no poll backoff) "
                   f"{row['compiled_spinning_ms']:.2f} ms")
+            print(f"         per layer: collective {row['collective_ms']:.2f} ms ({row['collective_tok_s']:.0f} tok/s) "
+                  f"= {row['collective_x_floor']:.2f}x its floor {row['collective_floor_ms']:.2f} ms | collective vs "
+                  f"object store {row['collective_vs_store']:.2f}x")
         for a in actors:
             ray.kill(a)
     return rows
@@ -182,6 +240,24 @@ def _compiled_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tenso
     finally:
         echo.close()
     return seconds[0], seconds[1], floor_s
+
+
+def _collective_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor, weights_TK: torch.Tensor,
+                     reps: int) -> tuple[float, float]:
+    """Seconds per layer through a gloo group over this process (rank 0) and the workers, and its floor: the same
+    per-worker calls echoed (``echo_call``), no compute. The first send builds each group (its warmup)."""
+    dispatch = ExpertDispatcher(plan, CollectiveTransport(actors))
+    try:
+        seconds = _timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, warmup=2)
+    finally:
+        dispatch.transport.close()
+    echo = CollectiveTransport(actors, method="echo_call")
+    calls = _calls(dispatch, x_TH, index_TK, weights_TK)
+    try:
+        floor_s = _timed(lambda: echo.send(calls), reps, warmup=2)
+    finally:
+        echo.close()
+    return seconds, floor_s
 
 
 def _calls(dispatch: ExpertDispatcher, x_TH: torch.Tensor, index_TK: torch.Tensor,
@@ -213,3 +289,48 @@ def _payloads(dispatch: ExpertDispatcher, x_TH: torch.Tensor, index_TK: torch.Te
         n = int(sel.sum())
         out.append((w, (pack(x_TH[rows]), np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32))))
     return out
+
+
+def fixed_costs(dispatch: ExpertDispatcher, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor,
+                weights_TK: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Milliseconds (medians over ``repeats`` layer calls) of each part of one layer on the object-store path; see
+    the module docstring. The transport's share is the wait less the slowest worker's time in ``forward``."""
+    transport: ObjectStoreTransport = dispatch.transport
+    calls = _calls(dispatch, x_TH, index_TK, weights_TK)
+    for _ in range(max(5, repeats // 10)):  # warm-up
+        dispatch(0, x_TH, index_TK, weights_TK)
+    ray.get([a.take_in_method.remote() for a in actors])
+    parts: dict[str, list[float]] = {k: [] for k in ("layer", "prepare", "submit", "wait", "combine")}
+    for _ in range(repeats):
+        t0, s0, w0 = dispatch.times, transport.submit_s, transport.wait_s
+        dispatch.times = type(t0)()
+        started = time.perf_counter()
+        dispatch(0, x_TH, index_TK, weights_TK)
+        parts["layer"].append(time.perf_counter() - started)
+        parts["prepare"].append(dispatch.times.prepare_s)
+        parts["submit"].append(transport.submit_s - s0)
+        parts["wait"].append(transport.wait_s - w0)
+        parts["combine"].append(dispatch.times.combine_s)
+    in_method = [statistics.median(ts) for ts in ray.get([actors[w].take_in_method.remote() for w in calls])]
+    compute = ray.get([actors[w].compute_only.remote(tuple(c), repeats) for w, c in calls.items()])
+    slowest = max(range(len(calls)), key=lambda i: in_method[i])
+    noop_s = _timed(lambda: ray.get([actors[w].noop.remote(*c) for w, c in calls.items()]), repeats, 5)
+    # the floor: the call as one argument, its x returned (echo_compiled's payload is a plain tuple, on any path)
+    echo_s = _timed(lambda: ray.get([actors[w].echo_compiled.remote(tuple(c)) for w, c in calls.items()]), repeats,
+                    5)
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    out = {**med, "workers": len(calls), "worker_in_method": in_method[slowest],
+           "worker_compute": compute[slowest], "worker_bookkeeping": in_method[slowest] - compute[slowest],
+           "transport": med["wait"] + med["submit"] - in_method[slowest], "noop_six_args": noop_s, "floor": echo_s}
+    return {k: (v if k == "workers" else v * 1e3) for k, v in out.items()}
+
+
+def print_fixed_costs(tokens: int, c: dict[str, float]) -> None:
+    print(f"T={tokens:5d}  fixed costs of one layer, object store, {c['workers']} workers touched (medians, ms):")
+    print(f"         layer {c['layer']:.3f} = router prepare {c['prepare']:.3f} + submit {c['submit']:.3f} + wait "
+          f"{c['wait']:.3f} + combine {c['combine']:.3f}")
+    print(f"         submit + wait {c['submit'] + c['wait']:.3f} = slowest worker in forward "
+          f"{c['worker_in_method']:.3f} (compute {c['worker_compute']:.3f}, bookkeeping "
+          f"{c['worker_bookkeeping']:.3f}) + transport {c['transport']:.3f} (Ray: serialization, moves, scheduling)")
+    print(f"         bare round trips: no-op with forward's six arguments {c['noop_six_args']:.3f}, echo of one "
+          f"argument (floor) {c['floor']:.3f}; layer / floor {c['layer'] / c['floor']:.2f}x")

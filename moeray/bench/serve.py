@@ -6,6 +6,14 @@ failed requests. ``moeray bench serve`` starts a server on 127.0.0.1, runs the l
 API asked for (``--api grpc,http``: gRPC Generate, and the OpenAI-compatible HTTP API's streaming /v1/completions
 through moeray/bench/http_load.py, the same prompts), and in the same run measures transformers' own ``generate``
 on the same checkpoint in one process with the same batch.
+
+Each load runs twice on the same server, with micro-batch overlap off (one micro-batch per step) and on (the
+``micro_batches`` setting, automatic by default; ``Router.set_micro_batches`` switches between them), on the same
+prompts, so the rows compare overlap on and off within one run and check that the tokens are the same. Beside
+each row: the step's breakdown from the routers' counters, and the sum of the step's bare round-trip floors (one
+per MoE layer: every worker sent ``concurrency`` tokens and back, no compute; ``Router.round_trip_floor``). At
+the end it prints the issue's targets (throughput vs transformers at 32 and at 1 stream, step vs floors at 32)
+with, for each one missed, the breakdown that says where the step's time went.
 """
 
 from __future__ import annotations
@@ -134,9 +142,15 @@ def transformers_tokens_per_s(path: str, prompts: list[list[int]], max_new_token
     return (out.shape[1] - length) * len(prompts) / seconds
 
 
+# Issue 18's targets: moeray / transformers' generate at these stream counts (medium checkpoint, overlap on), and a
+# step at 32 streams against the sum of its bare round-trip floors (demo checkpoint).
+THROUGHPUT_TARGETS = {32: 1.5, 1: 1.0}
+FLOOR_TARGET = (32, 3.0)
+
+
 def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: int, max_new_tokens: int,
                     workers: int = 2, router_threads: int = 2, worker_threads: int = 1,
-                    apis: tuple[str, ...] = ("grpc",)) -> list[dict]:
+                    apis: tuple[str, ...] = ("grpc",), micro_batches: int | None = None) -> list[dict]:
     import socket
 
     import ray
@@ -144,6 +158,7 @@ def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: in
 
     from moeray.bench.http_load import run_load_http
     from moeray.engine import Engine, EngineConfig
+    from moeray.router.kv_config import KVCacheConfig
     from moeray.serving.app import start_serving
 
     def free_port() -> int:
@@ -152,8 +167,12 @@ def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: in
             return s.getsockname()[1]
 
     rows = []
+    # NOTE: no prefix caching: each load runs twice on the same prompts (overlap off, then on), and the second would
+    # otherwise find the first's prompts cached
     config = EngineConfig(model=model, workers=workers, max_batch_size=max(concurrencies),
-                          router_threads=router_threads, threads_per_actor=worker_threads)
+                          router_threads=router_threads, threads_per_actor=worker_threads, micro_batches=micro_batches,
+                          kv_cache=KVCacheConfig(prefix_caching=False))
+    overlap = ["1"] if micro_batches == 1 else ["1", "auto" if micro_batches is None else str(micro_batches)]
     with Engine(config) as engine:
         port, http_port = free_port(), free_port()
         start_serving(engine, grpc_port=port, http_port=http_port)
@@ -164,41 +183,90 @@ def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: in
         for api in apis:
             loads[api](_prompts(2, vocab, seed=99), 2, 4)  # warm-up
         print(f"moeray bench serve: {model}, {workers} workers x {worker_threads} threads, 1 router x "
-              f"{router_threads} threads, greedy, {max_new_tokens} new tokens per request, APIs {','.join(apis)}")
+              f"{router_threads} threads, greedy, {max_new_tokens} new tokens per request, APIs {','.join(apis)}, "
+              f"micro-batches {' vs '.join(overlap)}")
+        moe_layers = len(engine.spec.moe_layers)
         for c in concurrencies:
             prompts = _prompts(max(requests_per_level, c), vocab, seed=c)
             hf = transformers_tokens_per_s(engine.checkpoint.checkpoint.path, prompts[:c], max_new_tokens)
+            floor_ms = 1e3 * moe_layers * ray.get(engine.routers[0].round_trip_floor.remote(c))
             outputs = {}
             for api in apis:
-                before = ray.get([r.stats.remote() for r in engine.routers])
-                result = loads[api](prompts, c, max_new_tokens)
-                after = ray.get([r.stats.remote() for r in engine.routers])
-                outputs[api] = result
-                row = {"api": api, **result.summary(), "hf_generate_tokens_per_s": round(hf, 1),
-                       "ratio_vs_hf": round(result.tokens_per_s / hf, 3), **_step_breakdown(before, after)}
-                if api != apis[0]:  # against the first API, on the same prompts
-                    first = outputs[apis[0]]
-                    row[f"ratio_vs_{apis[0]}"] = round(result.tokens_per_s / first.tokens_per_s, 3)
-                    row["same_outputs"] = result.outputs == first.outputs
-                if result.errors:
-                    row["first_error"] = result.errors[0]
-                rows.append(row)
-                print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                for setting in overlap:
+                    ray.get([r.set_micro_batches.remote(None if setting == "auto" else int(setting))
+                             for r in engine.routers])
+                    before = ray.get([r.stats.remote() for r in engine.routers])
+                    result = loads[api](prompts, c, max_new_tokens)
+                    after = ray.get([r.stats.remote() for r in engine.routers])
+                    row = {"api": api, "micro_batches": setting, **result.summary(),
+                           "hf_generate_tokens_per_s": round(hf, 1), "ratio_vs_hf": round(result.tokens_per_s / hf, 3),
+                           **_step_breakdown(before, after), "step_floor_ms": round(floor_ms, 2)}
+                    row["step_x_floor"] = round(row["step_ms"] / floor_ms, 2)
+                    if setting != overlap[0]:  # against overlap off, on the same prompts
+                        off = outputs[(api, overlap[0])]
+                        row["ratio_vs_off"] = round(result.tokens_per_s / off.tokens_per_s, 3)
+                        row["same_outputs"] = result.outputs == off.outputs
+                    elif api != apis[0]:  # against the first API, on the same prompts
+                        first = outputs[(apis[0], setting)]
+                        row[f"ratio_vs_{apis[0]}"] = round(result.tokens_per_s / first.tokens_per_s, 3)
+                        row["same_outputs"] = result.outputs == first.outputs
+                    outputs[(api, setting)] = result
+                    if result.errors:
+                        row["first_error"] = result.errors[0]
+                    rows.append(row)
+                    print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        ray.get([r.set_micro_batches.remote(micro_batches) for r in engine.routers])
         serve.shutdown()
+    print_targets(rows, overlap[-1])
     return rows
 
 
+def print_targets(rows: list[dict], on: str) -> None:
+    """The issue's targets, each met or not; for one missed, the step breakdown of its row says why."""
+    why = ("step {step_ms} ms = outside the forward {outside_forward_ms} + router dense {dense_ms} + dispatch "
+           "bookkeeping {dispatch_router_ms} + router idle waiting on experts {expert_wait_ms} (round trips "
+           "{dispatch_send_ms} in all; steps split {split_steps}); sum of bare round-trip floors {step_floor_ms}")
+    first_api = rows[0]["api"] if rows else None
+    for streams, target in sorted(THROUGHPUT_TARGETS.items(), reverse=True):
+        row = next((r for r in rows if r["concurrency"] == streams and r["micro_batches"] == on
+                    and r["api"] == first_api), None)
+        if row is None:
+            continue
+        met = row["ratio_vs_hf"] >= target
+        print(f"target (medium checkpoint): {streams} streams, overlap {on}: moeray / transformers "
+              f"{row['ratio_vs_hf']:.2f}x >= {target}x: {'met' if met else 'NOT met'}")
+        if not met:
+            print("  why: " + why.format(**row))
+    streams, target = FLOOR_TARGET
+    row = next((r for r in rows if r["concurrency"] == streams and r["micro_batches"] == on
+                and r["api"] == first_api), None)
+    if row is not None:
+        met = row["step_x_floor"] <= target
+        print(f"target (demo checkpoint): {streams} streams, overlap {on}: step {row['step_ms']} ms / sum of bare "
+              f"round-trip floors {row['step_floor_ms']} ms = {row['step_x_floor']:.2f}x <= {target}x: "
+              f"{'met' if met else 'NOT met'}")
+        if not met:
+            print("  why: " + why.format(**row))
+
+
 def _step_breakdown(before: list[dict], after: list[dict]) -> dict:
-    """Per engine step: wall time, time in the model's forward, and the part of it waiting on expert workers; and
-    the KV cache's preemptions and prefix-cache hit rate over the run."""
-    delta = {k: sum(a[k] - b[k] for a, b in zip(after, before)) for k in ("steps", "step_s", "forward_s",
-                                                                          "dispatch_s")}
+    """Per engine step, from the routers' counters: wall time = outside the forward (scheduling, sampling, streaming
+    tokens) + the forwards; the forwards = the router computing (its turns held: dense layers, and the dispatcher's
+    bookkeeping around each layer) + the router idle, waiting on expert workers with nothing to compute. Beside it,
+    the time in the transport's sends summed over micro-batches (what overlapped is that minus the idle wait), the
+    share of steps split in micro-batches, and the KV cache's preemptions and prefix-cache hit rate."""
+    delta = {k: sum(a[k] - b[k] for a, b in zip(after, before))
+             for k in ("steps", "step_s", "forward_s", "router_busy_s", "micro_batch_steps")}
+    sends = {k: sum(a["dispatch"][k] - b["dispatch"][k] for a, b in zip(after, before))
+             for k in ("prepare_s", "send_s", "combine_s")}
     steps = max(delta["steps"], 1)
+    ms = lambda seconds: round(1e3 * seconds / steps, 2)
+    bookkeeping = sends["prepare_s"] + sends["combine_s"]
     kv = {k: sum(a["kv"][k] - b["kv"][k] for a, b in zip(after, before)) for k in ("preemptions", "prefix_queries",
                                                                                    "prefix_hits")}
-    return {"step_ms": round(1e3 * delta["step_s"] / steps, 2),
-            "dense_ms": round(1e3 * (delta["forward_s"] - delta["dispatch_s"]) / steps, 2),
-            "dispatch_ms": round(1e3 * delta["dispatch_s"] / steps, 2),
-            "outside_forward_ms": round(1e3 * (delta["step_s"] - delta["forward_s"]) / steps, 2),
+    return {"step_ms": ms(delta["step_s"]), "outside_forward_ms": ms(delta["step_s"] - delta["forward_s"]),
+            "dense_ms": ms(delta["router_busy_s"] - bookkeeping), "dispatch_router_ms": ms(bookkeeping),
+            "expert_wait_ms": ms(delta["forward_s"] - delta["router_busy_s"]),
+            "dispatch_send_ms": ms(sends["send_s"]), "split_steps": round(delta["micro_batch_steps"] / steps, 2),
             "kv_preemptions": kv["preemptions"],
             "prefix_hit_rate": round(kv["prefix_hits"] / max(kv["prefix_queries"], 1), 3)}

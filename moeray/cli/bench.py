@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeray.cli.common import add_thread_flags, init_ray, model_dir, parse_ids
+from moeray.cli.common import add_micro_batch_flag, add_thread_flags, init_ray, model_dir, parse_ids
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     layer.add_argument("--tokens", type=parse_ids, default=[16, 256, 2048])
     layer.add_argument("--workers", type=int, default=2)
     layer.add_argument("--repeats", type=int, default=10)
+    layer.add_argument("--breakdown-tokens", type=parse_ids, default=[1],
+                       help="token counts whose per-layer fixed costs are broken down (default 1; empty: none)")
     layer.set_defaults(func=cmd_bench_layer)
     kernels = bench_sub.add_parser("kernels", help="grouped expert compute: moeray kernels vs transformers'")
     kernels.add_argument("--tokens", type=parse_ids, default=[16, 256, 2048])
@@ -30,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(OpenAI-compatible streaming /v1/completions), or both, comma-separated (default)")
     bserve.add_argument("--workers", type=int, default=2)
     add_thread_flags(bserve)
+    add_micro_batch_flag(bserve)  # overlap "on"; every load also runs with overlap off (1) on the same server
     bserve.set_defaults(func=cmd_bench_serve)
     bkv = bench_sub.add_parser("kv", help="the KV cache through the endpoint: a long prompt beside running streams "
                                "(chunked vs whole-prompt prefill), a shared prefix, bytes per cached token")
@@ -64,7 +67,8 @@ def cmd_bench_layer(args: argparse.Namespace) -> int:
     from moeray.bench.layer import run_layer_bench
 
     init_ray(None)
-    run_layer_bench(tokens=args.tokens, workers=args.workers, repeats=args.repeats)
+    run_layer_bench(tokens=args.tokens, workers=args.workers, repeats=args.repeats,
+                    breakdown_tokens=tuple(args.breakdown_tokens))
     return 0
 
 
@@ -104,7 +108,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         print(f"error: --api {args.api!r} must be grpc, http or a comma-separated list of them", file=sys.stderr)
         return 2
     run_serve_bench(model, args.concurrency, args.requests, args.max_new_tokens, args.workers,
-                    router_threads=args.router_threads, worker_threads=args.worker_threads, apis=apis)
+                    router_threads=args.router_threads, worker_threads=args.worker_threads, apis=apis,
+                    micro_batches=args.micro_batches)
     return 0
 
 

@@ -39,6 +39,28 @@ def add_thread_flags(parser: argparse.ArgumentParser) -> None:
                         "node it can use their cores (default 2)")
 
 
+def micro_batches_arg(text: str) -> int | None:
+    """``--micro-batches``: a count, or 'auto' (None)."""
+    from moeray.router.scheduler import MAX_MICRO_BATCHES
+
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--micro-batches {text!r} must be 'auto' or an integer") from None
+    if not 1 <= value <= MAX_MICRO_BATCHES:
+        raise argparse.ArgumentTypeError(f"--micro-batches {value} must lie in [1, {MAX_MICRO_BATCHES}] or be 'auto'")
+    return value
+
+
+def add_micro_batch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--micro-batches", type=micro_batches_arg, default=None, metavar="N|auto",
+                        help="split each step into N micro-batches that take turns: while one's tokens are with the "
+                        "expert workers, the router computes another's dense layers (default auto: 2 when each half "
+                        "gives the routed experts >= 32 rows each on average, as in prefill-heavy steps, else 1)")
+
+
 def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("KV cache (per router)")
     group.add_argument("--kv-cache-memory", help="the KV pool's size: bytes (8GiB, 512MB) or a fraction such as 0.9 "

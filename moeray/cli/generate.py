@@ -7,8 +7,8 @@ import json
 import logging
 import sys
 
-from moeray.cli.common import (MODEL_HELP, add_initial_flags, add_kv_cache_flags, add_thread_flags, init_ray,
-                               kv_cache_config, model_dir, parse_ids)
+from moeray.cli.common import (MODEL_HELP, add_initial_flags, add_kv_cache_flags, add_micro_batch_flag,
+                               add_thread_flags, init_ray, kv_cache_config, model_dir, parse_ids)
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=16)
     gen.add_argument("--workers", type=int, default=2)
     add_thread_flags(gen)
+    add_micro_batch_flag(gen)
     add_kv_cache_flags(gen)
     gen.add_argument("--replicas", type=int, default=0, help="redundant expert slots per MoE layer")
     gen.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
@@ -84,7 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config = EngineConfig(model=model, workers=args.workers, replicas=args.replicas, dtype=args.dtype,
                               placement=args.placement, threads_per_actor=args.worker_threads,
                               router_threads=args.router_threads, kv_cache=kv_cache_config(args),
-                              initial_plan=args.initial_plan, initial_load=args.initial_load)
+                              initial_plan=args.initial_plan, initial_load=args.initial_load,
+                              micro_batches=args.micro_batches)
         # Reject bad input before any cluster starts: the checks need only the checkpoint's headers.
         spec = inspect_checkpoint(model, config.torch_dtype).spec
         plan_placement(config, spec)

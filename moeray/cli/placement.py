@@ -117,11 +117,13 @@ def cmd_show(args) -> int:
                 "resident_bytes": w.resident_bytes} for w in r.workers]
     experts = [[[e for e, sw in zip(layer.phy2log, layer.slot_worker) if sw == w["index"]] for layer in r.layers]
                for w in workers]
+    routers = [{"index": x.index, "node_id": x.node_id, "gpu_ids": list(x.gpu_ids), "device": x.device,
+                "state": x.state, "running": x.running, "waiting": x.waiting} for x in r.routers]
     out = {"epoch": r.epoch, "policy": r.policy, "slots_per_worker": r.slots_per_worker,
            "redundant_slots": r.redundant_slots, "rebalances": r.rebalances, "workers": workers,
            "experts_per_worker": experts, "target_workers": r.target_workers, "live_workers": r.live_workers,
            "experts_available": r.experts_available, "healing_state": r.healing_state,
-           "healing_error": r.healing_error}
+           "healing_error": r.healing_error, "topology": r.topology, "routers": routers}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -130,6 +132,12 @@ def cmd_show(args) -> int:
     print(f"{r.live_workers} of {r.target_workers} workers live, experts "
           f"{'available' if r.experts_available else 'UNAVAILABLE'}, healing: {r.healing_state}"
           + (f" (last failure: {r.healing_error})" if r.healing_error else ""))
+    print(f"topology {r.topology or 'colocated'}, {len(routers)} routers")
+    for x in routers:
+        where = (f"node {x['node_id'][:12]}, {x['device']}"
+                 + (f" (GPU {','.join(x['gpu_ids'])})" if x["gpu_ids"] else "")
+                 + f", {x['running']} running, {x['waiting']} waiting") if x["state"] == "alive" else x["state"]
+        print(f"router {x['index']}: {where}")
     for w, per_layer in zip(workers, experts):
         print(f"worker {w['index']} (node {w['node']}, {w['device']}, {w['resident_bytes'] / 2**20:.1f} MiB): "
               + "; ".join(f"L{l}: {e}" for l, e in enumerate(per_layer)))

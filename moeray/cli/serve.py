@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from moeray.cli.common import (MODEL_HELP, add_initial_flags, add_kv_cache_flags, add_thread_flags, init_ray,
-                               kv_cache_config, model_dir)
+from moeray.cli.common import (MODEL_HELP, add_initial_flags, add_kv_cache_flags, add_micro_batch_flag,
+                               add_thread_flags, init_ray, kv_cache_config, model_dir)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +21,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="address of the HTTP proxy (see README on the gRPC bind)")
     srv.add_argument("--workers", type=int, default=2)
     add_thread_flags(srv)
+    add_micro_batch_flag(srv)
     add_kv_cache_flags(srv)
     srv.add_argument("--replicas", type=int, default=0)
     srv.add_argument("--routers", type=int, default=1)
-    srv.add_argument("--transport", default="object_store", choices=["object_store", "compiled_graph"],
-                     help="the per-layer data path (compiled_graph: one router only; see README: Data path)")
+    srv.add_argument("--topology", default="colocated", choices=["colocated", "disaggregated"],
+                     help="colocated: any node runs routers and workers; disaggregated: routers on nodes labelled "
+                     "moeray.io/role=attention, workers on moeray.io/role=experts (docs/deploy.md)")
+    srv.add_argument("--router-gpus", type=float, default=None,
+                     help="GPUs per router for the dense parts and the KV cache (default: 1 where the cluster has a "
+                     "GPU for every router beside the workers'; 0 keeps routers on CPU)")
+    srv.add_argument("--transport", default="object_store", choices=["object_store", "compiled_graph", "collective"],
+                     help="the per-layer data path (compiled_graph: one router only; collective: a torch.distributed "
+                     "group per router, gloo on CPU, NCCL on GPU; see README: Data path)")
     srv.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
     add_initial_flags(srv)
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -100,11 +108,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if controller.max_workers is not None and controller.max_workers < args.workers:
             raise ValueError(f"--max-workers {controller.max_workers} is below --workers {args.workers}")
         config = EngineConfig(model=model_dir(args.model), workers=args.workers, replicas=args.replicas,
-                              routers=args.routers, dtype=args.dtype, placement=args.placement,
+                              routers=args.routers, topology=args.topology, router_gpus=args.router_gpus,
+                              dtype=args.dtype, placement=args.placement,
                               threads_per_actor=args.worker_threads, router_threads=args.router_threads,
                               max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
                               track_tokens=args.track_tokens, controller=controller, transport=args.transport,
-                              kv_cache=kv_cache_config(args),
+                              kv_cache=kv_cache_config(args), micro_batches=args.micro_batches,
                               telemetry=telemetry.config_from_args(args), initial_plan=args.initial_plan,
                               initial_load=args.initial_load)
         if config.initial_plan or config.initial_load:  # refused before any cluster starts

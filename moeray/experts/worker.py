@@ -10,6 +10,9 @@ worker that holds them or reading them from the checkpoint; quantized experts mo
 routers switch epoch between steps, then ``commit``
 drops every other epoch. A router call names its epoch, so a step in flight finishes on the slots it started with.
 
+The in-process engine (``moeray.local_engine``) runs the same class as plain objects, so Ray is imported only where
+an actor is started or called.
+
 Shape legend: T tokens sent to this worker, H hidden, N (token, slot) pairs, S local slots of one layer.
 """
 
@@ -23,7 +26,6 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-import ray
 import torch
 
 from moeray import telemetry
@@ -39,6 +41,27 @@ ExpertTensors = dict[str, torch.Tensor]  # one expert in the canonical layout (s
 
 class StaleEpoch(RuntimeError):
     """A call named a plan epoch this worker does not hold (never prepared, or already dropped)."""
+
+
+def _export_from(peer, pairs: list[tuple[int, int]]) -> list[dict[str, WireTensor]]:
+    """A peer's ``export_experts(pairs)``: a direct call to an in-process worker (``moeray.local_engine``), else a
+    Ray actor call."""
+    if isinstance(peer, ExpertWorker):
+        return peer.export_experts(pairs)
+    import ray
+
+    return ray.get(peer.export_experts.remote(pairs))
+
+
+def _ray_placement() -> tuple[str, list[str]]:
+    """This process's Ray node id and GPU ids; ('local', []) for an in-process worker, where Ray may be absent."""
+    try:
+        import ray
+    except ImportError:
+        return "local", []
+    if not ray.is_initialized():
+        return "local", []
+    return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
 
 
 def _stack(experts: list[ExpertTensors], key: str) -> torch.Tensor | None:
@@ -220,7 +243,7 @@ class ExpertWorker:
         for peer, pairs in peers or ():
             pairs = [p for p in map(tuple, pairs) if p in wanted and p not in resident]
             if pairs:
-                for key, wire in zip(pairs, ray.get(peer.export_experts.remote(pairs))):
+                for key, wire in zip(pairs, _export_from(peer, pairs)):
                     fetched[key] = {name: unpack(t) for name, t in wire.items()}
         before = (self.read_slots, self.fetched_slots)
         layers = self._build(experts_per_layer, resident, fetched)
@@ -265,13 +288,13 @@ class ExpertWorker:
             return sum(w.nbytes for _, layers in self._epochs.values() for w in layers if w is not None)
 
     def info(self) -> dict:
-        ctx = ray.get_runtime_context()
+        node_id, gpu_ids = _ray_placement()
         with self._lock:
             experts_per_layer = self._epochs[self.epoch][0]
         return {
             "worker": self.worker_index,
-            "node_id": ctx.get_node_id(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "node_id": node_id,
+            "gpu_ids": gpu_ids,
             "pid": os.getpid(),
             "device": str(self.device),
             "epoch": self.epoch,
@@ -284,6 +307,26 @@ class ExpertWorker:
 
     def ping(self) -> bool:
         return True
+
+    def round_trip(self, x_TH: WireTensor) -> WireTensor:
+        """``x_TH`` back untouched: a bare round trip carrying a layer's payload both ways, no compute (the floor
+        ``moeray bench serve`` compares a step with)."""
+        return x_TH
+
+    # -- the collective transport (moeray.transport.collective) --------------------------------------------
+    # NOTE: kept apart: the group's serving thread calls ``forward`` (or the spec's method) as it stands.
+    def join_collective(self, spec) -> str:
+        """Join one router's process group (a ``collective.GroupSpec``) and serve it on a thread of its own until
+        the group is stopped or its router goes away; returns the group's name once the rendezvous is done."""
+        from moeray.transport.collective import join_group
+
+        return join_group(self, spec)
+
+    def collective_groups(self) -> list[str]:
+        """The process groups this worker serves now, by name (one per router, several routers at once)."""
+        from moeray.transport.collective import served_groups
+
+        return served_groups(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -302,6 +345,8 @@ class WorkerSpawner:
     def __call__(self, index: int, experts_per_layer: list[list[int]] | None = None, epoch: int = 0):
         config = None if self.telemetry_config is None else \
             self.telemetry_config.for_process("worker", index, routers=self.routers)
+        import ray
+
         return ray.remote(ExpertWorker).options(**self.options, max_concurrency=4).remote(
             worker_index=index, checkpoint_path=self.checkpoint_path, spec=self.spec, sources=self.sources,
             experts_per_layer=experts_per_layer or [[] for _ in self.spec.moe_layers], dtype=self.dtype,

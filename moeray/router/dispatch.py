@@ -9,12 +9,21 @@
       (a worker found dead: its pairs go round again on the expert's other replicas; with none left,
        ExpertsUnavailable, and the router waits for the controller to re-place the experts and retries the step)
 
+A step split into micro-batches calls the dispatcher from several threads at once (``moeray.router.overlap``), so
+everything set per forward (the token mask and ids, the workers a call touched) is per thread, counters are
+updated under a lock, and the send gives up the router's turn while the tokens are away. A transport that is not
+safe to call from two threads at once (``concurrent_sends`` false or absent: a compiled graph's one in-flight
+execution, a process group's ordered messages) is sent through one at a time; the other micro-batch's dense
+compute still runs meanwhile.
+
 Shape legend: T tokens, H hidden, K top-k, N (token, expert) pairs, L MoE layers, E experts, W workers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -22,6 +31,7 @@ import torch
 
 from moeray import telemetry
 from moeray.placement.algorithms.plan import Plan
+from moeray.router import overlap
 from moeray.router.load import LoadCounter
 from moeray.transport.base import Transport
 from moeray.transport.wire import WorkerCall, unpack
@@ -40,6 +50,44 @@ class ExpertsUnavailable(RuntimeError):
         return type(self), (self.layer, self.experts, self.dead_workers)
 
 
+@dataclasses.dataclass
+class DispatchTimes:
+    """Where the dispatcher's time went, summed over layer calls (and over micro-batches running at once)."""
+
+    calls: int = 0
+    prepare_s: float = 0.0  # pairs, replicas, buckets and the per-worker calls, on the router
+    send_s: float = 0.0  # in the transport: submission, the workers' round trip, results back
+    combine_s: float = 0.0  # unpacking results, scatter-add, load counting, on the router
+
+    @property
+    def total_s(self) -> float:
+        return self.prepare_s + self.send_s + self.combine_s
+
+
+class _PerForward(threading.local):
+    """What the scheduler sets around each forward, per thread: micro-batches run their forwards at once."""
+
+    token_mask_T: torch.Tensor | None = None  # which flattened tokens are real (False: padding); None: all
+    token_ids_T: torch.Tensor | None = None  # their token ids (for the optional per-expert token histogram)
+    workers_touched: int = 0  # by this thread's last layer call (telemetry)
+
+
+def _scatter_add(y_TH: torch.Tensor, answered: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """y_TH[tokens_T] += part_TH for each worker's (tokens_T, part_TH); a worker's tokens are distinct.
+
+    NOTE: on a CPU in a numpy dtype this runs in numpy, not as torch's index_add_: that op always starts torch's
+    OpenMP team, and right after a layer's wait the team's other threads are asleep. On a busy machine waking them
+    cost milliseconds per layer (measured: a one-token layer's combine, 2 router threads, 20 ms at a median against
+    0.1 ms; ``moeray bench layer``'s breakdown). numpy never spreads an add over threads."""
+    if y_TH.device.type == "cpu" and y_TH.dtype in (torch.float32, torch.float64):
+        y_np = y_TH.numpy()
+        for tokens_T, part_TH in answered:
+            y_np[tokens_T.numpy()] += part_TH.numpy()
+        return
+    for tokens_T, part_TH in answered:
+        y_TH.index_add_(0, tokens_T.to(y_TH.device), part_TH.to(y_TH.device, non_blocking=True))
+
+
 class ExpertDispatcher:
     """Dispatch and combine over ``transport``, which holds the worker handles ``plan`` numbers (see
     ``moeray.transport.make_transport``)."""
@@ -50,14 +98,23 @@ class ExpertDispatcher:
         self.on_worker_lost = None  # called with a worker index when a call to it finds it dead
         self.load = LoadCounter(num_layers=plan.num_layers, num_experts=plan.num_experts,
                                 num_workers=plan.num_workers, track_tokens=track_tokens)
+        self._per_forward = _PerForward()
+        self._lock = threading.Lock()  # the counters, and the live routing a worker's death rebuilds
+        self._send_lock = threading.Lock()  # for transports that take one send at a time (module docstring)
         self.plan: Plan | None = None
         self.set_plan(plan)
-        # Set by the scheduler around each forward: which of the flattened tokens are real (False for padding),
-        # and their token ids (for the optional per-expert token histogram).
-        self.token_mask_T: torch.Tensor | None = None
-        self.token_ids_T: torch.Tensor | None = None
         self.dispatch_s = 0.0  # wall time in dispatch/combine, expert compute included
-        self.workers_touched = 0  # by the last layer call (telemetry)
+        self.times = DispatchTimes()
+
+    # Set by the scheduler around each forward, for the forward on the calling thread.
+    token_mask_T = property(lambda self: self._per_forward.token_mask_T,
+                            lambda self, v: setattr(self._per_forward, "token_mask_T", v))
+    token_ids_T = property(lambda self: self._per_forward.token_ids_T,
+                           lambda self, v: setattr(self._per_forward, "token_ids_T", v))
+
+    @property
+    def workers_touched(self) -> int:
+        return self._per_forward.workers_touched
 
     def set_plan(self, plan: Plan, workers: Sequence | None = None) -> None:
         """Switch to a new epoch's plan (and worker handles, when they changed); call between forwards only."""
@@ -75,18 +132,23 @@ class ExpertDispatcher:
         self._route_live_slots()
 
     def mark_dead(self, worker: int) -> None:
-        """Stop routing to a worker whose actor died; its experts' other replicas take its tokens."""
-        self.dead_workers.add(worker)
-        self._route_live_slots()
+        """Stop routing to a worker whose actor died; its experts' other replicas take its tokens. Two
+        micro-batches may find the same death: it is acted on once."""
+        with self._lock:
+            if worker in self.dead_workers:
+                return
+            self.dead_workers.add(worker)
+            self._route_live_slots()
         if self.on_worker_lost is not None:
             self.on_worker_lost(worker)
 
     def _route_live_slots(self) -> None:
-        """log2phy and replica counts over the slots of live workers only (the plan's own when none died)."""
+        """log2phy and replica counts over the slots of live workers only (the plan's own when none died),
+        replaced as one pair: a micro-batch dispatching meanwhile reads either the old routing or the new."""
         live_LP = ~torch.isin(self.plan.slot_worker_LP, torch.tensor(sorted(self.dead_workers), dtype=torch.long))
-        self._replicas_LE = torch.zeros(self.plan.num_layers, self.plan.num_experts, dtype=torch.long).scatter_add_(
+        replicas_LE = torch.zeros(self.plan.num_layers, self.plan.num_experts, dtype=torch.long).scatter_add_(
             1, self.plan.phy2log_LP, live_LP.long())
-        log2phy_LER = torch.full((self.plan.num_layers, self.plan.num_experts, max(1, int(self._replicas_LE.max()))),
+        log2phy_LER = torch.full((self.plan.num_layers, self.plan.num_experts, max(1, int(replicas_LE.max()))),
                                  -1, dtype=torch.long)
         for l in range(self.plan.num_layers):
             seen = [0] * self.plan.num_experts
@@ -94,7 +156,7 @@ class ExpertDispatcher:
                 if live:
                     log2phy_LER[l, e, seen[e]] = p
                     seen[e] += 1
-        self._log2phy_LER = log2phy_LER
+        self._routing = (replicas_LE, log2phy_LER)
 
     def __call__(
         self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
@@ -105,13 +167,16 @@ class ExpertDispatcher:
             return self._dispatch(layer, x_TH, top_k_index_TK, top_k_weights_TK)
         finally:
             elapsed = time.perf_counter() - started
-            self.dispatch_s += elapsed
+            with self._lock:
+                self.dispatch_s += elapsed
+                self.times.calls += 1
             if telemetry.STATE.on:
                 tokens = len(x_TH) if self.token_mask_T is None else int(self.token_mask_T.sum())
                 telemetry.dispatched(span, layer, elapsed, tokens, self.workers_touched)
 
     def _dispatch(self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor,
                   top_k_weights_TK: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
         num_tokens, top_k = top_k_index_TK.shape
         # 1. Flatten to (token, expert, weight) pairs, dropping padding tokens.
         pair_token_N = torch.arange(num_tokens).repeat_interleave(top_k)
@@ -122,19 +187,22 @@ class ExpertDispatcher:
             pair_token_N, pair_expert_N, pair_weight_N = pair_token_N[keep_N], pair_expert_N[keep_N], pair_weight_N[keep_N]
         token_id_N = None if self.token_ids_T is None else self.token_ids_T.cpu()[pair_token_N]
         y_TH = torch.zeros_like(x_TH)
-        self._run_pairs(layer, x_TH, y_TH, pair_token_N, pair_expert_N, pair_weight_N, token_id_N)
+        self._run_pairs(layer, x_TH, y_TH, pair_token_N, pair_expert_N, pair_weight_N, token_id_N, started)
         return y_TH
 
     def _run_pairs(self, layer: int, x_TH: torch.Tensor, y_TH: torch.Tensor, pair_token_N: torch.Tensor,
-                   pair_expert_N: torch.Tensor, pair_weight_N: torch.Tensor, token_id_N: torch.Tensor | None) -> None:
-        """Steps 2-4 for a set of pairs; the pairs of a worker that died are run again on live replicas."""
+                   pair_expert_N: torch.Tensor, pair_weight_N: torch.Tensor, token_id_N: torch.Tensor | None,
+                   started: float) -> None:
+        """Steps 2-4 for a set of pairs; the pairs of a worker that died are run again on live replicas.
+        ``started``: when this layer's preparation began (for ``times``)."""
         # 2. A replica per pair: consecutive pairs of one expert take its live slots in turn.
-        replicas_N = self._replicas_LE[layer, pair_expert_N]
+        replicas_LE, log2phy_LER = self._routing
+        replicas_N = replicas_LE[layer, pair_expert_N]
         if (replicas_N == 0).any():
             lost = sorted(set(pair_expert_N[replicas_N == 0].tolist()))
             raise ExpertsUnavailable(layer, lost, sorted(self.dead_workers))
         replica_N = torch.arange(pair_expert_N.numel()) % replicas_N
-        slot_N = self._log2phy_LER[layer, pair_expert_N, replica_N]
+        slot_N = log2phy_LER[layer, pair_expert_N, replica_N]
         worker_N = self._slot_worker_LP[layer, slot_N]
         local_slot_N = self._local_slot_LP[layer, slot_N]
         # 3. One call per touched worker, carrying only the tokens it needs; the transport sends them all.
@@ -147,21 +215,36 @@ class ExpertDispatcher:
             calls[worker] = WorkerCall.of(self.plan.epoch, layer, x_TH.index_select(0, tokens_T.to(x_TH.device)),
                                           pair_local_token_N, local_slot_N[sel_N], pair_weight_N[sel_N])
             shares.append((worker, sel_N, tokens_T))
-        self.workers_touched = len(calls)
-        sent = self.transport.send(calls)
+        self._per_forward.workers_touched = len(calls)
+        sending = time.perf_counter()
+        with overlap.away():  # another micro-batch computes while these tokens are with the workers
+            if getattr(self.transport, "concurrent_sends", False):
+                sent = self.transport.send(calls)
+            else:
+                with self._send_lock:
+                    sent = self.transport.send(calls)
+        sent_at = time.perf_counter()
         # 4. Combine what came back; a dead worker's pairs go round again, on the replicas that remain.
         retry_N = torch.zeros_like(worker_N, dtype=torch.bool)
         for worker in sorted(sent.lost):
             log.warning("expert worker %d died during MoE layer %d; re-dispatching its %d pairs",
                         worker, layer, int((worker_N == worker).sum()))
             self.mark_dead(worker)
+        answered = []
         for worker, sel_N, tokens_T in shares:
             if worker in sent.lost:
                 retry_N |= sel_N
-                continue
-            y_TH.index_add_(0, tokens_T.to(x_TH.device), unpack(sent.results[worker], x_TH.device))
-            self.load.count(layer, pair_expert_N[sel_N], worker_N[sel_N],
-                            None if token_id_N is None else token_id_N[sel_N])
+            else:
+                answered.append((tokens_T, unpack(sent.results[worker])))
+        if answered:
+            _scatter_add(y_TH, answered)
+            done_N = ~retry_N  # one count for the layer, not one per worker
+            self.load.count(layer, pair_expert_N[done_N], worker_N[done_N],
+                            None if token_id_N is None else token_id_N[done_N])
+        with self._lock:
+            self.times.prepare_s += sending - started
+            self.times.send_s += sent_at - sending
+            self.times.combine_s += time.perf_counter() - sent_at
         if retry_N.any():
             self._run_pairs(layer, x_TH, y_TH, pair_token_N[retry_N], pair_expert_N[retry_N], pair_weight_N[retry_N],
-                            None if token_id_N is None else token_id_N[retry_N])
+                            None if token_id_N is None else token_id_N[retry_N], time.perf_counter())

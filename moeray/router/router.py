@@ -1,18 +1,22 @@
 """The router actor: the dense parts of the model, the batching scheduler, and dispatch to expert workers.
 
-A threaded Ray actor: callers block in ``generate`` on their own thread while one loop thread steps the batch.
+A threaded Ray actor: callers block in ``generate`` on their own thread while one loop thread steps the batch. The
+in-process engine (``moeray.local_engine``) runs the same class as a plain object, so Ray is imported only where a
+controller actor is called.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
+import statistics
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
-import ray
 import torch
 from transformers import GenerationConfig
 
@@ -23,8 +27,8 @@ from moeray.request import (GenerationResult, InvalidRequest, RequestLimits, Sam
                             check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.kv_config import KVCacheConfig
-from moeray.router.scheduler import KVStats, Scheduler, Sequence
-from moeray.transport import make_transport
+from moeray.router.scheduler import KVStats, Scheduler, Sequence, auto_min_tokens, plan_micro_batches
+from moeray.transport import make_transport, pack
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +70,23 @@ class Router:
         telemetry_config: telemetry.TelemetryConfig | None = None,
         transport: str = "object_store",
         kv_cache: KVCacheConfig = KVCacheConfig(),
+        device: str | None = None,
+        micro_batches: int | None = None,
     ) -> None:
         torch.set_num_threads(num_threads)
         telemetry.setup(telemetry_config)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The dense parts and the KV cache run on ``device``: "cuda" where the router holds a GPU (as the engine
+        # asks), "cpu" otherwise; None: CUDA when this process sees it. NOTE: a GPU Ray accounts for but CUDA does
+        # not show (a test cluster's declared GPUs) runs on CPU, as expert workers do.
+        if device is None or device == "cuda":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
         # A router Ray restarted after a crash finds the controller by name and starts on the plan in force now,
         # not on the one it was first given (the controller does not exist yet at the first start).
         self.controller = None
         if controller_name is not None:
+            import ray
+
             try:
                 self.controller = ray.get_actor(controller_name)
                 plan, workers = ray.get(self.controller.plan_and_workers.remote())
@@ -87,7 +100,12 @@ class Router:
         self.limits = RequestLimits.of(self.spec, max_new_tokens_cap)
         self.restore_timeout_s = restore_timeout_s
         self.dispatcher.on_worker_lost = self._report_lost
+        # Micro-batches (None: automatic) hide a round trip behind another micro-batch's dense compute; the direct
+        # transport has none to hide, so there the automatic rule keeps one.
+        min_tokens = None if transport == "direct" else auto_min_tokens(self.spec.num_experts, self.spec.top_k)
         self.scheduler = Scheduler(self.model, on_forward=self._on_forward, recover=self._recover,
+                                   on_step_end=self.dispatcher.load.end_step, micro_batches=micro_batches,
+                                   micro_batch_min_tokens=min_tokens,
                                    max_batch_size=max_batch_size, device=device,
                                    kv_cache_bytes=kv_cache.pool_bytes(torch.device(device)),
                                    block_size=kv_cache.block_size, max_prefill_tokens=kv_cache.max_prefill_tokens,
@@ -97,9 +115,15 @@ class Router:
         self._loop.start()
 
     def _on_forward(self, mask_T: torch.Tensor | None, ids_T: torch.Tensor | None) -> None:
+        # NOTE: per thread in the dispatcher (micro-batches); a step's loads form one record at its end (on_step_end)
         self.dispatcher.token_mask_T, self.dispatcher.token_ids_T = mask_T, ids_T
-        if mask_T is None and ids_T is None:  # a forward ended: its loads form one step record
-            self.dispatcher.load.end_step()
+
+    def set_micro_batches(self, micro_batches: int | None) -> None:
+        """Split the following steps into this many micro-batches (None: the automatic rule); ``moeray bench serve``
+        runs overlap on and off on one server."""
+        with self.scheduler.forward_lock:
+            plan_micro_batches([1], micro_batches)  # a bad count raises here, naming the limit
+            self.scheduler.micro_batches = micro_batches
 
     def set_controller(self, controller) -> None:
         self.controller = controller
@@ -113,6 +137,8 @@ class Router:
         """Experts lost with their last replica: wait for the controller to re-place them, then retry the step."""
         if not isinstance(error, ExpertsUnavailable) or self.controller is None:
             return False
+        import ray  # a controller is a Ray actor: the in-process engine has none
+
         try:
             ray.get(self.controller.restore.remote(sorted(self.dispatcher.dead_workers)),
                     timeout=self.restore_timeout_s)
@@ -234,10 +260,39 @@ class Router:
         s = self.scheduler
         return {"steps": s.steps, "scores": s.scores, "running": len(s.running), "waiting": s.num_waiting,
                 "step_s": s.step_s, "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s,
+                "router_busy_s": s.router_busy_s, "micro_batch_steps": s.micro_batch_steps,
+                "micro_batches": s.micro_batches, "dispatch": dataclasses.asdict(self.dispatcher.times),
                 "transport": type(self.dispatcher.transport).__name__,
                 "graph_compiles": getattr(self.dispatcher.transport, "compiles", 0),
                 "graph_idle_releases": getattr(self.dispatcher.transport, "idle_releases", 0),
                 "kv": dataclasses.asdict(s.kv_stats()), **_memory()}
+
+    def where(self) -> dict:
+        """Where this router runs (GetPlacement, ``moeray placement show``): its node, its GPUs in Ray's
+        accounting, and the device its dense compute uses."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "device": self.device, "pid": os.getpid(), "running": len(self.scheduler.running),
+                "waiting": self.scheduler.num_waiting}
+
+    def round_trip_floor(self, tokens: int, repeats: int = 50) -> float:
+        """Median seconds of a bare round trip from this router to every live worker at once, each carrying
+        ``tokens`` hidden states both ways and computing nothing: the floor of one MoE layer with that many tokens on
+        every worker (Ray actor calls, as the object store path makes them)."""
+        import ray
+
+        if not 1 <= tokens <= 1 << 16:
+            raise ValueError(f"tokens must lie in [1, 65536]; got {tokens}")
+        dead = self.dispatcher.dead_workers
+        workers = [w for i, w in enumerate(self.dispatcher.transport.workers) if i not in dead]
+        x_TH = pack(torch.zeros(tokens, self.spec.moe_layers[0].hidden_size, dtype=self.model.dtype))
+        times = []
+        for _ in range(repeats + 5):  # the first few warm up
+            started = time.perf_counter()
+            ray.get([w.round_trip.remote(x_TH) for w in workers])
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[5:])
 
     def ping(self) -> bool:
         return True
@@ -247,5 +302,6 @@ class Router:
         self._loop.join(timeout=5)
         with self.scheduler.forward_lock:
             self.dispatcher.transport.close()  # a compiled graph: its workers' loops exit
+        self.scheduler.close()
         telemetry.shutdown()  # flush: the engine kills this actor next
 

@@ -19,12 +19,21 @@ Sequence state is one number: ``num_computed``, its positions whose keys and val
 positions ``num_computed ..`` and samples a token when it reaches the end of the known tokens. A failed step
 advances nothing, so running it again after a recovery recomputes exactly the same positions into the same slots.
 
+Micro-batches: a step with enough work is split by sequence into micro-batches (``plan_micro_batches``, a pure
+rule), each one a packed forward of its own on its own thread. They take turns on the router
+(``moeray.router.overlap``): while one micro-batch's tokens are with the expert workers, another computes its
+dense layers. A sequence's tokens stay in one micro-batch, so attention sees exactly what it sees in one forward,
+and each micro-batch writes only its own sequences' KV slots. A micro-batch that fails is retried alone after a
+recovery; the others' sequences advance.
+
 Shape legend: Q new tokens in a step (packed), S sampled positions, V vocabulary, B rows and T tokens (scoring).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -37,6 +46,7 @@ from moeray import telemetry
 from moeray.model.architecture import kv_layout_of
 from moeray.request import DuplicateRequestId, GenerationResult, InvalidRequest, SamplingParams
 from moeray.router.kv_blocks import BlockTable, OutOfBlocks, SeqBlocks
+from moeray.router import overlap
 from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,52 @@ MAX_STEP_RETRIES = 3  # a step that still fails after this many recoveries fails
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_PREFILL_TOKENS = 512
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the pool's size when none is given: this many tokens per batch slot
+MAX_MICRO_BATCHES = 4
+# The automatic rule splits a step in two only when each half gives a routed expert this many (token, expert) rows
+# on average: below it an expert's compute is bound by streaming its weights, which each micro-batch that touches
+# it pays again, so a split adds more expert time than the overlap hides. Measured (BENCHMARKS.md, issue 18): on
+# the medium checkpoint (16 experts, top-2) two micro-batches lost 17-26% at 8-64 decoding streams (1-8 rows per
+# expert and half) and gained 13% on 512-token prefill steps (32 rows), router and workers on cores of their own.
+AUTO_MIN_ROWS_PER_EXPERT = 32
+
+
+def auto_min_tokens(num_experts: int, top_k: int) -> int:
+    """New tokens a micro-batch needs under the automatic rule: ``AUTO_MIN_ROWS_PER_EXPERT`` rows per expert."""
+    return -(-AUTO_MIN_ROWS_PER_EXPERT * num_experts // top_k)
+
+
+def split_rows(new_R: list[int], parts: int) -> list[list[int]]:
+    """Row indices per micro-batch for rows of ``new_R`` new tokens each: rows go, largest first, to the
+    micro-batch with the fewest tokens so far (ties: the earlier micro-batch and row), so the tokens spread as
+    evenly as whole rows allow and every micro-batch gets a row. Each list is ascending: a micro-batch keeps the
+    step's row order (one-token decode rows first). ``parts`` is capped at the row count."""
+    if parts < 1:
+        raise ValueError(f"a step splits into at least 1 micro-batch; got {parts}")
+    parts = min(parts, len(new_R))
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    tokens = [0] * parts
+    for r in sorted(range(len(new_R)), key=lambda r: -new_R[r]):  # stable: equal rows keep their order
+        p = min(range(parts), key=lambda p: tokens[p])
+        groups[p].append(r)
+        tokens[p] += new_R[r]
+    return [sorted(g) for g in groups if g]
+
+
+def plan_micro_batches(new_R: list[int], requested: int | None, min_tokens: int | None = None) -> list[list[int]]:
+    """The step's micro-batches (row indices, see ``split_rows``). ``requested``: a fixed count (capped at the
+    rows), or None for the automatic rule: two when each would get at least ``min_tokens`` new tokens (see
+    ``auto_min_tokens``), else one; ``min_tokens`` None: always one (nothing to hide, e.g. in-process experts)."""
+    if requested is not None and not 1 <= requested <= MAX_MICRO_BATCHES:
+        raise ValueError(f"micro_batches must lie in [1, {MAX_MICRO_BATCHES}]; got {requested}")
+    if not new_R:
+        return []
+    if requested is not None:
+        return split_rows(new_R, requested)
+    if min_tokens is not None and len(new_R) >= 2 and sum(new_R) >= 2 * min_tokens:
+        halves = split_rows(new_R, 2)
+        if min(sum(new_R[r] for r in half) for half in halves) >= min_tokens:
+            return halves
+    return [list(range(len(new_R)))]
 
 
 @dataclasses.dataclass(eq=False)
@@ -86,6 +142,22 @@ class Sequence:
     def result(self) -> GenerationResult:
         return GenerationResult(request_id=self.request_id, prompt_ids=self.prompt_ids,
                                 output_ids=list(self.output_ids), finish_reason=self.finish_reason or "abort")
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of a step: its rows (sequence, new positions), decode rows first, and its forward's inputs."""
+
+    rows: list[tuple[Sequence, int]]
+    ids_Q: torch.Tensor
+    pos_Q: torch.Tensor
+    keep: list[int]  # positions (in this micro-batch) whose logits are sampled
+    samplers: list[Sequence]  # the sequences sampled, in the order of ``keep``
+    layout: StepLayout
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [seq for seq, _ in self.rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +206,9 @@ class Scheduler:
         *,
         on_forward: Callable[[torch.Tensor | None, torch.Tensor | None], None],
         recover: Callable[[Exception], bool] | None = None,
+        on_step_end: Callable[[], None] | None = None,
+        micro_batches: int | None = None,
+        micro_batch_min_tokens: int | None = None,
         max_batch_size: int = 32,
         device: torch.device | str = "cpu",
         kv_cache_bytes: int | None = None,
@@ -142,8 +217,10 @@ class Scheduler:
         prefix_caching: bool = True,
     ) -> None:
         self.model = model
-        # Told before each forward which flattened tokens are real (None: all) and their ids, and (None, None) after.
+        # Told before each forward which flattened tokens are real (None: all) and their ids, and (None, None) after,
+        # on the thread that runs that forward (micro-batches run theirs at once, each on its own thread).
         self.on_forward = on_forward
+        self.on_step_end = on_step_end  # once per step (or score), after all of its forwards
         # Asked when a step fails: True if the cause was repaired (e.g. lost experts re-placed) and the step should
         # run again from where it started.
         self.recover = recover
@@ -151,6 +228,10 @@ class Scheduler:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1; got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
+        plan_micro_batches([1], micro_batches)  # refuses a bad count here, naming it
+        self.micro_batches = micro_batches  # None: automatic (plan_micro_batches); may change between steps
+        self.micro_batch_min_tokens = micro_batch_min_tokens  # the automatic rule's (None: it keeps one)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # micro-batches after the first
         self.device = torch.device(device)
         use_paged_attention(model)
         layers = kv_layout_of(model)
@@ -172,6 +253,8 @@ class Scheduler:
         self.steps = 0
         self.step_s = 0.0  # wall time in steps, and the part of it inside the model's forward
         self.forward_s = 0.0
+        self.router_busy_s = 0.0  # of forward_s, the router computing (the micro-batches' turns held)
+        self.micro_batch_steps = 0  # steps run as more than one micro-batch
         self.preemptions = 0
         self.prefix_queries = self.prefix_hits = 0
 
@@ -294,49 +377,98 @@ class Scheduler:
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> None:
         batch = [b for b in batch if b[1] == 1] + [b for b in batch if b[1] != 1]  # the layout's decode block first
+        parts = plan_micro_batches([new for _, new in batch], self.micro_batches, self.micro_batch_min_tokens)
+        pending = [self._micro_batch([batch[r] for r in part]) for part in parts]
+        seqs = [seq for seq, _ in batch]
+        kind = "decode" if all(new == 1 for _, new in batch) else "prefill"
+        done: dict[int, torch.Tensor] = {}  # micro-batch index -> its sampled logits
+        left = list(range(len(pending)))
+        try:
+            for attempt in range(1 + MAX_STEP_RETRIES):
+                results = self._forward([pending[i] for i in left], kind, seqs)
+                done.update((i, r) for i, r in zip(left, results) if not isinstance(r, Exception))
+                failed = [(i, r) for i, r in zip(left, results) if isinstance(r, Exception)]
+                if not failed:
+                    break
+                error = failed[0][1]
+                if attempt < MAX_STEP_RETRIES and self.recover is not None and self.recover(error):
+                    log.warning("step failed (%s); retrying %d of its %d micro-batches after recovery", error,
+                                len(failed), len(pending))
+                    left = [i for i, _ in failed]
+                    continue
+                # a failed step fails its sequences, never the loop; micro-batches that ran advance below
+                lost = [seq for i, _ in failed for seq in pending[i].seqs]
+                log.error("step failed; failing %d sequences", len(lost), exc_info=error)
+                for i, e in failed:
+                    for seq in pending[i].seqs:
+                        seq.error = e
+                        self._finish(seq, None)
+                break
+        finally:
+            if self.on_step_end is not None:
+                self.on_step_end()
+        samplers, logits = [], []
+        for i in sorted(done):
+            micro = pending[i]
+            for seq, new in micro.rows:
+                seq.num_computed += new
+                if seq.num_computed // self.blocks.block_size > len(seq.kv.content_ids):
+                    self.blocks.register_full(seq.kv, seq.tokens(0, seq.num_computed), seq.num_computed)
+            if micro.samplers:
+                samplers += micro.samplers
+                logits.append(done[i])
+        if samplers:
+            self._emit(samplers, sample_next(torch.cat(logits) if len(logits) > 1 else logits[0], samplers))
+
+    def _micro_batch(self, rows: list[tuple[Sequence, int]]) -> MicroBatch:
         ids, positions, keep, samplers = [], [], [], []
-        for seq, new in batch:
+        for seq, new in rows:
             ids += seq.tokens(seq.num_computed, seq.num_computed + new)
             positions += range(seq.num_computed, seq.num_computed + new)
             if seq.num_computed + new == seq.num_tokens:
                 keep.append(len(ids) - 1)
                 samplers.append(seq)
-        layout = StepLayout([Row(seq.num_computed, new, seq.kv.block_ids) for seq, new in batch], self.pool,
+        layout = StepLayout([Row(seq.num_computed, new, seq.kv.block_ids) for seq, new in rows], self.pool,
                             self.device)
-        seqs = [seq for seq, _ in batch]
-        kind = "decode" if len(batch) == layout.num_decode else "prefill"
-        for attempt in range(1 + MAX_STEP_RETRIES):
-            try:
-                logits_SV = self._forward(torch.tensor(ids), torch.tensor(positions), layout, keep, kind, seqs)
-                break
-            except Exception as e:  # a failed step fails its sequences, never the loop
-                if attempt < MAX_STEP_RETRIES and self.recover is not None and self.recover(e):
-                    log.warning("step failed (%s); retrying it after recovery", e)
-                    continue
-                log.exception("step failed; failing %d sequences", len(seqs))
-                for seq in seqs:
-                    seq.error = e
-                    self._finish(seq, None)
-                return
-        for seq, new in batch:
-            seq.num_computed += new
-            if seq.num_computed // self.blocks.block_size > len(seq.kv.content_ids):
-                self.blocks.register_full(seq.kv, seq.tokens(0, seq.num_computed), seq.num_computed)
-        if samplers:
-            self._emit(samplers, sample_next(logits_SV, samplers))
+        return MicroBatch(rows=rows, ids_Q=torch.tensor(ids), pos_Q=torch.tensor(positions), keep=keep,
+                          samplers=samplers, layout=layout)
 
-    def _forward(self, ids_Q, pos_Q, layout: StepLayout, keep: list[int], kind: str, seqs) -> torch.Tensor:
-        with self.forward_lock, torch.no_grad(), telemetry.step_span(kind, seqs), layout.active():
-            self.on_forward(None, ids_Q)
+    def _forward(self, micro: list[MicroBatch], kind: str, seqs: list[Sequence]) -> list[torch.Tensor | Exception]:
+        """Each micro-batch's sampled logits [S, V], or the exception its forward raised. The first runs on this
+        thread, the others on the pool's; all have finished when this returns."""
+        turn = overlap.Turn()
+        with self.forward_lock, telemetry.step_span(kind, seqs):
             started = time.perf_counter()
             try:
-                out = self.model(input_ids=ids_Q[None].to(self.device), position_ids=pos_Q[None].to(self.device),
-                                 cache=layout, use_cache=True,
-                                 logits_to_keep=torch.tensor(keep or [0], device=self.device))
+                if len(micro) == 1:
+                    return [self._forward_one(micro[0], turn)]
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(MAX_MICRO_BATCHES - 1,
+                                                                       thread_name_prefix="moeray-micro-batch")
+                self.micro_batch_steps += 1
+                # NOTE: each thread runs in a copy of this one's context, so the step span stays the current span
+                futures = [self._pool.submit(contextvars.copy_context().run, self._forward_one, m, turn)
+                           for m in micro[1:]]
+                first = self._forward_one(micro[0], turn)
+                return [first] + [f.result() for f in futures]
             finally:
                 self.forward_s += time.perf_counter() - started
-                self.on_forward(None, None)
-        return out.logits[0]
+                self.router_busy_s += turn.held_s
+
+    def _forward_one(self, micro: MicroBatch, turn: overlap.Turn) -> torch.Tensor | Exception:
+        # NOTE: grad mode and the active layout are per thread, so each micro-batch's thread sets its own
+        try:
+            with torch.no_grad(), micro.layout.active(), turn.held():
+                self.on_forward(None, micro.ids_Q)
+                try:
+                    out = self.model(input_ids=micro.ids_Q[None].to(self.device),
+                                     position_ids=micro.pos_Q[None].to(self.device), cache=micro.layout,
+                                     use_cache=True, logits_to_keep=torch.tensor(micro.keep or [0], device=self.device))
+                finally:
+                    self.on_forward(None, None)
+            return out.logits[0]
+        except Exception as e:  # noqa: BLE001 - returned: the step decides (recovery, or failing its sequences)
+            return e
 
     def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
         telemetry.tokens_emitted(seqs)
@@ -356,6 +488,12 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self._retire(seq)
+
+    def close(self) -> None:
+        """Stop the micro-batch threads (after the last step)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def kv_stats(self) -> KVStats:
         b = self.blocks
@@ -386,6 +524,8 @@ class Scheduler:
                                  logits_to_keep=0 if keep is None else torch.tensor(keep, device=self.device))
             finally:
                 self.on_forward(None, None)
+                if self.on_step_end is not None:
+                    self.on_step_end()
         logits = out.logits[0]
         if last_only:
             return logits

@@ -3,8 +3,8 @@
 It serves moeray.v1.GenerateService, moeray.v1.PlacementService, the KServe v2 GRPCInferenceService and
 grpc.health.v1.Health (Serve's proxy routes each RPC to the ingress method of the same name; reflection comes
 from the proxy), and the OpenAI-compatible HTTP API (moeray/serving/openai_api.py: the ASGI app the same replica
-builds in ``__serve_build_asgi_app__``). Both reach the engine through one ``EngineHandle`` (requests spread
-round-robin over the routers, which share one pool of expert workers), build responses in ``codec`` and answer
+builds in ``__serve_build_asgi_app__``). Both reach the engine through one ``EngineHandle`` (each request at the
+least-loaded router; the routers share one pool of expert workers), build responses in ``codec`` and answer
 errors from the one table in ``errors``.
 """
 

@@ -110,14 +110,22 @@ def params_from_json(text: str) -> dict | None:
     return params
 
 
-def placement_response(state: dict, health: dict, info: list) -> placement_pb2.GetPlacementResponse:
-    """From the controller's ``describe`` and ``health``, and each worker's info (an exception: a dead worker)."""
+def placement_response(state: dict, health: dict, info: list, routers: list = (),
+                       topology: str = "") -> placement_pb2.GetPlacementResponse:
+    """From the controller's ``describe`` and ``health``, each worker's info (an exception: a dead worker), each
+    router's ``where`` (an exception: one that did not answer, restarting or gone) and the topology."""
     plan, topology = state["plan"], state["topology"]
     response = placement_pb2.GetPlacementResponse(
         epoch=plan["epoch"], policy=state["policy"], slots_per_worker=topology["slots_per_worker"],
         redundant_slots=state["redundant"], rebalances=state["rebalances"], target_workers=health["target_workers"],
         live_workers=health["live_workers"], healing_state=health["state"], healing_error=health["error"],
-        experts_available=health["serving"])
+        experts_available=health["serving"], topology=topology)
+    for i, r in enumerate(routers):
+        if isinstance(r, BaseException):
+            response.routers.add(index=i, state=type(r).__name__ or "unreachable")
+            continue
+        response.routers.add(index=i, node_id=r["node_id"], gpu_ids=r["gpu_ids"], device=r["device"], state="alive",
+                             running=r["running"], waiting=r["waiting"])
     for phy2log, slot_worker in zip(plan["phy2log"], plan["slot_worker"]):
         response.layers.add(phy2log=phy2log, slot_worker=slot_worker)
     for i, (w, node) in enumerate(zip(info, topology["worker_node"])):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from ray.exceptions import RayActorError
 
 from moeray.request import InvalidRequest, RequestLimits, SamplingParams, StreamChunk
 from moeray.serving.errors import reason
@@ -25,13 +27,17 @@ if TYPE_CHECKING:
     from moeray.router.scheduler import KVStats
     from moeray.telemetry import TelemetryConfig
 
+log = logging.getLogger(__name__)
+
 HEALTH_TTL_S = 0.5  # how long a health answer is reused (load balancers probe often)
 HEALTH_TIMEOUT_S = 2.0
+ROUTER_DOWN_S = 10.0  # how long a router that died is passed over (Ray restarts it on a live node meanwhile)
+PLACEMENT_TIMEOUT_S = 2.0  # how long GetPlacement waits for a router's answer (a restarting one says so)
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
 class EngineHandle:
-    routers: list  # router actor handles; requests spread round-robin over them
+    routers: list  # router actor handles; each request goes to the one with the fewest of this ingress's requests
     controller: Any  # the placement controller's actor handle
     spec: ModelSpec | None = None
     limits: RequestLimits | None = None
@@ -40,8 +46,11 @@ class EngineHandle:
     has_tokenizer: bool = False
     kv_pool: KVStats | None = None  # the first router's KV pool, as it started (GetModelInfo)
     telemetry: TelemetryConfig | None = None  # the ingress process's
+    topology: str = "colocated"  # how routers and workers are placed (GetPlacement)
     # Per ingress replica, not configuration.
     _next: int = dataclasses.field(default=0, init=False, repr=False)
+    _in_flight: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # router index -> requests
+    _down_until: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # router index -> time
     _healthy: bool = dataclasses.field(default=True, init=False, repr=False)
     _health_at: float = dataclasses.field(default=-math.inf, init=False, repr=False)
 
@@ -51,34 +60,65 @@ class EngineHandle:
         checkpoint = engine.checkpoint.checkpoint
         return cls(routers=list(engine.routers), controller=engine.controller, spec=engine.spec,
                    limits=engine.limits, model_name=checkpoint.name, checkpoint_path=checkpoint.ref,
-                   has_tokenizer=checkpoint.has_tokenizer, kv_pool=engine.kv_pool, telemetry=engine.config.telemetry.for_process("ingress"))
+                   has_tokenizer=checkpoint.has_tokenizer, kv_pool=engine.kv_pool,
+                   telemetry=engine.config.telemetry.for_process("ingress"), topology=engine.config.topology)
+
+    def _pick(self, avoid: frozenset[int] = frozenset()) -> int:
+        """The least-loaded router (this ingress's requests in flight on each), skipping ``avoid`` and routers that
+        just failed (their node lost: Ray restarts them elsewhere) while any other is left; ties go round-robin."""
+        now = time.monotonic()
+        candidates = [i for i in range(len(self.routers)) if i not in avoid and self._down_until.get(i, 0) <= now]
+        if not candidates:
+            candidates = [i for i in range(len(self.routers)) if i not in avoid] or list(range(len(self.routers)))
+        start = self._next
+        self._next += 1
+        return min(candidates, key=lambda i: (self._in_flight.get(i, 0), (i - start) % len(self.routers)))
 
     def _router(self):
-        router = self.routers[self._next % len(self.routers)]
-        self._next += 1
-        return router
+        return self.routers[self._pick()]
+
+    def _failed(self, index: int) -> None:
+        """Router ``index`` died: new requests go to the others for a while (it is being restarted elsewhere)."""
+        self._down_until[index] = time.monotonic() + ROUTER_DOWN_S
 
     # -- requests ----------------------------------------------------------------------------------------
     async def stream(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str,
                      traceparent: str | None = None) -> AsyncIterator[StreamChunk]:
-        """The chunks of one request at the next router. A consumer that stops before the last chunk (a stop
-        string, a client gone) aborts it there, freeing its batch slot: close this generator promptly
-        (``contextlib.aclosing``)."""
-        router = self._router()
-        chunks = router.stream.options(num_returns="streaming").remote(prompt_ids, sampling, request_id, traceparent)
-        finished = False
-        try:
-            async for ref in chunks:
-                chunk = await ref
-                finished = chunk.finish_reason is not None
-                yield chunk
-        except Exception:
-            # NOTE: the router ended the request (or died): nothing to abort, and never another request's id.
-            finished = True
-            raise
-        finally:
-            if not finished:
-                router.abort.remote(request_id)
+        """The chunks of one request at the least-loaded router. A router that dies before sending a token (its node
+        lost) costs nothing: the request starts again on another router; after a token, it fails with the router's
+        error (UNAVAILABLE). A consumer that stops before the last chunk (a stop string, a client gone) aborts it
+        there, freeing its batch slot: close this generator promptly (``contextlib.aclosing``)."""
+        tried: set[int] = set()
+        while True:
+            index = self._pick(frozenset(tried))
+            tried.add(index)
+            router = self.routers[index]
+            chunks = router.stream.options(num_returns="streaming").remote(prompt_ids, sampling, request_id,
+                                                                           traceparent)
+            sent, finished = False, False
+            self._in_flight[index] = self._in_flight.get(index, 0) + 1
+            try:
+                async for ref in chunks:
+                    chunk = await ref
+                    finished = chunk.finish_reason is not None
+                    sent = sent or bool(chunk.token_ids)
+                    yield chunk
+                return
+            except RayActorError:
+                # NOTE: the router ended the request by dying: nothing to abort, and never another request's id.
+                finished = True
+                self._failed(index)
+                if sent or len(tried) == len(self.routers):
+                    raise
+                log.warning("router %d died before request %s had a token: starting it on another router", index,
+                            request_id)
+            except Exception:
+                finished = True  # the router ended the request: nothing to abort
+                raise
+            finally:
+                self._in_flight[index] -= 1
+                if not finished:
+                    router.abort.remote(request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request on whichever router runs it; False if none does."""
@@ -86,8 +126,22 @@ class EngineHandle:
 
     async def score(self, ids_BT: np.ndarray, mask_BT: np.ndarray | None, traceparent: str | None,
                     last_only: bool) -> np.ndarray:
-        """Logits [B, T, V] (``last_only``: [B, V]) from the next router (``Router.score``)."""
-        return np.asarray(await self._router().score.remote(ids_BT, mask_BT, traceparent, last_only=last_only))
+        """Logits [B, T, V] (``last_only``: [B, V]) from the least-loaded router (``Router.score``); a router that
+        dies meanwhile is passed over and the next one asked (scoring has no side effects)."""
+        tried: set[int] = set()
+        while True:
+            index = self._pick(frozenset(tried))
+            tried.add(index)
+            self._in_flight[index] = self._in_flight.get(index, 0) + 1
+            try:
+                return np.asarray(await self.routers[index].score.remote(ids_BT, mask_BT, traceparent,
+                                                                         last_only=last_only))
+            except RayActorError:
+                self._failed(index)
+                if len(tried) == len(self.routers):
+                    raise
+            finally:
+                self._in_flight[index] -= 1
 
     async def experts_available(self) -> bool:
         """Whether every expert has a live replica (the controller's view, at most HEALTH_TTL_S old). An
@@ -102,13 +156,16 @@ class EngineHandle:
         return self._healthy
 
     # -- placement ---------------------------------------------------------------------------------------
-    async def placement(self) -> tuple[dict, dict, list]:
-        """The controller's description and health, and each worker's info (an exception for a dead worker)."""
+    async def placement(self) -> tuple[dict, dict, list, list, str]:
+        """The controller's description and health, each worker's info (an exception for a dead worker), each
+        router's (``Router.where``; an exception for one that did not answer in time), and the topology."""
         state = await self.controller.describe.remote()
         health = await self.controller.health.remote()
         workers = await self.controller.workers.remote()  # the controller's list: it may have scaled
         info = await asyncio.gather(*[w.info.remote() for w in workers], return_exceptions=True)
-        return state, health, info
+        routers = await asyncio.gather(*[asyncio.wait_for(_awaitable(r.where.remote()), PLACEMENT_TIMEOUT_S)
+                                         for r in self.routers], return_exceptions=True)
+        return state, health, info, routers, self.topology
 
     async def load(self, top_tokens: int) -> tuple[dict, list | None]:
         """The load window, and each layer's ``top_tokens`` most routed token ids per expert (0: none)."""
@@ -124,6 +181,10 @@ class EngineHandle:
 
     async def request_scale(self, workers: int) -> dict:
         return await _refusable(self.controller.request_scale.remote(workers))
+
+
+async def _awaitable(ref):
+    return await ref
 
 
 async def _refusable(call):

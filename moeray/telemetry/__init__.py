@@ -33,9 +33,16 @@ import os
 import threading
 import time
 
-from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import metrics, trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError:  # NOTE: a machine without OpenTelemetry (make gpu-check's) runs with telemetry off
+    from moeray.telemetry._noop import TraceContextTextMapPropagator, metrics, otel_context, trace
+
+    OPENTELEMETRY = False
+else:
+    OPENTELEMETRY = True
 
 from moeray.telemetry.config import ROLES, TelemetryConfig, add_cli_flags, config_from_args, prometheus_targets
 from moeray.telemetry.instruments import METRICS, SOURCES, Instruments, prometheus_names
@@ -79,6 +86,10 @@ def configure(config: TelemetryConfig | None, *, span_exporters=(), metric_reade
             config = TelemetryConfig()
         if not (config.enabled or span_exporters or metric_readers):
             return
+        if not OPENTELEMETRY:
+            raise ImportError("moeray telemetry needs OpenTelemetry, which is not installed: pip install "
+                              "opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc "
+                              "opentelemetry-exporter-prometheus (or leave telemetry off)")
         from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider, ObservableCounter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource

@@ -6,7 +6,10 @@ from __future__ import annotations
 import functools
 import weakref
 
-from opentelemetry import metrics
+try:
+    from opentelemetry import metrics  # annotations only
+except ImportError:  # a machine without OpenTelemetry: telemetry stays off (moeray.telemetry._noop)
+    metrics = None
 
 _S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REQUEST_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -10,6 +10,12 @@ format every path shares (``moeray.transport.wire``):
 - ``compiled_graph``: one Ray compiled graph over all the router's workers, executed once per MoE layer through
   shared-memory channels (an untouched worker gets ``None`` and answers at once). One router only: a worker can be
   in one compiled graph at a time, and only the process that compiled a graph may execute it.
+- ``direct``: ``worker.forward(*call)`` on ``ExpertWorker`` objects in this process (``backend="local"``,
+  ``moeray.local_engine``): no Ray at all.
+- ``collective``: a torch.distributed process group per router over its live workers (gloo on CPU, NCCL when the
+  router's device is CUDA), rendezvous through Ray; per layer, batched point-to-point transfers to the touched
+  workers only (a header, then the payloads). Any number of routers: a worker serves one group per router. The
+  group is rebuilt when membership changes (scaling, a death, a router restart).
 
 A worker found dead is reported in ``lost``; the dispatcher routes its pairs to other replicas and sends again.
 ``make_transport`` turns the configured name (``EngineConfig.transport``) into a transport; the router calls it in
@@ -19,11 +25,14 @@ its own process (a compiled graph runs only in the process that compiled it).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Protocol
 
 from moeray.transport.wire import WireTensor, WorkerCall
 
-TRANSPORTS = ("object_store", "compiled_graph")
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("object_store", "compiled_graph", "direct", "collective")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,4 +64,30 @@ def make_transport(name: str, workers: list) -> Transport:
     if name == "compiled_graph":
         from moeray.transport.compiled_graph import CompiledGraphTransport
         return CompiledGraphTransport(workers)
+    if name == "direct":
+        from moeray.transport.direct import DirectTransport
+        return DirectTransport(workers)
+    if name == "collective":
+        from moeray.transport.collective import CollectiveTransport
+        return CollectiveTransport(workers)
     raise ValueError(f"transport {name!r} is not one of {TRANSPORTS}")
+
+
+PING_TIMEOUT_S = 30.0
+
+
+def call_each(workers: list, members: list[int], method: str, timeout_s: float = PING_TIMEOUT_S) -> set[int]:
+    """Call ``method`` on each member worker; returns those found dead (one that is merely slow is not)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    refs = {w: getattr(workers[w], method).remote() for w in members}
+    dead = set()
+    for w, ref in refs.items():
+        try:
+            ray.get(ref, timeout=timeout_s)
+        except RayActorError:
+            dead.add(w)
+        except GetTimeoutError:
+            log.warning("worker %d did not answer %s within %.0fs", w, method, timeout_s)
+    return dead

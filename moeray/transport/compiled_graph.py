@@ -37,9 +37,9 @@ import logging
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayChannelError, RayChannelTimeoutError
+from ray.exceptions import RayActorError, RayChannelError, RayChannelTimeoutError
 
-from moeray.transport.base import Sent
+from moeray.transport.base import Sent, call_each
 from moeray.transport.wire import WorkerCall
 
 log = logging.getLogger(__name__)
@@ -181,14 +181,4 @@ class CompiledGraphTransport:
         return self._call_each(members, "ping")
 
     def _call_each(self, members: list[int], method: str) -> set[int]:
-        """Call ``method`` on each worker; returns those found dead (one that is merely slow is not)."""
-        refs = {w: getattr(self.workers[w], method).remote() for w in members}
-        dead = set()
-        for w, ref in refs.items():
-            try:
-                ray.get(ref, timeout=PING_TIMEOUT_S)
-            except RayActorError:
-                dead.add(w)
-            except GetTimeoutError:
-                log.warning("worker %d did not answer %s within %.0fs", w, method, PING_TIMEOUT_S)
-        return dead
+        return call_each(self.workers, members, method, PING_TIMEOUT_S)

@@ -323,25 +323,43 @@ def test_demo_serves_the_checkpoint_built_into_the_image():
 # -- resources and the admin token -------------------------------------------------------------------------------
 @pytest.mark.parametrize("path,doc", RAY_CRS, ids=[_id(p, d) for p, d in RAY_CRS])
 def test_head_has_no_gpu_and_workers_fit(path, doc):
+    """The head runs no actor that asks for a GPU; the smallest cluster holds every GPU the engine asks for when it
+    starts: workers and routers on any GPU pod (colocated), or routers on the attention group's pods and workers on
+    the expert group's, told apart by the groups' Ray node labels (disaggregated)."""
+    from moeray.deployment import ATTENTION, EXPERTS, ROLE_LABEL
+
     spec = cluster_spec(doc)
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in head_container(doc).get("resources", {}).get("limits", {})
-    min_gpus = max_gpus = 0
+    min_gpus: dict[str | None, int] = {}  # by the group's moeray.io/role label (None: no role)
+    max_gpus = 0
     for group in spec.get("workerGroupSpecs", []):
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
         limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
         per_pod = int(limits.get("nvidia.com/gpu", 0))
-        min_gpus, max_gpus = min_gpus + per_pod * group["minReplicas"], max_gpus + per_pod * group["maxReplicas"]
+        role = group.get("labels", {}).get(ROLE_LABEL)
+        min_gpus[role] = min_gpus.get(role, 0) + per_pod * group["minReplicas"]
+        max_gpus += per_pod * group["maxReplicas"]
     if max_gpus:
         assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]
-    if doc["kind"] == "RayService":
-        args = serve_config(doc)["applications"][0]["args"]
-        if args.get("use_gpus"):
-            # NOTE: the engine asks for all its workers' GPUs when it starts, so the minimum must hold them.
-            assert args["workers"] <= min_gpus, f"{args['workers']} GPU workers; the smallest cluster has {min_gpus}"
-        else:
-            assert not max_gpus, "GPU pods, yet the expert workers do not ask for GPUs"
+    if doc["kind"] != "RayService":
+        return
+    args = serve_config(doc)["applications"][0]["args"]
+    routers, router_gpus = args.get("routers", 1), args.get("router_gpus", 0)
+    if args.get("topology", "colocated") == "disaggregated":
+        assert set(min_gpus) == {ATTENTION, EXPERTS}, f"every group labelled {ROLE_LABEL}: {sorted(min_gpus)}"
+        # NOTE: the engine asks for all its workers' and routers' GPUs when it starts, so the minimum must hold them.
+        assert args["workers"] <= min_gpus[EXPERTS], f"{args['workers']} workers; expert pods have {min_gpus[EXPERTS]}"
+        assert routers * router_gpus <= min_gpus[ATTENTION], f"{routers} routers; attention pods: {min_gpus[ATTENTION]}"
+        assert args.get("use_gpus")
+        return
+    assert set(min_gpus) <= {None}, "role labels mean nothing to a colocated engine"
+    if args.get("use_gpus"):
+        wanted = args["workers"] + routers * router_gpus
+        assert wanted <= sum(min_gpus.values()), f"{wanted} GPUs asked; the smallest cluster has {min_gpus}"
+    else:
+        assert not max_gpus and not router_gpus, "GPU pods, yet the expert workers do not ask for GPUs"
 
 
 def test_admin_token_comes_from_the_secret():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+import ray
 from ray import serve
 
 from conftest import PROMPTS, _ray_start, assert_logits_close
@@ -183,6 +184,11 @@ def test_placement_reads_and_admin_auth(server):
     assert len(placement.layers) == len(server["engine"].spec.moe_layers)
     assert sorted(set(placement.layers[0].phy2log)) == list(range(server["engine"].spec.num_experts))
     assert [w.index for w in placement.workers] == [0, 1] and all(w.resident_bytes > 0 for w in placement.workers)
+    # Where each router runs: this node, on CPU (the cluster declares no GPU), and the topology.
+    node = ray.get_runtime_context().get_node_id()
+    assert [(r.index, r.state, r.node_id, r.device, list(r.gpu_ids)) for r in placement.routers] == [
+        (0, "alive", node, "cpu", []), (1, "alive", node, "cpu", [])]
+    assert placement.topology == "colocated"
     _generate(generate_pb2_grpc.GenerateServiceStub(server["channel"]), PROMPTS[0], max_new_tokens=2)
     load = stub.GetLoad(placement_pb2.GetLoadRequest())
     assert sum(load.layers[0].expert_tokens) == sum(load.layers[0].worker_tokens) > 0
@@ -253,6 +259,10 @@ def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch,
     shown = json.loads(capsys.readouterr().out)
     assert [w["index"] for w in shown["workers"]] == [0, 1] and shown["policy"] == "replicated"
     assert sorted(sum((layers[0] for layers in shown["experts_per_worker"]), [])) == list(range(8))
+    assert [(r["index"], r["state"], r["device"]) for r in shown["routers"]] == [(0, "alive", "cpu"), (1, "alive", "cpu")]
+    assert main(["placement", "show", *target]) == 0
+    text = capsys.readouterr().out
+    assert "topology colocated, 2 routers" in text and "router 1: node " in text
     assert main(["placement", "rebalance", *target, "--dry-run"]) == 2
     assert "UNAUTHENTICATED" in capsys.readouterr().err
     monkeypatch.setenv("MOERAY_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 
-import ray
+try:
+    import ray
+except ImportError:  # NOTE: moeray.engine imports this module; its in-process backend runs without Ray
+    ray = None
 
 from moeray import telemetry
 from moeray.placement.algorithms.plan import Plan
@@ -31,6 +34,7 @@ class RayActorOps:
     def __init__(self, workers: list, routers: list, spawn=None, timeout_s: float = 600.0) -> None:
         self.workers, self.routers, self.spawn_worker, self.timeout_s = list(workers), list(routers), spawn, timeout_s
         self.next_workers = self.workers
+        self.routed: tuple | None = None  # (plan, workers) the routers were last sent: a restarted router's start
 
     def spawn(self, count: int, epoch: int, timeout_s: float) -> list:
         """Start ``count`` new, empty workers and wait up to ``timeout_s`` for Ray to place them (an autoscaler may
@@ -132,6 +136,7 @@ class RayActorOps:
 
     def switch(self, plan: Plan) -> None:
         workers = None if self.next_workers is self.workers else self.next_workers
+        self.routed = (plan, list(self.next_workers))  # set first: a router restarting now starts on it
         for i, ref in enumerate([r.set_plan.remote(plan, workers) for r in self.routers]):
             try:
                 ray.get(ref, timeout=self.timeout_s)
@@ -178,6 +183,7 @@ class ControllerActor:
         telemetry.setup(telemetry_config)
         self.controller = PlacementController(config=config, plan=plan, topology=topology, budget=budget,
                                               ops=RayActorOps(workers, routers, spawn))
+        self.controller.ops.routed = (plan, list(workers))
         if ray.get_runtime_context().was_current_actor_reconstructed:  # Ray restarted this controller
             self.controller.rebuild()
         self._stopped, self._wake_healer = threading.Event(), threading.Event()
@@ -267,9 +273,11 @@ class ControllerActor:
         return list(self.controller.ops.workers)
 
     def plan_and_workers(self) -> tuple:
-        """The plan in force and its worker handles, read together (for a router that restarted)."""
-        with self.controller._switching:
-            return self.controller.plan, list(self.controller.ops.workers)
+        """The plan the routers were last switched to and its worker handles, read together (for a router that
+        restarted). NOTE: not under the switch lock: a switch waits for every router to take the new plan, and a
+        router restarting meanwhile (its node lost) runs this in its constructor before it can take any; the
+        switch's own call then reaches it after its constructor, with the same plan or a newer one."""
+        return self.controller.ops.routed
 
     def history(self) -> list[dict]:
         return list(self.controller.history)

@@ -33,8 +33,26 @@ class GetPlacementRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RouterInfo(_message.Message):
+    __slots__ = ("index", "node_id", "gpu_ids", "device", "state", "running", "waiting")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    node_id: str
+    gpu_ids: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    state: str
+    running: int
+    waiting: int
+    def __init__(self, index: _Optional[int] = ..., node_id: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., state: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
+
 class GetPlacementResponse(_message.Message):
-    __slots__ = ("epoch", "policy", "layers", "workers", "slots_per_worker", "redundant_slots", "rebalances", "target_workers", "live_workers", "healing_state", "healing_error", "experts_available")
+    __slots__ = ("epoch", "policy", "layers", "workers", "slots_per_worker", "redundant_slots", "rebalances", "target_workers", "live_workers", "healing_state", "healing_error", "experts_available", "routers", "topology")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +65,8 @@ class GetPlacementResponse(_message.Message):
     HEALING_STATE_FIELD_NUMBER: _ClassVar[int]
     HEALING_ERROR_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     policy: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerPlacement]
@@ -59,7 +79,9 @@ class GetPlacementResponse(_message.Message):
     healing_state: str
     healing_error: str
     experts_available: bool
-    def __init__(self, epoch: _Optional[int] = ..., policy: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., slots_per_worker: _Optional[int] = ..., redundant_slots: _Optional[int] = ..., rebalances: _Optional[int] = ..., target_workers: _Optional[int] = ..., live_workers: _Optional[int] = ..., healing_state: _Optional[str] = ..., healing_error: _Optional[str] = ..., experts_available: bool = ...) -> None: ...
+    routers: _containers.RepeatedCompositeFieldContainer[RouterInfo]
+    topology: str
+    def __init__(self, epoch: _Optional[int] = ..., policy: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., slots_per_worker: _Optional[int] = ..., redundant_slots: _Optional[int] = ..., rebalances: _Optional[int] = ..., target_workers: _Optional[int] = ..., live_workers: _Optional[int] = ..., healing_state: _Optional[str] = ..., healing_error: _Optional[str] = ..., experts_available: bool = ..., routers: _Optional[_Iterable[_Union[RouterInfo, _Mapping]]] = ..., topology: _Optional[str] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ("top_tokens",)
