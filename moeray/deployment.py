@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 TOPOLOGIES = ("colocated", "disaggregated")
 ROLE_LABEL = "moeray.io/role"
 ATTENTION, EXPERTS = "attention", "experts"
-# NOTE: a placement group bundle must ask for something; a router that asks for nothing asks for this much CPU.
-MIN_BUNDLE_CPU = 0.001
+# NOTE: a placement group bundle must ask for something. A router that asks for nothing asks for one byte of memory,
+# which takes nothing from anyone (even a thousandth of a CPU did: workers sized to fill the CPUs no longer fit).
+EMPTY_BUNDLE = {"memory": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,8 @@ class RouterGroup:
     def __init__(self, *, routers: int, router_gpus: float, router_num_cpus: float, topology: str) -> None:
         from ray.util.placement_group import placement_group
 
-        self.bundle = {"CPU": max(router_num_cpus, MIN_BUNDLE_CPU), **({"GPU": router_gpus} if router_gpus else {})}
+        self.bundle = {**({"CPU": router_num_cpus} if router_num_cpus else {}),
+                       **({"GPU": router_gpus} if router_gpus else {})} or dict(EMPTY_BUNDLE)
         selector = role_selector(topology, ATTENTION)
         self.group = placement_group([dict(self.bundle) for _ in range(routers)], strategy="SPREAD",
                                      bundle_label_selector=[selector] * routers if selector else None)
