@@ -39,7 +39,8 @@ from moeray.placement.runtime.controller import first_plan
 from moeray.request import GenerationResult, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.router import Router
-from moeray.router.scheduler import MAX_MICRO_BATCHES, KVStats
+from moeray.router.overlap import MAX_MICRO_BATCHES
+from moeray.router.scheduler import KVStats
 from moeray.telemetry import TelemetryConfig
 from moeray.transport import TRANSPORTS
 
@@ -88,7 +89,7 @@ class EngineConfig:
     backend: str = "ray"
     # Micro-batches per step (moeray.router.overlap): while one's tokens are with the expert workers, the router
     # computes another's dense layers. None: automatic (1 for small steps, 2 when each half has enough tokens;
-    # moeray.router.scheduler.plan_micro_batches).
+    # moeray.router.overlap.plan_micro_batches).
     micro_batches: int | None = None
     kv_cache: KVCacheConfig = dataclasses.field(default_factory=KVCacheConfig)  # each router's KV pool
     controller: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)

@@ -41,7 +41,7 @@ def add_thread_flags(parser: argparse.ArgumentParser) -> None:
 
 def micro_batches_arg(text: str) -> int | None:
     """``--micro-batches``: a count, or 'auto' (None)."""
-    from moeray.router.scheduler import MAX_MICRO_BATCHES
+    from moeray.router.overlap import MAX_MICRO_BATCHES
 
     if text == "auto":
         return None

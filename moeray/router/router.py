@@ -27,7 +27,8 @@ from moeray.request import (GenerationResult, InvalidRequest, RequestLimits, Sam
                             check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.kv_config import KVCacheConfig
-from moeray.router.scheduler import KVStats, Scheduler, Sequence, auto_min_tokens, plan_micro_batches
+from moeray.router.overlap import auto_min_tokens, plan_micro_batches
+from moeray.router.scheduler import KVStats, Scheduler, Sequence
 from moeray.transport import make_transport, pack
 
 log = logging.getLogger(__name__)

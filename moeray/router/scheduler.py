@@ -19,7 +19,7 @@ Sequence state is one number: ``num_computed``, its positions whose keys and val
 positions ``num_computed ..`` and samples a token when it reaches the end of the known tokens. A failed step
 advances nothing, so running it again after a recovery recomputes exactly the same positions into the same slots.
 
-Micro-batches: a step with enough work is split by sequence into micro-batches (``plan_micro_batches``, a pure
+Micro-batches: a step with enough work is split by sequence into micro-batches (``overlap.plan_micro_batches``, a pure
 rule), each one a packed forward of its own on its own thread. They take turns on the router
 (``moeray.router.overlap``): while one micro-batch's tokens are with the expert workers, another computes its
 dense layers. A sequence's tokens stay in one micro-batch, so attention sees exactly what it sees in one forward,
@@ -45,8 +45,8 @@ import torch
 from moeray import telemetry
 from moeray.model.architecture import kv_layout_of
 from moeray.request import DuplicateRequestId, GenerationResult, InvalidRequest, SamplingParams
-from moeray.router.kv_blocks import BlockTable, OutOfBlocks, SeqBlocks
 from moeray.router import overlap
+from moeray.router.kv_blocks import BlockTable, OutOfBlocks, SeqBlocks
 from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
 
 log = logging.getLogger(__name__)
@@ -55,53 +55,6 @@ MAX_STEP_RETRIES = 3  # a step that still fails after this many recoveries fails
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_PREFILL_TOKENS = 512
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the pool's size when none is given: this many tokens per batch slot
-MAX_MICRO_BATCHES = 4
-# The automatic rule splits a step in two only when each half gives a routed expert this many (token, expert) rows
-# on average: below it an expert's compute is bound by streaming its weights, which each micro-batch that touches
-# it pays again, so a split adds more expert time than the overlap hides. Measured (BENCHMARKS.md, issue 18): on
-# the medium checkpoint (16 experts, top-2) two micro-batches lost 17-26% at 8-64 decoding streams (1-8 rows per
-# expert and half) and gained 13% on 512-token prefill steps (32 rows), router and workers on cores of their own.
-AUTO_MIN_ROWS_PER_EXPERT = 32
-
-
-def auto_min_tokens(num_experts: int, top_k: int) -> int:
-    """New tokens a micro-batch needs under the automatic rule: ``AUTO_MIN_ROWS_PER_EXPERT`` rows per expert."""
-    return -(-AUTO_MIN_ROWS_PER_EXPERT * num_experts // top_k)
-
-
-def split_rows(new_R: list[int], parts: int) -> list[list[int]]:
-    """Row indices per micro-batch for rows of ``new_R`` new tokens each: rows go, largest first, to the
-    micro-batch with the fewest tokens so far (ties: the earlier micro-batch and row), so the tokens spread as
-    evenly as whole rows allow and every micro-batch gets a row. Each list is ascending: a micro-batch keeps the
-    step's row order (one-token decode rows first). ``parts`` is capped at the row count."""
-    if parts < 1:
-        raise ValueError(f"a step splits into at least 1 micro-batch; got {parts}")
-    parts = min(parts, len(new_R))
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    tokens = [0] * parts
-    for r in sorted(range(len(new_R)), key=lambda r: -new_R[r]):  # stable: equal rows keep their order
-        p = min(range(parts), key=lambda p: tokens[p])
-        groups[p].append(r)
-        tokens[p] += new_R[r]
-    return [sorted(g) for g in groups if g]
-
-
-def plan_micro_batches(new_R: list[int], requested: int | None, min_tokens: int | None = None) -> list[list[int]]:
-    """The step's micro-batches (row indices, see ``split_rows``). ``requested``: a fixed count (capped at the
-    rows), or None for the automatic rule: two when each would get at least ``min_tokens`` new tokens (see
-    ``auto_min_tokens``), else one; ``min_tokens`` None: always one (nothing to hide, e.g. in-process experts)."""
-    if requested is not None and not 1 <= requested <= MAX_MICRO_BATCHES:
-        raise ValueError(f"micro_batches must lie in [1, {MAX_MICRO_BATCHES}]; got {requested}")
-    if not new_R:
-        return []
-    if requested is not None:
-        return split_rows(new_R, requested)
-    if min_tokens is not None and len(new_R) >= 2 and sum(new_R) >= 2 * min_tokens:
-        halves = split_rows(new_R, 2)
-        if min(sum(new_R[r] for r in half) for half in halves) >= min_tokens:
-            return halves
-    return [list(range(len(new_R)))]
-
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
@@ -228,7 +181,7 @@ class Scheduler:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1; got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
-        plan_micro_batches([1], micro_batches)  # refuses a bad count here, naming it
+        overlap.plan_micro_batches([1], micro_batches)  # refuses a bad count here, naming it
         self.micro_batches = micro_batches  # None: automatic (plan_micro_batches); may change between steps
         self.micro_batch_min_tokens = micro_batch_min_tokens  # the automatic rule's (None: it keeps one)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # micro-batches after the first
@@ -377,7 +330,7 @@ class Scheduler:
 
     def _run(self, batch: list[tuple[Sequence, int]]) -> None:
         batch = [b for b in batch if b[1] == 1] + [b for b in batch if b[1] != 1]  # the layout's decode block first
-        parts = plan_micro_batches([new for _, new in batch], self.micro_batches, self.micro_batch_min_tokens)
+        parts = overlap.plan_micro_batches([new for _, new in batch], self.micro_batches, self.micro_batch_min_tokens)
         pending = [self._micro_batch([batch[r] for r in part]) for part in parts]
         seqs = [seq for seq, _ in batch]
         kind = "decode" if all(new == 1 for _, new in batch) else "prefill"
@@ -443,7 +396,7 @@ class Scheduler:
                 if len(micro) == 1:
                     return [self._forward_one(micro[0], turn)]
                 if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(MAX_MICRO_BATCHES - 1,
+                    self._pool = concurrent.futures.ThreadPoolExecutor(overlap.MAX_MICRO_BATCHES - 1,
                                                                        thread_name_prefix="moeray-micro-batch")
                 self.micro_batch_steps += 1
                 # NOTE: each thread runs in a copy of this one's context, so the step span stays the current span

@@ -14,8 +14,8 @@ from local_experts import LocalExperts
 from moeray.model.backbone import build_backbone
 from moeray.request import SamplingParams
 from moeray.router import overlap
-from moeray.router.scheduler import (MAX_MICRO_BATCHES, Scheduler, Sequence, auto_min_tokens, plan_micro_batches,
-                                     split_rows)
+from moeray.router.overlap import MAX_MICRO_BATCHES, auto_min_tokens, plan_micro_batches, split_rows
+from moeray.router.scheduler import Scheduler, Sequence
 
 
 # -- the split rule (pure) ------------------------------------------------------------------------------
