@@ -114,9 +114,9 @@ def placement_response(state: dict, health: dict, info: list, routers: list = ()
                        topology: str = "") -> placement_pb2.GetPlacementResponse:
     """From the controller's ``describe`` and ``health``, each worker's info (an exception: a dead worker), each
     router's ``where`` (an exception: one that did not answer, restarting or gone) and the topology."""
-    plan, topology = state["plan"], state["topology"]
+    plan, workers = state["plan"], state["topology"]  # the controller's worker topology: slots, nodes
     response = placement_pb2.GetPlacementResponse(
-        epoch=plan["epoch"], policy=state["policy"], slots_per_worker=topology["slots_per_worker"],
+        epoch=plan["epoch"], policy=state["policy"], slots_per_worker=workers["slots_per_worker"],
         redundant_slots=state["redundant"], rebalances=state["rebalances"], target_workers=health["target_workers"],
         live_workers=health["live_workers"], healing_state=health["state"], healing_error=health["error"],
         experts_available=health["serving"], topology=topology)
@@ -128,7 +128,7 @@ def placement_response(state: dict, health: dict, info: list, routers: list = ()
                              running=r["running"], waiting=r["waiting"])
     for phy2log, slot_worker in zip(plan["phy2log"], plan["slot_worker"]):
         response.layers.add(phy2log=phy2log, slot_worker=slot_worker)
-    for i, (w, node) in enumerate(zip(info, topology["worker_node"])):
+    for i, (w, node) in enumerate(zip(info, workers["worker_node"])):
         if isinstance(w, Exception):  # a dead worker: the controller has placed its experts elsewhere
             response.workers.add(index=i, device="dead", node=node)
             continue
