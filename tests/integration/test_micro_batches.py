@@ -1,5 +1,6 @@
-"""Micro-batch ping-pong on a local Ray cluster: steps split in two micro-batches (forced, so that even these small
-batches split) give transformers' greedy tokens and logits on every architecture, with replicas, after a rebalance,
+"""Micro-batch ping-pong: steps split in two micro-batches (forced, so that even these small batches split) give
+transformers' greedy tokens and logits on every architecture (in process), and on a local Ray cluster with replicas,
+after a rebalance,
 on the compiled graph, and while a worker is killed (its replicas take over, or the step waits for a restore).
 
 One Ray cluster for the module; 2 expert workers per engine (3 where one is killed)."""
@@ -47,12 +48,15 @@ def test_config_and_flag_refuse_a_bad_count():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_two_micro_batches_match_transformers(arch, cluster, checkpoints, oracle):
+def test_two_micro_batches_match_transformers(arch, checkpoints, oracle):
+    """Every architecture, in process (the same router, scheduler, dispatcher and workers as on Ray, without the
+    cluster's start-up per architecture); the Ray path is checked on one below and in the tests that follow."""
     ref = oracle(arch)
-    with Engine(EngineConfig(model=checkpoints[arch], workers=2, replicas=2, micro_batches=2)) as engine:
+    config = EngineConfig(model=checkpoints[arch], workers=2, replicas=2, micro_batches=2, backend="local")
+    with Engine(config) as engine:
         assert_logits_close(engine.score([PROMPTS[1]])[0], ref.logits(PROMPTS[1]))
         assert _outputs(engine) == [ref.greedy(p) for p in PROMPTS]
-        stats = _stats(engine)
+        stats = engine.router.stats()
         assert stats["micro_batch_steps"] > 0 and stats["micro_batches"] == 2
         assert 0 < stats["router_busy_s"] <= stats["forward_s"]
         # Every pair was counted once, into one record per step (micro-batches close none of their own).
