@@ -1,7 +1,7 @@
 """Micro-batch ping-pong: steps split in two micro-batches (forced, so that even these small batches split) give
 transformers' greedy tokens and logits on every architecture (in process), and on a local Ray cluster with replicas,
-after a rebalance,
-on the compiled graph, and while a worker is killed (its replicas take over, or the step waits for a restore).
+after a rebalance, on the compiled graph, and while a worker is killed (its replicas take over, or the step waits
+for a restore).
 
 One Ray cluster for the module; 2 expert workers per engine (3 where one is killed)."""
 
