@@ -161,6 +161,14 @@ def plan_placement(config: EngineConfig, spec: ModelSpec) -> tuple[Plan, int, Bu
     return first_plan(layout), slots, budget
 
 
+def model_memory(spec: ModelSpec, checkpoint: LoadedCheckpoint, dtype: torch.dtype) -> dict:
+    """The model's parameter counts and expert bytes (the part of ``memory_report`` both backends share)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return {"total_params": spec.total_params, "active_params": spec.active_params,
+            "dense_params": spec.dense_params, "expert_params": spec.expert_params,
+            "expert_format": checkpoint.index.quant.label, "expert_bytes_total": spec.expert_bytes(itemsize)}
+
+
 class Engine:
     def __new__(cls, config: EngineConfig):
         # NOTE: one entry point for both backends: with backend="local", Engine(config) is a LocalEngine (not an
@@ -302,15 +310,8 @@ class Engine:
 
     # -- introspection -----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
-        spec = self.spec
-        itemsize = torch.empty((), dtype=self.config.torch_dtype).element_size()
         return {
-            "total_params": spec.total_params,
-            "active_params": spec.active_params,
-            "dense_params": spec.dense_params,
-            "expert_params": spec.expert_params,
-            "expert_format": self.checkpoint.index.quant.label,
-            "expert_bytes_total": spec.expert_bytes(itemsize),
+            **model_memory(self.spec, self.checkpoint, self.config.torch_dtype),
             "router_resident_bytes": ray.get([r.resident_bytes.remote() for r in self.routers]),
             "router_expert_bytes": ray.get([r.expert_bytes_held.remote() for r in self.routers]),
             "worker_resident_bytes": [w["resident_bytes"] for w in self.workers_info()],

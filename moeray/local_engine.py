@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from moeray.engine import EngineConfig, plan_placement
+from moeray.engine import EngineConfig, model_memory, plan_placement
 from moeray.experts.worker import ExpertWorker
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.placement.algorithms.plan import Plan
@@ -225,15 +225,8 @@ class LocalEngine:
 
     # -- introspection -----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
-        spec = self.spec
-        itemsize = torch.empty((), dtype=self.config.torch_dtype).element_size()
         return {
-            "total_params": spec.total_params,
-            "active_params": spec.active_params,
-            "dense_params": spec.dense_params,
-            "expert_params": spec.expert_params,
-            "expert_format": self.checkpoint.index.quant.label,
-            "expert_bytes_total": spec.expert_bytes(itemsize),
+            **model_memory(self.spec, self.checkpoint, self.config.torch_dtype),
             "router_resident_bytes": [self.router.resident_bytes()],
             "router_expert_bytes": [self.router.expert_bytes_held()],
             "worker_resident_bytes": [w.resident_bytes() for w in self.workers],
