@@ -79,11 +79,11 @@ class EngineConfig:
     start_timeout_s: float = 600.0  # how long workers may wait for devices (an autoscaler adding nodes)
     worker_memory: str | int | None = None  # per-worker budget for expert slots, e.g. '20GiB' (None: just enough)
     track_tokens: bool = False  # count which token ids each expert receives (moeray placement inspect)
-    # The per-layer data path: "object_store" (an actor call per touched worker), "compiled_graph" (one Ray
-    # compiled graph over all workers, shared-memory channels; a single router only), "collective" (a
-    # torch.distributed group per router and its workers: gloo on CPU, NCCL on GPU) or "direct" (backend "local").
-    # See moeray.transport.
-    transport: str = "object_store"
+    # The per-layer data path: "tcp" (a socket per worker, one message each way: the cheapest measured at every
+    # batch size), "object_store" (an actor call per touched worker), "compiled_graph" (one Ray compiled graph over
+    # all workers, shared-memory channels; a single router only), "collective" (a torch.distributed group per
+    # router and its workers: gloo on CPU, NCCL on GPU) or "direct" (backend "local"). See moeray.transport.
+    transport: str = "tcp"
     # "ray": actors on a Ray cluster. "local": the same router and workers as plain objects in this process, the
     # direct transport between them, no Ray needed (moeray.local_engine; unit tests, machines without Ray).
     backend: str = "ray"
@@ -126,7 +126,7 @@ class EngineConfig:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.backend == "local" and self.routers != 1:
             raise ValueError(f"backend 'local' runs one router in this process; got routers={self.routers}")
-        if self.backend == "local" and self.transport not in ("object_store", "direct"):  # the first is the default
+        if self.backend == "local" and self.transport not in ("tcp", "direct"):  # the first is the default
             raise ValueError(f"backend 'local' calls its workers directly; transport {self.transport!r} needs "
                              "backend 'ray'")
         if self.backend == "ray" and self.transport == "direct":

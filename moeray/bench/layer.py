@@ -13,8 +13,8 @@ and the ratios the engine issue sets targets for: moeray / best in-process (>= 0
 overhead above the in-process block / the bare round trip (<= 2 at T=16), for each path; and compiled graph vs
 object store. Only one compiled graph is up at a time (an actor can be in one), none while the object store is timed.
 - the collective path (``transport="collective"``): a gloo process group over this process and the workers, one
-  layer as point-to-point transfers, beside its floor (the same calls echoed by ``echo_call``, no compute); timed
-  with no compiled graph up.
+  layer as point-to-point transfers, beside its floor (the same calls echoed by ``round_trip_call``, no compute);
+  timed with no compiled graph up; and the TCP path (``transport="tcp"``) with its floor, the same way.
 
 For the token counts in ``breakdown_tokens`` (default: one token, routed to one expert on each worker) it also
 prints where the fixed time of a layer goes on the object-store path (``fixed_costs``): the router's preparation
@@ -47,6 +47,7 @@ from moeray.transport.base import Sent
 from moeray.transport.collective import CollectiveTransport
 from moeray.transport.compiled_graph import POLL_BACKOFF, CompiledGraphTransport
 from moeray.transport.object_store import ObjectStoreTransport
+from moeray.transport.tcp import TcpTransport
 from moeray.transport.wire import WireTensor, WorkerCall, pack, pairs_on, unpack
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 1024, 2048, 16, 2
@@ -91,10 +92,6 @@ class BenchWorker(ExpertWorker):
     def echo_compiled(self, call: tuple | None) -> WireTensor | None:
         """``echo`` for a compiled graph (``forward_compiled``'s payload: a WorkerCall's fields as a tuple)."""
         return None if call is None else WorkerCall(*call).x_TH
-
-    def echo_call(self, epoch: int, layer: int, x_TH: WireTensor, *pairs) -> WireTensor:
-        """``echo`` for the collective path (its serving loop calls a method with a WorkerCall's fields)."""
-        return x_TH
 
 
 def _layer_checkpoint(path: str) -> str:
@@ -171,6 +168,7 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10,
             floor_s = _timed(lambda: ray.get([actors[w].echo.remote(p) for w, p in payloads]), reps)
             compiled_s, spinning_s, compiled_floor_s = _compiled_path(plan, actors, x_TH, index_TK, weights_TK, reps)
             collective_s, collective_floor_s = _collective_path(plan, actors, x_TH, index_TK, weights_TK, reps)
+            tcp_s, tcp_floor_s = _tcp_path(plan, actors, x_TH, index_TK, weights_TK, reps)
             row = {
                 "tokens": t,
                 "moeray_tok_s": t / moeray_s,
@@ -198,6 +196,8 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10,
                         "collective_floor_ms": collective_floor_s * 1e3,
                         "collective_x_floor": collective_s / collective_floor_s,
                         "collective_vs_store": moeray_s / collective_s})
+            row.update({"tcp_tok_s": t / tcp_s, "tcp_ms": tcp_s * 1e3, "tcp_floor_ms": tcp_floor_s * 1e3,
+                        "tcp_x_floor": tcp_s / tcp_floor_s, "tcp_vs_store": moeray_s / tcp_s})
             rows.append(row)
             hf_cols = "  ".join(f"hf[{n}] {t / s:9.0f}" for n, s in in_process.items())
             print(f"T={t:5d}  moeray {row['moeray_tok_s']:9.0f} tok/s  {hf_cols}  "
@@ -214,6 +214,9 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10,
             print(f"         per layer: collective {row['collective_ms']:.2f} ms ({row['collective_tok_s']:.0f} tok/s) "
                   f"= {row['collective_x_floor']:.2f}x its floor {row['collective_floor_ms']:.2f} ms | collective vs "
                   f"object store {row['collective_vs_store']:.2f}x")
+            print(f"         per layer: tcp {row['tcp_ms']:.2f} ms ({row['tcp_tok_s']:.0f} tok/s) = "
+                  f"{row['tcp_x_floor']:.2f}x its floor {row['tcp_floor_ms']:.2f} ms | tcp vs object store "
+                  f"{row['tcp_vs_store']:.2f}x")
         for a in actors:
             ray.kill(a)
     return rows
@@ -245,13 +248,31 @@ def _compiled_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tenso
 def _collective_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor, weights_TK: torch.Tensor,
                      reps: int) -> tuple[float, float]:
     """Seconds per layer through a gloo group over this process (rank 0) and the workers, and its floor: the same
-    per-worker calls echoed (``echo_call``), no compute. The first send builds each group (its warmup)."""
+    per-worker calls echoed (``round_trip_call``), no compute. The first send builds each group (its warmup)."""
     dispatch = ExpertDispatcher(plan, CollectiveTransport(actors))
     try:
         seconds = _timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, warmup=2)
     finally:
         dispatch.transport.close()
-    echo = CollectiveTransport(actors, method="echo_call")
+    echo = CollectiveTransport(actors, method="round_trip_call")
+    calls = _calls(dispatch, x_TH, index_TK, weights_TK)
+    try:
+        floor_s = _timed(lambda: echo.send(calls), reps, warmup=2)
+    finally:
+        echo.close()
+    return seconds, floor_s
+
+
+def _tcp_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor, weights_TK: torch.Tensor,
+              reps: int) -> tuple[float, float]:
+    """Seconds per layer over TCP connections from this process to the workers, and its floor: the same per-worker
+    calls echoed (``round_trip_call``), no compute. The first send opens the connections (its warmup)."""
+    dispatch = ExpertDispatcher(plan, TcpTransport(actors))
+    try:
+        seconds = _timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, warmup=2)
+    finally:
+        dispatch.transport.close()
+    echo = TcpTransport(actors, method="round_trip_call")
     calls = _calls(dispatch, x_TH, index_TK, weights_TK)
     try:
         floor_s = _timed(lambda: echo.send(calls), reps, warmup=2)

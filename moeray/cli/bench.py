@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bserve.add_argument("--workers", type=int, default=2)
     add_thread_flags(bserve)
     add_micro_batch_flag(bserve)  # overlap "on"; every load also runs with overlap off (1) on the same server
+    bserve.add_argument("--transport", default="object_store",
+                        help="the data paths to load, in order, one engine each: object_store, tcp, collective or a "
+                        "comma-separated list (later ones compare with the first on the same prompts)")
     bserve.set_defaults(func=cmd_bench_serve)
     bkv = bench_sub.add_parser("kv", help="the KV cache through the endpoint: a long prompt beside running streams "
                                "(chunked vs whole-prompt prefill), a shared prefix, bytes per cached token")
@@ -107,9 +110,14 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if not apis or set(apis) - {"grpc", "http"}:
         print(f"error: --api {args.api!r} must be grpc, http or a comma-separated list of them", file=sys.stderr)
         return 2
+    transports = tuple(dict.fromkeys(t.strip() for t in args.transport.split(",") if t.strip()))
+    if not transports or set(transports) - {"object_store", "tcp", "collective"}:
+        print(f"error: --transport {args.transport!r} must be object_store, tcp, collective or a comma-separated "
+              "list of them", file=sys.stderr)
+        return 2
     run_serve_bench(model, args.concurrency, args.requests, args.max_new_tokens, args.workers,
                     router_threads=args.router_threads, worker_threads=args.worker_threads, apis=apis,
-                    micro_batches=args.micro_batches)
+                    micro_batches=args.micro_batches, transports=transports)
     return 0
 
 

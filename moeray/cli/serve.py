@@ -31,9 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--router-gpus", type=float, default=None,
                      help="GPUs per router for the dense parts and the KV cache (default: 1 where the cluster has a "
                      "GPU for every router beside the workers'; 0 keeps routers on CPU)")
-    srv.add_argument("--transport", default="object_store", choices=["object_store", "compiled_graph", "collective"],
+    srv.add_argument("--transport", default="tcp", choices=["tcp", "object_store", "compiled_graph", "collective"],
                      help="the per-layer data path (compiled_graph: one router only; collective: a torch.distributed "
-                     "group per router, gloo on CPU, NCCL on GPU; see README: Data path)")
+                     "group per router, gloo on CPU, NCCL on GPU; tcp: a socket per worker, one message each way; "
+                     "see README: Data path)")
     srv.add_argument("--placement", default="contiguous", choices=["contiguous", "round_robin"])
     add_initial_flags(srv)
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -313,6 +313,24 @@ class ExpertWorker:
         ``moeray bench serve`` compares a step with)."""
         return x_TH
 
+    def round_trip_call(self, epoch: int, layer: int, x_TH: WireTensor, *pairs) -> WireTensor:
+        """``round_trip`` taking a ``WorkerCall``'s fields, as the TCP and collective serving loops call methods."""
+        return x_TH
+
+    # -- the TCP transport (moeray.transport.tcp) -----------------------------------------------------------
+    def tcp_address(self) -> tuple[str, int, bytes]:
+        """Where this worker takes TCP transport connections (listening from the first ask on), and the token a
+        connection must open with: a router asks through Ray, so only Ray's peers learn it."""
+        from moeray.transport.tcp import listen
+
+        listener = listen(self)
+        return (*listener.address, listener.token)
+
+    def tcp_connections(self) -> int:
+        """TCP transport connections this worker serves now (any number of routers, one per concurrent send)."""
+        listener = vars(self).get("_tcp_listener")
+        return 0 if listener is None else listener.connections
+
     # -- the collective transport (moeray.transport.collective) --------------------------------------------
     # NOTE: kept apart: the group's serving thread calls ``forward`` (or the spec's method) as it stands.
     def join_collective(self, spec) -> str:

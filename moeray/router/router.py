@@ -29,7 +29,7 @@ from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.overlap import auto_min_tokens, plan_micro_batches
 from moeray.router.scheduler import KVStats, Scheduler, Sequence
-from moeray.transport import make_transport, pack
+from moeray.transport import WorkerCall, make_transport, pack
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Router:
         restore_timeout_s: float = 120.0,
         controller_name: str | None = None,
         telemetry_config: telemetry.TelemetryConfig | None = None,
-        transport: str = "object_store",
+        transport: str = "tcp",
         kv_cache: KVCacheConfig = KVCacheConfig(),
         device: str | None = None,
         micro_batches: int | None = None,
@@ -94,6 +94,7 @@ class Router:
             except ValueError:
                 pass
         # NOTE: the transport is built here, in this process: a compiled graph runs only where it was compiled.
+        self.transport_name = transport
         self.dispatcher = ExpertDispatcher(plan, make_transport(transport, workers), track_tokens=track_tokens)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
@@ -277,22 +278,38 @@ class Router:
                 "device": self.device, "pid": os.getpid(), "running": len(self.scheduler.running),
                 "waiting": self.scheduler.num_waiting}
 
-    def round_trip_floor(self, tokens: int, repeats: int = 50) -> float:
+    def round_trip_floor(self, tokens: int, repeats: int = 50, transport: str | None = None) -> float:
         """Median seconds of a bare round trip from this router to every live worker at once, each carrying
         ``tokens`` hidden states both ways and computing nothing: the floor of one MoE layer with that many tokens on
-        every worker (Ray actor calls, as the object store path makes them)."""
+        every worker, over ``transport``: "object_store" (Ray actor calls) or "tcp"; default: this router's own
+        (other paths measure as the object store)."""
         import ray
 
         if not 1 <= tokens <= 1 << 16:
             raise ValueError(f"tokens must lie in [1, 65536]; got {tokens}")
+        transport = transport or self.transport_name
         dead = self.dispatcher.dead_workers
         workers = [w for i, w in enumerate(self.dispatcher.transport.workers) if i not in dead]
         x_TH = pack(torch.zeros(tokens, self.spec.moe_layers[0].hidden_size, dtype=self.model.dtype))
+        if transport == "tcp":
+            from moeray.transport.tcp import TcpTransport
+
+            echo = TcpTransport(workers, method="round_trip_call")
+            no_pairs = np.zeros(0, np.int32)
+            calls = {w: WorkerCall(0, 0, x_TH, no_pairs, no_pairs, no_pairs.view(np.float32))
+                     for w in range(len(workers))}
+            once = lambda: echo.send(calls)  # noqa: E731
+        else:
+            echo, once = None, lambda: ray.get([w.round_trip.remote(x_TH) for w in workers])  # noqa: E731
         times = []
-        for _ in range(repeats + 5):  # the first few warm up
-            started = time.perf_counter()
-            ray.get([w.round_trip.remote(x_TH) for w in workers])
-            times.append(time.perf_counter() - started)
+        try:
+            for _ in range(repeats + 5):  # the first few warm up
+                started = time.perf_counter()
+                once()
+                times.append(time.perf_counter() - started)
+        finally:
+            if echo is not None:
+                echo.close()
         return statistics.median(times[5:])
 
     def ping(self) -> bool:

@@ -92,7 +92,8 @@ def _layer_calls(engine: Engine, epoch: int, tokens: int = 5) -> dict[int, Worke
 
 def test_logits_and_layer_outputs_match_the_object_store_path(cluster, checkpoints, oracle):
     ref = oracle("qwen3_moe")
-    with Engine(EngineConfig(model=checkpoints["qwen3_moe"], workers=2, replicas=2)) as engine:
+    with Engine(EngineConfig(model=checkpoints["qwen3_moe"], workers=2, replicas=2,
+                             transport="object_store")) as engine:
         store_logits = [torch.tensor(engine.score([p])[0]) for p in PROMPTS[:2]]
         store_outputs = _outputs(engine)
     with _collective(checkpoints["qwen3_moe"], replicas=2) as engine:

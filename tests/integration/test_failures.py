@@ -54,8 +54,9 @@ def test_a_worker_dies_and_its_replicas_take_over(cluster, checkpoints, oracle):
 def test_a_worker_dies_with_the_only_copy_and_the_step_waits_for_restore(cluster, checkpoints, oracle):
     ref = oracle("qwen3_moe")
     expected = [ref.greedy(p, 24) for p in PROMPTS] + [ref.greedy(PROMPTS[1], 24)]
-    # No replicas; a memory budget that lets one worker hold every expert once the other is gone.
-    config = EngineConfig(model=checkpoints["qwen3_moe"], workers=2, worker_memory="1MB")
+    # No replicas; a memory budget that lets one worker hold every expert once the other is gone. On the object-store
+    # path (the other tests here run the default, tcp): a death is found by a call's RayActorError there.
+    config = EngineConfig(model=checkpoints["qwen3_moe"], workers=2, worker_memory="1MB", transport="object_store")
     with Engine(config) as engine:
         assert _run_and_kill(engine, victim=0) == expected
         wait_for_condition(lambda: _healed(engine, 2), timeout=120)

@@ -47,14 +47,14 @@ def test_config_names_a_bad_transport_and_the_router_count():
         EngineConfig(model="m", transport="nccl")
     with pytest.raises(ValueError, match=r"'compiled_graph' serves a single router.*routers=2"):
         EngineConfig(model="m", transport="compiled_graph", routers=2)
-    assert EngineConfig(model="m").transport == "object_store"
+    assert EngineConfig(model="m").transport == "tcp"
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_compiled_graph_matches_transformers_and_the_object_store(arch, cluster, checkpoints, oracle):
     ref = oracle(arch)
     expected = [ref.greedy(p) for p in PROMPTS]
-    with Engine(EngineConfig(model=checkpoints[arch], workers=2, replicas=2)) as engine:
+    with Engine(EngineConfig(model=checkpoints[arch], workers=2, replicas=2, transport="object_store")) as engine:
         store_outputs = _outputs(engine)
         store_logits = torch.tensor(engine.score([PROMPTS[1]])[0])
     with _compiled(checkpoints[arch], replicas=2) as engine:

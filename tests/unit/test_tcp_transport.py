@@ -1,0 +1,150 @@
+"""The TCP transport's frames, a worker's listener and the router's connection pool, on loopback with in-process
+workers (no Ray: the addresses are set where a Ray call would fetch them). The Ray engine on this path, worker
+deaths and several routers: tests/integration/test_tcp.py."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from moeray.transport.tcp import Listener, TcpTransport, WorkerFailed, encode_frame, recv_frame, send_frame
+from moeray.transport.wire import WorkerCall, pack, unpack
+
+
+def test_a_frame_carries_arrays_of_every_size_bit_for_bit():
+    a, b = socket.socketpair()
+    with a, b:
+        big = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)  # 4 MiB: many partial sends
+        frames = [(1, pack(torch.randn(3, 5, dtype=torch.bfloat16)), np.arange(7, dtype=np.int32)),
+                  ("no arrays", None), (big, big[::2].copy(), np.zeros((0, 4), np.float32))]
+        sender = threading.Thread(target=lambda: [send_frame(a, f) for f in frames])
+        sender.start()
+        got = [recv_frame(b) for _ in frames]
+        sender.join()
+    assert got[0][0] == 1 and torch.equal(unpack(got[0][1]), unpack(frames[0][1]))
+    assert got[0][2].tolist() == list(range(7)) and got[0][2].dtype == np.int32
+    assert got[1] == ("no arrays", None)
+    assert np.array_equal(got[2][0], big) and np.array_equal(got[2][1], big[::2]) and got[2][2].shape == (0, 4)
+
+
+def test_arrays_travel_out_of_band():
+    x = np.ones((256, 1024), np.float32)
+    pieces = encode_frame((0, x))
+    assert any(p.nbytes == x.nbytes for p in pieces[2:]), "the array is its own piece"
+    assert pieces[1].nbytes < 1024, "the pickle itself holds no array data"
+
+
+def test_a_closed_peer_is_a_connection_error():
+    a, b = socket.socketpair()
+    a.close()
+    with b, pytest.raises(ConnectionError, match="closed"):
+        recv_frame(b)
+
+
+class _Worker:
+    """Stands in for an ExpertWorker: ``forward`` echoes x times 2, or raises for layer 99; slow for layer 7."""
+
+    worker_index = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.threads: set[str] = set()
+
+    def forward(self, epoch, layer, x_TH, *pairs):
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        if layer == 99:
+            raise ValueError(f"no layer {layer}")
+        if layer == 7:
+            time.sleep(0.3)
+        return pack(unpack(x_TH) * 2)
+
+
+def _call(layer: int = 0, rows: int = 3) -> WorkerCall:
+    token_N = torch.arange(rows)
+    return WorkerCall.of(5, layer, torch.full((rows, 4), float(layer)), token_N, token_N, torch.ones(rows))
+
+
+@pytest.fixture
+def served():
+    """Two in-process workers, each listening on loopback, and a transport whose addresses point at them."""
+    workers = [_Worker(), _Worker()]
+    listeners = [Listener(w, "127.0.0.1") for w in workers]
+    transport = TcpTransport(["w0", "w1"])
+    transport._addresses = {i: (*l.address, l.token) for i, l in enumerate(listeners)}
+    yield transport, workers, listeners
+    transport.close()
+    for listener in listeners:
+        listener.sock.close()
+
+
+def _wait(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_calls_and_answers_over_pooled_connections(served):
+    transport, workers, listeners = served
+    for _ in range(3):
+        sent = transport.send({0: _call(1), 1: _call(2, rows=1)})
+        assert sent.lost == frozenset()
+        assert torch.equal(unpack(sent.results[0]), torch.full((3, 4), 2.0))
+        assert torch.equal(unpack(sent.results[1]), torch.full((1, 4), 4.0))
+    assert transport.compiles == 2, "one connection per worker, reused"
+    assert [w.calls for w in workers] == [3, 3] and [l.connections for l in listeners] == [1, 1]
+    only_one = transport.send({1: _call(3)})
+    assert list(only_one.results) == [1] and workers[0].calls == 3, "an untouched worker gets nothing"
+
+
+def test_a_worker_error_names_the_worker_and_keeps_the_connections_in_step(served):
+    transport, workers, _ = served
+    with pytest.raises(WorkerFailed, match=r"MoE layer 99 failed on 1 expert worker\(s\): worker 1: ValueError: "
+                                           r"no layer 99"):
+        transport.send({0: _call(1), 1: _call(99)})
+    again = transport.send({0: _call(1), 1: _call(2)})
+    assert torch.equal(unpack(again.results[1]), torch.full((3, 4), 4.0)) and transport.compiles == 2
+
+
+def test_sends_from_several_threads_each_take_their_own_connection(served):
+    transport, workers, listeners = served
+    results = {}
+
+    def send(i: int) -> None:
+        results[i] = transport.send({0: _call(7), 1: _call(7)})  # 0.3 s in each worker: the sends overlap
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(unpack(r.results[w]), torch.full((3, 4), 14.0)) for r in results.values() for w in (0, 1))
+    assert [l.connections for l in listeners] == [3, 3] and transport.compiles == 6
+    assert all(len(w.threads) == 3 for w in workers), "each connection is served on its own thread"
+
+
+def test_a_new_worker_list_closes_the_old_connections(served):
+    transport, _, listeners = served
+    addresses = dict(transport._addresses)
+    transport.send({0: _call(), 1: _call()})
+    transport.set_workers(["w0", "w1"])
+    _wait(lambda: [l.connections for l in listeners] == [0, 0])
+    assert transport._addresses == {} and transport.dead == set()
+    transport._addresses = addresses
+    assert sorted(transport.send({0: _call(), 1: _call()}).results) == [0, 1] and transport.compiles == 4
+
+
+def test_a_connection_without_the_token_is_closed_unread(served):
+    _, workers, listeners = served
+    with socket.create_connection(listeners[0].address) as conn:
+        send_frame(conn, (b"x" * 16, "forward"))
+        conn.settimeout(5)
+        with pytest.raises(ConnectionError):
+            recv_frame(conn)
+    assert workers[0].calls == 0 and listeners[0].connections == 0
