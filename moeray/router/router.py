@@ -7,7 +7,9 @@ controller actor is called.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -26,6 +28,7 @@ from moeray.placement.algorithms.plan import Plan
 from moeray.request import (GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk,
                             check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
+from moeray.router.feed import FeedBatch, Feeds
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.overlap import auto_min_tokens, plan_micro_batches
 from moeray.router.scheduler import KVStats, Scheduler, Sequence
@@ -113,6 +116,7 @@ class Router:
                                    block_size=kv_cache.block_size, max_prefill_tokens=kv_cache.max_prefill_tokens,
                                    prefix_caching=kv_cache.prefix_caching)
         self._stopped = threading.Event()
+        self.feeds = Feeds()  # the ingresses' token streams (Router.start, Router.feed)
         self._loop = threading.Thread(target=self._run, name="moeray-step-loop", daemon=True)
         self._loop.start()
 
@@ -204,6 +208,53 @@ class Router:
         finally:
             if not seq.done.is_set():
                 self.scheduler.abort(seq.request_id)
+
+    def start(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str, feed_id: str, key: int,
+              traceparent: str | None = None) -> None:
+        """Start one request whose chunks go out on feed ``feed_id`` under ``key`` (``moeray.router.feed``; the
+        ingress's path). Returns once it is queued; bad input raises InvalidRequest here, and a feed that has ended
+        raises FeedClosed."""
+        span_scope = contextlib.ExitStack()
+        span = span_scope.enter_context(telemetry.request_span("moeray.router.request", traceparent, request_id))
+        try:
+            seq = self.new_sequence(prompt_ids, sampling, request_id, span=span)
+            feed = self.feeds.register(feed_id, key, seq.request_id)
+        except BaseException as e:
+            span_scope.__exit__(type(e), e, e.__traceback__)
+            raise
+        seq.on_token = functools.partial(feed.put_token, key)
+
+        def done(seq: Sequence) -> None:
+            feed.finish(key, seq.finish_reason, seq.error)
+            if span is not None and seq.finish_reason == "abort":
+                span.set_attribute("moeray.aborted", True)
+            error = seq.error
+            span_scope.__exit__(None if error is None else type(error), error, None)
+
+        seq.on_done = done
+        try:
+            self.scheduler.submit(seq)
+        except BaseException as e:
+            self.feeds.unregister(feed, key)
+            span_scope.__exit__(type(e), e, e.__traceback__)
+            raise
+
+    def feed(self, feed_id: str) -> Iterator[FeedBatch]:
+        """Feed ``feed_id``'s batches as they come (a Ray streaming generator): the chunks of every request started
+        on it. Ends when the feed has been idle for ``feed.IDLE_S`` or the router stops; a reader that leaves first
+        aborts the requests still open on it."""
+        feed = self.feeds.get(feed_id)
+        try:
+            while not self._stopped.is_set():
+                batch = feed.take(timeout=1.0)
+                if batch is None:
+                    return
+                if batch.chunks or batch.errors:
+                    yield batch
+        finally:
+            self.feeds.end(feed_id)
+            for request_id in feed.open_request_ids():
+                self.scheduler.abort(request_id)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)

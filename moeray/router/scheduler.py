@@ -63,6 +63,7 @@ class Sequence:
     sampling: SamplingParams
     stop_ids: frozenset[int]
     on_token: Callable[[int], None] | None = None
+    on_done: Callable[[Sequence], None] | None = None  # once, when it finished or failed (after ``done`` is set)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     error: BaseException | None = None
@@ -247,6 +248,8 @@ class Scheduler:
         with self._cond:
             if self._active.get(seq.request_id) is seq:
                 del self._active[seq.request_id]
+        if seq.on_done is not None:
+            seq.on_done(seq)
 
     @property
     def num_waiting(self) -> int:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ import numpy as np
 from ray.exceptions import RayActorError
 
 from moeray.request import InvalidRequest, RequestLimits, SamplingParams, StreamChunk
+from moeray.router.feed import FeedClosed
 from moeray.serving.errors import reason
 
 if TYPE_CHECKING:
@@ -33,6 +36,49 @@ HEALTH_TTL_S = 0.5  # how long a health answer is reused (load balancers probe o
 HEALTH_TIMEOUT_S = 2.0
 ROUTER_DOWN_S = 10.0  # how long a router that died is passed over (Ray restarts it on a live node meanwhile)
 PLACEMENT_TIMEOUT_S = 2.0  # how long GetPlacement waits for a router's answer (a restarting one says so)
+MAX_FEED_REOPENS = 3  # a request that finds its feed just ended tries a new one this many times
+
+
+class _FeedReader:
+    """One feed from one router: a task reads its batches and hands each chunk (or error) to its request's queue.
+    When the feed ends, every request still reading it gets the cause: the router's death (RayActorError), or
+    FeedClosed when it ended idle (only a request whose start is still in flight can be left then)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.feed_id = uuid.uuid4().hex
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.ended = False
+        self.task: asyncio.Task | None = None
+        self._keys = itertools.count()
+
+    def open(self) -> tuple[int, asyncio.Queue]:
+        key, chunks = next(self._keys), asyncio.Queue()
+        self.queues[key] = chunks
+        if self.ended:  # NOTE: the reading task ended meanwhile: the request's start will say why
+            chunks.put_nowait(FeedClosed(f"feed {self.feed_id} ended"))
+        return key, chunks
+
+    def close(self, key: int) -> None:
+        self.queues.pop(key, None)
+
+    async def read(self, router) -> None:
+        end: BaseException = FeedClosed(f"feed {self.feed_id} ended")
+        try:
+            async for ref in router.feed.options(num_returns="streaming").remote(self.feed_id):
+                batch = await ref
+                for key, chunk in batch.chunks.items():
+                    if key in self.queues:  # NOTE: a request whose reader left is aborted; its last chunks drop
+                        self.queues[key].put_nowait(chunk)
+                for key, error in batch.errors.items():
+                    if key in self.queues:
+                        self.queues[key].put_nowait(error)
+        except Exception as e:  # noqa: BLE001 - handed to every request on this feed
+            end = e
+        finally:
+            self.ended = True
+            for chunks in self.queues.values():
+                chunks.put_nowait(end)
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -51,8 +97,13 @@ class EngineHandle:
     _next: int = dataclasses.field(default=0, init=False, repr=False)
     _in_flight: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # router index -> requests
     _down_until: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # router index -> time
+    _readers: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # router index -> _FeedReader
     _healthy: bool = dataclasses.field(default=True, init=False, repr=False)
     _health_at: float = dataclasses.field(default=-math.inf, init=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        # NOTE: feeds belong to one replica's event loop; a copy sent elsewhere opens its own
+        return {**vars(self), "_readers": {}}
 
     @classmethod
     def of(cls, engine) -> EngineHandle:
@@ -84,26 +135,41 @@ class EngineHandle:
     # -- requests ----------------------------------------------------------------------------------------
     async def stream(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str,
                      traceparent: str | None = None) -> AsyncIterator[StreamChunk]:
-        """The chunks of one request at the least-loaded router. A router that dies before sending a token (its node
-        lost) costs nothing: the request starts again on another router; after a token, it fails with the router's
-        error (UNAVAILABLE). A consumer that stops before the last chunk (a stop string, a client gone) aborts it
-        there, freeing its batch slot: close this generator promptly (``contextlib.aclosing``)."""
+        """The chunks of one request at the least-loaded router, through this ingress's feed from that router
+        (``moeray.router.feed``: one Ray stream per router for all of this ingress's requests there). A router that
+        dies before sending a token (its node lost) costs nothing: the request starts again on another router;
+        after a token, it fails with the router's error (UNAVAILABLE). A consumer that stops before the last chunk
+        (a stop string, a client gone) aborts it there, freeing its batch slot: close this generator promptly
+        (``contextlib.aclosing``)."""
         tried: set[int] = set()
+        reopened = 0
         while True:
             index = self._pick(frozenset(tried))
             tried.add(index)
             router = self.routers[index]
-            chunks = router.stream.options(num_returns="streaming").remote(prompt_ids, sampling, request_id,
-                                                                           traceparent)
+            reader = self._reader(index)
+            key, chunks = reader.open()
             sent, finished = False, False
             self._in_flight[index] = self._in_flight.get(index, 0) + 1
             try:
-                async for ref in chunks:
-                    chunk = await ref
-                    finished = chunk.finish_reason is not None
-                    sent = sent or bool(chunk.token_ids)
-                    yield chunk
-                return
+                await router.start.remote(prompt_ids, sampling, request_id, reader.feed_id, key, traceparent)
+                while True:
+                    item = await chunks.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished = item.finish_reason is not None
+                    sent = sent or bool(item.token_ids)
+                    yield item
+                    if finished:
+                        return
+            except FeedClosed:
+                # The feed ended (idle) as this request came: nothing started; a new feed, the same router.
+                finished = True
+                reader.ended = True  # NOTE: its reading task may not have seen the end yet
+                tried.discard(index)
+                reopened += 1
+                if sent or reopened > MAX_FEED_REOPENS:
+                    raise
             except RayActorError:
                 # NOTE: the router ended the request by dying: nothing to abort, and never another request's id.
                 finished = True
@@ -116,9 +182,20 @@ class EngineHandle:
                 finished = True  # the router ended the request: nothing to abort
                 raise
             finally:
+                reader.close(key)
                 self._in_flight[index] -= 1
                 if not finished:
                     router.abort.remote(request_id)
+
+    def _reader(self, index: int) -> _FeedReader:
+        """This ingress's feed from router ``index``, opened on first use and again after it ended (on this event
+        loop: the queues and the reading task belong to one)."""
+        loop = asyncio.get_running_loop()
+        reader = self._readers.get(index)
+        if reader is None or reader.ended or reader.loop is not loop:
+            reader = self._readers[index] = _FeedReader(loop=loop)
+            reader.task = loop.create_task(reader.read(self.routers[index]))
+        return reader
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request on whichever router runs it; False if none does."""

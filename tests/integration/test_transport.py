@@ -50,7 +50,7 @@ def test_config_names_a_bad_transport_and_the_router_count():
     assert EngineConfig(model="m").transport == "tcp"
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe"])  # mixtral: the rebalance and restart tests below
 def test_compiled_graph_matches_transformers_and_the_object_store(arch, cluster, checkpoints, oracle):
     ref = oracle(arch)
     expected = [ref.greedy(p) for p in PROMPTS]

@@ -1,11 +1,12 @@
 """GenerateResponse.text as the ingress assembles it: one detokenizer per request over the router's chunks, stop
 strings ending the stream (finish reason STOP, the generation aborted). The ingress class runs here as is, in this
-process, against a fake router stream (the gRPC server fixtures serve a checkpoint without a tokenizer); no Ray."""
+process, against a fake router's feed (the gRPC server fixtures serve a checkpoint without a tokenizer); no Ray."""
 
 import asyncio
 
 import grpc
 
+from feed_fakes import FeedRouter
 from moeray.model.demo import byte_tokenizer
 from moeray.request import RequestLimits, StreamChunk
 from moeray.serving import app, errors
@@ -13,34 +14,17 @@ from moeray.serving.engine_handle import EngineHandle
 from moeray.serving.gen import generate_pb2
 
 
-class _Method:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def options(self, **_):
-        return self
-
-    def remote(self, *args):
-        return self.fn(*args)
-
-
-class FakeRouter:
-    """Streams fixed chunks of new token ids as the router's streaming generator would (refs to await)."""
+class FakeRouter(FeedRouter):
+    """Fixed chunks of new token ids, then the finish, as the router's feed carries them."""
 
     def __init__(self, chunks: list[list[int]], finish_reason: str = "length"):
-        self.chunks, self.finish_reason = chunks, finish_reason
-        self.aborted: list[str] = []
-        self.pulled = 0  # chunks the ingress asked for
-        self.stream = _Method(self._stream)
-        self.abort = _Method(self.aborted.append)
+        super().__init__()
+        self.token_chunks, self.finish_reason = chunks, finish_reason
 
-    async def _stream(self, ids, sampling, request_id, traceparent):
-        for chunk in [*self.chunks, None]:
-            self.pulled += 1
-            future = asyncio.get_running_loop().create_future()
-            future.set_result(StreamChunk(request_id=request_id, token_ids=list(chunk)) if chunk is not None else
-                              StreamChunk(request_id=request_id, token_ids=[], finish_reason=self.finish_reason))
-            yield future
+    async def chunks(self, request_id):
+        for chunk in self.token_chunks:
+            yield StreamChunk(request_id=request_id, token_ids=list(chunk))
+        yield StreamChunk(request_id=request_id, token_ids=[], finish_reason=self.finish_reason)
 
 
 class Context:
@@ -98,7 +82,7 @@ def test_generate_text_streams_whole_characters_and_stops_on_stop_strings():
     assert "".join(r.text for r in responses) == "héllo 👨‍👩‍👧 wörld. "
     assert [r.finish_reason for r in responses][-1] == generate_pb2.FINISH_REASON_STOP
     assert responses[-1].usage.completion_tokens == sum(len(r.token_ids) for r in responses)
-    assert router.aborted == ["r1"] and router.pulled < len(chunks) + 1
+    assert router.aborted == ["r1"]
     responses, _ = _generate(_ingress(FakeRouter(chunks), tok), stop=["END"], include=True)
     assert "".join(r.text for r in responses) == "héllo 👨‍👩‍👧 wörld. END"
 

@@ -57,7 +57,8 @@ def router(checkpoints, monkeypatch):
     spec = inspect_checkpoint(path).spec
     plan = static_plan("contiguous", num_layers=len(spec.moe_layers), num_experts=spec.num_experts, num_workers=2)
     workers = [FakeWorker(path, plan.experts_of(w)) for w in range(2)]
-    r = Router(checkpoint_path=path, dtype=torch.float32, plan=plan, workers=workers, max_batch_size=8)
+    r = Router(checkpoint_path=path, dtype=torch.float32, plan=plan, workers=workers, max_batch_size=8,
+               transport="object_store")
     r._stopped.set()  # the test steps the batch itself, so both requests share every step
     r._loop.join()
     try:

@@ -1,6 +1,7 @@
 """The ingress's engine handle against fake router and controller handles, no Ray: round-robin routing, abort fanned
-out to every router, a stream aborted at its router only when its consumer leaves early, cached expert health, and
-the controller's refusals as InvalidRequest."""
+out to every router, a stream aborted at its router only when its consumer leaves early, requests sharing one feed
+per router, a feed that ended idle reopened, cached expert health, and the controller's refusals as
+InvalidRequest."""
 
 import asyncio
 import contextlib
@@ -8,7 +9,9 @@ import contextlib
 import pytest
 from ray.exceptions import RayTaskError
 
+from feed_fakes import FeedRouter
 from moeray.request import InvalidRequest, SamplingParams, StreamChunk
+from moeray.router.feed import FeedClosed
 from moeray.serving import engine_handle
 from moeray.serving.engine_handle import EngineHandle
 
@@ -35,25 +38,25 @@ class _Remote:
         return self.fn(*args, **kwargs)
 
 
-class FakeRouter:
+class FakeRouter(FeedRouter):
+    """``chunks`` chunks of one token each per request, the last with its finish reason; with ``fail_at``, the
+    request fails there with the router's error."""
+
     def __init__(self, running=(), chunks: int = 3, fail_at: int | None = None) -> None:
-        self.running, self.aborted, self.started = set(running), [], []
-        self.chunks, self.fail_at = chunks, fail_at
-        self.stream = _Remote(self._stream)
-        self.abort = _Remote(self._abort)
+        super().__init__()
+        self.preset_running = set(running)
+        self.n_chunks, self.fail_at = chunks, fail_at
         self.score = _Remote(lambda ids, mask, traceparent, last_only: _ready([[len(self.started)]]))
 
-    def _abort(self, request_id):
-        self.aborted.append(request_id)
-        return _ready(request_id in self.running)
-
-    async def _stream(self, ids, sampling, request_id, traceparent):
-        self.started.append(request_id)
-        for i in range(self.chunks):
+    async def chunks(self, request_id):
+        for i in range(self.n_chunks):
             if i == self.fail_at:
                 raise RuntimeError("the router died")
-            last = i == self.chunks - 1
-            yield _ready(StreamChunk(request_id=request_id, token_ids=[i], finish_reason="length" if last else None))
+            last = i == self.n_chunks - 1
+            yield StreamChunk(request_id=request_id, token_ids=[i], finish_reason="length" if last else None)
+
+    def _abort(self, request_id):
+        return _ready(super()._abort(request_id).value or request_id in self.preset_running)
 
 
 async def _consume(handle, request_id, take: int | None = None):
@@ -127,3 +130,38 @@ def test_controller_refusals_are_invalid_requests_with_the_controllers_message()
     with pytest.raises(InvalidRequest) as err:
         asyncio.run(handle.request_scale(9))
     assert str(err.value) == "workers must lie in [1, 4]; got 9"
+
+
+def test_requests_on_one_router_share_its_feed_and_an_ended_feed_is_reopened():
+    router = FakeRouter(chunks=4)
+    handle = EngineHandle(routers=[router], controller=None)
+    feeds: list[str] = []
+    start = router._start
+
+    def recording_start(ids, sampling, request_id, feed_id, key, traceparent):
+        feeds.append(feed_id)
+        return start(ids, sampling, request_id, feed_id, key, traceparent)
+
+    router.start = _Remote(recording_start)
+
+    async def together():
+        return await asyncio.gather(*[_consume(handle, rid) for rid in "abc"])
+
+    assert [[c.token_ids for c in got] for got in asyncio.run(together())] == [[[0], [1], [2], [3]]] * 3
+    assert len(set(feeds)) == 1, "one feed for the three requests"
+
+    # The feed ended idle just as a request came: its start is refused, and it starts again on a new feed.
+    closed = [True]
+
+    def refusing_start(ids, sampling, request_id, feed_id, key, traceparent):
+        feeds.append(feed_id)
+        if closed.pop() if closed else False:
+            async def refuse():
+                raise FeedClosed(f"feed {feed_id} has ended")
+            return refuse()
+        return start(ids, sampling, request_id, feed_id, key, traceparent)
+
+    router.start = _Remote(refusing_start)
+
+    assert [c.token_ids for c in asyncio.run(_consume(handle, "d"))] == [[0], [1], [2], [3]]
+    assert feeds[-1] != feeds[-2] and router.aborted == [], "a new feed; nothing to abort"
