@@ -33,7 +33,8 @@ from moeray.placement.algorithms.topology import Topology
 from moeray.placement.runtime.controller import PlacementController
 from moeray.request import GenerationResult, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.router import Router
-from moeray.router.scheduler import KVStats, Sequence as Seq
+from moeray.router.scheduler import KVStats
+from moeray.router.sequence import Sequence as Seq
 
 log = logging.getLogger(__name__)
 

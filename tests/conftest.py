@@ -126,3 +126,25 @@ def held_bytes_per_expert(layer, itemsize: int = 4) -> int:
         return PackedExpertWeights.bytes_per_expert(layer.hidden_size, layer.intermediate_size, layer.has_bias,
                                                     itemsize)
     return layer.params_per_expert * itemsize
+
+
+def layer_calls(engine, epoch: int, tokens: int = 5) -> dict:
+    """One ``WorkerCall`` per worker of a Ray engine for MoE layer 0: random tokens, each pair on one of the
+    worker's slots (a transport's outputs compared with another's, bit for bit)."""
+    from moeray.transport import WorkerCall
+
+    plan, hidden = engine.plan, engine.spec.moe_layers[0].hidden_size
+    g = torch.Generator().manual_seed(epoch)
+    calls = {}
+    for w in range(plan.num_workers):
+        slots = len(plan.experts_of(w)[0])
+        token_N = torch.arange(tokens).repeat_interleave(2)
+        slot_N = torch.randint(slots, token_N.shape, generator=g)
+        calls[w] = WorkerCall.of(epoch, 0, torch.randn(tokens, hidden, generator=g), token_N, slot_N,
+                                 torch.rand(token_N.shape, generator=g))
+    return calls
+
+
+def router_outputs(engine, sampling, router: int = 0) -> list[list[int]]:
+    """Every prompt of ``PROMPTS`` through one router of a Ray engine, at once: the output ids in order."""
+    return [r.output_ids for r in ray.get([engine.submit(p, sampling, router=router) for p in PROMPTS], timeout=300)]

@@ -9,7 +9,7 @@ import asyncio
 from moeray.router.feed import FeedBatch
 
 
-class _Method:
+class Method:
     """A fake actor method: ``.options(...).remote(...)`` calls it."""
 
     def __init__(self, fn) -> None:
@@ -22,7 +22,7 @@ class _Method:
         return self.fn(*args, **kwargs)
 
 
-class _Answer:
+class Answer:
     """An answered call, as awaiting an ObjectRef gives it; never awaited is fine (abort is fire and forget)."""
 
     def __init__(self, value) -> None:
@@ -39,9 +39,9 @@ class FeedRouter:
         self.aborted: list[str] = []
         self._feeds: dict[str, asyncio.Queue] = {}
         self._running: set[str] = set()
-        self.start = _Method(self._start)
-        self.feed = _Method(self._feed)
-        self.abort = _Method(self._abort)
+        self.start = Method(self._start)
+        self.feed = Method(self._feed)
+        self.abort = Method(self._abort)
 
     async def chunks(self, request_id: str):
         """One request's chunks (an async generator; raising fails the request with that error)."""
@@ -55,7 +55,7 @@ class FeedRouter:
         self.started.append(request_id)
         self._running.add(request_id)
         asyncio.get_running_loop().create_task(self._produce(request_id, self._queue(feed_id), key))
-        return _Answer(None)
+        return Answer(None)
 
     async def _produce(self, request_id: str, feed: asyncio.Queue, key: int) -> None:
         try:
@@ -71,11 +71,12 @@ class FeedRouter:
 
     async def _feed(self, feed_id: str):
         queue = self._queue(feed_id)
+        yield Answer(FeedBatch({}))  # open
         while True:
-            yield _Answer(await queue.get())
+            yield Answer(await queue.get())
 
-    def _abort(self, request_id: str) -> _Answer:
+    def _abort(self, request_id: str) -> Answer:
         self.aborted.append(request_id)
         running = request_id in self._running
         self._running.discard(request_id)
-        return _Answer(running)
+        return Answer(running)

@@ -167,8 +167,9 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10,
             payloads = _payloads(dispatch, x_TH, index_TK)
             floor_s = _timed(lambda: ray.get([actors[w].echo.remote(p) for w, p in payloads]), reps)
             compiled_s, spinning_s, compiled_floor_s = _compiled_path(plan, actors, x_TH, index_TK, weights_TK, reps)
-            collective_s, collective_floor_s = _collective_path(plan, actors, x_TH, index_TK, weights_TK, reps)
-            tcp_s, tcp_floor_s = _tcp_path(plan, actors, x_TH, index_TK, weights_TK, reps)
+            collective_s, collective_floor_s = _socket_path(CollectiveTransport, plan, actors, x_TH, index_TK,
+                                                            weights_TK, reps)
+            tcp_s, tcp_floor_s = _socket_path(TcpTransport, plan, actors, x_TH, index_TK, weights_TK, reps)
             row = {
                 "tokens": t,
                 "moeray_tok_s": t / moeray_s,
@@ -245,34 +246,18 @@ def _compiled_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tenso
     return seconds[0], seconds[1], floor_s
 
 
-def _collective_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor, weights_TK: torch.Tensor,
-                     reps: int) -> tuple[float, float]:
-    """Seconds per layer through a gloo group over this process (rank 0) and the workers, and its floor: the same
-    per-worker calls echoed (``round_trip_call``), no compute. The first send builds each group (its warmup)."""
-    dispatch = ExpertDispatcher(plan, CollectiveTransport(actors))
+def _socket_path(transport_cls, plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor,
+                 weights_TK: torch.Tensor, reps: int) -> tuple[float, float]:
+    """Seconds per layer through ``transport_cls`` (``CollectiveTransport``: a gloo group over this process, rank
+    0, and the workers; ``TcpTransport``: a connection from this process to each worker), and its floor: the same
+    per-worker calls echoed (``round_trip_call``), no compute. The first send builds the group or opens the
+    connections (its warmup)."""
+    dispatch = ExpertDispatcher(plan, transport_cls(actors))
     try:
         seconds = _timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, warmup=2)
     finally:
         dispatch.transport.close()
-    echo = CollectiveTransport(actors, method="round_trip_call")
-    calls = _calls(dispatch, x_TH, index_TK, weights_TK)
-    try:
-        floor_s = _timed(lambda: echo.send(calls), reps, warmup=2)
-    finally:
-        echo.close()
-    return seconds, floor_s
-
-
-def _tcp_path(plan, actors: list, x_TH: torch.Tensor, index_TK: torch.Tensor, weights_TK: torch.Tensor,
-              reps: int) -> tuple[float, float]:
-    """Seconds per layer over TCP connections from this process to the workers, and its floor: the same per-worker
-    calls echoed (``round_trip_call``), no compute. The first send opens the connections (its warmup)."""
-    dispatch = ExpertDispatcher(plan, TcpTransport(actors))
-    try:
-        seconds = _timed(lambda: dispatch(0, x_TH, index_TK, weights_TK), reps, warmup=2)
-    finally:
-        dispatch.transport.close()
-    echo = TcpTransport(actors, method="round_trip_call")
+    echo = transport_cls(actors, method="round_trip_call")
     calls = _calls(dispatch, x_TH, index_TK, weights_TK)
     try:
         floor_s = _timed(lambda: echo.send(calls), reps, warmup=2)

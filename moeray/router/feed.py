@@ -12,10 +12,12 @@ requests. ``Router.stream`` (one generator per request) stays for the Python API
 Entries go by ``key``, which the ingress picks per ``start`` (unique on its feed), not by request id: a client may
 retry an aborted request at once under the same id, while the aborted one still emits its last token.
 
-A feed lives while its ingress reads it. One with no request open and nothing to send for ``IDLE_S`` ends (its
-reader gone, e.g. an ingress replica that died, it would otherwise hold a router thread for ever); a ``start`` that
-names an ended feed raises ``FeedClosed``, and the ingress opens a new feed and starts again. The check and the end
-happen under one lock, so a request is never registered on a feed that has ended.
+A feed lives while its ingress reads it: the reader's call opens it (its first batch is empty: the ingress starts
+requests on it only after that), and one with no request open and nothing to send for ``IDLE_S`` ends (its reader
+gone, e.g. an ingress replica that died, it would otherwise hold a router thread for ever). A ``start`` that names a
+feed not open here (ended, or opened on the incarnation of the router before a restart) raises ``FeedClosed``, and
+the ingress opens a new feed and starts again. The check and the end happen under one lock, so a request is never
+registered on a feed that has ended.
 """
 
 from __future__ import annotations
@@ -96,27 +98,30 @@ class Feed:
 
 
 class Feeds:
-    """A router's feeds by id; an ended one's id is remembered, so that a late ``start`` naming it is refused."""
+    """A router's feeds by id. A feed exists from its reader's first call (``Router.feed``) until it ends; a start
+    naming any other id is refused, so a router Ray restarted, which never saw its predecessor's feeds, refuses
+    theirs instead of running requests nobody reads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._feeds: dict[str, Feed] = {}
         self._ended: set[str] = set()
 
-    def get(self, feed_id: str) -> Feed:
-        """The feed ``feed_id``, made on first use (its reader and its first request may come in either order);
-        ``FeedClosed`` if it has ended."""
+    def open(self, feed_id: str) -> Feed:
+        """A new feed ``feed_id`` (its reader's call)."""
         with self._lock:
-            if feed_id in self._ended:
-                raise FeedClosed(f"feed {feed_id} has ended (idle for {IDLE_S:.0f}s); open a new one")
-            feed = self._feeds.get(feed_id)
-            if feed is None:
-                feed = self._feeds[feed_id] = Feed()
+            if feed_id in self._feeds or feed_id in self._ended:
+                raise ValueError(f"feed {feed_id} was opened before; a feed id is used once")
+            feed = self._feeds[feed_id] = Feed()
             return feed
 
     def register(self, feed_id: str, key: int, request_id: str) -> Feed:
-        """Open ``key`` (for ``request_id``) on ``feed_id``; ``FeedClosed`` if that feed has ended."""
-        feed = self.get(feed_id)
+        """Open ``key`` (for ``request_id``) on ``feed_id``; ``FeedClosed`` if that feed is not open here."""
+        with self._lock:
+            feed = self._feeds.get(feed_id)
+        if feed is None:
+            raise FeedClosed(f"feed {feed_id} is not open on this router (it ended, or an earlier incarnation of the "
+                             "router had it); open a new one")
         with feed.cond:
             if feed.closed:
                 raise FeedClosed(f"feed {feed_id} has ended (idle for {IDLE_S:.0f}s); open a new one")

@@ -31,7 +31,8 @@ from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.feed import FeedBatch, Feeds
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.overlap import auto_min_tokens, plan_micro_batches
-from moeray.router.scheduler import KVStats, Scheduler, Sequence
+from moeray.router.scheduler import KVStats, Scheduler
+from moeray.router.sequence import Sequence
 from moeray.transport import WorkerCall, make_transport, pack
 
 log = logging.getLogger(__name__)
@@ -241,10 +242,11 @@ class Router:
 
     def feed(self, feed_id: str) -> Iterator[FeedBatch]:
         """Feed ``feed_id``'s batches as they come (a Ray streaming generator): the chunks of every request started
-        on it. Ends when the feed has been idle for ``feed.IDLE_S`` or the router stops; a reader that leaves first
-        aborts the requests still open on it."""
-        feed = self.feeds.get(feed_id)
+        on it, after an empty first batch saying the feed is open. Ends when the feed has been idle for
+        ``feed.IDLE_S`` or the router stops; a reader that leaves first aborts the requests still open on it."""
+        feed = self.feeds.open(feed_id)
         try:
+            yield FeedBatch({})
             while not self._stopped.is_set():
                 batch = feed.take(timeout=1.0)
                 if batch is None:

@@ -44,10 +44,11 @@ import torch
 
 from moeray import telemetry
 from moeray.model.architecture import kv_layout_of
-from moeray.request import DuplicateRequestId, GenerationResult, InvalidRequest, SamplingParams
+from moeray.request import DuplicateRequestId, InvalidRequest
 from moeray.router import overlap
-from moeray.router.kv_blocks import BlockTable, OutOfBlocks, SeqBlocks
+from moeray.router.kv_blocks import BlockTable, OutOfBlocks
 from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
+from moeray.router.sequence import Sequence, sample_next
 
 log = logging.getLogger(__name__)
 
@@ -55,48 +56,6 @@ MAX_STEP_RETRIES = 3  # a step that still fails after this many recoveries fails
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_PREFILL_TOKENS = 512
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the pool's size when none is given: this many tokens per batch slot
-
-@dataclasses.dataclass(eq=False)
-class Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    stop_ids: frozenset[int]
-    on_token: Callable[[int], None] | None = None
-    on_done: Callable[[Sequence], None] | None = None  # once, when it finished or failed (after ``done`` is set)
-    output_ids: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    error: BaseException | None = None
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    aborted: bool = False
-    span: object = None  # the request's router span (telemetry): step spans link to it
-    arrived_s: float = dataclasses.field(default_factory=time.perf_counter)
-    last_token_s: float = 0.0  # when its latest token came (telemetry: time to first token, inter-token latency)
-    kv: SeqBlocks = dataclasses.field(default_factory=SeqBlocks)
-    num_computed: int = 0  # positions whose keys and values are in the pool
-
-    def __post_init__(self) -> None:
-        self.generator = None
-        if not self.sampling.greedy:
-            self.generator = torch.Generator()
-            if self.sampling.seed is not None:
-                self.generator.manual_seed(self.sampling.seed)
-            else:
-                self.generator.seed()
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def tokens(self, start: int, stop: int) -> list[int]:
-        """Positions ``start:stop`` of prompt + output, without concatenating the whole sequence."""
-        n = len(self.prompt_ids)
-        return self.prompt_ids[start:stop] + self.output_ids[max(start - n, 0):max(stop - n, 0)]
-
-    def result(self) -> GenerationResult:
-        return GenerationResult(request_id=self.request_id, prompt_ids=self.prompt_ids,
-                                output_ids=list(self.output_ids), finish_reason=self.finish_reason or "abort")
-
 
 @dataclasses.dataclass(frozen=True)
 class MicroBatch:
@@ -131,26 +90,6 @@ class KVStats:
     @property
     def usage(self) -> float:
         return self.blocks_used / self.blocks_total
-
-
-def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    tokens = logits_BV.argmax(dim=-1).tolist()
-    for b, seq in enumerate(seqs):
-        s = seq.sampling
-        if s.greedy:
-            continue
-        logits_V = logits_BV[b].float() / s.temperature
-        if s.top_k:
-            kth = torch.topk(logits_V, min(s.top_k, logits_V.numel())).values[-1]
-            logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-        probs_V = torch.softmax(logits_V, dim=-1)
-        if s.top_p < 1:
-            sorted_V, order_V = probs_V.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            drop_V = sorted_V.cumsum(0) - sorted_V >= s.top_p
-            probs_V = probs_V.scatter(0, order_V, sorted_V.masked_fill(drop_V, 0))
-        tokens[b] = int(torch.multinomial(probs_V, 1, generator=seq.generator))
-    return tokens
 
 
 class Scheduler:

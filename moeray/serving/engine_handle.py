@@ -40,33 +40,34 @@ MAX_FEED_REOPENS = 3  # a request that finds its feed just ended tries a new one
 
 
 class _FeedReader:
-    """One feed from one router: a task reads its batches and hands each chunk (or error) to its request's queue.
-    When the feed ends, every request still reading it gets the cause: the router's death (RayActorError), or
-    FeedClosed when it ended idle (only a request whose start is still in flight can be left then)."""
+    """One feed from one router: a task reads its batches and hands each chunk (or error) to its request's queue;
+    requests start on it once the router has it open (``ready``). When the feed ends, every request still reading it
+    gets the cause: the router's death (RayActorError), or FeedClosed when it ended idle (only a request whose start
+    is still in flight can be left then)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.feed_id = uuid.uuid4().hex
         self.queues: dict[int, asyncio.Queue] = {}
+        self.ready = asyncio.Event()  # the router has the feed open (its first, empty batch came), or it ended
         self.ended = False
+        self.end: BaseException = FeedClosed(f"feed {self.feed_id} ended")
         self.task: asyncio.Task | None = None
         self._keys = itertools.count()
 
     def open(self) -> tuple[int, asyncio.Queue]:
         key, chunks = next(self._keys), asyncio.Queue()
         self.queues[key] = chunks
-        if self.ended:  # NOTE: the reading task ended meanwhile: the request's start will say why
-            chunks.put_nowait(FeedClosed(f"feed {self.feed_id} ended"))
         return key, chunks
 
     def close(self, key: int) -> None:
         self.queues.pop(key, None)
 
     async def read(self, router) -> None:
-        end: BaseException = FeedClosed(f"feed {self.feed_id} ended")
         try:
             async for ref in router.feed.options(num_returns="streaming").remote(self.feed_id):
                 batch = await ref
+                self.ready.set()
                 for key, chunk in batch.chunks.items():
                     if key in self.queues:  # NOTE: a request whose reader left is aborted; its last chunks drop
                         self.queues[key].put_nowait(chunk)
@@ -74,11 +75,12 @@ class _FeedReader:
                     if key in self.queues:
                         self.queues[key].put_nowait(error)
         except Exception as e:  # noqa: BLE001 - handed to every request on this feed
-            end = e
+            self.end = e
         finally:
             self.ended = True
+            self.ready.set()
             for chunks in self.queues.values():
-                chunks.put_nowait(end)
+                chunks.put_nowait(self.end)
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -152,6 +154,9 @@ class EngineHandle:
             sent, finished = False, False
             self._in_flight[index] = self._in_flight.get(index, 0) + 1
             try:
+                await reader.ready.wait()
+                if reader.ended:  # before the router had it open: its death, or a refusal
+                    raise reader.end
                 await router.start.remote(prompt_ids, sampling, request_id, reader.feed_id, key, traceparent)
                 while True:
                     item = await chunks.get()

@@ -1,6 +1,7 @@
-"""The collective data path (a torch.distributed group per router, gloo here) against transformers and against the
-object-store path: same tokens, same logits, on three architectures; through a rebalance, a scale 2 -> 3 -> 2 and a
-router Ray restarted with two routers sharing the workers; and a worker killed mid-generation.
+"""The collective data path (a torch.distributed group per router, gloo here) against transformers (same tokens, same
+logits, on four architectures) and one layer's outputs against the object-store path's, bit for bit; through a
+rebalance, a scale 2 -> 3 -> 2 and a router Ray restarted with two routers sharing the workers; and a worker killed
+mid-generation.
 
 Few actors: 2 workers per engine (3 while scaled); short generations, as each engine start costs the most here."""
 
@@ -11,9 +12,9 @@ import ray
 import torch
 from ray._common.test_utils import wait_for_condition
 
-from conftest import PROMPTS, _ray_start, assert_logits_close
+from conftest import PROMPTS, _ray_start, assert_logits_close, layer_calls, router_outputs
 from moeray import Engine, EngineConfig, SamplingParams
-from moeray.transport import WorkerCall, make_transport, unpack
+from moeray.transport import make_transport, unpack
 from moeray.transport.collective import CollectiveTransport, WorkerFailed
 from moeray.transport.object_store import ObjectStoreTransport
 
@@ -49,7 +50,7 @@ def _groups(engine: Engine) -> list[list[str]]:
 
 
 def _outputs(engine: Engine, sampling: SamplingParams = SAMPLING, router: int = 0) -> list[list[int]]:
-    return [r.output_ids for r in ray.get([engine.submit(p, sampling, router=router) for p in PROMPTS], timeout=300)]
+    return router_outputs(engine, sampling, router)
 
 
 def test_config_takes_collective_with_several_routers_and_names_what_it_cannot_do():
@@ -77,37 +78,18 @@ def test_collective_matches_transformers(arch, cluster, checkpoints, oracle):
         assert len(groups[0]) == 1 and groups == [groups[0]] * 2, "both workers serve the router's one group"
 
 
-def _layer_calls(engine: Engine, epoch: int, tokens: int = 5) -> dict[int, WorkerCall]:
-    """One call per worker for MoE layer 0: random tokens, each pair on one of the worker's slots."""
-    plan, hidden = engine.plan, engine.spec.moe_layers[0].hidden_size
-    g = torch.Generator().manual_seed(epoch)
-    calls = {}
-    for w in range(plan.num_workers):
-        slots = len(plan.experts_of(w)[0])
-        token_N = torch.arange(tokens).repeat_interleave(2)
-        slot_N = torch.randint(slots, token_N.shape, generator=g)
-        calls[w] = WorkerCall.of(epoch, 0, torch.randn(tokens, hidden, generator=g), token_N, slot_N,
-                                 torch.rand(token_N.shape, generator=g))
-    return calls
-
-
-def test_logits_and_layer_outputs_match_the_object_store_path(cluster, checkpoints, oracle):
+def test_logits_and_layer_outputs_match_transformers_and_the_object_store_path(cluster, checkpoints, oracle):
     ref = oracle("qwen3_moe")
-    with Engine(EngineConfig(model=checkpoints["qwen3_moe"], workers=2, replicas=2,
-                             transport="object_store")) as engine:
-        store_logits = [torch.tensor(engine.score([p])[0]) for p in PROMPTS[:2]]
-        store_outputs = _outputs(engine)
+    expected_outputs = [ref.greedy(p, TOKENS) for p in PROMPTS]
     with _collective(checkpoints["qwen3_moe"], replicas=2) as engine:
-        for prompt, expected in zip(PROMPTS[:2], store_logits):
-            logits = engine.score([prompt])[0]
-            assert_logits_close(logits, expected)
-            assert_logits_close(logits, ref.logits(prompt))
-        assert _outputs(engine) == store_outputs == [ref.greedy(p, TOKENS) for p in PROMPTS]
+        for prompt in PROMPTS[:2]:
+            assert_logits_close(engine.score([prompt])[0], ref.logits(prompt))
+        assert _outputs(engine) == expected_outputs
         # A second group on the same workers (this process as its router), beside the engine router's: one
         # layer's outputs equal the object store's bit for bit.
         collective, store = CollectiveTransport(engine.workers), ObjectStoreTransport(engine.workers)
         try:
-            calls = _layer_calls(engine, engine.plan.epoch)
+            calls = layer_calls(engine, engine.plan.epoch)
             sent, expected = collective.send(calls), store.send(calls)
             assert sent.lost == expected.lost == frozenset() and sorted(sent.results) == [0, 1]
             for w in (0, 1):
@@ -115,13 +97,13 @@ def test_logits_and_layer_outputs_match_the_object_store_path(cluster, checkpoin
             assert all(len(g) == 2 for g in _groups(engine)), "each worker serves both routers' groups"
             # A worker's error is raised, naming it; the group stays in step and is not rebuilt.
             with pytest.raises(WorkerFailed, match=r"worker 1: StaleEpoch: worker 1 holds plan epochs \[0\]"):
-                collective.send({1: _layer_calls(engine, 99)[1]})
+                collective.send({1: layer_calls(engine, 99)[1]})
             again = collective.send(calls)
             assert torch.equal(unpack(again.results[1]), unpack(expected.results[1])) and collective.compiles == 1
         finally:
             collective.close()
         wait_for_condition(lambda: all(len(g) == 1 for g in _groups(engine)), timeout=30)  # its threads exit
-        assert _outputs(engine) == store_outputs, "the router's own group is untouched"
+        assert _outputs(engine) == expected_outputs, "the router's own group is untouched"
 
 
 def test_two_routers_through_rebalance_scale_and_a_restart(cluster, checkpoints, oracle):

@@ -8,7 +8,8 @@ from local_experts import LocalExperts
 from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.model.tiny import ARCHITECTURES
 from moeray.request import SamplingParams
-from moeray.router.scheduler import Scheduler, Sequence
+from moeray.router.scheduler import Scheduler
+from moeray.router.sequence import Sequence
 
 
 def _scheduler(path):

@@ -9,33 +9,11 @@ import contextlib
 import pytest
 from ray.exceptions import RayTaskError
 
-from feed_fakes import FeedRouter
+from feed_fakes import Answer, FeedRouter, Method
 from moeray.request import InvalidRequest, SamplingParams, StreamChunk
 from moeray.router.feed import FeedClosed
 from moeray.serving import engine_handle
 from moeray.serving.engine_handle import EngineHandle
-
-
-class _ready:
-    """An answered call, as awaiting an ObjectRef gives it; never awaited is fine (abort is fire and forget)."""
-
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def __await__(self):
-        return self.value
-        yield  # a generator: what __await__ must return
-
-
-class _Remote:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def options(self, **_):
-        return self
-
-    def remote(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
 
 
 class FakeRouter(FeedRouter):
@@ -46,7 +24,7 @@ class FakeRouter(FeedRouter):
         super().__init__()
         self.preset_running = set(running)
         self.n_chunks, self.fail_at = chunks, fail_at
-        self.score = _Remote(lambda ids, mask, traceparent, last_only: _ready([[len(self.started)]]))
+        self.score = Method(lambda ids, mask, traceparent, last_only: Answer([[len(self.started)]]))
 
     async def chunks(self, request_id):
         for i in range(self.n_chunks):
@@ -56,7 +34,7 @@ class FakeRouter(FeedRouter):
             yield StreamChunk(request_id=request_id, token_ids=[i], finish_reason="length" if last else None)
 
     def _abort(self, request_id):
-        return _ready(super()._abort(request_id).value or request_id in self.preset_running)
+        return Answer(super()._abort(request_id).value or request_id in self.preset_running)
 
 
 async def _consume(handle, request_id, take: int | None = None):
@@ -103,11 +81,11 @@ def test_health_is_cached_and_an_unreachable_controller_keeps_the_last_answer(mo
             async def fail():
                 raise answer
             return fail()
-        return _ready(answer)
+        return Answer(answer)
 
     now = [100.0]
     monkeypatch.setattr(engine_handle.time, "monotonic", lambda: now[0])
-    handle = EngineHandle(routers=[], controller=type("C", (), {"health": _Remote(health)})())
+    handle = EngineHandle(routers=[], controller=type("C", (), {"health": Method(health)})())
     assert asyncio.run(handle.experts_available()) is False
     now[0] += engine_handle.HEALTH_TTL_S / 2
     assert asyncio.run(handle.experts_available()) is False and len(asked) == 1  # cached
@@ -126,7 +104,7 @@ def test_controller_refusals_are_invalid_requests_with_the_controllers_message()
             raise wrapped
         return fail()
 
-    handle = EngineHandle(routers=[], controller=type("C", (), {"request_scale": _Remote(request_scale)})())
+    handle = EngineHandle(routers=[], controller=type("C", (), {"request_scale": Method(request_scale)})())
     with pytest.raises(InvalidRequest) as err:
         asyncio.run(handle.request_scale(9))
     assert str(err.value) == "workers must lie in [1, 4]; got 9"
@@ -142,7 +120,7 @@ def test_requests_on_one_router_share_its_feed_and_an_ended_feed_is_reopened():
         feeds.append(feed_id)
         return start(ids, sampling, request_id, feed_id, key, traceparent)
 
-    router.start = _Remote(recording_start)
+    router.start = Method(recording_start)
 
     async def together():
         return await asyncio.gather(*[_consume(handle, rid) for rid in "abc"])
@@ -161,7 +139,7 @@ def test_requests_on_one_router_share_its_feed_and_an_ended_feed_is_reopened():
             return refuse()
         return start(ids, sampling, request_id, feed_id, key, traceparent)
 
-    router.start = _Remote(refusing_start)
+    router.start = Method(refusing_start)
 
     assert [c.token_ids for c in asyncio.run(_consume(handle, "d"))] == [[0], [1], [2], [3]]
     assert feeds[-1] != feeds[-2] and router.aborted == [], "a new feed; nothing to abort"

@@ -1,5 +1,6 @@
 """A router's feeds (moeray/router/feed.py): tokens merge per request until taken, finishes and errors ride along,
-keys (not request ids) tell requests apart, and a feed ends only idle and empty, refusing late starts."""
+keys (not request ids) tell requests apart, starts need a feed its reader opened, and a feed ends only idle and
+empty, refusing late starts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from moeray.router.feed import FeedClosed, Feeds
 
 def test_tokens_merge_per_request_in_order_with_finishes_and_errors():
     feeds = Feeds()
+    feeds.open("f")
     feed = feeds.register("f", 0, "a")
     feeds.register("f", 1, "b")
     feeds.register("f", 2, "c")
@@ -34,6 +36,7 @@ def test_tokens_merge_per_request_in_order_with_finishes_and_errors():
 
 def test_a_request_id_reused_under_a_new_key_is_kept_apart():
     feeds = Feeds()
+    feeds.open("f")
     feed = feeds.register("f", 0, "same")
     feeds.register("f", 1, "same")  # a client retrying an aborted request at once
     feed.put_token(0, 1)
@@ -47,7 +50,9 @@ def test_a_request_id_reused_under_a_new_key_is_kept_apart():
 
 
 def test_take_waits_for_news_and_wakes_on_it():
-    feed = Feeds().register("f", 0, "a")
+    feeds = Feeds()
+    feeds.open("f")
+    feed = feeds.register("f", 0, "a")
     assert feed.take(timeout=0.01).chunks == {}, "nothing yet: an empty batch, the feed lives on"
     threading.Timer(0.05, feed.put_token, args=(0, 9)).start()
     assert feed.take(timeout=5).chunks[0].token_ids == [9]
@@ -56,6 +61,9 @@ def test_take_waits_for_news_and_wakes_on_it():
 def test_a_feed_ends_only_idle_and_empty_and_refuses_late_starts(monkeypatch):
     monkeypatch.setattr(feed_module, "IDLE_S", 0.0)
     feeds = Feeds()
+    with pytest.raises(FeedClosed, match="feed f is not open on this router"):
+        feeds.register("f", 0, "a")  # never opened here: e.g. a router restarted since its reader opened it
+    feeds.open("f")
     feed = feeds.register("f", 0, "a")
     assert feed.take(timeout=0) is not None, "a request is open: the feed stays"
     feed.finish(0, "length", None)
@@ -67,4 +75,7 @@ def test_a_feed_ends_only_idle_and_empty_and_refuses_late_starts(monkeypatch):
     with pytest.raises(FeedClosed):
         feeds.register("f", 1, "b")
     assert len(feeds) == 0
+    with pytest.raises(ValueError, match="feed f was opened before"):
+        feeds.open("f")
+    feeds.open("g")
     assert feeds.register("g", 0, "b").take(timeout=0) is not None, "another feed is unaffected"

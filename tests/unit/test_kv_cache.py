@@ -12,7 +12,8 @@ from moeray.model.tiny import ARCHITECTURES
 from moeray.request import InvalidRequest, SamplingParams
 from moeray.router.kv_blocks import BlockTable, OutOfBlocks, SeqBlocks
 from moeray.router.kv_pool import KVPool
-from moeray.router.scheduler import Scheduler, Sequence
+from moeray.router.scheduler import Scheduler
+from moeray.router.sequence import Sequence
 
 LONG = [3 + (7 * i) % 90 for i in range(23)]  # longer than every chunk below, and past GPT-OSS's window of 6
 

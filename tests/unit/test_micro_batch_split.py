@@ -15,7 +15,8 @@ from moeray.model.backbone import build_backbone
 from moeray.request import SamplingParams
 from moeray.router import overlap
 from moeray.router.overlap import MAX_MICRO_BATCHES, auto_min_tokens, plan_micro_batches, split_rows
-from moeray.router.scheduler import Scheduler, Sequence
+from moeray.router.scheduler import Scheduler
+from moeray.router.sequence import Sequence
 
 
 # -- the split rule (pure) ------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from conftest import PROMPTS, assert_logits_close
 from local_experts import LocalExperts
 from moeray.model.backbone import build_backbone
 from moeray.request import DuplicateRequestId, SamplingParams
-from moeray.router.scheduler import Scheduler, Sequence
+from moeray.router.scheduler import Scheduler
+from moeray.router.sequence import Sequence
 
 
 @pytest.fixture(scope="module")
