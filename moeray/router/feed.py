@@ -32,7 +32,8 @@ IDLE_S = 60.0  # a feed with no request open and nothing queued for this long en
 
 
 class FeedClosed(RuntimeError):
-    """``Router.start`` named a feed that has ended (idle): open a new one and start again."""
+    """``Router.start`` named a feed that is not open on this router (it ended idle, or the router restarted since):
+    open a new one and start again."""
 
 
 @dataclasses.dataclass(frozen=True)
