@@ -168,7 +168,8 @@ class EngineHandle:
                     if finished:
                         return
             except FeedClosed:
-                # The feed ended (idle) as this request came: nothing started; a new feed, the same router.
+                # The feed is not open there (it ended idle as this request came, or the router restarted):
+                # nothing started; a new feed, the same router.
                 finished = True
                 reader.ended = True  # NOTE: its reading task may not have seen the end yet
                 tried.discard(index)
