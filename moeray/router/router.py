@@ -351,9 +351,14 @@ class Router:
             no_pairs = np.zeros(0, np.int32)
             calls = {w: WorkerCall(0, 0, x_TH, no_pairs, no_pairs, no_pairs.view(np.float32))
                      for w in range(len(workers))}
-            once = lambda: echo.send(calls)  # noqa: E731
+
+            def once() -> None:
+                echo.send(calls)
         else:
-            echo, once = None, lambda: ray.get([w.round_trip.remote(x_TH) for w in workers])  # noqa: E731
+            echo = None
+
+            def once() -> None:
+                ray.get([w.round_trip.remote(x_TH) for w in workers])
         times = []
         try:
             for _ in range(repeats + 5):  # the first few warm up
