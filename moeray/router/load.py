@@ -13,7 +13,6 @@ import collections
 import threading
 
 import numpy as np
-import torch
 
 MAX_PENDING_STEPS = 4096  # beyond this, unpulled step records are merged pairwise (totals stay exact)
 
@@ -23,7 +22,7 @@ class LoadCounter:
         self.num_layers, self.num_experts = num_layers, num_experts
         self.track_tokens = track_tokens
         self._lock = threading.Lock()
-        self._pending: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
+        self._pending: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
         self._token_counts: collections.Counter[tuple[int, int, int]] = collections.Counter()
         self.resize(num_workers)
 
@@ -32,16 +31,17 @@ class LoadCounter:
         with self._lock:
             self._close()
             self.num_workers = num_workers
-            self._expert_LE = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
-            self._worker_LW = torch.zeros(self.num_layers, num_workers, dtype=torch.long)
+            self._expert_LE = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
+            self._worker_LW = np.zeros((self.num_layers, num_workers), dtype=np.int64)
 
-    def count(self, layer: int, pair_expert_N: torch.Tensor, pair_worker_N: torch.Tensor,
-              pair_token_id_N: torch.Tensor | None = None) -> None:
+    def count(self, layer: int, pair_expert_N: np.ndarray, pair_worker_N: np.ndarray,
+              pair_token_id_N: np.ndarray | None = None) -> None:
         with self._lock:
-            self._expert_LE[layer] += torch.bincount(pair_expert_N, minlength=self.num_experts)
-            self._worker_LW[layer] += torch.bincount(pair_worker_N, minlength=self.num_workers)
+            self._expert_LE[layer] += np.bincount(pair_expert_N, minlength=self.num_experts)
+            self._worker_LW[layer] += np.bincount(pair_worker_N, minlength=self.num_workers)
             if self.track_tokens and pair_token_id_N is not None:
-                keys_N, counts_N = torch.unique(pair_expert_N * (1 << 32) + pair_token_id_N, return_counts=True)
+                keys_N, counts_N = np.unique(pair_expert_N.astype(np.int64) * (1 << 32) + pair_token_id_N,
+                                             return_counts=True)
                 for key, n in zip(keys_N.tolist(), counts_N.tolist()):
                     self._token_counts[(layer, key >> 32, key & 0xFFFFFFFF)] += n
 
@@ -51,9 +51,9 @@ class LoadCounter:
 
     def _close(self) -> None:
         if hasattr(self, "_expert_LE") and self._expert_LE.any():
-            self._pending.append((self._expert_LE.clone(), self._worker_LW.clone()))
-            self._expert_LE.zero_()
-            self._worker_LW.zero_()
+            self._pending.append((self._expert_LE.copy(), self._worker_LW.copy()))
+            self._expert_LE[:] = 0
+            self._worker_LW[:] = 0
             if len(self._pending) > MAX_PENDING_STEPS:
                 (e0, w0), (e1, w1) = self._pending.popleft(), self._pending.popleft()
                 # NOTE: across a resize the older record's worker rows no longer line up; its expert rows still do.
@@ -66,4 +66,4 @@ class LoadCounter:
             pending, self._pending = list(self._pending), collections.deque()
             tokens, self._token_counts = self._token_counts, collections.Counter()
         token_M4 = np.array([(*k, n) for k, n in tokens.items()], dtype=np.int64).reshape(-1, 4)
-        return {"steps": [(e.numpy(), w.numpy()) for e, w in pending], "tokens": token_M4}
+        return {"steps": pending, "tokens": token_M4}
