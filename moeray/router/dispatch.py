@@ -180,7 +180,8 @@ class ExpertDispatcher:
     def _dispatch(self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor,
                   top_k_weights_TK: torch.Tensor) -> torch.Tensor:
         # NOTE: the bookkeeping is numpy, not torch: each torch call costs microseconds of dispatch, and at one
-        # token a layer makes some thirty of them (measured: 105 -> 30 us a layer, ``moeray bench layer``).
+        # token a layer makes some thirty of them (measured over a transport that echoes: a one-token layer
+        # 105 -> 33 us, a 256-token one 1.14 -> 0.30 ms).
         started = time.perf_counter()
         num_tokens, top_k = top_k_index_TK.shape
         # 1. Flatten to (token, expert, weight) pairs, dropping padding tokens.
@@ -189,7 +190,8 @@ class ExpertDispatcher:
         pair_weight_N = top_k_weights_TK.reshape(-1).to("cpu", torch.float32).numpy()
         if self.token_mask_T is not None:
             keep_N = self.token_mask_T.cpu().numpy().repeat(top_k)
-            pair_token_N, pair_expert_N, pair_weight_N = pair_token_N[keep_N], pair_expert_N[keep_N], pair_weight_N[keep_N]
+            pair_token_N, pair_expert_N, pair_weight_N = (pair_token_N[keep_N], pair_expert_N[keep_N],
+                                                          pair_weight_N[keep_N])
         token_id_N = None if self.token_ids_T is None else self.token_ids_T.cpu().numpy()[pair_token_N]
         y_TH = torch.zeros_like(x_TH)
         self._run_pairs(layer, x_TH, y_TH, pair_token_N, pair_expert_N, pair_weight_N, token_id_N, started)
