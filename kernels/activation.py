@@ -8,6 +8,7 @@ concatenated (``[g0, g1, ..., u0, u1, ...]``, Mixtral, Qwen, DeepSeek, OLMoE) or
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from transformers.activations import ACT2FN
@@ -44,7 +45,14 @@ class GatedActivation:
         else:
             gate_NI, up_NI = gate_up_N2I.chunk(2, dim=dim)
         if self.kind == GLU:
-            return ACT2FN[self.act](gate_NI) * up_NI
+            return _activation(self.act)(gate_NI) * up_NI
         gate_NI = gate_NI.clamp(max=self.limit)
         up_NI = up_NI.clamp(min=-self.limit, max=self.limit)
         return (up_NI + 1) * (gate_NI * torch.sigmoid(gate_NI * self.alpha))
+
+
+@functools.cache
+def _activation(name: str) -> torch.nn.Module:
+    """transformers' activation module ``name``, made once: ``ACT2FN[name]`` builds a new module on every lookup,
+    which cost 12 us per expert slot and layer (a third of a small worker call's time, measured)."""
+    return ACT2FN[name]

@@ -14,12 +14,18 @@ each row: the step's breakdown from the routers' counters, and the sum of the st
 per MoE layer: every worker sent ``concurrency`` tokens and back, no compute; ``Router.round_trip_floor``). At
 the end it prints the issue's targets (throughput vs transformers at 32 and at 1 stream, step vs floors at 32)
 with, for each one missed, the breakdown that says where the step's time went.
+
+``--ingress direct`` measures the same load in Ray Serve's throughput-optimized mode (``direct_ingress_env``): the
+ingress replica serves gRPC and HTTP on ports of its own, and the load goes there, without the proxy's hop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import socket
+import sys
 import time
 
 import numpy as np
@@ -151,14 +157,68 @@ THROUGHPUT_TARGETS = {32: 1.5, 1: 1.0}
 FLOOR_TARGET = (32, 3.0)
 
 
+# Ports per protocol for the ingress replicas of direct ingress: Serve holds a stopped replica's port in quarantine
+# for a while, so each engine of a run (one per transport) needs one of its own.
+DIRECT_INGRESS_PORTS = 8
+_DIRECT_RANGES = {"GRPC": "RAY_SERVE_DIRECT_INGRESS_{}_GRPC_PORT", "HTTP": "RAY_SERVE_DIRECT_INGRESS_{}_HTTP_PORT"}
+
+
+def direct_ingress_env() -> None:
+    """Ray Serve's throughput-optimized mode for this process's local cluster (its documented high-throughput
+    setting): the ingress replica serves gRPC and HTTP itself, on ports from a free range per protocol, and the
+    requests skip the proxy. Call before Ray starts here: Serve's processes read these variables when they start."""
+    if "ray.serve._private.constants" in sys.modules:
+        raise RuntimeError("direct ingress must be set before Ray Serve is imported in this process")
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"  # a bench's stop need not wait 30 s
+    low = 20000
+    for name in _DIRECT_RANGES.values():
+        low = _free_range(DIRECT_INGRESS_PORTS, low)
+        os.environ[name.format("MIN")], os.environ[name.format("MAX")] = str(low), str(low + DIRECT_INGRESS_PORTS)
+        low += DIRECT_INGRESS_PORTS
+
+
+def _free_range(count: int, start: int) -> int:
+    """The first of ``count`` consecutive ports from ``start`` on that nothing on 127.0.0.1 listens on now."""
+    for low in range(start, 30000, count):
+        if all(_bindable(port) for port in range(low, low + count)):
+            return low
+    raise RuntimeError(f"no {count} consecutive free ports in 20000-30000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _direct_port(protocol: str, timeout_s: float = 60.0) -> int:
+    """The port of this protocol's range the ingress replica listens on (the range's only listener)."""
+    name = _DIRECT_RANGES[protocol]
+    low, high = int(os.environ[name.format("MIN")]), int(os.environ[name.format("MAX")])
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for port in range(low, high):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return port
+            except OSError:
+                pass
+        time.sleep(0.2)
+    raise RuntimeError(f"no ingress replica listens on {protocol} ports {low}-{high - 1}")
+
+
 def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: int, max_new_tokens: int,
                     workers: int = 2, router_threads: int = 2, worker_threads: int = 1,
                     apis: tuple[str, ...] = ("grpc",), micro_batches: int | None = None,
-                    transports: tuple[str, ...] = ("object_store",)) -> list[dict]:
+                    transports: tuple[str, ...] = ("object_store",), direct_ingress: bool = False) -> list[dict]:
     rows, hf, first = [], {}, {}
     for transport in transports:
         rows += _serve_one(model, concurrencies, requests_per_level, max_new_tokens, workers, router_threads,
-                           worker_threads, apis, micro_batches, transport, hf, first)
+                           worker_threads, apis, micro_batches, transport, hf, first, direct_ingress)
     overlap = "1" if micro_batches == 1 else "auto" if micro_batches is None else str(micro_batches)
     for transport in transports:
         print_targets([r for r in rows if r["transport"] == transport], overlap, transport)
@@ -167,12 +227,10 @@ def run_serve_bench(model: str, concurrencies: list[int], requests_per_level: in
 
 def _serve_one(model: str, concurrencies: list[int], requests_per_level: int, max_new_tokens: int, workers: int,
                router_threads: int, worker_threads: int, apis: tuple[str, ...], micro_batches: int | None,
-               transport: str, hf: dict[int, float], first: dict) -> list[dict]:
+               transport: str, hf: dict[int, float], first: dict, direct_ingress: bool = False) -> list[dict]:
     """One engine on ``transport``: every load, overlap off and on. transformers' figure per concurrency is measured
     once per run (``hf``); the first transport's loads are kept in ``first`` (by api, overlap, concurrency), and a
     later transport's rows compare with them, on the same prompts."""
-    import socket
-
     import ray
     from ray import serve
 
@@ -196,13 +254,17 @@ def _serve_one(model: str, concurrencies: list[int], requests_per_level: int, ma
     with Engine(config) as engine:
         port, http_port = free_port(), free_port()
         start_serving(engine, grpc_port=port, http_port=http_port)
+        if direct_ingress:  # the proxies are up too, unused: the load goes to the ingress replica's own ports
+            port, http_port = _direct_port("GRPC"), _direct_port("HTTP")
         address, base_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
         loads = {"grpc": lambda p, c, n: run_load(address, p, c, n),
                  "http": lambda p, c, n: run_load_http(base_url, p, c, n)}
         vocab = engine.spec.vocab_size
         for api in apis:
             loads[api](_prompts(2, vocab, seed=99), 2, 4)  # warm-up
-        print(f"moeray bench serve: {model}, transport {transport}, {workers} workers x {worker_threads} threads, "
+        print(f"moeray bench serve: {model}, transport {transport}, ingress "
+              f"{'direct (Serve throughput-optimized)' if direct_ingress else 'through the proxy'}, "
+              f"{workers} workers x {worker_threads} threads, "
               f"1 router x {router_threads} threads, greedy, {max_new_tokens} new tokens per request, APIs "
               f"{','.join(apis)}, micro-batches {' vs '.join(overlap)}")
         moe_layers = len(engine.spec.moe_layers)
@@ -222,7 +284,8 @@ def _serve_one(model: str, concurrencies: list[int], requests_per_level: int, ma
                     before = ray.get([r.stats.remote() for r in engine.routers])
                     result = loads[api](prompts, c, max_new_tokens)
                     after = ray.get([r.stats.remote() for r in engine.routers])
-                    row = {"transport": transport, "api": api, "micro_batches": setting, **result.summary(),
+                    row = {"transport": transport, "ingress": "direct" if direct_ingress else "proxy", "api": api,
+                           "micro_batches": setting, **result.summary(),
                            "hf_generate_tokens_per_s": round(hf[c], 1),
                            "ratio_vs_hf": round(result.tokens_per_s / hf[c], 3),
                            **_step_breakdown(before, after), "step_floor_ms": round(floor_ms, 2),

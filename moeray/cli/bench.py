@@ -36,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bserve.add_argument("--transport", default="object_store",
                         help="the data paths to load, in order, one engine each: object_store, tcp, collective or a "
                         "comma-separated list (later ones compare with the first on the same prompts)")
+    bserve.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                        help="how the load reaches the ingress: through Serve's proxies, as `moeray serve` runs "
+                        "(default), or straight to the ingress replica in Ray Serve's throughput-optimized mode "
+                        "(RAY_SERVE_THROUGHPUT_OPTIMIZED: no proxy hop; a measurement only, `moeray serve` does "
+                        "not run that way yet)")
     bserve.set_defaults(func=cmd_bench_serve)
     bkv = bench_sub.add_parser("kv", help="the KV cache through the endpoint: a long prompt beside running streams "
                                "(chunked vs whole-prompt prefill), a shared prefix, bytes per cached token")
@@ -102,8 +107,10 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from moeray.bench.serve import run_serve_bench
+    from moeray.bench.serve import direct_ingress_env, run_serve_bench
 
+    if args.ingress == "direct":  # before Ray starts: Serve's processes read it when they start
+        direct_ingress_env()
     model = _bench_model(args.model)
     init_ray(None)
     apis = tuple(dict.fromkeys(a.strip() for a in args.api.split(",") if a.strip()))
@@ -117,7 +124,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         return 2
     run_serve_bench(model, args.concurrency, args.requests, args.max_new_tokens, args.workers,
                     router_threads=args.router_threads, worker_threads=args.worker_threads, apis=apis,
-                    micro_batches=args.micro_batches, transports=transports)
+                    micro_batches=args.micro_batches, transports=transports, direct_ingress=args.ingress == "direct")
     return 0
 
 
