@@ -24,6 +24,7 @@ class LoadCounter:
         self._lock = threading.Lock()
         self._pending: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
         self._token_counts: collections.Counter[tuple[int, int, int]] = collections.Counter()
+        self.closed_steps = 0  # step records closed so far (the controller has pulled them all once it counts as many)
         self.resize(num_workers)
 
     def resize(self, num_workers: int) -> None:
@@ -52,6 +53,7 @@ class LoadCounter:
     def _close(self) -> None:
         if hasattr(self, "_expert_LE") and self._expert_LE.any():
             self._pending.append((self._expert_LE.copy(), self._worker_LW.copy()))
+            self.closed_steps += 1
             self._expert_LE[:] = 0
             self._worker_LW[:] = 0
             if len(self._pending) > MAX_PENDING_STEPS:

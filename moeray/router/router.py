@@ -313,7 +313,8 @@ class Router:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {"steps": s.steps, "scores": s.scores, "running": len(s.running), "waiting": s.num_waiting,
+        return {"steps": s.steps, "load_steps": self.dispatcher.load.closed_steps, "scores": s.scores,
+                "running": len(s.running), "waiting": s.num_waiting,
                 "step_s": s.step_s, "forward_s": s.forward_s, "dispatch_s": self.dispatcher.dispatch_s,
                 "router_busy_s": s.router_busy_s, "micro_batch_steps": s.micro_batch_steps,
                 "micro_batches": s.micro_batches, "dispatch": dataclasses.asdict(self.dispatcher.times),

@@ -144,10 +144,14 @@ def test_the_simulator_replays_the_live_controllers_decisions(restarted, capsys)
     trace = tmp / "trace.jsonl"
     for prompts in (SKEWED, SKEWED, DRIFTED, DRIFTED):
         engine.generate(prompts, SAMPLING)
-    steps = ray.get(engine.controller.describe.remote())["total_steps"]
-    # Every window closed so far is decided on and written (the controller's loop does it, between polls).
-    wait_for_condition(lambda: ray.get(engine.controller.describe.remote())["total_steps"] == steps and
-                       len(trace.read_text().splitlines()) == steps // 4, timeout=60)
+    def settled() -> bool:
+        """The controller has pulled every step record the routers closed, and every window closed from them is
+        decided on and written (its loop does both, between polls)."""
+        closed = sum(s["load_steps"] for s in ray.get([r.stats.remote() for r in engine.routers]))
+        pulled = ray.get(engine.controller.describe.remote())["total_steps"]
+        return pulled == closed and len(trace.read_text().splitlines()) == pulled // 4
+
+    wait_for_condition(settled, timeout=60)
     history = ray.get(engine.controller.history.remote())
     decided = [(w.recorded["epoch"], w.recorded["trigger"], w.recorded["applied"]) for w in read_trace_windows(trace)]
     applied = [d for d in decided if d[2]]
