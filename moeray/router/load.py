@@ -24,7 +24,9 @@ class LoadCounter:
         self._lock = threading.Lock()
         self._pending: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
         self._token_counts: collections.Counter[tuple[int, int, int]] = collections.Counter()
-        self.closed_steps = 0  # step records closed so far (the controller has pulled them all once it counts as many)
+        # step records closed so far: once the controller has pulled them all it counts as many (fewer only if more
+        # than MAX_PENDING_STEPS waited unpulled and were merged)
+        self.closed_steps = 0
         self.resize(num_workers)
 
     def resize(self, num_workers: int) -> None:
