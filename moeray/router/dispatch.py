@@ -68,9 +68,13 @@ class DispatchTimes:
 class _PerForward(threading.local):
     """What the scheduler sets around each forward, per thread: micro-batches run their forwards at once."""
 
-    token_mask_T: torch.Tensor | None = None  # which flattened tokens are real (False: padding); None: all
-    token_ids_T: torch.Tensor | None = None  # their token ids (for the optional per-expert token histogram)
+    token_mask_T: np.ndarray | None = None  # which flattened tokens are real (False: padding); None: all
+    token_ids_T: np.ndarray | None = None  # their token ids (for the optional per-expert token histogram)
     workers_touched: int = 0  # by this thread's last layer call (telemetry)
+
+
+def _host(t: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+    return t.cpu().numpy() if isinstance(t, torch.Tensor) else t
 
 
 def _scatter_add(y_TH: torch.Tensor, answered: list[tuple[np.ndarray, torch.Tensor]]) -> None:
@@ -107,11 +111,12 @@ class ExpertDispatcher:
         self.dispatch_s = 0.0  # wall time in dispatch/combine, expert compute included
         self.times = DispatchTimes()
 
-    # Set by the scheduler around each forward, for the forward on the calling thread.
+    # Set by the scheduler around each forward, for the forward on the calling thread; kept as numpy, made once per
+    # forward rather than once per MoE layer.
     token_mask_T = property(lambda self: self._per_forward.token_mask_T,
-                            lambda self, v: setattr(self._per_forward, "token_mask_T", v))
+                            lambda self, v: setattr(self._per_forward, "token_mask_T", _host(v)))
     token_ids_T = property(lambda self: self._per_forward.token_ids_T,
-                           lambda self, v: setattr(self._per_forward, "token_ids_T", v))
+                           lambda self, v: setattr(self._per_forward, "token_ids_T", _host(v)))
 
     @property
     def workers_touched(self) -> int:
@@ -149,8 +154,7 @@ class ExpertDispatcher:
         phy2log_LP = self.plan.phy2log_LP.numpy()
         live_LP = ~np.isin(self._slot_worker_LP, sorted(self.dead_workers))
         replicas_LE = np.zeros((self.plan.num_layers, self.plan.num_experts), dtype=np.int64)
-        for l in range(self.plan.num_layers):
-            np.add.at(replicas_LE[l], phy2log_LP[l], live_LP[l])
+        np.add.at(replicas_LE, (np.arange(self.plan.num_layers)[:, None], phy2log_LP), live_LP)
         log2phy_LER = np.full((self.plan.num_layers, self.plan.num_experts, max(1, int(replicas_LE.max()))), -1,
                               dtype=np.int64)
         for l in range(self.plan.num_layers):
@@ -189,10 +193,10 @@ class ExpertDispatcher:
         pair_expert_N = top_k_index_TK.reshape(-1).cpu().numpy()
         pair_weight_N = top_k_weights_TK.reshape(-1).to("cpu", torch.float32).numpy()
         if self.token_mask_T is not None:
-            keep_N = self.token_mask_T.cpu().numpy().repeat(top_k)
+            keep_N = self.token_mask_T.repeat(top_k)
             pair_token_N, pair_expert_N, pair_weight_N = (pair_token_N[keep_N], pair_expert_N[keep_N],
                                                           pair_weight_N[keep_N])
-        token_id_N = None if self.token_ids_T is None else self.token_ids_T.cpu().numpy()[pair_token_N]
+        token_id_N = None if self.token_ids_T is None else self.token_ids_T[pair_token_N]
         y_TH = torch.zeros_like(x_TH)
         self._run_pairs(layer, x_TH, y_TH, pair_token_N, pair_expert_N, pair_weight_N, token_id_N, started)
         return y_TH
