@@ -21,8 +21,10 @@ import ray
 from transformers import AutoModelForCausalLM
 
 from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
+from moeray.serving.app import set_serving_env
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+set_serving_env()  # Serve's processes started by any test's cluster run as under `moeray serve`
 torch.set_num_threads(2)
 
 

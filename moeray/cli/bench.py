@@ -108,8 +108,10 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from moeray.bench.serve import direct_ingress_env, run_serve_bench
+    from moeray.serving.app import set_serving_env
 
-    if args.ingress == "direct":  # before Ray starts: Serve's processes read it when they start
+    set_serving_env()  # before Ray starts: Serve's processes read it when they start, as under `moeray serve`
+    if args.ingress == "direct":
         direct_ingress_env()
     model = _bench_model(args.model)
     init_ray(None)

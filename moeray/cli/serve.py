@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from moeray.engine import Engine, EngineConfig, plan_placement
     from moeray.model.backbone import inspect_checkpoint
-    from moeray.serving.app import start_serving
+    from moeray.serving.app import set_serving_env, start_serving
 
     from moeray import telemetry
     from moeray.placement.config import ControllerConfig
@@ -130,9 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.api_key:  # the ingress reads it from its environment (moeray/serving/openai_api.py)
         os.environ[API_KEY_ENV] = args.api_key
-    # NOTE: Serve's gRPC proxy reads its message size limit from this variable when it starts; a local cluster's
-    # processes inherit it from here (on an existing cluster, set it in the cluster's environment instead).
-    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(args.max_message_bytes)
+    # NOTE: Serve's processes read these when they start; a local cluster's processes inherit them from here (on an
+    # existing cluster, set them in the cluster's environment instead: deploy/Dockerfile does).
+    set_serving_env(args.max_message_bytes)
     init_ray(args.address)
     stop, force = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # the first drains, a second stops at once

@@ -312,6 +312,14 @@ def test_dockerfile():
     assert re.search(r"pip install [^\n]*/home/ray/src/moeray", text), "installs moeray from the repository"
 
 
+def test_image_sets_what_moeray_serve_sets():
+    from moeray.serving.app import serving_env
+
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    image = dict(pair.split("=", 1) for line in re.findall(r"^ENV\s+(.+)$", text, flags=re.M) for pair in line.split())
+    assert {k: v for k, v in image.items() if k.startswith("RAY_SERVE_")} == serving_env(current={})
+
+
 def test_demo_serves_the_checkpoint_built_into_the_image():
     from moeray.model.demo import DEMO_VERSION
 

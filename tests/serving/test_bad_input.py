@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2 as kserve_pb2, service_pb2_grpc as kse
 from conftest import PROMPTS, Oracle, _ray_start, assert_logits_close
 from moeray import Engine, EngineConfig
 from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
-from moeray.serving.app import start_serving
+from moeray.serving.app import set_serving_env, start_serving
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc
 
 pytestmark = pytest.mark.ray
@@ -46,7 +46,7 @@ def server(tmp_path_factory):
 
     path = str(save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("long") / "mixtral-long",
                                     seed=ARCHITECTURES.index("mixtral"), max_position_embeddings=POSITIONS))
-    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(MAX_MESSAGE_BYTES)
+    set_serving_env(MAX_MESSAGE_BYTES)  # as `moeray serve --max-message-bytes` does
     try:
         with _ray_start():
             engine = Engine(EngineConfig(model=path, workers=2, routers=2, max_new_tokens_cap=CAP))
@@ -65,6 +65,7 @@ def server(tmp_path_factory):
             engine.shutdown()
     finally:
         os.environ.pop("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", None)
+        set_serving_env()  # the default limits again
 
 
 # -- helpers -----------------------------------------------------------------------------------------------

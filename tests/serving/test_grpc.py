@@ -17,7 +17,7 @@ from ray import serve
 
 from conftest import PROMPTS, _ray_start, assert_logits_close
 from moeray import Engine, EngineConfig
-from moeray.serving.app import start_serving
+from moeray.serving.app import set_serving_env, start_serving
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc, placement_pb2, placement_pb2_grpc
 
 pytestmark = pytest.mark.ray
@@ -36,7 +36,7 @@ def server(checkpoints, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     os.environ["MOERAY_ADMIN_TOKEN_FILE"] = str(token_file)
-    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(MAX_MESSAGE_BYTES)  # what `moeray serve` sets
+    set_serving_env(MAX_MESSAGE_BYTES)  # as `moeray serve --max-message-bytes` does
     try:
         with _ray_start():
             engine = Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, max_new_tokens_cap=64,
@@ -52,6 +52,7 @@ def server(checkpoints, tmp_path_factory):
     finally:
         os.environ.pop("MOERAY_ADMIN_TOKEN_FILE", None)
         os.environ.pop("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", None)
+        set_serving_env()  # the default limits again
 
 
 def _generate(stub, prompt, max_new_tokens=16, **kw):
@@ -342,15 +343,17 @@ def test_health_and_reflection_with_grpcurl(server):
 
 
 def test_moeray_serve_and_generate_target(tmp_path, checkpoints, oracle):
-    """`moeray serve` as a user runs it, called by `moeray generate --target`; SIGTERM shuts it all down."""
+    """`moeray serve` as a user runs it, called by `moeray generate --target` and tritonclient; SIGTERM shuts it all
+    down. Serve's variables are not passed down: what Serve needs, `moeray serve` sets itself."""
     import signal
     import sys
     import time
 
     port = _free_port()
-    env = {**os.environ, "MOERAY_HOME": str(tmp_path)}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}, "MOERAY_HOME": str(tmp_path)}
     server = subprocess.Popen([sys.executable, "-m", "moeray.cli", "serve", "--model", checkpoints["mixtral"],
-                               "--port", str(port), "--http-port", str(_free_port()), "--workers", "2"],
+                               "--port", str(port), "--http-port", str(_free_port()), "--workers", "2",
+                               "--max-message-bytes", str(8 * 2**20)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         banner = server.stdout.readline()
@@ -360,6 +363,14 @@ def test_moeray_serve_and_generate_target(tmp_path, checkpoints, oracle):
                               capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads(proc.stdout) == {"prompt_ids": PROMPTS[1], "output_ids": oracle("mixtral").greedy(PROMPTS[1])}
+        # A response over the proxy-replica channel's own 4 MiB default, under the 8 MiB asked for, comes whole.
+        ids = np.tile(np.array(PROMPTS[1] * 12, dtype=np.int64)[:200], (48, 1))
+        inp = triton.InferInput("input_ids", list(ids.shape), "INT64")
+        inp.set_data_from_numpy(ids)
+        logits = triton.InferenceServerClient(f"127.0.0.1:{port}").infer(
+            "mixtral", [inp], outputs=[triton.InferRequestedOutput("logits")]).as_numpy("logits")
+        assert logits.nbytes > 4 * 2**20 and logits.shape == (48, 200, 131)
+        assert_logits_close(logits[0], oracle("mixtral").logits(ids[0].tolist()))
     finally:
         server.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 60
