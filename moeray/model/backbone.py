@@ -110,4 +110,11 @@ def build_backbone(
     model.tie_weights()
     model.initialize_weights()
     model.eval().requires_grad_(False)
+
+    # 4. On a CPU, the dense linears through the panel kernel, as the expert workers run theirs (decode's few rows
+    #    are where torch's GEMM is slowest: moeray/kernels/panel_linear.py).
+    from moeray.kernels import panel_linear
+
+    if panel_linear.enabled(device, dtype):
+        panel_linear.use_panels(model, skip=tuple(expert_paths))
     return model, LoadedCheckpoint(checkpoint=checkpoint, spec=spec, index=index)
