@@ -41,15 +41,15 @@ ENVELOPE_BYTES = 64 * 1024  # what Serve wraps around a response on the proxy-re
 
 
 def serving_env(max_message_bytes: int | None = None, current: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The environment Serve's processes need from ``moeray serve`` (changes to ``current``). Serve's processes
-    read it when they start, so it is set before Ray starts them (``set_serving_env``: ``moeray serve``, the
-    bench, the tests); deploy/Dockerfile sets the same in the image for a cluster.
+    """The variables ``moeray serve`` sets for Serve's processes, given the environment ``current``. Serve's
+    processes read them when they start, so they are set before Ray starts them (``set_serving_env``: ``moeray
+    serve``, the bench, the tests); deploy/Dockerfile sets the same in the image for a cluster.
 
     - ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``: the gRPC proxy's message limit (``max_message_bytes``, when given).
     - ``RAY_SERVE_PROXY_USE_GRPC=1`` (unless set): the proxies reach the ingress replica over gRPC, on the replica's
       own inter-deployment server, instead of as Ray actor calls whose every streamed message is a Ray object
       reported back to the proxy. At 32 streams on the demo that path took the proxy most of a core of the two,
-      and the step was 1.2x longer (BENCHMARKS.md). A Serve handle made elsewhere is unchanged.
+      and steps took 1.2-1.5x as long (BENCHMARKS.md). A Serve handle made elsewhere is unchanged.
     - ``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``: that channel's limit (4 MiB by default), raised to the proxy's
       so that a response the proxy may send is never refused before it.
     """
