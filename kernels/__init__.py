@@ -3,7 +3,7 @@
 ``grouped_experts`` is the one place that picks an implementation: the Triton kernels for CUDA tensors (for the
 activations they implement; plain, FP8 or MXFP4 experts alike), the torch grouped path everywhere else (the
 CPU panel layout, ``PackedExpertWeights``, included). ``reference_experts`` is the naive loop that tests hold
-both to.
+both to. On a CPU the router's dense linears run on the same panel kernel (``panel_linear``).
 """
 
 if __name__ != "moeray.kernels":
