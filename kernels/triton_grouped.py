@@ -1,4 +1,4 @@
-"""Triton grouped expert kernels: the GPU implementation of ``moeray.kernels.grouped_experts``.
+"""Triton grouped expert kernels: the GPU implementation of ``moeray.kernels.api.grouped_experts``.
 
 Shape legend: T tokens, H hidden, I expert intermediate, S local slots, N (token, slot) pairs, M a tile of pairs.
 

@@ -30,10 +30,14 @@ def __getattr__(name: str):
     # NOTE: the engine (and with it Ray) is imported on first use, so that moeray.kernels and moeray.model import
     # on a machine without Ray (``make gpu-check``). moeray.engine itself imports Ray only if it is installed, so
     # Engine(EngineConfig(backend="local")) and LocalEngine run without it.
-    if name in ("Engine", "EngineConfig"):
-        from moeray import engine
+    if name == "Engine":
+        from moeray.engine import Engine
 
-        return getattr(engine, name)
+        return Engine
+    if name == "EngineConfig":
+        from moeray.config import EngineConfig
+
+        return EngineConfig
     if name == "LocalEngine":
         from moeray.local_engine import LocalEngine
 

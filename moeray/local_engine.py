@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from moeray.engine import EngineConfig, model_memory, plan_placement
+from moeray.config import EngineConfig, model_memory, plan_placement
 from moeray.experts.worker import ExpertWorker
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.placement.algorithms.plan import Plan

@@ -59,19 +59,11 @@ def missing_modules() -> list[str]:
 
 
 def import_moeray_kernels():
-    """``moeray.kernels`` from this checkout: kernels/ is the package ``moeray.kernels`` (pyproject maps it), which
-    an uninstalled checkout lacks, so it is registered here under that name."""
+    """``moeray.kernels`` from this checkout, installed or not: ``moeray/kernels`` links to the top-level kernels/."""
     sys.path.insert(0, str(ROOT))
-    import moeray  # NOTE: no Ray: moeray imports its engine lazily
+    import moeray.kernels.api  # NOTE: no Ray: moeray imports its engine lazily
 
-    if importlib.util.find_spec("moeray.kernels") is None:
-        spec = importlib.util.spec_from_file_location("moeray.kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["moeray.kernels"] = module
-        moeray.kernels = module
-        spec.loader.exec_module(module)
-    return importlib.import_module("moeray.kernels")
+    return moeray.kernels.api
 
 
 # -- 1. correctness -----------------------------------------------------------------------------------------------
@@ -125,7 +117,7 @@ CASES = [
 
 def quantized(w, fmt: str, block, dtype):
     """Every slot of ``w`` (ExpertWeights, CPU) quantized by moeray's quantizers; biases in ``dtype``."""
-    from moeray.kernels import ExpertQuant
+    from moeray.kernels.api import ExpertQuant
     from moeray.kernels.quantized import quantize_experts
 
     return quantize_experts(w, ExpertQuant(format=fmt, block=block), dtype)
@@ -135,7 +127,7 @@ def reference_weights(qw):
     """float32 experts expanded by transformers' dequantization, or moeray's where this transformers lacks it;
     with the name of the one used."""
     import torch
-    from moeray.kernels import ExpertWeights
+    from moeray.kernels.api import ExpertWeights
 
     try:
         if qw.quant.format == "fp8":
@@ -171,7 +163,7 @@ def converted(weights, device, dtype=None):
 def run_case(case: Case, device: str) -> Row:
     import torch
     from cases import make_case  # tests/kernels/cases.py: torch and moeray.kernels only
-    from moeray.kernels import CLAMPED_SWIGLU, GatedActivation, reference_experts
+    from moeray.kernels.api import CLAMPED_SWIGLU, GatedActivation, reference_experts
     from moeray.kernels.triton_grouped import grouped_experts_triton
 
     dtype = getattr(torch, case.dtype)
@@ -200,10 +192,10 @@ def run_case(case: Case, device: str) -> Row:
 
 
 def routing_row(device: str) -> Row:
-    """``moeray.kernels.grouped_experts`` sends quantized CUDA experts to Triton: bitwise its result."""
+    """``moeray.kernels.api.grouped_experts`` sends quantized CUDA experts to Triton: bitwise its result."""
     import torch
     from cases import make_case
-    from moeray.kernels import GatedActivation, grouped_experts
+    from moeray.kernels.api import GatedActivation, grouped_experts
     from moeray.kernels.triton_grouped import grouped_experts_triton
 
     name = "routing: grouped_experts(fp8 on CUDA) is Triton"

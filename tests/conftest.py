@@ -7,30 +7,54 @@ from __future__ import annotations
 
 import contextlib
 import os
-
-import torch
-
-# Triton kernels run on CPU tensors through Triton's interpreter when there is no GPU. NOTE: this must be set
-# before anything imports triton.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import sys
 
 import numpy as np
 import pytest
-import ray
+import torch
 from transformers import AutoModelForCausalLM
 
 from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
-from moeray.serving.app import set_serving_env
 
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-set_serving_env()  # Serve's processes started by any test's cluster run as under `moeray serve`
-torch.set_num_threads(2)
+# NOTE: the fast tier (`make test-fast`: `--tier fast`) is the unit and kernel tests without the `ray` and `slow`
+# markers. It never imports Ray: a test that needs Ray, even only its exception types, is marked `ray` and imports
+# it inside the test (collection imports every module, deselected or not), or lives outside tests/unit and
+# tests/kernels.
+TIERS = {"fast": "not ray and not slow", "all": ""}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=sorted(TIERS), default="all",
+                     help="fast: no Ray, no servers (the unit and kernel tests, `make test-fast`); all: everything")
+
+
+def pytest_configure(config):
+    tier = config.getoption("--tier")
+    if TIERS[tier]:
+        config.option.markexpr = " and ".join(f"({e})" for e in (config.option.markexpr, TIERS[tier]) if e)
+    # Triton kernels run on CPU tensors through Triton's interpreter when there is no GPU. NOTE: set before any
+    # test module imports triton, which collection does.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Ray's and Serve's processes read these when they start: every test's cluster runs as under `moeray serve`.
+    from moeray.serving.serve_env import set_serving_env
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    set_serving_env()
+    torch.set_num_threads(2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("--tier") == "fast" and "ray" in sys.modules and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nthe fast tier imported Ray: mark the test that needs it `ray` (tests/conftest.py)", file=sys.stderr)
 
 
 @contextlib.contextmanager
 def _ray_start(**kwargs):
     # NOTE: always address="local": a stale cluster file in Ray's temp folder otherwise breaks the next init.
+    import ray
+
     kwargs = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False, **kwargs}
     ray.init(address="local", **kwargs)
     try:
@@ -122,7 +146,8 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23
 
 def held_bytes_per_expert(layer, itemsize: int = 4) -> int:
     """What a worker holds per expert of ``layer`` (a MoELayerSpec): packed on a CPU where the C kernels run."""
-    from moeray.kernels import PackedExpertWeights, cpu_rows
+    from moeray.kernels import cpu_rows
+    from moeray.kernels.api import PackedExpertWeights
 
     if cpu_rows.available():
         return PackedExpertWeights.bytes_per_expert(layer.hidden_size, layer.intermediate_size, layer.has_bias,
@@ -149,4 +174,6 @@ def layer_calls(engine, epoch: int, tokens: int = 5) -> dict:
 
 def router_outputs(engine, sampling, router: int = 0) -> list[list[int]]:
     """Every prompt of ``PROMPTS`` through one router of a Ray engine, at once: the output ids in order."""
+    import ray
+
     return [r.output_ids for r in ray.get([engine.submit(p, sampling, router=router) for p in PROMPTS], timeout=300)]

@@ -18,7 +18,8 @@ import torch
 import transformers
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moeray.kernels import ExpertWeights, GatedActivation, PackedExpertWeights, cpu_rows, grouped_experts_torch
+from moeray.kernels import cpu_rows
+from moeray.kernels.api import ExpertWeights, GatedActivation, PackedExpertWeights, grouped_experts_torch
 
 SHAPES = [  # name, experts, top_k, hidden, intermediate
     ("mixtral-like", 16, 2, 1024, 2048),
@@ -169,7 +170,7 @@ def bench_quantized_experts(experts, hidden, inter, fmt, device, dtype=torch.bfl
     """Random ``QuantizedExpertWeights`` made on the device, fp8 with 128x128 blocks or mxfp4, with weights of
     about the bench's 1/sqrt(K) magnitude. Timings do not depend on the values, and quantizing model-sized layers
     with the CPU quantizers would take longer than the bench."""
-    from moeray.kernels import ExpertQuant, QuantizedExpertWeights
+    from moeray.kernels.api import ExpertQuant, QuantizedExpertWeights
 
     quant = ExpertQuant(format=fmt, block=(128, 128) if fmt == "fp8" else (1, 32))
     g = torch.Generator(device=device).manual_seed(seed)

@@ -119,7 +119,8 @@ def run_kv_bench(model: str, chunks: list[int], streams: int = 16, warmup: int =
     import ray
     from ray import serve
 
-    from moeray.engine import Engine, EngineConfig
+    from moeray.config import EngineConfig
+    from moeray.engine import Engine
     from moeray.router.kv_config import KVCacheConfig
     from moeray.serving.app import start_serving
 

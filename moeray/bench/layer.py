@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeray.experts.worker import ExpertWorker
-from moeray.kernels import grouped_experts
+from moeray.kernels.api import grouped_experts
 from moeray.model.backbone import inspect_checkpoint
 from moeray.model.tiny import save_random_checkpoint
 from moeray.placement.algorithms.policies import static_plan

@@ -235,7 +235,8 @@ def _serve_one(model: str, concurrencies: list[int], requests_per_level: int, ma
     from ray import serve
 
     from moeray.bench.http_load import run_load_http
-    from moeray.engine import Engine, EngineConfig
+    from moeray.config import EngineConfig
+    from moeray.engine import Engine
     from moeray.router.kv_config import KVCacheConfig
     from moeray.serving.app import start_serving
 

@@ -108,7 +108,7 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from moeray.bench.serve import direct_ingress_env, run_serve_bench
-    from moeray.serving.app import set_serving_env
+    from moeray.serving.serve_env import set_serving_env
 
     set_serving_env()  # before Ray starts: Serve's processes read it when they start, as under `moeray serve`
     if args.ingress == "direct":

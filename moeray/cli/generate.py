@@ -54,7 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args)
     from transformers import AutoTokenizer
 
-    from moeray.engine import Engine, EngineConfig, plan_placement
+    from moeray.config import EngineConfig, plan_placement
+    from moeray.engine import Engine
     from moeray.model.backbone import inspect_checkpoint
     from moeray.model.checkpoint import CheckpointError
     from moeray.model.hub import local_model_dir
@@ -146,7 +147,7 @@ def _human(line: dict) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from moeray.engine import DTYPES
+    from moeray.config import DTYPES
     from moeray.model.backbone import inspect_checkpoint
     from moeray.model.checkpoint import CheckpointError
 

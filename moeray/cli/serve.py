@@ -88,9 +88,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from moeray.engine import Engine, EngineConfig, plan_placement
+    from moeray.config import EngineConfig, plan_placement
+    from moeray.engine import Engine
     from moeray.model.backbone import inspect_checkpoint
-    from moeray.serving.app import set_serving_env, start_serving
+    from moeray.serving.app import start_serving
+    from moeray.serving.serve_env import set_serving_env
 
     from moeray import telemetry
     from moeray.placement.config import ControllerConfig

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from moeray import telemetry
-from moeray.kernels import ExpertWeights, PackedExpertWeights, QuantizedExpertWeights, cpu_rows, grouped_experts
+from moeray.kernels import cpu_rows
+from moeray.kernels.api import ExpertWeights, PackedExpertWeights, QuantizedExpertWeights, grouped_experts
 from moeray.model.architecture import ModelSpec
 from moeray.model.weights import ExpertSource, TensorReader, read_expert
 from moeray.transport.wire import WireTensor, pack, pairs_on, unpack
@@ -55,11 +57,8 @@ def _export_from(peer, pairs: list[tuple[int, int]]) -> list[dict[str, WireTenso
 
 def _ray_placement() -> tuple[str, list[str]]:
     """This process's Ray node id and GPU ids; ('local', []) for an in-process worker, where Ray may be absent."""
-    try:
-        import ray
-    except ImportError:
-        return "local", []
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # NOTE: a process that never imported Ray is no Ray worker (nor needs to import it)
+    if ray is None or not ray.is_initialized():
         return "local", []
     return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()]
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.integrations import moe as hf_moe
 
-from moeray.kernels import CLAMPED_SWIGLU, GLU, ExpertQuant, GatedActivation
+from moeray.kernels.api import CLAMPED_SWIGLU, GLU, ExpertQuant, GatedActivation
 from moeray.model.checkpoint import CheckpointError
 
 EXPERTS_IMPLEMENTATION = "moeray"

@@ -180,7 +180,7 @@ def test_serve_config_rejects_a_misspelt_key():
 @pytest.mark.parametrize("path,doc", RAY_SERVICES, ids=[_id(p, d) for p, d in RAY_SERVICES])
 def test_app_args_are_engine_config(path, doc):
     """build_app's args are EngineConfig fields with values it accepts (constructing one needs no Ray)."""
-    from moeray.engine import EngineConfig
+    from moeray.config import EngineConfig
 
     args = serve_config(doc)["applications"][0]["args"]
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -313,7 +313,7 @@ def test_dockerfile():
 
 
 def test_image_sets_what_moeray_serve_sets():
-    from moeray.serving.app import serving_env
+    from moeray.serving.serve_env import serving_env
 
     text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
     image = dict(pair.split("=", 1) for line in re.findall(r"^ENV\s+(.+)$", text, flags=re.M) for pair in line.split())

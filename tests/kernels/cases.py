@@ -2,7 +2,7 @@
 
 import torch
 
-from moeray.kernels import CLAMPED_SWIGLU, ExpertWeights, GatedActivation
+from moeray.kernels.api import CLAMPED_SWIGLU, ExpertWeights, GatedActivation
 
 ACTIVATIONS = [GatedActivation(), GatedActivation(act="gelu"), GatedActivation(kind=CLAMPED_SWIGLU, limit=0.5)]
 

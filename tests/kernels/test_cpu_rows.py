@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cases import ACTIVATIONS, make_case
-from moeray.kernels import ExpertWeights, PackedExpertWeights, cpu_rows, grouped_experts_torch, reference_experts
+from moeray.kernels import cpu_rows
+from moeray.kernels.api import ExpertWeights, PackedExpertWeights, grouped_experts_torch, reference_experts
 from moeray.kernels import grouped as grouped_module
 
 needs_kernel = pytest.mark.skipif(not cpu_rows._cpu_has_avx2_fma(), reason="the rows kernel needs an x86 CPU with AVX2")

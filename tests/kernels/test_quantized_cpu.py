@@ -19,8 +19,9 @@ from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
 
 from cases import make_case
-from moeray.kernels import CLAMPED_SWIGLU, ExpertQuant, ExpertWeights, GatedActivation, QuantizedExpertWeights
-from moeray.kernels import cpu_rows, grouped_experts_torch, reference_experts
+from moeray.kernels.api import CLAMPED_SWIGLU, ExpertQuant, ExpertWeights, GatedActivation, QuantizedExpertWeights
+from moeray.kernels import cpu_rows
+from moeray.kernels.api import grouped_experts_torch, reference_experts
 from moeray.kernels import grouped as grouped_module
 from moeray.kernels.quantized import MXFP4_BLOCK, quantize_experts, quantize_fp8, quantize_mxfp4
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cases import ACTIVATIONS, make_case as _case
-from moeray.kernels import ExpertWeights, GatedActivation, grouped_experts_torch, reference_experts
+from moeray.kernels.api import ExpertWeights, GatedActivation, grouped_experts_torch, reference_experts
 
 
 @pytest.mark.parametrize("tokens,hidden,inter,slots,top_k", [(1, 96, 200, 1, 1), (7, 33, 20, 8, 2), (120, 33, 20, 8, 2), (33, 40, 24, 64, 4),

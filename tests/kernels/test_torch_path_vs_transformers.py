@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeray.kernels import ExpertWeights, grouped_experts_torch
+from moeray.kernels.api import ExpertWeights, grouped_experts_torch
 from moeray.model.backbone import inspect_checkpoint
 from moeray.model.tiny import ARCHITECTURES
 from moeray.model.weights import TensorReader, read_expert

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cases import make_case
-from moeray.kernels import CLAMPED_SWIGLU, ExpertWeights, GatedActivation, reference_experts
+from moeray.kernels.api import CLAMPED_SWIGLU, ExpertWeights, GatedActivation, reference_experts
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)

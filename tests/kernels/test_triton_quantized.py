@@ -14,8 +14,8 @@ from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from cases import make_case
-from moeray.kernels import CLAMPED_SWIGLU, ExpertQuant, ExpertWeights, GatedActivation, QuantizedExpertWeights
-from moeray.kernels import reference_experts
+from moeray.kernels.api import CLAMPED_SWIGLU, ExpertQuant, ExpertWeights, GatedActivation, QuantizedExpertWeights
+from moeray.kernels.api import reference_experts
 from moeray.kernels.quantized import MXFP4_BLOCK, quantize_experts
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -160,7 +160,7 @@ def test_mxfp4_decodes_every_code_and_scale():
 
 
 def test_packed_weights_are_rejected():
-    from moeray.kernels import PackedExpertWeights
+    from moeray.kernels.api import PackedExpertWeights
 
     x, pt, ps, pw, w = make_case(2, 16, 16, 1, 1, bias=False)
     packed = PackedExpertWeights(gate_up_panels=torch.zeros(1, 2, 16, 16), down_panels=torch.zeros(1, 1, 16, 16),

@@ -22,7 +22,8 @@ from tritonclient.grpc import service_pb2 as kserve_pb2, service_pb2_grpc as kse
 from conftest import PROMPTS, Oracle, _ray_start, assert_logits_close
 from moeray import Engine, EngineConfig
 from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
-from moeray.serving.app import set_serving_env, start_serving
+from moeray.serving.app import start_serving
+from moeray.serving.serve_env import set_serving_env
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc
 
 pytestmark = pytest.mark.ray

@@ -17,7 +17,8 @@ from ray import serve
 
 from conftest import PROMPTS, _ray_start, assert_logits_close
 from moeray import Engine, EngineConfig
-from moeray.serving.app import set_serving_env, start_serving
+from moeray.serving.app import start_serving
+from moeray.serving.serve_env import set_serving_env
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc, placement_pb2, placement_pb2_grpc
 
 pytestmark = pytest.mark.ray

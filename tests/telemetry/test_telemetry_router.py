@@ -13,7 +13,7 @@ import torch
 
 import moeray.transport.object_store as object_store_module
 from moeray import telemetry
-from moeray.kernels import ExpertWeights, grouped_experts
+from moeray.kernels.api import ExpertWeights, grouped_experts
 from moeray.model.backbone import inspect_checkpoint
 from moeray.model.weights import TensorReader, read_expert
 from moeray.placement.algorithms.policies import static_plan

@@ -2,7 +2,7 @@
 
 import torch
 
-from moeray.kernels import ExpertWeights, grouped_experts
+from moeray.kernels.api import ExpertWeights, grouped_experts
 from moeray.model.backbone import inspect_checkpoint
 from moeray.model.weights import TensorReader, read_expert
 

@@ -11,7 +11,7 @@ import torch
 
 from moeray.cli import main
 from moeray.cli import placement as placement_cli
-from moeray.engine import EngineConfig, plan_placement
+from moeray.config import EngineConfig, plan_placement
 from moeray.model.backbone import inspect_checkpoint
 from moeray.placement.algorithms.balanced import replicated
 from moeray.placement.algorithms.plan import Layout
@@ -111,7 +111,7 @@ def test_initial_load_is_the_policys_layout_for_the_whole_trace(tmp_path):
         initial_layout(load_path=str(tmp_path / "t.jsonl"), **{**kwargs, "num_layers": 3})
 
 
-def test_engine_settings_refuse_before_any_cluster(tmp_path, checkpoints, capsys):
+def test_engine_settings_refuse_before_any_cluster(tmp_path, checkpoints):
     path = checkpoints["mixtral"]
     spec = inspect_checkpoint(path).spec
     write_plan(tmp_path / "p.json", _layout())  # 4 workers, 4 redundant slots
@@ -122,7 +122,12 @@ def test_engine_settings_refuse_before_any_cluster(tmp_path, checkpoints, capsys
         plan_placement(EngineConfig(model=path, workers=2, replicas=4, initial_plan=str(tmp_path / "p.json")), spec)
     with pytest.raises(ValueError, match="initial_plan .* and initial_load .* are exclusive"):
         EngineConfig(model=path, initial_plan="a.json", initial_load="b.jsonl")
-    # The command line refuses it the same way, with exit status 2, before starting Ray.
+
+
+@pytest.mark.ray  # the commands import Ray (not start it) before they check their settings
+def test_the_command_line_refuses_the_same_before_starting_ray(tmp_path, capsys, checkpoints):
+    path = checkpoints["mixtral"]
+    write_plan(tmp_path / "p.json", _layout())
     assert main(["generate", "--model", path, "--prompt-ids", "1,2", "--workers", "4", "--replicas", "1",
                  "--initial-plan", str(tmp_path / "p.json")]) == 2
     assert "holds 4 redundant slots per layer (12 slots for 8 experts); replicas allows 1" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS, Oracle, assert_logits_close
-from moeray import Engine, EngineConfig, InvalidRequest, LocalEngine, SamplingParams
+from moeray import EngineConfig, InvalidRequest, LocalEngine, SamplingParams
 from moeray.model.checkpoint import CheckpointError
 from moeray.model.tiny import ARCHITECTURES, save_fp8_checkpoint, save_tiny_checkpoint
 from moeray.placement.config import ControllerConfig
@@ -24,7 +24,9 @@ GREEDY = SamplingParams(max_new_tokens=16)
 
 
 def local(path, **kwargs) -> LocalEngine:
-    return Engine(EngineConfig(model=str(path), backend="local", **{"workers": 2, **kwargs}))
+    # NOTE: moeray.Engine(config) with backend="local" is this class too (test_runs_without_ray goes through it);
+    # here it is named directly, since moeray.engine imports Ray where Ray is installed (the fast tier never does).
+    return LocalEngine(EngineConfig(model=str(path), backend="local", **{"workers": 2, **kwargs}))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -183,6 +185,8 @@ def test_runs_without_ray(checkpoints, oracle):
 
 @pytest.mark.ray
 def test_equals_the_ray_engine(checkpoints, ray_local):
+    from moeray import Engine
+
     path = checkpoints["gpt_oss"]
     with Engine(EngineConfig(model=path, workers=2, replicas=1)) as ray_engine:
         ray_ids = [r.output_ids for r in ray_engine.generate(PROMPTS, GREEDY)]

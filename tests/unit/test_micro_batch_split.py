@@ -160,6 +160,7 @@ def test_a_failed_micro_batch_is_retried_alone_and_the_step_completes(checkpoint
 
 
 # -- the object-store path: every touched worker computes at once --------------------------------------------
+@pytest.mark.ray  # the object-store transport's module imports Ray
 def test_the_object_store_path_sends_every_call_before_it_waits(monkeypatch):
     """One token, its top-k experts on different workers: every call is submitted before any result is awaited,
     so the workers compute at once (a layer waits for the slowest, not the sum); results come in one get."""

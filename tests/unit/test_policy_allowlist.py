@@ -134,6 +134,7 @@ def test_config_allowed_policy_modules(tmp_path):
     assert config.allowed_policy_modules == ("pkg.mod",) and config.max_workers == 4
 
 
+@pytest.mark.ray  # `moeray serve` imports Serve before it checks its flags
 def test_serve_flags(capsys):
     from moeray.cli import build_parser, main
 
@@ -206,6 +207,7 @@ def ingress(monkeypatch):
     return cls.__new__(cls), app, placement_pb2
 
 
+@pytest.mark.ray  # the ingress class and Ray's wrapped errors
 def test_scale_workers_answers_the_accepted_target_at_once(ingress):
     import grpc
 
@@ -229,6 +231,7 @@ def test_scale_workers_answers_the_accepted_target_at_once(ingress):
     assert asked == [3, 1000]
 
 
+@pytest.mark.ray  # the ingress class and Ray's wrapped errors
 def test_set_policy_and_rebalance_refusals_are_invalid_argument(ingress):
     import grpc
 

@@ -1,7 +1,7 @@
 """serving_env: what `moeray serve` sets for Serve's processes (the serving suite runs under it: tests/conftest.py)."""
 
-from moeray.serving.app import (DEFAULT_MAX_MESSAGE_BYTES, ENVELOPE_BYTES, MAX_MESSAGE_ENV, PROXY_GRPC_ENV,
-                                REPLICA_MAX_MESSAGE_ENV, serving_env)
+from moeray.serving.serve_env import (DEFAULT_MAX_MESSAGE_BYTES, ENVELOPE_BYTES, MAX_MESSAGE_ENV, PROXY_GRPC_ENV,
+                                      REPLICA_MAX_MESSAGE_ENV, serving_env)
 
 
 def test_the_proxy_replica_channel_takes_what_the_proxy_may_send():

@@ -35,9 +35,13 @@ def test_a_worker_call_carries_int32_indices_and_float32_weights():
     assert token_N.tolist() == [0, 1, 1, 3] and weight_N.tolist() == [0.5, 0.25, 0.75, 1.0]
 
 
+@pytest.mark.ray  # the object-store transport's module imports Ray
+def test_make_transport_makes_the_object_store_path():
+    assert make_transport("object_store", ["w0"]).workers == ["w0"]
+
+
 def test_make_transport_names_the_choices():
     assert TRANSPORTS[:2] == ("object_store", "compiled_graph") and "direct" in TRANSPORTS
-    assert make_transport("object_store", ["w0"]).workers == ["w0"]
     assert make_transport("direct", ["w0"]).workers == ["w0"]
     with pytest.raises(ValueError, match=r"transport 'nccl' is not one of \('object_store', 'compiled_graph', "):
         make_transport("nccl", [])

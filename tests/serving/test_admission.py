@@ -1,5 +1,5 @@
 """Exact admission control in the ingress: never more than max_ongoing + max_queued admitted, never a refusal
-below that, FIFO hand-over of slots, and request ids unique among the admitted (no Ray)."""
+below that, FIFO hand-over of slots, and request ids unique among the admitted (no Ray cluster; the errors it raises import Ray's types)."""
 
 import asyncio
 
@@ -8,6 +8,8 @@ import pytest
 from moeray.request import DuplicateRequestId
 from moeray.serving.admission import Admission, serve_limits
 from moeray.serving.errors import AdmissionFull
+
+pytestmark = pytest.mark.ray
 
 
 def test_exactly_ongoing_plus_queued_are_admitted_in_order():

@@ -6,6 +6,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.ray
+
 SET_AND_PRINT = """
 import json, os
 from moeray.bench.serve import direct_ingress_env

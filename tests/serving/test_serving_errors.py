@@ -14,6 +14,8 @@ from moeray.router.dispatch import ExpertsUnavailable
 from moeray.serving import errors, wire
 from moeray.serving.gen import generate_pb2
 
+pytestmark = pytest.mark.ray
+
 C = grpc.StatusCode
 
 

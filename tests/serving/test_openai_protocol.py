@@ -12,6 +12,8 @@ from moeray.serving.openai_responses import error_body, param_of
 from moeray.serving.openai_protocol import (DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, chat_messages,
                                             parse_chat, parse_completion)
 
+pytestmark = pytest.mark.ray
+
 LIMITS = RequestLimits(vocab_size=300, max_positions=64, max_new_tokens_cap=40)
 
 

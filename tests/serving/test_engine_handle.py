@@ -15,6 +15,8 @@ from moeray.router.feed import FeedClosed
 from moeray.serving import engine_handle
 from moeray.serving.engine_handle import EngineHandle
 
+pytestmark = pytest.mark.ray
+
 
 class FakeRouter(FeedRouter):
     """``chunks`` chunks of one token each per request, the last with its finish reason; with ``fail_at``, the
