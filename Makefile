@@ -1,20 +1,39 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   # installs, then generates from the embedded demo checkpoint on a local Ray cluster
 #   make test   # installs, then runs the whole test suite (what CI runs)
+# Both install the exact versions requirements.lock pins (with their hashes); `make lock` re-resolves it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK := requirements.lock
+# NOTE: torch is the one package outside the lock: this machine's CPU build (pip takes 2.13.0 from the local wheel;
+# a torch from the index would be a multi-GB CUDA build). The lock is resolved against this version.
+TORCH := 2.13.0
+PIP := 26.3
 
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: install demo test bench gpu-check protos-check prometheus
+.PHONY: install demo test test-fast lock bench gpu-check gpu-wheels protos-check prometheus
 
-$(VENV)/.installed: pyproject.toml
+# Nothing is resolved here: every package at its locked version and hash, without its dependencies (the lock holds
+# them all), moeray itself editable with the locked setuptools, then pip check says the set is whole.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# NOTE: the CPU build of torch first; an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q pip==$(PIP)
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps torch==$(TORCH)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
+
+# Re-resolves requirements.lock to the newest releases pyproject.toml's ranges admit (run it to take new releases,
+# then `make test`; commit the lock only when that passes). pip-tools runs in a throwaway venv of its own.
+lock:
+	rm -rf .tools/lock && python3 -m venv .tools/lock
+	.tools/lock/bin/pip install -q --upgrade pip pip-tools
+	echo "torch==$(TORCH)" > .tools/lock/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" .tools/lock/bin/pip-compile --quiet --upgrade --generate-hashes \
+		--strip-extras --extra test --all-build-deps --unsafe-package torch --unsafe-package pip \
+		--no-emit-index-url --no-emit-find-links -c .tools/lock/torch.txt -o $(LOCK) pyproject.toml
 
 # tests/telemetry scrapes moeray with a real Prometheus (Debian's package); nothing to do when it is on PATH.
 prometheus:
@@ -43,6 +62,10 @@ protos-check: $(BUF)
 test: install protos-check
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
+# The unit and kernel tests: no Ray, no cluster, no servers (tests/conftest.py: --tier fast), a few minutes.
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider --tier fast tests/unit tests/kernels
+
 bench: install
 	$(VENV)/bin/moeray bench layer
 
@@ -51,3 +74,8 @@ bench: install
 # and prefill tokens/s); one table, non-zero exit on a failure (scripts/gpu_check.py, scripts/gpu_check_engine.py).
 gpu-check:
 	python3 scripts/gpu_check.py
+
+# Here, before a device run: the locked wheels gpu-check needs that the GPU image lacks (transformers, HF kernels
+# and what they need), for its Python 3.12, into .gpu-wheels/ (ignored): carry it; gpu-check installs from it.
+gpu-wheels:
+	python3 scripts/gpu_wheels.py download

@@ -2,7 +2,8 @@
 """``make gpu-check``: moeray's Triton kernels checked, then timed, on one GPU, in one command.
 
 Runs with the machine's own Python (torch, triton, transformers, safetensors, tokenizers; no Ray, no pytest, no
-network; versions may differ from the pins): moeray is imported from this checkout, not installed.
+network): moeray is imported from this checkout, not installed. Where ``.gpu-wheels/`` is present (``make
+gpu-wheels``, carried), the locked versions in it are installed first, so transformers is the tested one.
 
 1. Correctness on CUDA against ``reference_experts`` (fp32, on the CPU): Triton on plain fp32 and bf16 experts,
    FP8 block-scaled (blocks 128x128, 16x16, 8x4 and 1x48, partial edge blocks), MXFP4; quantized experts are
@@ -302,6 +303,13 @@ def main(argv=None) -> int:
     if args.interpret:  # NOTE: before anything imports triton
         os.environ["TRITON_INTERPRET"] = "1"
 
+    if (ROOT / ".gpu-wheels").is_dir():  # `make gpu-wheels`, carried: the locked transformers and what it needs
+        import gpu_wheels  # beside this script
+
+        if gpu_wheels.install() != 0:
+            print("gpu-check: installing .gpu-wheels failed (pip's message above)", file=sys.stderr)
+            return 2
+        importlib.invalidate_caches()
     missing = missing_modules()
     if missing:
         for name in missing:
