@@ -64,7 +64,10 @@ class Reference:
         from transformers import AutoModelForCausalLM
 
         self.torch, self.device = torch, device
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        from moeray.model.quant import reference_load_kwargs
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                          **reference_load_kwargs(path)).to(device).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
         self.pad = self.model.generation_config.pad_token_id or 0

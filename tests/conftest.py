@@ -100,7 +100,10 @@ class Oracle:
     """transformers running a checkpoint in this process: the correctness reference."""
 
     def __init__(self, path: str):
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        from moeray.model.quant import reference_load_kwargs
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                          **reference_load_kwargs(path)).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
 

@@ -318,12 +318,13 @@ class ExpertWorker:
 
     # -- the TCP transport (moeray.transport.tcp) -----------------------------------------------------------
     def tcp_address(self) -> tuple[str, int, bytes]:
-        """Where this worker takes TCP transport connections (listening from the first ask on), and the token a
-        connection must open with: a router asks through Ray, so only Ray's peers learn it."""
+        """Where this worker takes TCP transport connections (listening from the first ask on), and the key a
+        connection proves it holds (never sent on the socket): a router asks through Ray, so only Ray's peers
+        learn it."""
         from moeray.transport.tcp import listen
 
         listener = listen(self)
-        return (*listener.address, listener.token)
+        return (*listener.address, listener.key)
 
     def tcp_connections(self) -> int:
         """TCP transport connections this worker serves now (any number of routers, one per concurrent send)."""

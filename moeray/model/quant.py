@@ -105,3 +105,15 @@ def scale_to_float(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype == torch.uint8:
         return torch.exp2(scale.to(torch.float32) - 127.0)
     return scale.to(torch.float32)
+
+
+def reference_load_kwargs(path: str) -> dict:
+    """What ``AutoModelForCausalLM.from_pretrained`` needs beside ``path`` to run a checkpoint as moeray's reference:
+    transformers' own dequantization for MXFP4. NOTE: with Hugging Face's ``kernels`` installed (transformers 5.25
+    requires it) transformers otherwise fetches gpt-oss's Triton kernels from the hub, which an offline machine
+    cannot, and its own MXFP4 compute is not the dequantized reference moeray is held to."""
+    from transformers import AutoConfig, Mxfp4Config
+
+    if quant_of(AutoConfig.from_pretrained(path, local_files_only=True)).method == MXFP4:
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {}

@@ -11,8 +11,11 @@ format's numpy arrays, pickled with protocol 5: the arrays travel out of band, w
 ``sendmsg`` and read into fresh buffers, never copied into the pickle.
 
 Connections: each worker listens on its node's IP (``ExpertWorker.tcp_address``, started on first use) and hands
-the address and a random token to whoever asks through Ray; a connection that does not open with the token is
-closed unread. The router keeps a pool of idle connections per worker: a send takes one per touched worker and
+the address and a random key to whoever asks through Ray. The key never crosses the socket: a connection opens with
+the worker's fresh nonce, answered by HMAC-SHA256(key, nonce, method) within ``OPEN_TIMEOUT_S``, and nothing the
+peer sends is parsed before that answer checks out; the method is an index into ``METHODS``, never a name the peer
+sends. A wrong, late or replayed opening is closed (counted in ``Listener.refused``, logged once per peer host), so
+is every connection past ``MAX_CONNECTIONS``, and a frame's head is bounded before anything is allocated. The router keeps a pool of idle connections per worker: a send takes one per touched worker and
 gives it back after its answer, so sends from several threads at once (micro-batches) each use their own
 connection, and the worker serves each on its own thread (``forward`` takes concurrent calls). Any number of
 routers; nothing polls, so an idle connection costs nothing.
@@ -26,6 +29,7 @@ step and go back to the pool). A plan switch changes nothing here: the epoch tra
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import pickle
@@ -39,12 +43,20 @@ from moeray.transport.wire import WireTensor, WorkerCall
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S = 30.0  # opening a connection and sending its token
+CONNECT_TIMEOUT_S = 30.0  # the router's wait to connect and be challenged
+OPEN_TIMEOUT_S = 5.0  # the worker's wait for a new connection's answer to its challenge
+MAX_CONNECTIONS = 64  # per worker, opening or open: routers x concurrent micro-batch sends, with room
+MAX_BUFFERS = 16  # arrays in one frame (a WorkerCall has five)
+MAX_FRAME_BYTES = 2**31  # one frame's pickle or array
 GET_TIMEOUT_S = 300.0  # one layer's result, as on the other paths: a loaded CPU machine is slow
 PING_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 2  # a live worker whose connection broke gets its call again once, on a new connection
-TOKEN_BYTES = 16
+KEY_BYTES = NONCE_BYTES = 32
 OK, ERROR = 0, 1
+METHODS = ("forward", "round_trip_call")  # what a connection may run (the second: moeray bench layer's floor)
+_MAGIC = b"MRY1"
+_CHALLENGE = struct.Struct(f"!4s{NONCE_BYTES}s")  # the worker's: magic, a fresh nonce
+_ANSWER = struct.Struct("!32sB")  # the router's: HMAC-SHA256(key, magic + nonce + method index), the method index
 
 _HEAD = struct.Struct("!QI")  # the pickle's length, the number of out-of-band buffers
 _SIZE = struct.Struct("!Q")
@@ -69,9 +81,15 @@ def send_frame(sock: socket.socket, obj) -> None:
 
 
 def recv_frame(sock: socket.socket):
-    """The next frame's object; ``ConnectionError`` if the peer closed the connection."""
+    """The next frame's object; ``ConnectionError`` if the peer closed the connection, ``ValueError`` (nothing
+    allocated) for a head past the bounds. NOTE: only ever called on a connection whose opening checked out."""
     size, count = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
+    if count > MAX_BUFFERS or size > MAX_FRAME_BYTES:
+        raise ValueError(f"a frame of {count} arrays and a {size}-byte head is over the limits ({MAX_BUFFERS} "
+                         f"arrays, {MAX_FRAME_BYTES} bytes)")
     sizes = struct.unpack(f"!{count}Q", _recv_exact(sock, _SIZE.size * count)) if count else ()
+    if any(n > MAX_FRAME_BYTES for n in sizes):
+        raise ValueError(f"a frame's array of {max(sizes)} bytes is over the limit ({MAX_FRAME_BYTES} bytes)")
     data = _recv_exact(sock, size)
     return pickle.loads(data, buffers=[_recv_exact(sock, n) for n in sizes])
 
@@ -98,6 +116,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def opening_mac(key: bytes, nonce: bytes, method_index: int) -> bytes:
+    return hmac.new(key, _MAGIC + nonce + bytes([method_index]), hashlib.sha256).digest()
+
+
 def _nodelay(sock: socket.socket) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # NOTE: a small frame must not wait for an ACK
     return sock
@@ -107,13 +129,18 @@ def _nodelay(sock: socket.socket) -> socket.socket:
 class Listener:
     """A worker's listening socket: a thread accepts, one thread per connection serves it until it closes."""
 
-    def __init__(self, worker, host: str) -> None:
+    def __init__(self, worker, host: str, *, open_timeout_s: float = OPEN_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.worker = worker
-        self.token = secrets.token_bytes(TOKEN_BYTES)
+        self.key = secrets.token_bytes(KEY_BYTES)
+        self.open_timeout_s, self.max_connections = open_timeout_s, max_connections
         self.sock = socket.create_server((host, 0), backlog=64)
         self.address = (host, self.sock.getsockname()[1])
         self._lock = threading.Lock()
-        self.connections = 0  # served now
+        self.connections = 0  # served now, past their opening
+        self.held = 0  # opening or served: what MAX_CONNECTIONS bounds
+        self.refused = 0  # connections closed for a bad, late or replayed opening, or past the bound
+        self._warned: set[str] = set()
         threading.Thread(target=self._accept, name="moeray-tcp-accept", daemon=True).start()
 
     def _accept(self) -> None:
@@ -122,39 +149,73 @@ class Listener:
                 conn, peer = self.sock.accept()
             except OSError:  # closed
                 return
+            with self._lock:
+                full = self.held >= self.max_connections
+                self.held += not full
+            if full:
+                self._refuse(conn, peer, f"over {self.max_connections} connections")
+                continue
             threading.Thread(target=self._serve, args=(_nodelay(conn), peer), name=f"moeray-tcp:{peer}",
                              daemon=True).start()
 
+    def _refuse(self, conn: socket.socket, peer, why: str) -> None:
+        conn.close()
+        with self._lock:
+            self.refused += 1
+            first = peer[0] not in self._warned
+            self._warned.add(peer[0])
+        if first:  # NOTE: once per peer host: a stranger's retries must not flood the log
+            log.warning("tcp: refused a connection from %s (%s); further refusals of that host are not logged",
+                        peer[0], why)
+
+    def _open(self, conn: socket.socket):
+        """The challenge and its answer: the method the connection may run, or None. Nothing else is read."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        conn.settimeout(self.open_timeout_s)
+        conn.sendall(_CHALLENGE.pack(_MAGIC, nonce))
+        mac, index = _ANSWER.unpack(_recv_exact(conn, _ANSWER.size))
+        if index >= len(METHODS) or not hmac.compare_digest(mac, opening_mac(self.key, nonce, index)):
+            return None
+        conn.settimeout(None)  # NOTE: the wait for the next call has no limit: an idle router sends nothing
+        return getattr(self.worker, METHODS[index])
+
     def _serve(self, conn: socket.socket, peer) -> None:
-        """First the token and the method to run, then: call in, result (or error) out, until the router closes."""
-        with conn:
+        """The opening, then: call in, result (or error) out, until the router closes."""
+        try:
             try:
-                conn.settimeout(CONNECT_TIMEOUT_S)
-                token, method_name = recv_frame(conn)
-                if not hmac.compare_digest(token, self.token):
-                    log.warning("tcp: a connection from %s did not present this worker's token; closed", peer)
-                    return
-                method = getattr(self.worker, method_name)
-                conn.settimeout(None)  # NOTE: the wait for the next call has no limit: an idle router sends nothing
-            except (OSError, ValueError, pickle.UnpicklingError) as e:
-                log.warning("tcp: a connection from %s failed its opening (%s); closed", peer, e)
+                method = self._open(conn)
+            except OSError as e:  # silent past the timeout, or closed mid-opening
+                method, why = None, f"no answer to the challenge: {e}"
+            else:
+                why = "a wrong answer to the challenge"
+            if method is None:
+                self._refuse(conn, peer, why)
                 return
+            with conn:
+                self._run(conn, peer, method)
+        finally:
             with self._lock:
-                self.connections += 1
-            try:
-                while True:
-                    call = recv_frame(conn)
-                    try:
-                        answer = (OK, method(*call))
-                    except Exception as e:  # noqa: BLE001 - sent to the router, which raises it in its step
-                        log.exception("tcp: a call from %s failed", peer)
-                        answer = (ERROR, f"{type(e).__name__}: {e}")
-                    send_frame(conn, answer)
-            except OSError:  # the router closed the connection (or died)
-                pass
-            finally:
-                with self._lock:
-                    self.connections -= 1
+                self.held -= 1
+
+    def _run(self, conn: socket.socket, peer, method) -> None:
+        with self._lock:
+            self.connections += 1
+        try:
+            while True:
+                call = recv_frame(conn)
+                try:
+                    answer = (OK, method(*call))
+                except Exception as e:  # noqa: BLE001 - sent to the router, which raises it in its step
+                    log.exception("tcp: a call from %s failed", peer)
+                    answer = (ERROR, f"{type(e).__name__}: {e}")
+                send_frame(conn, answer)
+        except OSError:  # the router closed the connection (or died)
+            pass
+        except ValueError as e:  # a head past the bounds: closed before anything was allocated
+            log.warning("tcp: closed a connection from %s: %s", peer, e)
+        finally:
+            with self._lock:
+                self.connections -= 1
 
 
 def listen(worker) -> Listener:
@@ -175,6 +236,8 @@ class TcpTransport:
     concurrent_sends = True  # each send takes its own connections from the pool (micro-batches; dispatch.py)
 
     def __init__(self, workers: list, *, method: str = "forward", get_timeout_s: float = GET_TIMEOUT_S) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method {method!r} is not one a worker serves over tcp: {METHODS}")
         self.workers = list(workers)
         self.method, self.get_timeout_s = method, get_timeout_s
         self.dead: set[int] = set()
@@ -279,10 +342,14 @@ class TcpTransport:
             address = tuple(ray.get(worker.tcp_address.remote(), timeout=CONNECT_TIMEOUT_S))
             with self._lock:
                 self._addresses[w] = address
-        host, port, token = address
+        host, port, key = address
         conn = _nodelay(socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S))
         try:
-            send_frame(conn, (token, self.method))
+            magic, nonce = _CHALLENGE.unpack(_recv_exact(conn, _CHALLENGE.size))
+            if magic != _MAGIC:
+                raise ConnectionError(f"worker {w} at {host}:{port} did not open with moeray's challenge")
+            index = METHODS.index(self.method)
+            conn.sendall(_ANSWER.pack(opening_mac(key, nonce, index), index))
         except OSError:
             conn.close()
             raise

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeray.transport import tcp
 from moeray.transport.tcp import Listener, TcpTransport, WorkerFailed, encode_frame, recv_frame, send_frame
 from moeray.transport.wire import WorkerCall, pack, unpack
 
@@ -76,7 +77,7 @@ def served():
     workers = [_Worker(), _Worker()]
     listeners = [Listener(w, "127.0.0.1") for w in workers]
     transport = TcpTransport(["w0", "w1"])
-    transport._addresses = {i: (*l.address, l.token) for i, l in enumerate(listeners)}
+    transport._addresses = {i: (*l.address, l.key) for i, l in enumerate(listeners)}
     yield transport, workers, listeners
     transport.close()
     for listener in listeners:
@@ -140,11 +141,91 @@ def test_a_new_worker_list_closes_the_old_connections(served):
     assert sorted(transport.send({0: _call(), 1: _call()}).results) == [0, 1] and transport.compiles == 4
 
 
-def test_a_connection_without_the_token_is_closed_unread(served):
-    _, workers, listeners = served
-    with socket.create_connection(listeners[0].address) as conn:
-        send_frame(conn, (b"x" * 16, "forward"))
-        conn.settimeout(5)
-        with pytest.raises(ConnectionError):
-            recv_frame(conn)
-    assert workers[0].calls == 0 and listeners[0].connections == 0
+def _challenge(conn: socket.socket) -> bytes:
+    conn.settimeout(5)
+    magic, nonce = tcp._CHALLENGE.unpack(tcp._recv_exact(conn, tcp._CHALLENGE.size))
+    assert magic == tcp._MAGIC
+    return nonce
+
+
+def _closed(conn: socket.socket) -> bool:
+    conn.settimeout(5)
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+class _Marker:
+    """Unpickling this creates ``path``: proof that the worker parsed a pickle it was sent."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_connection_without_the_key_is_closed_unread(served, tmp_path):
+    """A wrong answer, a pickle in place of the answer (in the old opening's framing too), random bytes, an answer
+    replayed from another connection's opening, a method outside the table: each closed, nothing parsed or run."""
+    transport, workers, listeners = served
+    listener = listeners[0]
+    marker = tmp_path / "ran"
+    pickled = b"".join(bytes(v) for v in encode_frame((_Marker(marker), "forward")))
+    # a real opening, captured: its answer is for that connection's nonce only
+    with socket.create_connection(listener.address) as conn:
+        nonce = _challenge(conn)
+        captured = tcp._ANSWER.pack(tcp.opening_mac(listener.key, nonce, 0), 0)
+    openings = [b"\0" * tcp._ANSWER.size, pickled, np.random.default_rng(0).bytes(4096), captured,
+                tcp._ANSWER.pack(tcp.opening_mac(listener.key, b"\0" * 32, 0), 0),
+                tcp._ANSWER.pack(tcp.opening_mac(b"k" * 32, b"\0" * 32, 0), 0)]
+    for opening in openings:
+        with socket.create_connection(listener.address) as conn:
+            nonce = _challenge(conn)
+            conn.sendall(opening)
+            assert _closed(conn)
+    with socket.create_connection(listener.address) as conn:  # a right MAC for a method outside the table
+        nonce = _challenge(conn)
+        conn.sendall(tcp._ANSWER.pack(tcp.opening_mac(listener.key, nonce, len(tcp.METHODS)), len(tcp.METHODS)))
+        assert _closed(conn)
+    _wait(lambda: listener.held == 0)
+    assert not marker.exists() and workers[0].calls == 0 and listener.connections == 0
+    assert listener.refused == 1 + len(openings) + 1  # the captured one closed unanswered counts too
+    # the worker still serves the router that holds the key
+    assert np.array_equal(unpack(transport.send({0: _call(2)}).results[0]), np.full((3, 4), 4.0))
+    assert workers[0].calls == 1
+
+
+def test_a_silent_opening_and_connections_past_the_bound_are_closed(served):
+    _, workers, _ = served
+    listener = Listener(workers[0], "127.0.0.1", open_timeout_s=0.3, max_connections=3)
+    try:
+        silent = [socket.create_connection(listener.address) for _ in range(3)]
+        for conn in silent:
+            _challenge(conn)
+        with socket.create_connection(listener.address) as extra:  # the fourth: refused at once, unchallenged
+            assert _closed(extra)
+        for conn in silent:  # each closed once its opening time is up
+            assert _closed(conn)
+            conn.close()
+        _wait(lambda: listener.held == 0)
+        assert listener.refused == 4 and listener.connections == 0
+    finally:
+        listener.sock.close()
+
+
+def test_a_head_past_the_bounds_is_refused_before_anything_is_allocated():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(tcp._HEAD.pack(2**62, 1))
+        with pytest.raises(ValueError, match=r"over the limits \(16 arrays, 2147483648 bytes\)"):
+            recv_frame(b)
+        a.sendall(tcp._HEAD.pack(8, 2**31))
+        with pytest.raises(ValueError, match="a frame of 2147483648 arrays"):
+            recv_frame(b)
+
+
+def test_the_method_is_one_of_the_table():
+    with pytest.raises(ValueError, match=r"method 'export_experts' is not one a worker serves over tcp"):
+        TcpTransport([], method="export_experts")
