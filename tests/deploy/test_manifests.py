@@ -289,7 +289,7 @@ def test_image_python_and_torch_fit_the_package():
     text = (DEPLOY / "Dockerfile").read_text()
     torch = re.search(r"^ARG TORCH_VERSION=(\S+)", text, flags=re.M).group(1)
     assert Version(torch) in pinned("torch").specifier
-    makefile_torch = re.search(r"torch==(\S+)", (ROOT / "Makefile").read_text()).group(1)
+    makefile_torch = re.search(r"^TORCH := (\S+)", (ROOT / "Makefile").read_text(), flags=re.M).group(1)
     assert torch == makefile_torch, "the image and the development machines run the same torch"
     assert "https://download.pytorch.org/whl/cpu" in text
 
