@@ -7,15 +7,16 @@
 Why it exists: on the object-store path a one-token layer's round trip costs ~1.4 ms of Ray (task submission,
 scheduling, the result's object), against ~0.14 ms for the same payloads over a connected socket, and ~4.8 against
 ~0.8 ms at 256 tokens (``moeray bench layer``). A decode step pays that per MoE layer. The payloads are the wire
-format's numpy arrays, pickled with protocol 5: the arrays travel out of band, written from their own memory by one
-``sendmsg`` and read into fresh buffers, never copied into the pickle.
+format's numpy arrays in a fixed binary layout (moeray/transport/frames.py: nothing a socket delivers is unpickled),
+written from their own memory by one ``sendmsg`` and read into fresh buffers.
 
 Connections: each worker listens on its node's IP (``ExpertWorker.tcp_address``, started on first use) and hands
 the address and a random key to whoever asks through Ray. The key never crosses the socket: a connection opens with
 the worker's fresh nonce, answered by HMAC-SHA256(key, nonce, method) within ``OPEN_TIMEOUT_S``, and nothing the
 peer sends is parsed before that answer checks out; the method is an index into ``METHODS``, never a name the peer
 sends. A wrong, late or replayed opening is closed (counted in ``Listener.refused``, logged once per peer host), so
-is every connection past ``MAX_CONNECTIONS``, and a frame's head is bounded before anything is allocated. The router keeps a pool of idle connections per worker: a send takes one per touched worker and
+is every connection past ``MAX_CONNECTIONS``, and so is one whose message the layout refuses (its size is checked
+before anything is allocated). The router keeps a pool of idle connections per worker: a send takes one per touched worker and
 gives it back after its answer, so sends from several threads at once (micro-batches) each use their own
 connection, and the worker serves each on its own thread (``forward`` takes concurrent calls). Any number of
 routers; nothing polls, so an idle connection costs nothing.
@@ -32,13 +33,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import pickle
 import secrets
 import socket
 import struct
 import threading
 
+from moeray.transport import frames
 from moeray.transport.base import Sent, call_each
+from moeray.transport.frames import FrameError
 from moeray.transport.wire import WireTensor, WorkerCall
 
 log = logging.getLogger(__name__)
@@ -46,74 +48,19 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 30.0  # the router's wait to connect and be challenged
 OPEN_TIMEOUT_S = 5.0  # the worker's wait for a new connection's answer to its challenge
 MAX_CONNECTIONS = 64  # per worker, opening or open: routers x concurrent micro-batch sends, with room
-MAX_BUFFERS = 16  # arrays in one frame (a WorkerCall has five)
-MAX_FRAME_BYTES = 2**31  # one frame's pickle or array
+MAX_FRAME_BYTES = 2**31  # one message's arrays
 GET_TIMEOUT_S = 300.0  # one layer's result, as on the other paths: a loaded CPU machine is slow
 PING_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 2  # a live worker whose connection broke gets its call again once, on a new connection
 KEY_BYTES = NONCE_BYTES = 32
-OK, ERROR = 0, 1
 METHODS = ("forward", "round_trip_call")  # what a connection may run (the second: moeray bench layer's floor)
 _MAGIC = b"MRY1"
 _CHALLENGE = struct.Struct(f"!4s{NONCE_BYTES}s")  # the worker's: magic, a fresh nonce
 _ANSWER = struct.Struct("!32sB")  # the router's: HMAC-SHA256(key, magic + nonce + method index), the method index
 
-_HEAD = struct.Struct("!QI")  # the pickle's length, the number of out-of-band buffers
-_SIZE = struct.Struct("!Q")
-
 
 class WorkerFailed(RuntimeError):
     """A worker's ``forward`` raised (anything but its death): the router's step fails with its message."""
-
-
-# -- frames: one pickled object, its numpy arrays out of band -----------------------------------------------
-def encode_frame(obj) -> list[memoryview]:
-    """``obj`` as the pieces of one frame: a head (sizes), the pickle, then each array's memory, uncopied."""
-    buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    head = _HEAD.pack(len(data), len(raws)) + b"".join(_SIZE.pack(r.nbytes) for r in raws)
-    return [memoryview(head), memoryview(data), *raws]
-
-
-def send_frame(sock: socket.socket, obj) -> None:
-    _send_all(sock, encode_frame(obj))
-
-
-def recv_frame(sock: socket.socket):
-    """The next frame's object; ``ConnectionError`` if the peer closed the connection, ``ValueError`` (nothing
-    allocated) for a head past the bounds. NOTE: only ever called on a connection whose opening checked out."""
-    size, count = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
-    if count > MAX_BUFFERS or size > MAX_FRAME_BYTES:
-        raise ValueError(f"a frame of {count} arrays and a {size}-byte head is over the limits ({MAX_BUFFERS} "
-                         f"arrays, {MAX_FRAME_BYTES} bytes)")
-    sizes = struct.unpack(f"!{count}Q", _recv_exact(sock, _SIZE.size * count)) if count else ()
-    if any(n > MAX_FRAME_BYTES for n in sizes):
-        raise ValueError(f"a frame's array of {max(sizes)} bytes is over the limit ({MAX_FRAME_BYTES} bytes)")
-    data = _recv_exact(sock, size)
-    return pickle.loads(data, buffers=[_recv_exact(sock, n) for n in sizes])
-
-
-def _send_all(sock: socket.socket, views: list[memoryview]) -> None:
-    views = [v.cast("B") for v in views if v.nbytes]
-    while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= views[0].nbytes:  # NOTE: sendmsg may write part of what it was given
-            sent -= views[0].nbytes
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionError("the peer closed the connection")
-        got += k
-    return buf
 
 
 def opening_mac(key: bytes, nonce: bytes, method_index: int) -> bytes:
@@ -173,7 +120,7 @@ class Listener:
         nonce = secrets.token_bytes(NONCE_BYTES)
         conn.settimeout(self.open_timeout_s)
         conn.sendall(_CHALLENGE.pack(_MAGIC, nonce))
-        mac, index = _ANSWER.unpack(_recv_exact(conn, _ANSWER.size))
+        mac, index = _ANSWER.unpack(frames.recv_exact(conn, _ANSWER.size))
         if index >= len(METHODS) or not hmac.compare_digest(mac, opening_mac(self.key, nonce, index)):
             return None
         conn.settimeout(None)  # NOTE: the wait for the next call has no limit: an idle router sends nothing
@@ -202,16 +149,19 @@ class Listener:
             self.connections += 1
         try:
             while True:
-                call = recv_frame(conn)
+                kind, epoch, layer, arrays = frames.recv(conn, MAX_FRAME_BYTES)
+                if kind != frames.CALL:
+                    raise FrameError(f"a worker takes calls (kind {frames.CALL}); got kind {kind}")
                 try:
-                    answer = (OK, method(*call))
+                    answer = frames.encode(frames.RESULT, epoch, layer, [method(*frames.call_of(epoch, layer,
+                                                                                                arrays))])
                 except Exception as e:  # noqa: BLE001 - sent to the router, which raises it in its step
                     log.exception("tcp: a call from %s failed", peer)
-                    answer = (ERROR, f"{type(e).__name__}: {e}")
-                send_frame(conn, answer)
+                    answer = frames.encode_error(f"{type(e).__name__}: {e}")
+                frames.send_all(conn, answer)
         except OSError:  # the router closed the connection (or died)
             pass
-        except ValueError as e:  # a head past the bounds: closed before anything was allocated
+        except FrameError as e:  # closed before anything past the message's heads was read
             log.warning("tcp: closed a connection from %s: %s", peer, e)
         finally:
             with self._lock:
@@ -287,12 +237,12 @@ class TcpTransport:
         """Every call out, then every answer in; returns the results and the workers whose connection broke. A
         worker's error is raised once every answer is in."""
         generation, conns, broken = self._generation, {}, set()
-        frames = {w: encode_frame(tuple(call)) for w, call in calls.items()}  # NOTE: all of them before any send
-        for w, frame in frames.items():
+        messages = {w: frames.encode_call(call) for w, call in calls.items()}  # NOTE: all of them before any send
+        for w, message in messages.items():
             conn = None
             try:
                 conn = self._checkout(w)
-                _send_all(conn, frame)
+                frames.send_all(conn, message)
                 conns[w] = conn
             except Exception as e:  # noqa: BLE001 - narrowed below
                 # a socket error, or the address's Ray call found the actor gone or stuck
@@ -307,17 +257,17 @@ class TcpTransport:
         results, errors = {}, []
         for w, conn in conns.items():
             try:
-                status, payload = recv_frame(conn)
-            except OSError as e:  # closed, reset, or silent past the timeout
+                kind, _, _, arrays = frames.recv(conn, MAX_FRAME_BYTES)
+            except (OSError, FrameError) as e:  # closed, reset, silent past the timeout, or not an answer
                 log.info("tcp: worker %d's answer did not come: %s", w, e)
                 conn.close()
                 broken.add(w)
                 continue
             self._checkin(w, conn, generation)
-            if status == ERROR:
-                errors.append((w, f"worker {w}: {payload}"))
+            if kind == frames.ERROR:
+                errors.append((w, f"worker {w}: {frames.error_text(arrays)}"))
             else:
-                results[w] = payload
+                results[w] = arrays[0]
         for w in broken:
             with self._lock:
                 self._addresses.pop(w, None)  # NOTE: a restarted worker listens elsewhere
@@ -345,7 +295,7 @@ class TcpTransport:
         host, port, key = address
         conn = _nodelay(socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S))
         try:
-            magic, nonce = _CHALLENGE.unpack(_recv_exact(conn, _CHALLENGE.size))
+            magic, nonce = _CHALLENGE.unpack(frames.recv_exact(conn, _CHALLENGE.size))
             if magic != _MAGIC:
                 raise ConnectionError(f"worker {w} at {host}:{port} did not open with moeray's challenge")
             index = METHODS.index(self.method)
