@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from moeray.deployment import TOPOLOGIES
+from moeray.request import DEFAULT_MAX_FORWARD_TOKENS
 from moeray.model.architecture import ModelSpec
 from moeray.model.backbone import LoadedCheckpoint
 from moeray.placement.algorithms.plan import Plan
@@ -44,6 +45,9 @@ class EngineConfig:
     # beside the workers', else 0: the dense half on CPU).
     router_gpus: float | None = None
     max_batch_size: int = 32
+    # The most tokens one forward sends the expert workers: a step's decode tokens and prefill chunks (max_batch_size
+    # + kv_cache.max_prefill_tokens must fit), a scoring batch's rows. It bounds what a worker's data port accepts.
+    max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS
     max_new_tokens_cap: int = 4096
     use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough, else CPU shares
     worker_num_cpus: float = 0.25  # the CPU share a worker asks for when it runs without a GPU
@@ -72,10 +76,15 @@ class EngineConfig:
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)  # off unless it names an exporter
 
     def __post_init__(self) -> None:
-        for name in ("workers", "routers", "max_batch_size", "max_new_tokens_cap", "threads_per_actor",
-                     "router_threads"):
+        for name in ("workers", "routers", "max_batch_size", "max_forward_tokens", "max_new_tokens_cap",
+                     "threads_per_actor", "router_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        step = self.max_batch_size + self.kv_cache.max_prefill_tokens
+        if step > self.max_forward_tokens:
+            raise ValueError(f"a step may carry max_batch_size + max_prefill_tokens = {self.max_batch_size} + "
+                             f"{self.kv_cache.max_prefill_tokens} = {step} tokens, over max_forward_tokens "
+                             f"{self.max_forward_tokens}: raise max_forward_tokens or lower one of them")
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0; got {self.replicas}")
         if self.micro_batches is not None and not 1 <= self.micro_batches <= MAX_MICRO_BATCHES:

@@ -97,7 +97,7 @@ class Engine:
         spawn = WorkerSpawner(options=options, checkpoint_path=path, spec=self.spec,
                               sources=self.checkpoint.index.experts, dtype=config.torch_dtype,
                               num_threads=config.threads_per_actor, telemetry_config=config.telemetry,
-                              routers=config.routers)
+                              routers=config.routers, max_forward_tokens=config.max_forward_tokens)
         self.workers.extend(spawn(w, self.initial_plan.experts_of(w)) for w in range(config.workers))
         try:
             ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
@@ -120,6 +120,7 @@ class Engine:
                 controller_name=controller_name,
                 checkpoint_path=path, dtype=config.torch_dtype, plan=self.initial_plan, workers=self.workers,
                 max_batch_size=config.max_batch_size, max_new_tokens_cap=config.max_new_tokens_cap,
+                max_forward_tokens=config.max_forward_tokens,
                 num_threads=config.router_threads or config.threads_per_actor, track_tokens=config.track_tokens,
                 telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
                 transport=config.transport, restore_timeout_s=config.controller.restore_timeout_s,

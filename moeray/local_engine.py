@@ -147,7 +147,8 @@ class LocalEngine:
         return ExpertWorker(worker_index=index, checkpoint_path=self.checkpoint.checkpoint.ref, spec=self.spec,
                             sources=self.checkpoint.index.experts,
                             experts_per_layer=experts_per_layer or [[] for _ in self.spec.moe_layers],
-                            dtype=self.config.torch_dtype, num_threads=self._threads, epoch=epoch)
+                            dtype=self.config.torch_dtype, num_threads=self._threads, epoch=epoch,
+                            max_forward_tokens=self.config.max_forward_tokens)
 
     def _start(self) -> None:
         config = self.config
@@ -155,7 +156,8 @@ class LocalEngine:
         workers = [self._spawn_worker(w, self.initial_plan.experts_of(w)) for w in range(config.workers)]
         router = Router(checkpoint_path=self.checkpoint.checkpoint.ref, dtype=config.torch_dtype,
                         plan=self.initial_plan, workers=workers, max_batch_size=config.max_batch_size,
-                        max_new_tokens_cap=config.max_new_tokens_cap, num_threads=self._threads,
+                        max_new_tokens_cap=config.max_new_tokens_cap, max_forward_tokens=config.max_forward_tokens,
+                        num_threads=self._threads,
                         track_tokens=config.track_tokens, transport="direct", kv_cache=config.kv_cache,
                         telemetry_config=config.telemetry.for_process("router", 0, routers=1),
                         restore_timeout_s=config.controller.restore_timeout_s, micro_batches=config.micro_batches)

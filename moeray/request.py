@@ -9,6 +9,9 @@ import uuid
 from collections.abc import Sequence
 
 MAX_REQUEST_ID_CHARS = 128
+# The most tokens one forward sends the expert workers (EngineConfig.max_forward_tokens): it bounds a worker's
+# activation memory and the size of a message its data port accepts (moeray/transport/frames.py).
+DEFAULT_MAX_FORWARD_TOKENS = 8192
 MIN_TEMPERATURE = 1e-5  # below it (but above 0) logits / temperature overflow float32: the sampler would fail
 _REQUEST_ID = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 

@@ -132,9 +132,11 @@ def run_layer_bench(tokens: list[int], workers: int = 2, repeats: int = 10,
         plan = static_plan("contiguous", num_layers=1, num_experts=EXPERTS, num_workers=workers)
         # NOTE: max_concurrency as the engine starts them: a compiled graph's loop runs on Ray's system thread.
         worker_cls = ray.remote(BenchWorker).options(num_cpus=0, max_concurrency=4)
+        largest = max(*tokens, *breakdown_tokens)  # the data ports take calls of up to this many tokens
         actors = [worker_cls.remote(worker_index=w, checkpoint_path=path, spec=info.spec,
                                     sources=info.index.experts, experts_per_layer=plan.experts_of(w),
-                                    dtype=torch.float32, num_threads=1) for w in range(workers)]
+                                    dtype=torch.float32, num_threads=1, max_forward_tokens=largest)
+                  for w in range(workers)]
         ray.get([a.ping.remote() for a in actors])
         dispatch = ExpertDispatcher(plan, ObjectStoreTransport(actors))
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

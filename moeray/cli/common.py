@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from moeray.request import DEFAULT_MAX_FORWARD_TOKENS
+
 
 def parse_ids(text: str) -> list[int]:
     try:
@@ -69,6 +71,9 @@ def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-prefill-tokens", type=int, default=512,
                        help="prompt tokens a step prefills beside the running streams' next tokens; longer prompts "
                        "are prefilled in chunks (default 512)")
+    group.add_argument("--max-forward-tokens", type=int, default=DEFAULT_MAX_FORWARD_TOKENS,
+                       help="the most tokens one forward sends the expert workers (a step, a scored batch's rows); "
+                       "it bounds what a worker's data port accepts (default %(default)s)")
     group.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="do not share KV blocks between requests with the same prompt prefix")
 

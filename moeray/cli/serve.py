@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      "the checkpoint directory's name)")
     srv.add_argument("--api-key", default=os.environ.get("MOERAY_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on the HTTP API's /v1 routes (default: "
-                     "$MOERAY_API_KEY; none: open)")
+                     "$MOERAY_API_KEY, which keeps the key out of the process list; none: open)")
     srv.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions, "
                      "replacing the checkpoint's (tokenizer_config.json / chat_template.jinja)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM / Ctrl-C, seconds to let "
@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from moeray import telemetry
     from moeray.placement.config import ControllerConfig
     from moeray.serving import lifecycle
-    from moeray.serving.auth import API_KEY_ENV
+    from moeray.serving.auth import Credentials
 
     try:
         controller = ControllerConfig.from_file(
@@ -114,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               routers=args.routers, topology=args.topology, router_gpus=args.router_gpus,
                               dtype=args.dtype, placement=args.placement,
                               threads_per_actor=args.worker_threads, router_threads=args.router_threads,
-                              max_new_tokens_cap=args.max_new_tokens_cap, worker_memory=args.worker_memory,
+                              max_new_tokens_cap=args.max_new_tokens_cap,
+                              max_forward_tokens=args.max_forward_tokens, worker_memory=args.worker_memory,
                               track_tokens=args.track_tokens, controller=controller, transport=args.transport,
                               kv_cache=kv_cache_config(args), micro_batches=args.micro_batches,
                               telemetry=telemetry.config_from_args(args), initial_plan=args.initial_plan,
@@ -130,8 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.api_key:  # the ingress reads it from its environment (moeray/serving/openai_api.py)
-        os.environ[API_KEY_ENV] = args.api_key
+    credentials = Credentials.from_env(api_key=args.api_key)  # handed to the ingress, never put in an environment
     # NOTE: Serve's processes read these when they start; a local cluster's processes inherit them from here (on an
     # existing cluster, set them in the cluster's environment instead: deploy/Dockerfile does).
     set_serving_env(args.max_message_bytes)
@@ -150,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             name = start_serving(engine, grpc_port=args.port, http_port=args.http_port, host=args.host,
                                  model_name=args.served_model_name, chat_template=chat_template,
-                                 max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued)
+                                 max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued,
+                                 credentials=credentials)
             print(f"moeray: serving model {name!r} over gRPC on {args.host}:{args.port} and HTTP (OpenAI-compatible) "
                   f"on http://{args.host}:{args.http_port}/v1 ({len(engine.routers)} routers, "
                   f"{len(engine.workers)} expert workers); Ctrl-C stops", flush=True)

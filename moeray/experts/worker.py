@@ -32,8 +32,10 @@ import torch
 from moeray import telemetry
 from moeray.kernels import cpu_rows
 from moeray.kernels.api import ExpertWeights, PackedExpertWeights, QuantizedExpertWeights, grouped_experts
+from moeray.request import DEFAULT_MAX_FORWARD_TOKENS
 from moeray.model.architecture import ModelSpec
 from moeray.model.weights import ExpertSource, TensorReader, read_expert
+from moeray.transport import frames
 from moeray.transport.wire import WireTensor, pack, pairs_on, unpack
 
 log = logging.getLogger(__name__)
@@ -117,11 +119,15 @@ class ExpertWorker:
         num_threads: int = 1,
         epoch: int = 0,
         telemetry_config: telemetry.TelemetryConfig | None = None,
+        max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS,
     ) -> None:
         torch.set_num_threads(num_threads)
         telemetry.setup(telemetry_config)
         self.worker_index = worker_index
         self.spec = spec
+        # the largest call a data path accepts: the engine's largest forward of this model's rows and pairs
+        self.max_call_bytes = frames.call_limit(max(layer.hidden_size for layer in spec.moe_layers), spec.top_k,
+                                               max_forward_tokens)
         self.sources = sources
         self.dtype = dtype
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -359,6 +365,7 @@ class WorkerSpawner:
     num_threads: int = 1
     telemetry_config: telemetry.TelemetryConfig | None = None
     routers: int = 1
+    max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS
 
     def __call__(self, index: int, experts_per_layer: list[list[int]] | None = None, epoch: int = 0):
         config = None if self.telemetry_config is None else \
@@ -368,4 +375,5 @@ class WorkerSpawner:
         return ray.remote(ExpertWorker).options(**self.options, max_concurrency=4).remote(
             worker_index=index, checkpoint_path=self.checkpoint_path, spec=self.spec, sources=self.sources,
             experts_per_layer=experts_per_layer or [[] for _ in self.spec.moe_layers], dtype=self.dtype,
-            num_threads=self.num_threads, epoch=epoch, telemetry_config=config)
+            num_threads=self.num_threads, epoch=epoch, telemetry_config=config,
+            max_forward_tokens=self.max_forward_tokens)

@@ -25,8 +25,8 @@ from transformers import GenerationConfig
 from moeray import telemetry
 from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.placement.algorithms.plan import Plan
-from moeray.request import (GenerationResult, InvalidRequest, RequestLimits, SamplingParams, StreamChunk,
-                            check_request_id, new_request_id)
+from moeray.request import (DEFAULT_MAX_FORWARD_TOKENS, GenerationResult, InvalidRequest, RequestLimits,
+                            SamplingParams, StreamChunk, check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.feed import FeedBatch, Feeds
 from moeray.router.kv_config import KVCacheConfig
@@ -68,6 +68,7 @@ class Router:
         workers: list,
         max_batch_size: int = 32,
         max_new_tokens_cap: int = 4096,
+        max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS,
         num_threads: int = 1,
         track_tokens: bool = False,
         restore_timeout_s: float = 120.0,
@@ -112,7 +113,8 @@ class Router:
         self.scheduler = Scheduler(self.model, on_forward=self._on_forward, recover=self._recover,
                                    on_step_end=self.dispatcher.load.end_step, micro_batches=micro_batches,
                                    micro_batch_min_tokens=min_tokens,
-                                   max_batch_size=max_batch_size, device=device,
+                                   max_batch_size=max_batch_size, max_forward_tokens=max_forward_tokens,
+                                   device=device,
                                    kv_cache_bytes=kv_cache.pool_bytes(torch.device(device)),
                                    block_size=kv_cache.block_size, max_prefill_tokens=kv_cache.max_prefill_tokens,
                                    prefix_caching=kv_cache.prefix_caching)

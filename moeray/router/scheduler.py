@@ -44,7 +44,7 @@ import torch
 
 from moeray import telemetry
 from moeray.model.architecture import kv_layout_of
-from moeray.request import DuplicateRequestId, InvalidRequest
+from moeray.request import DEFAULT_MAX_FORWARD_TOKENS, DuplicateRequestId, InvalidRequest
 from moeray.router import overlap
 from moeray.router.kv_blocks import BlockTable, OutOfBlocks
 from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
@@ -103,6 +103,7 @@ class Scheduler:
         micro_batches: int | None = None,
         micro_batch_min_tokens: int | None = None,
         max_batch_size: int = 32,
+        max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS,
         device: torch.device | str = "cpu",
         kv_cache_bytes: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
@@ -121,6 +122,10 @@ class Scheduler:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1; got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
+        if max_batch_size + max_prefill_tokens > max_forward_tokens:
+            raise ValueError(f"a step may carry max_batch_size + max_prefill_tokens = {max_batch_size} + "
+                             f"{max_prefill_tokens} tokens, over max_forward_tokens {max_forward_tokens}")
+        self.max_forward_tokens = max_forward_tokens  # a step's tokens stay under it; a score splits its rows by it
         overlap.plan_micro_batches([1], micro_batches)  # refuses a bad count here, naming it
         self.micro_batches = micro_batches  # None: automatic (plan_micro_batches); may change between steps
         self.micro_batch_min_tokens = micro_batch_min_tokens  # the automatic rule's (None: it keeps one)
@@ -401,30 +406,54 @@ class Scheduler:
     def score(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits for every position of a padded batch (no cache kept), [B, T, V], zero at padding; with
         ``last_only``, each row's logits at its last real position only, [B, V]. Rows are packed like a step's
-        prefill chunks, so padding costs nothing."""
+        prefill chunks, so padding costs nothing; a batch of more than ``max_forward_tokens`` real tokens runs as
+        several forwards of whole rows."""
         self.scores += 1
         real_BT = mask_BT.bool()
         lengths = real_BT.sum(dim=1).tolist()
-        order = sorted(range(len(lengths)), key=lambda b: lengths[b] != 1)  # one-token rows: the decode block
-        layout = StepLayout([Row(0, lengths[b]) for b in order], None, self.device)
-        ids_Q = torch.cat([ids_BT[b][real_BT[b]] for b in order])
-        pos_Q = torch.cat([torch.arange(lengths[b]) for b in order])
-        start = dict(zip(order, torch.tensor([0] + [lengths[b] for b in order]).cumsum(0).tolist()))
-        keep = [start[b] + lengths[b] - 1 for b in range(len(lengths))] if last_only else None
+        longest = max(lengths)
+        if longest > self.max_forward_tokens:
+            raise InvalidRequest(f"a row of {longest} tokens is over this engine's max_forward_tokens "
+                                 f"{self.max_forward_tokens} (a scored row runs in one forward)")
+        groups, size = [[]], 0
+        for b, n in enumerate(lengths):
+            if size + n > self.max_forward_tokens:
+                groups, size = [*groups, []], 0
+            groups[-1].append(b)
+            size += n
+        logits = [self._score_rows(ids_BT, real_BT, rows, last_only) for rows in groups]
+        if last_only:
+            return torch.cat(logits)
+        logits_BTV = logits[0].new_zeros(*ids_BT.shape, logits[0].shape[-1])
+        for rows, logits_QV in zip(groups, logits):
+            start = 0
+            for b in rows:
+                logits_BTV[b, real_BT[b].to(logits_QV.device)] = logits_QV[start:start + lengths[b]]
+                start += lengths[b]
+        return logits_BTV
+
+    def _score_rows(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, rows: list[int],
+                    last_only: bool) -> torch.Tensor:
+        """One forward over ``rows`` of the batch: logits [Q, V] for their real tokens in row order, or with
+        ``last_only`` [len(rows), V]."""
+        lengths = [int(real_BT[b].sum()) for b in rows]
+        order = sorted(range(len(rows)), key=lambda i: lengths[i] != 1)  # one-token rows: the decode block
+        layout = StepLayout([Row(0, lengths[i]) for i in order], None, self.device)
+        ids_Q = torch.cat([ids_BT[rows[i]][real_BT[rows[i]]] for i in order])
+        pos_Q = torch.cat([torch.arange(lengths[i]) for i in order])
+        start = dict(zip(order, torch.tensor([0] + [lengths[i] for i in order]).cumsum(0).tolist()))
         with self.forward_lock, torch.no_grad(), layout.active():
             self.on_forward(None, ids_Q)
             try:
+                keep = None if not last_only else \
+                    torch.tensor([start[i] + lengths[i] - 1 for i in range(len(rows))], device=self.device)
                 out = self.model(input_ids=ids_Q[None].to(self.device), position_ids=pos_Q[None].to(self.device),
-                                 cache=layout, use_cache=True,
-                                 logits_to_keep=0 if keep is None else torch.tensor(keep, device=self.device))
+                                 cache=layout, use_cache=True, logits_to_keep=0 if keep is None else keep)
             finally:
                 self.on_forward(None, None)
                 if self.on_step_end is not None:
                     self.on_step_end()
-        logits = out.logits[0]
+        logits_QV = out.logits[0]
         if last_only:
-            return logits
-        logits_BTV = logits.new_zeros(*ids_BT.shape, logits.shape[-1])
-        for b in range(len(lengths)):
-            logits_BTV[b, real_BT[b].to(logits.device)] = logits[start[b]:start[b] + lengths[b]]
-        return logits_BTV
+            return logits_QV
+        return torch.cat([logits_QV[start[i]:start[i] + lengths[i]] for i in range(len(rows))])

@@ -36,10 +36,11 @@ if TYPE_CHECKING:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, **serve_limits(256, 256))
 @serve.ingress()  # HTTP: the app __serve_build_asgi_app__ returns; gRPC: the methods below, by name
 class Ingress:
-    def __init__(self, *, engine: EngineHandle, model_name: str | None = None, env: dict | None = None,
-                 max_ongoing: int = 256, max_queued: int = 256, chat_template: str | None = None) -> None:
-        os.environ.update(env or {})
+    def __init__(self, *, engine: EngineHandle, model_name: str | None = None,
+                 credentials: auth.Credentials | None = None, max_ongoing: int = 256, max_queued: int = 256,
+                 chat_template: str | None = None) -> None:
         self.engine = engine
+        self.credentials = credentials or auth.Credentials()  # the API key and admin token (moeray/serving/auth.py)
         self.chat_template = chat_template  # --chat-template: overrides the checkpoint's (HTTP chat completions)
         self.admission = Admission(max_ongoing, max_queued)  # exact: see moeray/serving/admission.py
         self.max_message_bytes = int(os.environ.get(MAX_MESSAGE_ENV) or DEFAULT_MAX_MESSAGE_BYTES)
@@ -134,9 +135,8 @@ class Ingress:
     async def GetLoad(self, request, grpc_context: RayServegRPCContext):
         return codec.load_response(*await self.engine.load(request.top_tokens), self.tokenizer)
 
-    @staticmethod
-    def _authorize(ctx: RayServegRPCContext) -> None:
-        auth.check_admin(dict(ctx.invocation_metadata()).get("authorization", ""))
+    def _authorize(self, ctx: RayServegRPCContext) -> None:
+        self.credentials.check_admin(dict(ctx.invocation_metadata()).get("authorization", ""))
 
     @errors.answers
     async def Rebalance(self, request, grpc_context: RayServegRPCContext):
@@ -209,7 +209,7 @@ class Ingress:
 def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
                   model_name: str | None = None, app_name: str = "moeray", route_prefix: str = "/",
                   max_ongoing_requests: int = 256, max_queued_requests: int = 256,
-                  chat_template: str | None = None) -> str:
+                  chat_template: str | None = None, credentials: auth.Credentials | None = None) -> str:
     """Start Serve's proxies and deploy the ingress in front of ``engine``'s routers; returns the model name.
 
     Admission control (exact, in the ingress: moeray/serving/admission.py): at most ``max_ongoing_requests``
@@ -222,7 +222,8 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
     """
     start_proxies(grpc_port=grpc_port, http_port=http_port, host=host)
     handle = EngineHandle.of(engine)
-    ingress = _ingress(handle, model_name, max_ongoing_requests, max_queued_requests, chat_template)
+    credentials = credentials or auth.Credentials.from_env()  # None: this process's environment, read once here
+    ingress = _ingress(handle, model_name, max_ongoing_requests, max_queued_requests, chat_template, credentials)
     # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
     serve.run(ingress, name=app_name, route_prefix=route_prefix, logging_config={"enable_access_log": False})
     return model_name or handle.model_name
@@ -238,11 +239,10 @@ def start_proxies(*, grpc_port: int, http_port: int, host: str) -> None:
 
 
 def _ingress(engine: EngineHandle, model_name: str | None, max_ongoing: int, max_queued: int,
-             chat_template: str | None = None):
-    env = {k: v for k, v in os.environ.items() if k in auth.ENV_VARS}
+             chat_template: str | None, credentials: auth.Credentials):
     return Ingress.options(**serve_limits(max_ongoing, max_queued)).bind(
-        engine=engine, model_name=model_name, env=env, max_ongoing=max_ongoing, max_queued=max_queued,
-        chat_template=chat_template)
+        engine=engine, model_name=model_name, credentials=credentials, max_ongoing=max_ongoing,
+        max_queued=max_queued, chat_template=chat_template)
 
 
 class EngineHost:
@@ -295,6 +295,7 @@ def build_app(args: dict):
     host = ray.remote(EngineHost).options(
         name=f"moeray-engine-{serving.get('app_name', 'moeray')}", lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=4).remote(config)
+    # NOTE: the pod's own environment (a Secret's file named by $MOERAY_ADMIN_TOKEN_FILE), read in the builder
     return _ingress(ray.get(host.state.remote()), serving.get("model_name"),
                     serving.get("max_ongoing_requests", 256), serving.get("max_queued_requests", 256),
-                    serving.get("chat_template"))
+                    serving.get("chat_template"), auth.Credentials.from_env())

@@ -76,14 +76,14 @@ class OpenAIServer:
 
     async def models(self, request: Request) -> Response:
         try:
-            auth.check_api_key(request.headers.get("authorization", ""))
+            self.ingress.credentials.check_api_key(request.headers.get("authorization", ""))
         except Exception as e:  # noqa: BLE001
             return self._error(e, None)
         return JSONResponse({"object": "list", "data": [self._card()]})
 
     async def model(self, request: Request, model: str) -> Response:
         try:
-            auth.check_api_key(request.headers.get("authorization", ""))
+            self.ingress.credentials.check_api_key(request.headers.get("authorization", ""))
             self._check_model(model)
         except Exception as e:  # noqa: BLE001
             return self._error(e, None)
@@ -158,7 +158,7 @@ class OpenAIServer:
         created = int(time.time())
         ingress = self.ingress
         try:
-            auth.check_api_key(request.headers.get("authorization", ""))
+            self.ingress.credentials.check_api_key(request.headers.get("authorization", ""))
             raw = await self._json(request)
             if chat:
                 parsed = parse_chat(raw, ingress.limits, ingress.tokenizer, getattr(ingress, "chat_template", None))

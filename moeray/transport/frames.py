@@ -12,6 +12,10 @@ What is refused (``FrameError``, and the connection is closed): a kind outside `
 code that kind does not take, more than two dims, a call whose pair arrays differ in length or whose x_TH is not two
 dimensional, and any message whose arrays would exceed the reader's ``max_bytes``, checked before a byte of them is
 allocated. The array bytes travel from their own memory (one ``sendmsg``) and are read into fresh buffers.
+
+The limits come from the model: a worker takes calls of at most ``call_limit`` bytes (the engine's largest forward,
+``max_forward_tokens``, of hidden-size rows and top-k pairs each), and a router reads an answer of at most
+``result_limit`` for the call it sent.
 """
 
 from __future__ import annotations
@@ -34,6 +38,21 @@ DTYPES = {1: ("float32", np.float32), 2: ("bfloat16", np.int16), 3: ("float16", 
           5: ("uint8", np.uint8)}
 _CODES = {name: code for code, (name, _) in DTYPES.items()}
 _ITEMSIZE = {code: np.dtype(np_dtype).itemsize for code, (_, np_dtype) in DTYPES.items()}
+_WIDEST = max(_ITEMSIZE.values())  # x_TH's dtype is the engine's: bound it by the widest the list allows
+_PAIR_BYTES = 4 + 4 + 4  # token, slot, weight
+MAX_ERROR_BYTES = 64 * 1024  # a worker's error message is clipped to this
+
+
+def call_limit(hidden_size: int, top_k: int, max_tokens: int) -> int:
+    """The most array bytes a call may carry to a worker of this model: ``max_tokens`` rows of x_TH and at most
+    top-k pairs for each (a worker sees each token once, with its pairs on that worker)."""
+    return max_tokens * (hidden_size * _WIDEST + top_k * _PAIR_BYTES)
+
+
+def result_limit(call: WorkerCall) -> int:
+    """The most array bytes the answer to ``call`` may carry: y_TH has its x_TH's rows, or an error message."""
+    rows, hidden = call.x_TH.array.shape
+    return max(rows * hidden * _WIDEST, MAX_ERROR_BYTES)
 
 
 class FrameError(ValueError):
@@ -60,7 +79,8 @@ def encode_call(call: WorkerCall) -> list[memoryview]:
 
 
 def encode_error(message: str) -> list[memoryview]:
-    return encode(ERROR, 0, 0, [WireTensor(np.frombuffer(message.encode(), np.uint8), "uint8")])
+    data = message.encode()[:MAX_ERROR_BYTES]  # NOTE: may cut a character; error_text replaces it
+    return encode(ERROR, 0, 0, [WireTensor(np.frombuffer(data, np.uint8), "uint8")])
 
 
 def parse_heads(head: bytes, array_heads: bytes, max_bytes: int) -> tuple[int, int, int, list[tuple]]:

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 30.0  # the router's wait to connect and be challenged
 OPEN_TIMEOUT_S = 5.0  # the worker's wait for a new connection's answer to its challenge
 MAX_CONNECTIONS = 64  # per worker, opening or open: routers x concurrent micro-batch sends, with room
-MAX_FRAME_BYTES = 2**31  # one message's arrays
 GET_TIMEOUT_S = 300.0  # one layer's result, as on the other paths: a loaded CPU machine is slow
 PING_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 2  # a live worker whose connection broke gets its call again once, on a new connection
@@ -76,9 +75,10 @@ def _nodelay(sock: socket.socket) -> socket.socket:
 class Listener:
     """A worker's listening socket: a thread accepts, one thread per connection serves it until it closes."""
 
-    def __init__(self, worker, host: str, *, open_timeout_s: float = OPEN_TIMEOUT_S,
+    def __init__(self, worker, host: str, *, max_call_bytes: int, open_timeout_s: float = OPEN_TIMEOUT_S,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         self.worker = worker
+        self.max_call_bytes = max_call_bytes  # a call's arrays (frames.call_limit: the model's largest forward)
         self.key = secrets.token_bytes(KEY_BYTES)
         self.open_timeout_s, self.max_connections = open_timeout_s, max_connections
         self.sock = socket.create_server((host, 0), backlog=64)
@@ -87,6 +87,7 @@ class Listener:
         self.connections = 0  # served now, past their opening
         self.held = 0  # opening or served: what MAX_CONNECTIONS bounds
         self.refused = 0  # connections closed for a bad, late or replayed opening, or past the bound
+        self.refused_messages = 0  # connections closed, after their opening, for a message the layout refuses
         self._warned: set[str] = set()
         threading.Thread(target=self._accept, name="moeray-tcp-accept", daemon=True).start()
 
@@ -149,7 +150,7 @@ class Listener:
             self.connections += 1
         try:
             while True:
-                kind, epoch, layer, arrays = frames.recv(conn, MAX_FRAME_BYTES)
+                kind, epoch, layer, arrays = frames.recv(conn, self.max_call_bytes)
                 if kind != frames.CALL:
                     raise FrameError(f"a worker takes calls (kind {frames.CALL}); got kind {kind}")
                 try:
@@ -162,6 +163,8 @@ class Listener:
         except OSError:  # the router closed the connection (or died)
             pass
         except FrameError as e:  # closed before anything past the message's heads was read
+            with self._lock:
+                self.refused_messages += 1
             log.warning("tcp: closed a connection from %s: %s", peer, e)
         finally:
             with self._lock:
@@ -174,7 +177,8 @@ def listen(worker) -> Listener:
     if listener is None:
         import ray
 
-        listener = worker._tcp_listener = Listener(worker, ray.util.get_node_ip_address())
+        listener = worker._tcp_listener = Listener(worker, ray.util.get_node_ip_address(),
+                                                      max_call_bytes=worker.max_call_bytes)
         log.info("tcp: worker %s listens on %s:%d", worker.worker_index, *listener.address)
     return listener
 
@@ -257,7 +261,7 @@ class TcpTransport:
         results, errors = {}, []
         for w, conn in conns.items():
             try:
-                kind, _, _, arrays = frames.recv(conn, MAX_FRAME_BYTES)
+                kind, _, _, arrays = frames.recv(conn, frames.result_limit(calls[w]))
             except (OSError, FrameError) as e:  # closed, reset, silent past the timeout, or not an answer
                 log.info("tcp: worker %d's answer did not come: %s", w, e)
                 conn.close()

@@ -253,6 +253,26 @@ def test_plain_services_select_the_ray_pods(path):
             assert selector.get("ray.io/serve") == "true"
 
 
+RAY_PORTS = {6379: "GCS", 8265: "dashboard and job submission", 10001: "Ray client"}
+
+
+@pytest.mark.parametrize("path,doc", RAY_CRS, ids=[_id(p, d) for p, d in RAY_CRS])
+def test_ray_token_auth_is_on_and_no_service_leaves_the_cluster(path, doc):
+    """Ray runs code for whoever reaches its control plane: every cluster turns Ray's token authentication on, and
+    no Service of a manifest is reachable from outside the Kubernetes cluster or carries one of Ray's ports."""
+    assert cluster_spec(doc).get("authOptions", {}).get("mode") == "token"
+    for template in pod_templates(doc):  # the operator sets them: a hand-written one would override its Secret
+        for container in template["spec"]["containers"]:
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & {e["name"] for e in container.get("env", [])}
+    services = [d for d in load_documents(path) if d["kind"] == "Service"]
+    if doc["kind"] == "RayService":
+        services.append(doc["spec"]["serveService"])
+    for service in services:
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+        exposed = {p["port"] for p in service["spec"]["ports"]} & RAY_PORTS.keys()
+        assert not exposed, f"{service['metadata']['name']} exposes {[RAY_PORTS[p] for p in exposed]}"
+
+
 # -- versions -------------------------------------------------------------------------------------------------
 def _from_images() -> list[str]:
     text = (DEPLOY / "Dockerfile").read_text()

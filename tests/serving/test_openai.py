@@ -28,7 +28,7 @@ from moeray import Engine, EngineConfig
 from moeray.serving import lifecycle
 from moeray.serving.app import start_serving
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc
-from moeray.serving.auth import API_KEY_ENV
+from moeray.serving.auth import API_KEY_ENV, Credentials
 
 pytestmark = pytest.mark.ray
 API_KEY = "sk-moeray-test"
@@ -123,29 +123,25 @@ def _during_loading(http: str, grpc_address: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, cli):
-    os.environ[API_KEY_ENV] = API_KEY
-    try:
-        with _ray_start():
-            grpc_port, http_port = _free_port(), _free_port()
-            http, address = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
-            lifecycle.serve_loading(grpc_port=grpc_port, http_port=http_port, host="127.0.0.1")
-            loading = _during_loading(http, address)
-            engine = Engine(EngineConfig(model=checkpoint, workers=2, routers=1, max_new_tokens_cap=CAP))
-            model = start_serving(engine, grpc_port=grpc_port, http_port=http_port, max_ongoing_requests=2,
-                                  max_queued_requests=2)
-            channel = grpc.insecure_channel(address)
-            client = openai.OpenAI(base_url=f"{http}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-            oracle = Oracle(checkpoint)
-            from transformers import AutoTokenizer
+    with _ray_start():
+        grpc_port, http_port = _free_port(), _free_port()
+        http, address = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+        lifecycle.serve_loading(grpc_port=grpc_port, http_port=http_port, host="127.0.0.1")
+        loading = _during_loading(http, address)
+        engine = Engine(EngineConfig(model=checkpoint, workers=2, routers=1, max_new_tokens_cap=CAP))
+        model = start_serving(engine, grpc_port=grpc_port, http_port=http_port, max_ongoing_requests=2,
+                              max_queued_requests=2, credentials=Credentials(api_key=API_KEY))
+        channel = grpc.insecure_channel(address)
+        client = openai.OpenAI(base_url=f"{http}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        oracle = Oracle(checkpoint)
+        from transformers import AutoTokenizer
 
-            yield {"http": http, "model": model, "engine": engine, "client": client, "loading": loading,
-                   "oracle": oracle, "tokenizer": AutoTokenizer.from_pretrained(checkpoint), "channel": channel,
-                   "generate": generate_pb2_grpc.GenerateServiceStub(channel)}
-            channel.close()
-            serve.shutdown()
-            engine.shutdown()
-    finally:
-        os.environ.pop(API_KEY_ENV, None)
+        yield {"http": http, "model": model, "engine": engine, "client": client, "loading": loading,
+               "oracle": oracle, "tokenizer": AutoTokenizer.from_pretrained(checkpoint), "channel": channel,
+               "generate": generate_pb2_grpc.GenerateServiceStub(channel)}
+        channel.close()
+        serve.shutdown()
+        engine.shutdown()
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -449,6 +445,33 @@ def test_admission_full_is_429_on_the_shared_counter(server):
 
 
 # -- moeray serve: flags and SIGTERM drain ---------------------------------------------------------------------
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (Ray's GCS, raylet, workers, Serve's proxies and replicas)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:  # gone meanwhile
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
     """--served-model-name, --api-key, --chat-template; on SIGTERM: health 503 / NOT_SERVING, new requests 503 /
     UNAVAILABLE, the stream in flight runs to its end, and the process exits 0."""
@@ -473,6 +496,9 @@ def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
     status, body = curl(http, "/v1/chat/completions", {"model": "chatty", "messages": MESSAGES, "max_tokens": 2,
                                                        "temperature": 0}, key=CLI_KEY)
     assert status == 200 and json.loads(body)["usage"]["prompt_tokens"] == len(rendered)
+    # the key went to the ingress as an argument: no process the server started has it in its environment
+    started = _descendants(cli["proc"].pid)
+    assert len(started) > 3 and not [pid for pid in started if CLI_KEY.encode() in _environ(pid)]
 
     stream = subprocess.Popen(
         ["curl", "-sS", "-N", "--max-time", "120", http + "/v1/completions", "-H", f"Authorization: Bearer {CLI_KEY}",

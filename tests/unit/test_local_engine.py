@@ -109,6 +109,9 @@ def test_config_names_the_backends_and_their_limits(checkpoints, tmp_path):
         EngineConfig(model=path, backend="local", transport="compiled_graph")
     with pytest.raises(ValueError, match="transport 'direct' calls workers in this process; it needs backend"):
         EngineConfig(model=path, transport="direct")
+    with pytest.raises(ValueError, match=r"a step may carry max_batch_size \+ max_prefill_tokens = 32 \+ 512 = 544 "
+                                         r"tokens, over max_forward_tokens 500: raise max_forward_tokens"):
+        EngineConfig(model=path, max_forward_tokens=500)
     with pytest.raises(ValueError, match="LocalEngine runs backend 'local'; the config asks for backend 'ray'"):
         LocalEngine(EngineConfig(model=path))
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -197,14 +197,14 @@ class _Context:
 
 
 @pytest.fixture
-def ingress(monkeypatch):
+def ingress():
     from moeray.serving import app
     from moeray.serving.gen import placement_pb2
 
-    monkeypatch.setenv("MOERAY_ADMIN_TOKEN", "t0ken")
-    monkeypatch.delenv("MOERAY_ADMIN_TOKEN_FILE", raising=False)
     cls = app.Ingress.func_or_class
-    return cls.__new__(cls), app, placement_pb2
+    server = cls.__new__(cls)
+    server.credentials = app.auth.Credentials(admin_token="t0ken")
+    return server, app, placement_pb2
 
 
 @pytest.mark.ray  # the ingress class and Ray's wrapped errors

@@ -7,7 +7,7 @@ import torch
 from conftest import PROMPTS, assert_logits_close
 from local_experts import LocalExperts
 from moeray.model.backbone import build_backbone
-from moeray.request import DuplicateRequestId, SamplingParams
+from moeray.request import DuplicateRequestId, InvalidRequest, SamplingParams
 from moeray.router.scheduler import Scheduler
 from moeray.router.sequence import Sequence
 
@@ -85,3 +85,32 @@ def test_last_only_scores_each_rows_last_real_position(scheduler, oracle):
     for row, prompt, position in [(0, a, T - 1), (1, b, len(b) - 1), (2, c, T - 1)]:
         assert_logits_close(last[row], full[row, position])
         assert_logits_close(last[row], ref.logits(prompt)[-1])
+
+
+def test_a_batch_over_max_forward_tokens_is_scored_in_forwards_of_whole_rows(scheduler, oracle):
+    """With room for two rows a forward, three rows run as two forwards, the logits those of one; a row longer than
+    the bound is refused, naming it: the data ports take no bigger message."""
+    ref = oracle("mixtral")
+    rows = [PROMPTS[1], PROMPTS[0], PROMPTS[3]]
+    T = max(len(r) for r in rows)
+    ids, mask = torch.zeros(3, T, dtype=torch.long), torch.zeros(3, T, dtype=torch.long)
+    for b, prompt in enumerate(rows):
+        ids[b, : len(prompt)], mask[b, : len(prompt)] = torch.tensor(prompt), 1
+    forwards = []
+    original, bound = scheduler.on_forward, scheduler.max_forward_tokens
+    scheduler.on_forward = lambda m, ids_Q: (forwards.append(len(ids_Q)) if ids_Q is not None else None,
+                                            original(m, ids_Q))
+    try:
+        scheduler.max_forward_tokens = len(rows[0]) + len(rows[1])
+        split, last = scheduler.score(ids, mask), scheduler.score(ids, mask, last_only=True)
+        scheduler.max_forward_tokens = len(rows[0]) - 1
+        with pytest.raises(InvalidRequest, match=rf"a row of {len(rows[0])} tokens is over this engine's "
+                                                 rf"max_forward_tokens {len(rows[0]) - 1}"):
+            scheduler.score(ids, mask)
+    finally:
+        scheduler.on_forward, scheduler.max_forward_tokens = original, bound
+    assert forwards == [len(rows[0]) + len(rows[1]), len(rows[2])] * 2
+    for b, prompt in enumerate(rows):
+        assert_logits_close(split[b, : len(prompt)], ref.logits(prompt))
+        assert_logits_close(last[b], ref.logits(prompt)[-1])
+        assert not split[b, len(prompt):].any(), "padding stays zero"

@@ -47,7 +47,7 @@ def _call(layer: int = 0, rows: int = 3) -> WorkerCall:
 def served():
     """Two in-process workers, each listening on loopback, and a transport whose addresses point at them."""
     workers = [_Worker(), _Worker()]
-    listeners = [Listener(w, "127.0.0.1") for w in workers]
+    listeners = [Listener(w, "127.0.0.1", max_call_bytes=frames.call_limit(4, 2, 8)) for w in workers]
     transport = TcpTransport(["w0", "w1"])
     transport._addresses = {i: (*l.address, l.key) for i, l in enumerate(listeners)}
     yield transport, workers, listeners
@@ -172,7 +172,7 @@ def test_a_connection_without_the_key_is_closed_unread(served, tmp_path):
 
 def test_a_silent_opening_and_connections_past_the_bound_are_closed(served):
     _, workers, _ = served
-    listener = Listener(workers[0], "127.0.0.1", open_timeout_s=0.3, max_connections=3)
+    listener = Listener(workers[0], "127.0.0.1", max_call_bytes=1024, open_timeout_s=0.3, max_connections=3)
     try:
         silent = [socket.create_connection(listener.address) for _ in range(3)]
         for conn in silent:
@@ -191,3 +191,30 @@ def test_a_silent_opening_and_connections_past_the_bound_are_closed(served):
 def test_the_method_is_one_of_the_table():
     with pytest.raises(ValueError, match=r"method 'export_experts' is not one a worker serves over tcp"):
         TcpTransport([], method="export_experts")
+
+def test_a_call_over_the_models_limit_is_refused_and_the_worker_serves_on(served):
+    """The listeners take 8 tokens of hidden size 4 and top-2 (frames.call_limit): a router holding the key that
+    sends 9 finds its connection closed before the arrays are read, and is told so; 8 pass."""
+    transport, workers, listeners = served
+    assert frames.call_limit(4, 2, 8) == 8 * (4 * 4 + 2 * 12)
+    with socket.create_connection(listeners[0].address) as conn:
+        nonce = _challenge(conn)
+        conn.sendall(tcp._ANSWER.pack(tcp.opening_mac(listeners[0].key, nonce, 0), 0))
+        token_N = torch.arange(9).repeat(2)  # 9 tokens, 18 pairs: 9 * 16 + 18 * 12 bytes
+        frames.send_all(conn, frames.encode_call(WorkerCall.of(0, 0, torch.ones(9, 4), token_N, token_N,
+                                                               torch.ones(18))))
+        assert _closed(conn)
+    _wait(lambda: listeners[0].refused_messages == 1)
+    assert workers[0].calls == 0
+    token_N = torch.arange(8).repeat(2)
+    sent = transport.send({0: WorkerCall.of(0, 0, torch.ones(8, 4), token_N, token_N, torch.ones(16))})
+    assert torch.equal(unpack(sent.results[0]), torch.full((8, 4), 2.0)) and workers[0].calls == 1
+
+
+def test_an_answer_is_bounded_by_its_call():
+    call = _call(rows=3)
+    assert frames.result_limit(call) == frames.MAX_ERROR_BYTES  # 3 x 4 float32 rows: below the error bound
+    wide = WorkerCall.of(0, 0, torch.ones(5000, 16), torch.arange(1), torch.arange(1), torch.ones(1))
+    assert frames.result_limit(wide) == 5000 * 16 * 4
+    long_error = frames.encode_error("x" * (2 * frames.MAX_ERROR_BYTES))
+    assert sum(v.nbytes for v in long_error[1:]) == frames.MAX_ERROR_BYTES
