@@ -472,9 +472,8 @@ def _environ(pid: int) -> bytes:
         return b""
 
 
-def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
-    """--served-model-name, --api-key, --chat-template; on SIGTERM: health 503 / NOT_SERVING, new requests 503 /
-    UNAVAILABLE, the stream in flight runs to its end, and the process exits 0."""
+def _ready(cli) -> str:
+    """The banner of the `moeray serve` of ``cli``, started again once on fresh ports if a port was taken."""
     banner = lambda: next((line for line in cli["lines"] if line.startswith("moeray: serving")), None)
     for attempt in range(2):
         deadline = time.monotonic() + 240
@@ -483,8 +482,82 @@ def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
         if banner() is None and attempt == 0 and "Failed to bind" in cli["log"].read_text():
             cli["proc"].wait(timeout=60)
             cli["launch"]()  # its port was taken meanwhile: once more on fresh ones
-    assert banner() and "'chatty'" in banner() and cli["http"] + "/v1" in banner(), (
-        cli["lines"], cli["log"].read_text()[-3000:])
+    assert banner(), (cli["lines"], cli["log"].read_text()[-3000:])
+    return banner()
+
+
+class _Marker:
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):  # unpickling it creates the file
+        return (open, (self.path, "w"))
+
+
+def _hostile(address: tuple[str, int], marker, http: bool) -> list[socket.socket]:
+    """Pickles in the usual framings, random bytes, a truncated request, a 1 TB declared body, on one port; returns
+    the connections it leaves open and silent (a slow opening each)."""
+    import pickle
+    import struct
+
+    payload = pickle.dumps(_Marker(marker))
+    sends = [payload, struct.pack("!Q", len(payload)) + payload, struct.pack("!I", len(payload)) + payload,
+             os.urandom(1 << 16), b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
+             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Authorization: Bearer " + CLI_KEY.encode() + b"\r\nContent-Length: 1000000000000\r\n\r\n{\"pro",
+             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + struct.pack("!I", 0xFFFFFF)[1:] + b"\x00" * 6 + payload]
+    answers = []
+    for i, data in enumerate(sends):
+        with socket.create_connection(address, timeout=30) as conn:
+            try:
+                conn.sendall(data)
+                if i != 5:  # NOTE: the declared body is left unfinished, not ended: the answer must not wait for it
+                    conn.shutdown(socket.SHUT_WR)
+                answers.append(conn.recv(1 << 16))
+            except (ConnectionResetError, BrokenPipeError, TimeoutError):
+                answers.append(b"")
+    assert not any(a.startswith(b"HTTP/1.1 2") for a in answers), answers
+    if http:  # the declared terabyte: refused from its header, nothing read
+        assert answers[5].startswith(b"HTTP/1.1 413"), answers[5]
+    return [socket.create_connection(address, timeout=30) for _ in range(50)]
+
+
+def test_moeray_serve_shrugs_off_hostile_clients(cli, checkpoint, tmp_path):
+    """Against `moeray serve`'s HTTP and gRPC ports, while a greedy stream runs: no code runs (no marker file), the
+    1 TB body is refused with 413, 100 silent connections held open stop nobody, and the stream and a request made
+    meanwhile equal transformers'."""
+    _ready(cli)
+    http, grpc_host_port = cli["http"], cli["grpc"]
+    prompt, n = [5, 6, 7], 24
+    expected = Oracle(checkpoint).greedy(prompt, n)
+    request = {"prompt": prompt, "max_tokens": n, "temperature": 0, "return_token_ids": True}
+    stream = subprocess.Popen(
+        ["curl", "-sS", "-N", "--max-time", "120", http + "/v1/completions", "-H", f"Authorization: Bearer {CLI_KEY}",
+         "-H", "Content-Type: application/json", "--data-binary", json.dumps({**request, "stream": True})],
+        stdout=subprocess.PIPE, text=True)
+    marker = tmp_path / "ran"
+    host, port = http.removeprefix("http://").split(":")
+    ghost, gport = grpc_host_port.split(":")
+    held = _hostile((host, int(port)), marker, http=True) + _hostile((ghost, int(gport)), marker, http=False)
+    try:
+        status, body = curl(http, "/v1/completions", request, key=CLI_KEY)  # while 100 sit silent
+        assert status == 200 and json.loads(body)["choices"][0]["token_ids"] == expected
+        status, body = curl(http, "/v1/completions", raw="x" * 64, key=CLI_KEY)
+        assert status == 400 and "not valid JSON" in body
+    finally:
+        for conn in held:
+            conn.close()
+    out, _ = stream.communicate(timeout=150)
+    events = sse(out)
+    assert sum((e["choices"][0]["token_ids"] for e in events[:-1] if e["choices"]), []) == expected
+    assert not marker.exists()
+
+
+def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
+    """--served-model-name, --api-key, --chat-template; on SIGTERM: health 503 / NOT_SERVING, new requests 503 /
+    UNAVAILABLE, the stream in flight runs to its end, and the process exits 0."""
+    banner = _ready(cli)
+    assert "'chatty'" in banner and cli["http"] + "/v1" in banner, cli["lines"]
     http = cli["http"]
     status, body = curl(http, "/v1/models", key=CLI_KEY)
     assert status == 200 and json.loads(body)["data"][0]["id"] == "chatty"
