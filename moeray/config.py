@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from moeray.deployment import TOPOLOGIES
-from moeray.request import DEFAULT_MAX_FORWARD_TOKENS
+from moeray.request import DEFAULT_MAX_FORWARD_TOKENS, check_step_fits
 from moeray.model.architecture import ModelSpec
 from moeray.model.backbone import LoadedCheckpoint
 from moeray.placement.algorithms.plan import Plan
@@ -80,11 +80,7 @@ class EngineConfig:
                      "threads_per_actor", "router_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        step = self.max_batch_size + self.kv_cache.max_prefill_tokens
-        if step > self.max_forward_tokens:
-            raise ValueError(f"a step may carry max_batch_size + max_prefill_tokens = {self.max_batch_size} + "
-                             f"{self.kv_cache.max_prefill_tokens} = {step} tokens, over max_forward_tokens "
-                             f"{self.max_forward_tokens}: raise max_forward_tokens or lower one of them")
+        check_step_fits(self.max_batch_size, self.kv_cache.max_prefill_tokens, self.max_forward_tokens)  # early
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0; got {self.replicas}")
         if self.micro_batches is not None and not 1 <= self.micro_batches <= MAX_MICRO_BATCHES:

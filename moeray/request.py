@@ -12,6 +12,15 @@ MAX_REQUEST_ID_CHARS = 128
 # The most tokens one forward sends the expert workers (EngineConfig.max_forward_tokens): it bounds a worker's
 # activation memory and the size of a message its data port accepts (moeray/transport/frames.py).
 DEFAULT_MAX_FORWARD_TOKENS = 8192
+
+
+def check_step_fits(max_batch_size: int, max_prefill_tokens: int, max_forward_tokens: int) -> None:
+    """A step carries at most every running sequence's next token and the prefill budget: it must fit one forward."""
+    step = max_batch_size + max_prefill_tokens
+    if step > max_forward_tokens:
+        raise ValueError(f"a step may carry max_batch_size + max_prefill_tokens = {max_batch_size} + "
+                         f"{max_prefill_tokens} = {step} tokens, over max_forward_tokens {max_forward_tokens}: "
+                         "raise max_forward_tokens or lower one of them")
 MIN_TEMPERATURE = 1e-5  # below it (but above 0) logits / temperature overflow float32: the sampler would fail
 _REQUEST_ID = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 

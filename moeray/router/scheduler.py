@@ -44,7 +44,7 @@ import torch
 
 from moeray import telemetry
 from moeray.model.architecture import kv_layout_of
-from moeray.request import DEFAULT_MAX_FORWARD_TOKENS, DuplicateRequestId, InvalidRequest
+from moeray.request import DEFAULT_MAX_FORWARD_TOKENS, DuplicateRequestId, InvalidRequest, check_step_fits
 from moeray.router import overlap
 from moeray.router.kv_blocks import BlockTable, OutOfBlocks
 from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
@@ -122,9 +122,7 @@ class Scheduler:
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1; got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
-        if max_batch_size + max_prefill_tokens > max_forward_tokens:
-            raise ValueError(f"a step may carry max_batch_size + max_prefill_tokens = {max_batch_size} + "
-                             f"{max_prefill_tokens} tokens, over max_forward_tokens {max_forward_tokens}")
+        check_step_fits(max_batch_size, max_prefill_tokens, max_forward_tokens)
         self.max_forward_tokens = max_forward_tokens  # a step's tokens stay under it; a score splits its rows by it
         overlap.plan_micro_batches([1], micro_batches)  # refuses a bad count here, naming it
         self.micro_batches = micro_batches  # None: automatic (plan_micro_batches); may change between steps
