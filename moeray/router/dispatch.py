@@ -2,7 +2,8 @@
 
     top_k_index[T,K], top_k_weights[T,K]  (the model's own gate)
       -> pairs (token, expert, weight), pads dropped
-      -> pick a replica per pair (spread evenly over an expert's slots on live workers)
+      -> pick a replica per pair (each expert deals its pairs to its live slots in turn:
+         moeray/placement/algorithms/routing.py)
       -> bucket by worker; one call per touched worker carrying only its tokens, sent by the transport
          (object store: an actor call each; compiled graph: one execute over every worker; moeray.transport)
       -> combine: scatter-add each worker's weighted partial sums back to token order
@@ -32,6 +33,7 @@ import torch
 
 from moeray import telemetry
 from moeray.placement.algorithms.plan import Plan
+from moeray.placement.algorithms.routing import route_pairs
 from moeray.router import overlap
 from moeray.router.load import LoadCounter
 from moeray.transport.base import Transport
@@ -164,6 +166,7 @@ class ExpertDispatcher:
                     log2phy_LER[l, e, seen[e]] = p
                     seen[e] += 1
         self._routing = (replicas_LE, log2phy_LER)
+        self._cursor_LE = np.zeros_like(replicas_LE)  # each expert's turn among its replicas (routing.py)
 
     def __call__(
         self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
@@ -206,14 +209,17 @@ class ExpertDispatcher:
                    started: float) -> None:
         """Steps 2-4 for a set of pairs; the pairs of a worker that died are run again on live replicas.
         ``started``: when this layer's preparation began (for ``times``)."""
-        # 2. A replica per pair: consecutive pairs of one expert take its live slots in turn.
+        # 2. A replica per pair: each expert deals its pairs to its live slots in turn, from where its last call
+        # stopped (moeray/placement/algorithms/routing.py, the rule the load model assumes).
         replicas_LE, log2phy_LER = self._routing
         replicas_N = replicas_LE[layer, pair_expert_N]
         if not replicas_N.all():
             lost = sorted(set(pair_expert_N[replicas_N == 0].tolist()))
             raise ExpertsUnavailable(layer, lost, sorted(self.dead_workers))
-        replica_N = np.arange(len(pair_expert_N)) % replicas_N
-        slot_N = log2phy_LER[layer, pair_expert_N, replica_N]
+        with self._lock:  # NOTE: micro-batches dispatch on several threads; each takes the turn the last left
+            cursor_LE = self._cursor_LE
+            slot_N, cursor_LE[layer] = route_pairs(pair_expert_N, replicas_LE[layer], log2phy_LER[layer],
+                                                   cursor_LE[layer])
         worker_N = self._slot_worker_LP[layer, slot_N]
         local_slot_N = self._local_slot_LP[layer, slot_N]
         # 3. One call per touched worker, carrying only the tokens it needs; the transport sends them all.

@@ -129,6 +129,23 @@ def test_pairs_of_a_replicated_expert_take_its_replicas_in_turn():
     assert list(transport.sends[-1]) == [2]
 
 
+def test_a_hot_first_choice_is_split_over_its_replicas_at_any_top_k():
+    """Expert 0 (workers 0 and 1) is every token's first choice at top-2: its pairs split in half every call, and
+    one-token steps take the replicas in turn; the combine is unchanged."""
+    dispatch, transport = _dispatcher()
+    x_TH = torch.randn(40, H)
+    index_TK = torch.stack([torch.zeros(40, dtype=torch.long), 1 + torch.arange(40) % 3], dim=1)
+    weights_TK = torch.rand(40, 2)
+    y_TH = dispatch(0, x_TH, index_TK, weights_TK)
+    torch.testing.assert_close(y_TH, _direct(0, x_TH, index_TK, weights_TK), rtol=1e-5, atol=1e-5)
+    hot = [sum(1 for seen in w.seen if seen == (0, 0)) for w in transport.workers]
+    assert hot == [20, 20, 0]
+    for t in range(6):  # decode: one token a step
+        dispatch(0, x_TH[t:t + 1], index_TK[t:t + 1], weights_TK[t:t + 1])
+    hot = [sum(1 for seen in w.seen if seen == (0, 0)) for w in transport.workers]
+    assert hot == [23, 23, 0]
+
+
 def test_a_dead_workers_pairs_go_again_to_the_other_replicas():
     dispatch, transport = _dispatcher()
     lost = []

@@ -3,8 +3,8 @@ controller's ledger of the load it pulls from the routers.
 
 Shape legend: L MoE layers, E logical experts, W workers, P slots per layer.
 
-The dispatcher spreads an expert's tokens evenly over its replicas, so a worker's expected load is the sum, over
-the slots it holds, of the slot's expert load divided by that expert's replica count.
+The dispatcher deals an expert's tokens to its replicas in turn (routing.py), so a worker's expected load is the
+sum, over the slots it holds, of the slot's expert load divided by that expert's replica count.
 """
 
 from __future__ import annotations
