@@ -53,15 +53,28 @@ def tiny_config(arch: str, **overrides) -> PretrainedConfig:
     return cls(**c)
 
 
+# the gate biases that choose experts: gpt-oss's router bias, DeepSeek-V3's score-correction bias (selection only)
+_SELECTION_BIASES = ("mlp.router.bias", "mlp.gate.e_score_correction_bias")
+
+
 def save_random_checkpoint(config: PretrainedConfig, path: str | os.PathLike, seed: int = 0,
-                           dtype: torch.dtype = torch.float32) -> Path:
-    """Random-init ``config`` with ``seed`` and save it (config.json + safetensors + generation config)."""
+                           dtype: torch.dtype = torch.float32, hot_expert: int | None = None) -> Path:
+    """Random-init ``config`` with ``seed`` and save it (config.json + safetensors + generation config).
+    ``hot_expert``: raise that expert's gate bias in every MoE layer so that it is every token's first choice
+    (the skew replicas exist for); only architectures with a selection bias (gpt_oss, deepseek_v3) have one."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    raised = 0
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("bias"):  # router/expert/attention biases and DeepSeek's e_score_correction_bias
                 t.normal_(0.0, 0.2)
+            if hot_expert is not None and name.endswith(_SELECTION_BIASES):
+                t[hot_expert] += 10.0  # far above the other logits, yet the others keep a weight
+                raised += 1
+    if hot_expert is not None and not raised:
+        raise ValueError(f"{config.model_type} has no gate selection bias to make expert {hot_expert} hot; "
+                         f"use one of gpt_oss, deepseek_v3")
     path = Path(path)
     model.save_pretrained(path)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -69,8 +82,9 @@ def save_random_checkpoint(config: PretrainedConfig, path: str | os.PathLike, se
     return path
 
 
-def save_tiny_checkpoint(arch: str, path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
-    return save_random_checkpoint(tiny_config(arch, **overrides), path, seed)
+def save_tiny_checkpoint(arch: str, path: str | os.PathLike, seed: int = 0, hot_expert: int | None = None,
+                         **overrides) -> Path:
+    return save_random_checkpoint(tiny_config(arch, **overrides), path, seed, hot_expert=hot_expert)
 
 
 def _quantizable(key: str) -> bool:
