@@ -70,7 +70,6 @@ class DispatchTimes:
 class _PerForward(threading.local):
     """What the scheduler sets around each forward, per thread: micro-batches run their forwards at once."""
 
-    token_mask_T: np.ndarray | None = None  # which flattened tokens are real (False: padding); None: all
     token_ids_T: np.ndarray | None = None  # their token ids (for the optional per-expert token histogram)
     workers_touched: int = 0  # by this thread's last layer call (telemetry)
 
@@ -115,8 +114,6 @@ class ExpertDispatcher:
 
     # Set by the scheduler around each forward, for the forward on the calling thread; kept as numpy, made once per
     # forward rather than once per MoE layer.
-    token_mask_T = property(lambda self: self._per_forward.token_mask_T,
-                            lambda self, v: setattr(self._per_forward, "token_mask_T", _host(v)))
     token_ids_T = property(lambda self: self._per_forward.token_ids_T,
                            lambda self, v: setattr(self._per_forward, "token_ids_T", _host(v)))
 
@@ -181,8 +178,7 @@ class ExpertDispatcher:
                 self.dispatch_s += elapsed
                 self.times.calls += 1
             if telemetry.STATE.on:
-                tokens = len(x_TH) if self.token_mask_T is None else int(self.token_mask_T.sum())
-                telemetry.dispatched(span, layer, elapsed, tokens, self.workers_touched)
+                telemetry.dispatched(span, layer, elapsed, len(x_TH), self.workers_touched)
 
     def _dispatch(self, layer: int, x_TH: torch.Tensor, top_k_index_TK: torch.Tensor,
                   top_k_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -191,14 +187,10 @@ class ExpertDispatcher:
         # 105 -> 33 us, a 256-token one 1.14 -> 0.30 ms).
         started = time.perf_counter()
         num_tokens, top_k = top_k_index_TK.shape
-        # 1. Flatten to (token, expert, weight) pairs, dropping padding tokens.
+        # 1. Flatten to (token, expert, weight) pairs (forwards are packed: no token is padding).
         pair_token_N = np.arange(num_tokens).repeat(top_k)
         pair_expert_N = top_k_index_TK.reshape(-1).cpu().numpy()
         pair_weight_N = top_k_weights_TK.reshape(-1).to("cpu", torch.float32).numpy()
-        if self.token_mask_T is not None:
-            keep_N = self.token_mask_T.repeat(top_k)
-            pair_token_N, pair_expert_N, pair_weight_N = (pair_token_N[keep_N], pair_expert_N[keep_N],
-                                                          pair_weight_N[keep_N])
         token_id_N = None if self.token_ids_T is None else self.token_ids_T[pair_token_N]
         y_TH = torch.zeros_like(x_TH)
         self._run_pairs(layer, x_TH, y_TH, pair_token_N, pair_expert_N, pair_weight_N, token_id_N, started)

@@ -123,9 +123,9 @@ class Router:
         self._loop = threading.Thread(target=self._run, name="moeray-step-loop", daemon=True)
         self._loop.start()
 
-    def _on_forward(self, mask_T: torch.Tensor | None, ids_T: torch.Tensor | None) -> None:
+    def _on_forward(self, ids_T: torch.Tensor | None) -> None:
         # NOTE: per thread in the dispatcher (micro-batches); a step's loads form one record at its end (on_step_end)
-        self.dispatcher.token_mask_T, self.dispatcher.token_ids_T = mask_T, ids_T
+        self.dispatcher.token_ids_T = ids_T
 
     def set_micro_batches(self, micro_batches: int | None) -> None:
         """Split the following steps into this many micro-batches (None: the automatic rule); ``moeray bench serve``

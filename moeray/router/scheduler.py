@@ -97,7 +97,7 @@ class Scheduler:
         self,
         model: torch.nn.Module,
         *,
-        on_forward: Callable[[torch.Tensor | None, torch.Tensor | None], None],
+        on_forward: Callable[[torch.Tensor | None], None],
         recover: Callable[[Exception], bool] | None = None,
         on_step_end: Callable[[], None] | None = None,
         micro_batches: int | None = None,
@@ -111,8 +111,8 @@ class Scheduler:
         prefix_caching: bool = True,
     ) -> None:
         self.model = model
-        # Told before each forward which flattened tokens are real (None: all) and their ids, and (None, None) after,
-        # on the thread that runs that forward (micro-batches run theirs at once, each on its own thread).
+        # Told each forward's token ids before it and None after, on the thread that runs that forward (micro-batches
+        # run theirs at once, each on its own thread). Forwards are packed: every token is real, none is padding.
         self.on_forward = on_forward
         self.on_step_end = on_step_end  # once per step (or score), after all of its forwards
         # Asked when a step fails: True if the cause was repaired (e.g. lost experts re-placed) and the step should
@@ -357,13 +357,13 @@ class Scheduler:
         # NOTE: grad mode and the active layout are per thread, so each micro-batch's thread sets its own
         try:
             with torch.no_grad(), micro.layout.active(), turn.held():
-                self.on_forward(None, micro.ids_Q)
+                self.on_forward(micro.ids_Q)
                 try:
                     out = self.model(input_ids=micro.ids_Q[None].to(self.device),
                                      position_ids=micro.pos_Q[None].to(self.device), cache=micro.layout,
                                      use_cache=True, logits_to_keep=torch.tensor(micro.keep or [0], device=self.device))
                 finally:
-                    self.on_forward(None, None)
+                    self.on_forward(None)
             return out.logits[0]
         except Exception as e:  # noqa: BLE001 - returned: the step decides (recovery, or failing its sequences)
             return e
@@ -441,14 +441,14 @@ class Scheduler:
         pos_Q = torch.cat([torch.arange(lengths[i]) for i in order])
         start = dict(zip(order, torch.tensor([0] + [lengths[i] for i in order]).cumsum(0).tolist()))
         with self.forward_lock, torch.no_grad(), layout.active():
-            self.on_forward(None, ids_Q)
+            self.on_forward(ids_Q)
             try:
                 keep = None if not last_only else \
                     torch.tensor([start[i] + lengths[i] - 1 for i in range(len(rows))], device=self.device)
                 out = self.model(input_ids=ids_Q[None].to(self.device), position_ids=pos_Q[None].to(self.device),
                                  cache=layout, use_cache=True, logits_to_keep=0 if keep is None else keep)
             finally:
-                self.on_forward(None, None)
+                self.on_forward(None)
                 if self.on_step_end is not None:
                     self.on_step_end()
         logits_QV = out.logits[0]

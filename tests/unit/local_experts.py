@@ -20,15 +20,11 @@ class LocalExperts:
             stack = lambda k: torch.stack([x[k] for x in experts]) if spec.has_bias or "bias" not in k else None
             self.layers.append(ExpertWeights(w_gate_up_S2IH=stack("gate_up"), w_down_SHI=stack("down"),
                                              b_gate_up_S2I=stack("gate_up_bias"), b_down_SH=stack("down_bias")))
-        self.token_mask_T = None
         self.tokens_seen = 0
 
     def __call__(self, layer, x_TH, top_k_index_TK, top_k_weights_TK):
         num_tokens, top_k = top_k_index_TK.shape
         pair_token = torch.arange(num_tokens).repeat_interleave(top_k)
         pair_slot, pair_weight = top_k_index_TK.reshape(-1), top_k_weights_TK.reshape(-1)
-        if self.token_mask_T is not None:
-            keep = self.token_mask_T.repeat_interleave(top_k)
-            pair_token, pair_slot, pair_weight = pair_token[keep], pair_slot[keep], pair_weight[keep]
         self.tokens_seen += pair_token.numel()
         return grouped_experts(x_TH, pair_token, pair_slot, pair_weight.float(), self.layers[layer], self.activation)

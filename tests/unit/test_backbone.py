@@ -15,7 +15,7 @@ from moeray.router.sequence import Sequence
 def _scheduler(path):
     experts = LocalExperts(path)
     model, loaded = build_backbone(path, torch.float32, experts)
-    return Scheduler(model, on_forward=lambda m, ids: setattr(experts, "token_mask_T", m), max_batch_size=8), \
+    return Scheduler(model, on_forward=lambda ids: None, max_batch_size=8), \
         model, loaded, experts
 
 

@@ -62,7 +62,7 @@ def test_prefix_blocks_are_shared_exactly_and_evicted_least_recently_used():
 def _scheduler(path, **kw):
     experts = LocalExperts(path)
     model, _ = build_backbone(path, torch.float32, experts)
-    return Scheduler(model, on_forward=lambda m, ids: None, max_batch_size=8, **kw)
+    return Scheduler(model, on_forward=lambda ids: None, max_batch_size=8, **kw)
 
 
 def _run(scheduler, prompts, eos=(), n=12):

@@ -83,7 +83,7 @@ class AwayExperts(LocalExperts):
 def _scheduler(path, micro_batches, away_s=0.0, recover=None):
     experts = AwayExperts(path, away_s)
     model, _ = build_backbone(path, torch.float32, experts)
-    scheduler = Scheduler(model, on_forward=lambda m, ids: setattr(experts.ids, "T", ids), max_batch_size=8,
+    scheduler = Scheduler(model, on_forward=lambda ids: setattr(experts.ids, "T", ids), max_batch_size=8,
                           block_size=4, max_prefill_tokens=7, micro_batches=micro_batches, recover=recover)
     return scheduler, experts
 

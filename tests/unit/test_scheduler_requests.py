@@ -16,7 +16,7 @@ from moeray.router.sequence import Sequence
 def scheduler(checkpoints):
     experts = LocalExperts(checkpoints["mixtral"])
     model, _ = build_backbone(checkpoints["mixtral"], torch.float32, experts)
-    return Scheduler(model, on_forward=lambda m, ids: setattr(experts, "token_mask_T", m), max_batch_size=8)
+    return Scheduler(model, on_forward=lambda ids: None, max_batch_size=8)
 
 
 def _seq(request_id, prompt=PROMPTS[0], n=4):
@@ -57,10 +57,10 @@ def test_abort_finds_a_sequence_between_the_queue_and_the_batch(scheduler):
     seen = {}
     original = scheduler.on_forward
 
-    def on_forward(mask, ids):  # the prefill's forward: the sequence is being admitted, its first token not out yet
+    def on_forward(ids):  # the prefill's forward: the sequence is being admitted, its first token not out yet
         if ids is not None and "abort" not in seen:
             seen["abort"] = scheduler.abort("mid-prefill")
-        original(mask, ids)
+        original(ids)
 
     scheduler.on_forward = on_forward
     try:
@@ -98,8 +98,8 @@ def test_a_batch_over_max_forward_tokens_is_scored_in_forwards_of_whole_rows(sch
         ids[b, : len(prompt)], mask[b, : len(prompt)] = torch.tensor(prompt), 1
     forwards = []
     original, bound = scheduler.on_forward, scheduler.max_forward_tokens
-    scheduler.on_forward = lambda m, ids_Q: (forwards.append(len(ids_Q)) if ids_Q is not None else None,
-                                            original(m, ids_Q))
+    scheduler.on_forward = lambda ids_Q: (forwards.append(len(ids_Q)) if ids_Q is not None else None,
+                                          original(ids_Q))
     try:
         scheduler.max_forward_tokens = len(rows[0]) + len(rows[1])
         split, last = scheduler.score(ids, mask), scheduler.score(ids, mask, last_only=True)
