@@ -11,7 +11,7 @@
        ExpertsUnavailable, and the router waits for the controller to re-place the experts and retries the step)
 
 A step split into micro-batches calls the dispatcher from several threads at once (``moeray.router.overlap``), so
-everything set per forward (the token mask and ids, the workers a call touched) is per thread, counters are
+everything set per forward (the token ids, the workers a call touched) is per thread, counters are
 updated under a lock, and the send gives up the router's turn while the tokens are away. A transport that is not
 safe to call from two threads at once (``concurrent_sends`` false or absent: a compiled graph's one in-flight
 execution, a process group's ordered messages) is sent through one at a time; the other micro-batch's dense
