@@ -18,11 +18,12 @@ import time
 
 import numpy as np
 
-from moeray.placement.algorithms.load import imbalance_L, worker_load_LW
+from moeray.placement.algorithms.load import imbalance_L, routing_gap_L, worker_load_LW
+from moeray.placement.algorithms.plan import Layout
 from moeray.placement.algorithms.policies import BUILTIN_POLICIES, resolve_policy, static_plan
 from moeray.placement.algorithms.topology import Budget, Topology
-from moeray.placement.offline.simulator import Bounds, SimResult, optimal_bounds, simulate
-from moeray.placement.traces import synthesize, top_share
+from moeray.placement.offline.simulator import Bounds, SimResult, optimal_bounds, realized_load_LW, simulate
+from moeray.placement.traces import gate_choices, synthesize, top_share
 
 EXPERTS, LAYERS, WORKERS, NODES, REDUNDANT, TOP_K = 64, 32, 8, 2, 16, 8
 POLICIES = ["round_robin", "greedy", "replicated", "replicated_hierarchical", "migration_aware"]
@@ -37,6 +38,7 @@ TRACES = [  # name, kind, synthesize kwargs
 IMBALANCE_TARGETS = [("zipf s=1.0", "replicated", 1.04), ("zipf s=1.5", "replicated", 1.05),
                      ("zipf s=1.0", "replicated_hierarchical", 1.04), ("zipf s=1.5", "replicated_hierarchical", 1.22)]
 BOUND_GAP, MIGRATION_MOVED, MIGRATION_IMBALANCE = 1.02, 0.25, 1.05
+CALL_TOKENS = 256  # tokens per dispatch call in the pair-level replay (a step of a busy router)
 
 
 def _available(name: str) -> str | None:
@@ -129,11 +131,55 @@ def run_placement_bench(*, windows: int = 12, tokens: int = 16384, bound_windows
                   f"| {_fmt(row.get('vs_bound'), '.4f', 'x')} | {_fmt(row.get('in_sample_vs_bound'), '.4f', 'x')} "
                   f"| {row['policy_ms_per_rebalance']:.0f} |", flush=True)
         summaries[trace_name] = rows
+    replay = _replica_rule_replay(windows=2, tokens=tokens, topology=topology, budget=budget, seed=seed)
     targets = _targets(summaries)
     print(f"\n## targets (bench ran {time.perf_counter() - started:.0f} s)")
     for line, ok in targets:
         print(f"- {line}: {_verdict(ok)}")
-    return {"summaries": summaries, "targets": targets}
+    return {"summaries": summaries, "targets": targets, "replay": replay}
+
+
+def _position_rule_LW(calls_LN, layout: Layout) -> np.ndarray:
+    """Pairs per (layer, worker) under the replica rule dispatch had before issue 28 (a pair's replica was its
+    position in the call modulo its expert's replica count): kept here only to measure what the fix changed."""
+    replicas_LE, log2phy_LER = layout.replica_count_LE.numpy(), layout.log2phy_LER.numpy()
+    out_LW = np.zeros((layout.num_layers, layout.num_workers), dtype=np.int64)
+    for pair_expert_LN in calls_LN:
+        for l, pair_expert_N in enumerate(pair_expert_LN):
+            slot_N = log2phy_LER[l, pair_expert_N, np.arange(len(pair_expert_N)) % replicas_LE[l, pair_expert_N]]
+            out_LW[l] += np.bincount(layout.slot_worker_LP[l].numpy()[slot_N], minlength=layout.num_workers)
+    return out_LW
+
+
+def _replica_rule_replay(*, windows: int, tokens: int, topology: Topology, budget: Budget, seed: int) -> dict:
+    """Predicted against realized balance: each trace's replicated plan (built on window 0) judged on window 1's
+    load replayed pair by pair: tokens pick their top-k by a gate's rule (traces.gate_choices: hot experts first),
+    calls of CALL_TOKENS tokens go through the replica rule, and the workers' realized pairs are set beside what the
+    load model predicted of the same expert counts."""
+    print(f"\n## predicted vs realized balance (replicated plan, window 1 replayed pair by pair in calls of "
+          f"{CALL_TOKENS} tokens, top-{TOP_K})")
+    print("| trace | predicted (load model) | realized, position rule (before) | routing gap before "
+          "| realized, routing.py (after) | routing gap after |")
+    print("|---|---:|---:|---:|---:|---:|")
+    out = {}
+    for trace_name, kind, kwargs in TRACES:
+        loads = synthesize(kind, num_layers=LAYERS, num_experts=EXPERTS, num_windows=windows, tokens=tokens,
+                           top_k=TOP_K, seed=seed, **kwargs)
+        plan = resolve_policy("replicated")(loads[0], topology, static_plan(
+            "round_robin", num_layers=LAYERS, num_experts=EXPERTS, num_workers=WORKERS, redundant=budget.redundant),
+            budget)
+        pairs_LTK = gate_choices(loads[1], tokens, TOP_K, seed=seed + 1)
+        calls = [pairs_LTK[:, t:t + CALL_TOKENS].reshape(LAYERS, -1) for t in range(0, tokens, CALL_TOKENS)]
+        expert_LE = np.stack([np.bincount(pairs_LTK[l].reshape(-1), minlength=EXPERTS) for l in range(LAYERS)])
+        predicted_LW = worker_load_LW(expert_LE, plan).numpy()
+        row = {"predicted": float(imbalance_L(predicted_LW).mean())}
+        for label, realized_LW in (("before", _position_rule_LW(calls, plan)), ("after", realized_load_LW(calls, plan))):
+            row[label] = float(imbalance_L(realized_LW).mean())
+            row[f"gap_{label}"] = float(routing_gap_L(realized_LW, predicted_LW).max())
+        out[trace_name] = row
+        print(f"| {trace_name} | {row['predicted']:.4f} | {row['before']:.4f} | {row['gap_before']:.2%} "
+              f"| {row['after']:.4f} | {row['gap_after']:.3%} |", flush=True)
+    return out
 
 
 def _targets(summaries: dict[str, dict[str, dict]]) -> list[tuple[str, bool | None]]:

@@ -110,9 +110,19 @@ def _reports_rpc_errors(command):
     return run
 
 
+def _window_load(args) -> dict:
+    """GetLoad's window per layer: what each worker received beside what the plan expected, and the gap."""
+    r = _rpc(args, "GetLoad")
+    return {"window_steps": r.window_steps, "layers": [
+        {"worker_tokens": list(x.worker_tokens), "expected_worker_tokens": list(x.expected_worker_tokens),
+         "routing_gap": x.routing_gap, "imbalance": x.imbalance, "expected_imbalance": x.expected_imbalance}
+        for x in r.layers]}
+
+
 @_reports_rpc_errors
 def cmd_show(args) -> int:
     r = _rpc(args, "GetPlacement")
+    load = _window_load(args)
     workers = [{"index": w.index, "node": w.node, "node_id": w.node_id, "device": w.device,
                 "resident_bytes": w.resident_bytes} for w in r.workers]
     experts = [[[e for e, sw in zip(layer.phy2log, layer.slot_worker) if sw == w["index"]] for layer in r.layers]
@@ -123,7 +133,7 @@ def cmd_show(args) -> int:
            "redundant_slots": r.redundant_slots, "rebalances": r.rebalances, "workers": workers,
            "experts_per_worker": experts, "target_workers": r.target_workers, "live_workers": r.live_workers,
            "experts_available": r.experts_available, "healing_state": r.healing_state,
-           "healing_error": r.healing_error, "topology": r.topology, "routers": routers}
+           "healing_error": r.healing_error, "topology": r.topology, "routers": routers, "load": load}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -141,7 +151,29 @@ def cmd_show(args) -> int:
     for w, per_layer in zip(workers, experts):
         print(f"worker {w['index']} (node {w['node']}, {w['device']}, {w['resident_bytes'] / 2**20:.1f} MiB): "
               + "; ".join(f"L{l}: {e}" for l, e in enumerate(per_layer)))
+    _print_load(load)
     return 0
+
+
+def _print_load(load: dict) -> None:
+    """Per worker, the window's tokens over all layers: received, what the plan expected, and the gap."""
+    layers = load["layers"]
+    if not layers or not any(sum(x["worker_tokens"]) for x in layers):
+        print(f"load window: {load['window_steps']} steps, no tokens yet")
+        return
+    worst = max(range(len(layers)), key=lambda l: layers[l]["routing_gap"])
+    mean = lambda key: sum(x[key] for x in layers) / len(layers)  # noqa: E731
+    print(f"load window: {load['window_steps']} steps; imbalance {mean('imbalance'):.3f} realized, "
+          f"{mean('expected_imbalance'):.3f} expected by the plan; routing gap {layers[worst]['routing_gap']:.1%} "
+          f"at most (layer {worst})")
+    for w in range(len(layers[0]["worker_tokens"])):
+        got = sum(x["worker_tokens"][w] for x in layers if w < len(x["worker_tokens"]))
+        if not all(x["expected_worker_tokens"] for x in layers):  # counted under another worker count
+            print(f"  worker {w}: {got} tokens received")
+            continue
+        want = sum(x["expected_worker_tokens"][w] for x in layers)
+        gap = f" ({(got - want) / want:+.1%})" if want else ""
+        print(f"  worker {w}: {got} tokens received, {want:.0f} expected{gap}")
 
 
 @_reports_rpc_errors

@@ -225,3 +225,23 @@ def top_share(load_LE: torch.Tensor) -> float:
     """Mean over layers of the hottest expert's share of the layer's tokens."""
     load_LE = torch.as_tensor(load_LE, dtype=torch.float64)
     return float((load_LE.max(dim=1).values / load_LE.sum(dim=1).clamp(min=1)).mean())
+
+
+def gate_choices(load_LE, tokens: int, top_k: int, seed: int = 0) -> np.ndarray:
+    """``[L, tokens, top_k]`` expert ids as a gate would pick them from a layer's expert popularity ``load_LE``: each
+    token's top-k of log-popularity plus Gumbel noise, in rank order, so a hot expert is most often a first choice (as in
+    a trained router) and each expert's share of the pairs follows ``load_LE``. For pair-level replays of a trace
+    (moeray.placement.offline.simulator.realized_load_LW), where the rank a pair has decides nothing only if the
+    replica rule is right."""
+    load_LE = np.asarray(load_LE, dtype=np.float64)
+    L, E = load_LE.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must lie in [1, {E}]; got {top_k}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((L, tokens, top_k), dtype=np.int64)
+    for l in range(L):
+        score_TE = np.log(np.maximum(load_LE[l], 1e-9)) + rng.gumbel(size=(tokens, E))
+        top_TK = np.argpartition(-score_TE, top_k - 1, axis=1)[:, :top_k]
+        rank_TK = np.argsort(-np.take_along_axis(score_TE, top_TK, 1), axis=1)
+        out[l] = np.take_along_axis(top_TK, rank_TK, 1)
+    return out

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moeray.placement.algorithms.load import routing_gap_L
 from moeray.request import InvalidRequest, SamplingParams, StreamChunk
 from moeray.serving.errors import ResponseTooLarge, clip
 from moeray.serving.gen import generate_pb2, placement_pb2
@@ -137,13 +138,22 @@ def placement_response(state: dict, health: dict, info: list, routers: list = ()
     return response
 
 
+def _ratio(load_W) -> float:
+    """max / mean; 1.0 (perfect) with no load."""
+    return float(load_W.max() / load_W.mean()) if load_W.sum() else 1.0
+
+
 def load_response(load: dict, top: list | None, tokenizer) -> placement_pb2.GetLoadResponse:
     """From the controller's ``window_load`` and ``top_tokens`` (per layer, per expert: (token id, count) pairs)."""
     response = placement_pb2.GetLoadResponse(window_steps=load["steps"])
+    expected_LW = load["expected_LW"]  # None while the window was counted under another worker count
+    gap_L = None if expected_LW is None else routing_gap_L(load["worker_LW"], expected_LW)
     for l, (e_E, w_W, t_E) in enumerate(zip(load["expert_LE"], load["worker_LW"], load["total_LE"])):
-        imbalance = float(w_W.max() / w_W.mean()) if w_W.sum() else 1.0
-        layer = response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=imbalance,
+        layer = response.layers.add(expert_tokens=e_E.tolist(), worker_tokens=w_W.tolist(), imbalance=_ratio(w_W),
                                     expert_tokens_total=t_E.tolist())
+        if expected_LW is not None:
+            layer.expected_worker_tokens.extend(expected_LW[l].tolist())
+            layer.routing_gap, layer.expected_imbalance = float(gap_L[l]), _ratio(expected_LW[l])
         for tokens in top[l] if top else ():
             ids = [t for t, _ in tokens]
             texts = [tokenizer.decode([t]) for t in ids] if tokenizer is not None else []

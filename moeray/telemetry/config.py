@@ -17,7 +17,9 @@ class TelemetryConfig:
     service_name: str = "moeray"
     export_interval_s: float = 10.0  # OTLP metric export period and span batch delay
     trace_sample_ratio: float = 1.0  # of new traces (a caller's sampled traceparent is always followed)
-    expert_metrics: bool = True  # per (layer, expert) token series: layers x experts series
+    # per (layer, expert) token series: True all (layers x experts series), False none, an int N the N experts of
+    # each layer with the most tokens since the start (layers x N series)
+    expert_metrics: bool | int = True
     role: str = "engine"  # set per process by for_process
     index: int = 0
 
@@ -35,6 +37,9 @@ class TelemetryConfig:
             raise ValueError(f"export_interval_s must be > 0; got {self.export_interval_s}")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ValueError(f"trace_sample_ratio must be in [0, 1]; got {self.trace_sample_ratio}")
+        if not isinstance(self.expert_metrics, (bool, int)) or self.expert_metrics < 0:
+            raise ValueError(f"expert_metrics must be True, False or a count of experts per layer >= 1; "
+                             f"got {self.expert_metrics!r}")
         if self.role not in ROLES:
             raise ValueError(f"role {self.role!r} is not one of {ROLES}")
 

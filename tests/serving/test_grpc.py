@@ -195,6 +195,11 @@ def test_placement_reads_and_admin_auth(server):
     load = stub.GetLoad(placement_pb2.GetLoadRequest())
     assert sum(load.layers[0].expert_tokens) == sum(load.layers[0].worker_tokens) > 0
     assert load.layers[0].imbalance >= 1.0 and load.window_steps >= 2  # a prefill and a decode step
+    for layer in load.layers:  # what the plan expected of each worker, beside what it received
+        got_W, want_W = np.array(layer.worker_tokens), np.array(layer.expected_worker_tokens)
+        assert len(want_W) == len(got_W) == 2 and want_W.sum() == pytest.approx(got_W.sum())
+        assert layer.routing_gap == pytest.approx(abs(got_W - want_W).max() / want_W.mean())
+        assert layer.expected_imbalance == pytest.approx(want_W.max() / want_W.mean())
     request = placement_pb2.RebalanceRequest(dry_run=True)
     for header, code in [(None, grpc.StatusCode.UNAUTHENTICATED), ("Bearer wrong", grpc.StatusCode.PERMISSION_DENIED)]:
         metadata = [("authorization", header)] if header else []
@@ -265,6 +270,8 @@ def test_placement_cli_against_the_server(server, capsys, tmp_path, monkeypatch,
     assert main(["placement", "show", *target]) == 0
     text = capsys.readouterr().out
     assert "topology colocated, 2 routers" in text and "router 1: node " in text
+    assert "load window: " in text
+    assert len(shown["load"]["layers"][0]["expected_worker_tokens"]) == 2
     assert main(["placement", "rebalance", *target, "--dry-run"]) == 2
     assert "UNAUTHENTICATED" in capsys.readouterr().err
     monkeypatch.setenv("MOERAY_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -108,6 +108,48 @@ def test_workers_alive_gauge():
         assert o.metrics()["moeray_workers_alive"][0].value == 3
 
 
+def test_expected_worker_tokens_and_the_routing_gap():
+    """The plan's expectation beside what the workers received: skewed_step's worker counts are exactly what the
+    contiguous plan expects (gap 0); a step whose layer 0 went to the wrong worker shows a gap."""
+    with otel() as o:
+        controller, ops = make()
+        ops.reports = [{"steps": [skewed_step()]}]
+        controller.pull()
+        m = o.metrics()
+        expected = m["moeray_worker_expected_tokens"]
+        assert len(expected) == L * W and point(expected, layer=0, worker=0).value == 120
+        assert point(expected, layer=0, worker=1).value == 0 and point(expected, layer=1, worker=2).value == 30
+        assert [point(m["moeray_routing_gap_ratio"], layer=l).value for l in range(L)] == [0.0, 0.0]
+        expert_LE, worker_LW = skewed_step()
+        worker_LW[0] = [0, 120, 0, 0]  # layer 0's pairs on worker 1, which holds none of experts 0 and 1
+        ops.reports = [{"steps": [(expert_LE, worker_LW)]}]
+        controller.pull()
+        gap = point(o.metrics()["moeray_routing_gap_ratio"], layer=0).value
+        # the window holds both steps: worker 0 got 120 of the 240 expected, over a mean expectation of 240 / 4
+        assert gap == pytest.approx(120 / 60)
+
+
+def test_per_expert_series_of_the_hottest_experts_only():
+    import gc
+
+    from moeray.telemetry import TelemetryConfig
+
+    gc.collect()  # NOTE: an earlier test's controller, not yet collected, would still export its own series
+
+    with otel(TelemetryConfig(expert_metrics=3)) as o:
+        controller, ops = make()
+        expert_LE, worker_LW = skewed_step()
+        expert_LE[1, 5] += 4  # layer 1: expert 5 hottest, then the rest tie (the lowest ids win the ties)
+        ops.reports = [{"steps": [(expert_LE, worker_LW)]}]
+        controller.pull()
+        tokens = o.metrics()["moeray_expert_tokens"]
+        assert sorted((p.attributes["layer"], p.attributes["expert"]) for p in tokens) == [
+            (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 5)]
+        assert point(tokens, layer=1, expert=5).value == 19
+    with pytest.raises(ValueError, match="expert_metrics must be"):
+        TelemetryConfig(expert_metrics=-1)
+
+
 def test_per_expert_series_can_be_turned_off():
     from moeray.telemetry import TelemetryConfig
 

@@ -12,6 +12,7 @@ import torch
 from moeray.cli import main
 from moeray.cli import placement as placement_cli
 from moeray.config import EngineConfig, plan_placement
+from moeray.serving.gen import placement_pb2
 from moeray.model.backbone import inspect_checkpoint
 from moeray.placement.algorithms.balanced import replicated
 from moeray.placement.algorithms.plan import Layout
@@ -55,7 +56,8 @@ def _placement_response(layout: Layout, epoch: int = 5):
 @pytest.mark.parametrize("command", ["export", "show"])
 def test_export_and_show_json_read_back_as_the_served_layout(tmp_path, monkeypatch, capsys, command):
     layout = _layout()
-    monkeypatch.setattr(placement_cli, "_rpc", lambda args, method, **_: _placement_response(layout))
+    monkeypatch.setattr(placement_cli, "_rpc", lambda args, method, **_: _placement_response(layout)
+                        if method == "GetPlacement" else placement_pb2.GetLoadResponse())
     path = tmp_path / "plan.json"
     if command == "export":
         assert main(["placement", "export", "--out", str(path)]) == 0

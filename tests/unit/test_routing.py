@@ -76,3 +76,32 @@ def test_one_token_steps_take_the_replicas_in_turn():
         slot_N, cursor_E = route_pairs(np.array([0]), replicas_E, log2phy_ER, cursor_E)
         seen += slot_N.tolist()
     assert seen == [5, 6, 7] * 3
+
+
+def test_the_load_model_expects_what_the_rule_routes():
+    """Dispatch (route_pairs over a run of calls) and the load model (worker_load_LW: each expert's pairs over its
+    replicas) give the same per-worker numbers, within one pair per replicated slot; routing_gap_L measures it."""
+    import torch
+
+    from moeray.placement.algorithms.load import routing_gap_L, worker_load_LW
+    from moeray.placement.algorithms.plan import Layout
+
+    phy2log_P, slot_worker_P = [0, 1, 2, 0, 3, 4, 0, 5, 1], [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    layout = Layout(num_workers=3, num_experts=6, phy2log_LP=torch.tensor([phy2log_P]),
+                    slot_worker_LP=torch.tensor([slot_worker_P]))
+    replicas_E = layout.replica_count_LE[0].numpy()
+    log2phy_ER = np.full((6, 3), -1)
+    for e in range(6):
+        slots = [p for p, x in enumerate(phy2log_P) if x == e]
+        log2phy_ER[e, :len(slots)] = slots
+    rng, cursor_E, realized_W = np.random.default_rng(3), np.zeros(6, int), np.zeros(3)
+    expert_E = np.zeros(6, int)
+    for tokens in rng.integers(1, 40, size=50):  # decode-sized and prefill-sized calls, top-2, expert 0 hot
+        pair_expert_N = np.stack([np.zeros(tokens, int), rng.integers(1, 6, size=tokens)], axis=1).reshape(-1)
+        slot_N, cursor_E = route_pairs(pair_expert_N, replicas_E, log2phy_ER, cursor_E)
+        realized_W += np.bincount(np.array(slot_worker_P)[slot_N], minlength=3)
+        expert_E += np.bincount(pair_expert_N, minlength=6)
+    expected_W = worker_load_LW(torch.tensor([expert_E]), layout)[0].numpy()
+    assert (np.abs(realized_W - expected_W) < 2).all(), (realized_W, expected_W)  # 2 replicated slots a worker
+    assert routing_gap_L([realized_W], [expected_W])[0] < 2 / expected_W.mean()
+    assert routing_gap_L([[0, 0, 0]], [[0.0, 0.0, 0.0]]).tolist() == [0.0], "no tokens, no gap"

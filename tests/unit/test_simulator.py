@@ -290,3 +290,36 @@ def test_cli_replays_controller_settings_from_an_initial_plan(tmp_path, capsys):
     assert "the initial plan is for 4 expert workers; workers is 2" in capsys.readouterr().err
     assert main(argv + ["--workers", "2", "--decay", "0.5"]) == 2
     assert "--decay and --warmup do not apply to controller settings" in capsys.readouterr().err
+
+
+def test_a_pair_level_replay_realizes_what_the_load_model_predicts():
+    """gate_choices picks distinct experts per token, the hottest most often first; realized_load_LW (the replica rule
+    dispatch runs, call after call) lands within one pair per replicated slot of worker_load_LW's prediction."""
+    from moeray.placement.algorithms.load import worker_load_LW
+    from moeray.placement.algorithms.policies import resolve_policy, static_plan
+    from moeray.placement.offline.simulator import realized_load_LW
+    from moeray.placement.traces import gate_choices
+
+    L, E, W, K, tokens = 3, 16, 4, 4, 3000
+    load = synthesize("zipf", num_layers=L, num_experts=E, num_windows=1, tokens=tokens, top_k=K, s=1.5)[0]
+    pairs_LTK = gate_choices(load, tokens, K, seed=1)
+    assert pairs_LTK.shape == (L, tokens, K)
+    assert all(len(set(row)) == K for row in pairs_LTK.reshape(-1, K).tolist()), "distinct experts per token"
+    hottest_L = load.argmax(dim=1).numpy()
+    for l in range(L):
+        ranks = np.flatnonzero(pairs_LTK[l] == hottest_L[l]) % K
+        assert np.bincount(ranks, minlength=K).argmax() == 0, "the hottest expert is most often a first choice"
+    topology = Topology.uniform(num_workers=W, num_nodes=1, slots_per_worker=6)
+    budget = Budget(redundant=W * 6 - E)
+    plan = resolve_policy("replicated")(load, topology, static_plan("round_robin", num_layers=L, num_experts=E,
+                                                                    num_workers=W, redundant=budget.redundant), budget)
+    calls = [pairs_LTK[:, t:t + 100].reshape(L, -1) for t in range(0, tokens, 100)]
+    realized_LW = realized_load_LW(calls, plan)
+    expert_LE = torch.from_numpy(np.stack([np.bincount(pairs_LTK[l].reshape(-1), minlength=E) for l in range(L)]))
+    predicted_LW = worker_load_LW(expert_LE, plan).numpy()
+    replicated_LW = np.zeros((L, W))
+    for l in range(L):
+        for p in range(plan.num_slots):
+            if plan.replica_count_LE[l, plan.phy2log_LP[l, p]] > 1:
+                replicated_LW[l, plan.slot_worker_LP[l, p]] += 1
+    assert (np.abs(realized_LW - predicted_LW) < np.maximum(replicated_LW, 1)).all(), (realized_LW, predicted_LW)

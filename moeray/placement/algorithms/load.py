@@ -39,6 +39,15 @@ def imbalance_L(worker_load_LW: torch.Tensor) -> torch.Tensor:
     return torch.where(mean_L > 0, load_LW.max(dim=1).values / mean_L.clamp(min=1e-12), torch.ones_like(mean_L))
 
 
+def routing_gap_L(realized_LW, expected_LW) -> np.ndarray:
+    """Per layer, max over workers of |realized - expected| / mean expected: 0 when dispatch split the tokens as the
+    plan promised (GetLoad's routing_gap and the moeray_routing_gap_ratio metric); 0 for a layer with no tokens."""
+    realized_LW, expected_LW = np.asarray(realized_LW, np.float64), np.asarray(expected_LW, np.float64)
+    mean_L = expected_LW.mean(axis=1)
+    gap_L = np.abs(realized_LW - expected_LW).max(axis=1, initial=0.0)
+    return np.where(mean_L > 0, gap_L / np.maximum(mean_L, 1e-12), 0.0)
+
+
 def expected_imbalance(load_LE, layout: Layout, dead: Collection[int] = ()) -> float:
     """Mean over layers of max / mean expected worker load, over the workers not in ``dead``: what the triggers
     judge a window by, in the controller and the simulator alike (so both compute it here)."""

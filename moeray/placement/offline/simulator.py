@@ -32,6 +32,7 @@ import torch
 from moeray.placement.algorithms.load import expected_imbalance, imbalance_L, worker_load_LW
 from moeray.placement.algorithms.plan import Layout, Plan
 from moeray.placement.algorithms.policies import check_layout, resolve_policy, static_layout
+from moeray.placement.algorithms.routing import route_pairs
 from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.algorithms.triggers import (Proposal, RebalanceState, WindowObservation, decide_apply,
                                                   decide_rebalance)
@@ -257,3 +258,18 @@ def optimal_bounds(
             proven.append(bool(ok))
     return Bounds(cells=tuple(cells), ratio=tuple(ratio), proven=tuple(proven),
                   attempted=len(window_ids) * len(layers), seconds=time.perf_counter() - start)
+
+
+def realized_load_LW(calls_LN: Sequence[np.ndarray], layout: Layout) -> np.ndarray:
+    """Pairs per (layer, worker) that dispatch sends when each call's pair experts ``[L, N]`` go through the replica
+    rule in order, each expert's cursor carried from call to call as a router carries it: the pair-level replay that
+    checks the load model (``worker_load_LW``) against the rule dispatch runs (routing.py)."""
+    replicas_LE, log2phy_LER = layout.replica_count_LE.numpy(), layout.log2phy_LER.numpy()
+    slot_worker_LP = layout.slot_worker_LP.numpy()
+    cursor_LE = np.zeros_like(replicas_LE)
+    out_LW = np.zeros((layout.num_layers, layout.num_workers), dtype=np.int64)
+    for pair_expert_LN in calls_LN:
+        for l in range(layout.num_layers):
+            slot_N, cursor_LE[l] = route_pairs(pair_expert_LN[l], replicas_LE[l], log2phy_LER[l], cursor_LE[l])
+            out_LW[l] += np.bincount(slot_worker_LP[l, slot_N], minlength=layout.num_workers)
+    return out_LW

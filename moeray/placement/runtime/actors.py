@@ -245,8 +245,11 @@ class ControllerActor:
         per (layer, expert) since the start."""
         self.controller.pull()
         expert_LE, worker_LW = self.controller.window_load()
+        expected_LW = self.controller.expected_load(expert_LE)
+        if expected_LW.shape != worker_LW.shape:  # the window was counted under another worker count (a scale)
+            expected_LW = None
         return {"expert_LE": expert_LE, "worker_LW": worker_LW, "steps": len(self.controller.window),
-                "total_LE": self.controller.total_LE.copy()}
+                "total_LE": self.controller.total_LE.copy(), "expected_LW": expected_LW}
 
     def take_load(self):
         return self.controller.take_load()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from moeray.placement.algorithms import replan
-from moeray.placement.algorithms.load import ClosedWindow, LoadLedger, expected_imbalance
+from moeray.placement.algorithms.load import ClosedWindow, LoadLedger, expected_imbalance, worker_load_LW
 from moeray.placement.algorithms.plan import Layout, Plan
 from moeray.placement.algorithms.policies import resolve_policy
 from moeray.placement.algorithms.topology import Budget, Topology
@@ -158,6 +158,11 @@ class PlacementController(ElasticWorkers):
     def window_load(self) -> tuple[np.ndarray, np.ndarray]:
         """Tokens per (layer, expert) and per (layer, worker) over the window (what GetLoad reports)."""
         return self.load.window_total()
+
+    def expected_load(self, expert_LE: np.ndarray) -> np.ndarray:
+        """Tokens per (layer, worker) the plan in force expects of ``expert_LE`` (float64; the load model's even
+        split over replicas, which dispatch realizes within one pair per replica: routing.py)."""
+        return worker_load_LW(torch.as_tensor(expert_LE, dtype=torch.float64), self.plan).numpy()
 
     def take_load(self) -> tuple[np.ndarray, np.ndarray]:
         """Tokens per (layer, expert) and per (layer, worker) since the previous call (pulls first)."""

@@ -22,6 +22,7 @@ class ControllerMetrics:
         plan = controller.plan
         self.expert_LE = np.zeros((plan.num_layers, plan.num_experts), np.int64)
         self.worker_LW = np.zeros((plan.num_layers, plan.num_workers), np.int64)
+        self.expected_LW = np.zeros((plan.num_layers, plan.num_workers), np.float64)
         telemetry.SOURCES.add(self)
 
     def step(self, expert_LE, worker_LW) -> None:
@@ -32,6 +33,12 @@ class ControllerMetrics:
         if worker_LW.shape != self.worker_LW.shape:  # the worker count changed
             self.worker_LW = self._np.zeros(worker_LW.shape, self._np.int64)
         self.worker_LW += worker_LW
+        controller = self._controller()
+        expected_LW = controller.expected_load(expert_LE) if controller is not None else None
+        if expected_LW is not None and expected_LW.shape == self.worker_LW.shape:
+            if self.expected_LW.shape != expected_LW.shape:
+                self.expected_LW = self._np.zeros(expected_LW.shape, self._np.float64)
+            self.expected_LW += expected_LW
         mean_L = worker_LW.mean(axis=1)
         for layer in self._np.flatnonzero(mean_L > 0).tolist():
             telemetry.M.step_imbalance_ratio.record(float(worker_LW[layer].max() / mean_L[layer]), attrs(layer=layer))
@@ -75,11 +82,22 @@ class ControllerMetrics:
         if controller is None:
             return
         if key == "expert_tokens" and telemetry.STATE.config is not None and telemetry.STATE.config.expert_metrics:
-            for (layer, expert), n in self._np.ndenumerate(self.expert_LE):
-                yield Observation(int(n), attrs(layer=layer, expert=expert))
+            for layer, expert in self._exported_experts(telemetry.STATE.config.expert_metrics):
+                yield Observation(int(self.expert_LE[layer, expert]), attrs(layer=layer, expert=expert))
         elif key == "worker_tokens":
             for (layer, worker), n in self._np.ndenumerate(self.worker_LW):
                 yield Observation(int(n), attrs(layer=layer, worker=worker))
+        elif key == "worker_expected_tokens":
+            for (layer, worker), n in self._np.ndenumerate(self.expected_LW):
+                yield Observation(float(n), attrs(layer=layer, worker=worker))
+        elif key == "routing_gap_ratio":
+            from moeray.placement.algorithms.load import routing_gap_L
+
+            expert_LE, worker_LW = controller.window_load()
+            expected_LW = controller.expected_load(expert_LE)
+            if expected_LW.shape == worker_LW.shape:
+                for layer, gap in enumerate(routing_gap_L(worker_LW, expected_LW).tolist()):
+                    yield Observation(gap, attrs(layer=layer))
         elif key == "imbalance_ratio":
             worker_LW = controller.window_load()[1]
             mean_L = worker_LW.mean(axis=1)
@@ -87,3 +105,13 @@ class ControllerMetrics:
                 yield Observation(float(w_W.max() / mean_L[layer]) if mean_L[layer] > 0 else 1.0, attrs(layer=layer))
         elif key == "plan_epoch":
             yield Observation(controller.plan.epoch)
+
+    def _exported_experts(self, which: bool | int):
+        """The (layer, expert) series to export: all of them, or each layer's ``which`` hottest since the start (a
+        bounded label set for models with hundreds of experts over dozens of layers)."""
+        L, E = self.expert_LE.shape
+        if which is True or which >= E:
+            return ((l, e) for l in range(L) for e in range(E))
+        # the hottest first; ties to the lower expert id, so the exported set is stable while loads are equal
+        order_LE = self._np.argsort(-self.expert_LE, axis=1, kind="stable")[:, :which]
+        return ((l, int(e)) for l in range(L) for e in sorted(order_LE[l].tolist()))

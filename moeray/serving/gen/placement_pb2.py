@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moeray/v1/placement.proto\x12\tmoeray.v1\"6\n\x0eLayerPlacement\x12\x0f\n\x07phy2log\x18\x01 \x03(\r\x12\x13\n\x0bslot_worker\x18\x02 \x03(\r\"b\n\nWorkerInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04node\x18\x05 \x01(\r\"\x15\n\x13GetPlacementRequest\"~\n\nRouterInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07gpu_ids\x18\x03 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\"\x80\x03\n\x14GetPlacementResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12)\n\x06layers\x18\x03 \x03(\x0b\x32\x19.moeray.v1.LayerPlacement\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.moeray.v1.WorkerInfo\x12\x18\n\x10slots_per_worker\x18\x05 \x01(\r\x12\x17\n\x0fredundant_slots\x18\x06 \x01(\r\x12\x12\n\nrebalances\x18\x07 \x01(\x04\x12\x16\n\x0etarget_workers\x18\x08 \x01(\r\x12\x14\n\x0clive_workers\x18\t \x01(\r\x12\x15\n\rhealing_state\x18\n \x01(\t\x12\x15\n\rhealing_error\x18\x0b \x01(\t\x12\x19\n\x11\x65xperts_available\x18\x0c \x01(\x08\x12&\n\x07routers\x18\r \x03(\x0b\x32\x15.moeray.v1.RouterInfo\x12\x10\n\x08topology\x18\x0e \x01(\t\"$\n\x0eGetLoadRequest\x12\x12\n\ntop_tokens\x18\x01 \x01(\r\"@\n\x0c\x45xpertTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12\r\n\x05texts\x18\x03 \x03(\t\"\x96\x01\n\tLayerLoad\x12\x15\n\rexpert_tokens\x18\x01 \x03(\x04\x12\x15\n\rworker_tokens\x18\x02 \x03(\x04\x12\x11\n\timbalance\x18\x03 \x01(\x01\x12+\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x17.moeray.v1.ExpertTokens\x12\x1b\n\x13\x65xpert_tokens_total\x18\x05 \x03(\x04\"M\n\x0fGetLoadResponse\x12$\n\x06layers\x18\x01 \x03(\x0b\x32\x14.moeray.v1.LayerLoad\x12\x14\n\x0cwindow_steps\x18\x02 \x01(\x04\"Q\n\x08SlotMove\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x13\n\x0b\x66rom_worker\x18\x03 \x01(\x05\x12\x11\n\tto_worker\x18\x04 \x01(\x05\"H\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\xc4\x01\n\x11RebalanceResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\"\n\x05moves\x18\x02 \x03(\x0b\x32\x13.moeray.v1.SlotMove\x12\x18\n\x10imbalance_before\x18\x03 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x04 \x01(\x01\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\x12\x13\n\x0bmoved_slots\x18\x06 \x01(\x04\x12\x13\n\x0bmoved_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06policy\x18\x08 \x01(\t\"7\n\x10SetPolicyRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\"#\n\x11SetPolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\"&\n\x13ScaleWorkersRequest\x12\x0f\n\x07workers\x18\x01 \x01(\r\"G\n\x14ScaleWorkersResponse\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\x32\x90\x03\n\x10PlacementService\x12Q\n\x0cGetPlacement\x12\x1e.moeray.v1.GetPlacementRequest\x1a\x1f.moeray.v1.GetPlacementResponse\"\x00\x12\x42\n\x07GetLoad\x12\x19.moeray.v1.GetLoadRequest\x1a\x1a.moeray.v1.GetLoadResponse\"\x00\x12H\n\tRebalance\x12\x1b.moeray.v1.RebalanceRequest\x1a\x1c.moeray.v1.RebalanceResponse\"\x00\x12H\n\tSetPolicy\x12\x1b.moeray.v1.SetPolicyRequest\x1a\x1c.moeray.v1.SetPolicyResponse\"\x00\x12Q\n\x0cScaleWorkers\x12\x1e.moeray.v1.ScaleWorkersRequest\x1a\x1f.moeray.v1.ScaleWorkersResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moeray/v1/placement.proto\x12\tmoeray.v1\"6\n\x0eLayerPlacement\x12\x0f\n\x07phy2log\x18\x01 \x03(\r\x12\x13\n\x0bslot_worker\x18\x02 \x03(\r\"b\n\nWorkerInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04node\x18\x05 \x01(\r\"\x15\n\x13GetPlacementRequest\"~\n\nRouterInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07gpu_ids\x18\x03 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0f\n\x07running\x18\x06 \x01(\r\x12\x0f\n\x07waiting\x18\x07 \x01(\r\"\x80\x03\n\x14GetPlacementResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12)\n\x06layers\x18\x03 \x03(\x0b\x32\x19.moeray.v1.LayerPlacement\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.moeray.v1.WorkerInfo\x12\x18\n\x10slots_per_worker\x18\x05 \x01(\r\x12\x17\n\x0fredundant_slots\x18\x06 \x01(\r\x12\x12\n\nrebalances\x18\x07 \x01(\x04\x12\x16\n\x0etarget_workers\x18\x08 \x01(\r\x12\x14\n\x0clive_workers\x18\t \x01(\r\x12\x15\n\rhealing_state\x18\n \x01(\t\x12\x15\n\rhealing_error\x18\x0b \x01(\t\x12\x19\n\x11\x65xperts_available\x18\x0c \x01(\x08\x12&\n\x07routers\x18\r \x03(\x0b\x32\x15.moeray.v1.RouterInfo\x12\x10\n\x08topology\x18\x0e \x01(\t\"$\n\x0eGetLoadRequest\x12\x12\n\ntop_tokens\x18\x01 \x01(\r\"@\n\x0c\x45xpertTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12\r\n\x05texts\x18\x03 \x03(\t\"\xe7\x01\n\tLayerLoad\x12\x15\n\rexpert_tokens\x18\x01 \x03(\x04\x12\x15\n\rworker_tokens\x18\x02 \x03(\x04\x12\x11\n\timbalance\x18\x03 \x01(\x01\x12+\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x17.moeray.v1.ExpertTokens\x12\x1b\n\x13\x65xpert_tokens_total\x18\x05 \x03(\x04\x12\x1e\n\x16\x65xpected_worker_tokens\x18\x06 \x03(\x01\x12\x13\n\x0brouting_gap\x18\x07 \x01(\x01\x12\x1a\n\x12\x65xpected_imbalance\x18\x08 \x01(\x01\"M\n\x0fGetLoadResponse\x12$\n\x06layers\x18\x01 \x03(\x0b\x32\x14.moeray.v1.LayerLoad\x12\x14\n\x0cwindow_steps\x18\x02 \x01(\x04\"Q\n\x08SlotMove\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x13\n\x0b\x66rom_worker\x18\x03 \x01(\x05\x12\x11\n\tto_worker\x18\x04 \x01(\x05\"H\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\xc4\x01\n\x11RebalanceResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\"\n\x05moves\x18\x02 \x03(\x0b\x32\x13.moeray.v1.SlotMove\x12\x18\n\x10imbalance_before\x18\x03 \x01(\x01\x12\x17\n\x0fimbalance_after\x18\x04 \x01(\x01\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\x12\x13\n\x0bmoved_slots\x18\x06 \x01(\x04\x12\x13\n\x0bmoved_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06policy\x18\x08 \x01(\t\"7\n\x10SetPolicyRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x13\n\x0bparams_json\x18\x02 \x01(\t\"#\n\x11SetPolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\"&\n\x13ScaleWorkersRequest\x12\x0f\n\x07workers\x18\x01 \x01(\r\"G\n\x14ScaleWorkersResponse\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\x32\x90\x03\n\x10PlacementService\x12Q\n\x0cGetPlacement\x12\x1e.moeray.v1.GetPlacementRequest\x1a\x1f.moeray.v1.GetPlacementResponse\"\x00\x12\x42\n\x07GetLoad\x12\x19.moeray.v1.GetLoadRequest\x1a\x1a.moeray.v1.GetLoadResponse\"\x00\x12H\n\tRebalance\x12\x1b.moeray.v1.RebalanceRequest\x1a\x1c.moeray.v1.RebalanceResponse\"\x00\x12H\n\tSetPolicy\x12\x1b.moeray.v1.SetPolicyRequest\x1a\x1c.moeray.v1.SetPolicyResponse\"\x00\x12Q\n\x0cScaleWorkers\x12\x1e.moeray.v1.ScaleWorkersRequest\x1a\x1f.moeray.v1.ScaleWorkersResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,23 +47,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTTOKENS']._serialized_start=772
   _globals['_EXPERTTOKENS']._serialized_end=836
   _globals['_LAYERLOAD']._serialized_start=839
-  _globals['_LAYERLOAD']._serialized_end=989
-  _globals['_GETLOADRESPONSE']._serialized_start=991
-  _globals['_GETLOADRESPONSE']._serialized_end=1068
-  _globals['_SLOTMOVE']._serialized_start=1070
-  _globals['_SLOTMOVE']._serialized_end=1151
-  _globals['_REBALANCEREQUEST']._serialized_start=1153
-  _globals['_REBALANCEREQUEST']._serialized_end=1225
-  _globals['_REBALANCERESPONSE']._serialized_start=1228
-  _globals['_REBALANCERESPONSE']._serialized_end=1424
-  _globals['_SETPOLICYREQUEST']._serialized_start=1426
-  _globals['_SETPOLICYREQUEST']._serialized_end=1481
-  _globals['_SETPOLICYRESPONSE']._serialized_start=1483
-  _globals['_SETPOLICYRESPONSE']._serialized_end=1518
-  _globals['_SCALEWORKERSREQUEST']._serialized_start=1520
-  _globals['_SCALEWORKERSREQUEST']._serialized_end=1558
-  _globals['_SCALEWORKERSRESPONSE']._serialized_start=1560
-  _globals['_SCALEWORKERSRESPONSE']._serialized_end=1631
-  _globals['_PLACEMENTSERVICE']._serialized_start=1634
-  _globals['_PLACEMENTSERVICE']._serialized_end=2034
+  _globals['_LAYERLOAD']._serialized_end=1070
+  _globals['_GETLOADRESPONSE']._serialized_start=1072
+  _globals['_GETLOADRESPONSE']._serialized_end=1149
+  _globals['_SLOTMOVE']._serialized_start=1151
+  _globals['_SLOTMOVE']._serialized_end=1232
+  _globals['_REBALANCEREQUEST']._serialized_start=1234
+  _globals['_REBALANCEREQUEST']._serialized_end=1306
+  _globals['_REBALANCERESPONSE']._serialized_start=1309
+  _globals['_REBALANCERESPONSE']._serialized_end=1505
+  _globals['_SETPOLICYREQUEST']._serialized_start=1507
+  _globals['_SETPOLICYREQUEST']._serialized_end=1562
+  _globals['_SETPOLICYRESPONSE']._serialized_start=1564
+  _globals['_SETPOLICYRESPONSE']._serialized_end=1599
+  _globals['_SCALEWORKERSREQUEST']._serialized_start=1601
+  _globals['_SCALEWORKERSREQUEST']._serialized_end=1639
+  _globals['_SCALEWORKERSRESPONSE']._serialized_start=1641
+  _globals['_SCALEWORKERSRESPONSE']._serialized_end=1712
+  _globals['_PLACEMENTSERVICE']._serialized_start=1715
+  _globals['_PLACEMENTSERVICE']._serialized_end=2115
 # @@protoc_insertion_point(module_scope)

@@ -100,18 +100,24 @@ class ExpertTokens(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LayerLoad(_message.Message):
-    __slots__ = ("expert_tokens", "worker_tokens", "imbalance", "top_tokens", "expert_tokens_total")
+    __slots__ = ("expert_tokens", "worker_tokens", "imbalance", "top_tokens", "expert_tokens_total", "expected_worker_tokens", "routing_gap", "expected_imbalance")
     EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_WORKER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_GAP_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     expert_tokens: _containers.RepeatedScalarFieldContainer[int]
     worker_tokens: _containers.RepeatedScalarFieldContainer[int]
     imbalance: float
     top_tokens: _containers.RepeatedCompositeFieldContainer[ExpertTokens]
     expert_tokens_total: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, expert_tokens: _Optional[_Iterable[int]] = ..., worker_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., expert_tokens_total: _Optional[_Iterable[int]] = ...) -> None: ...
+    expected_worker_tokens: _containers.RepeatedScalarFieldContainer[float]
+    routing_gap: float
+    expected_imbalance: float
+    def __init__(self, expert_tokens: _Optional[_Iterable[int]] = ..., worker_tokens: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[ExpertTokens, _Mapping]]] = ..., expert_tokens_total: _Optional[_Iterable[int]] = ..., expected_worker_tokens: _Optional[_Iterable[float]] = ..., routing_gap: _Optional[float] = ..., expected_imbalance: _Optional[float] = ...) -> None: ...
 
 class GetLoadResponse(_message.Message):
     __slots__ = ("layers", "window_steps")
