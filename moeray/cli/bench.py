@@ -1,4 +1,4 @@
-"""``moeray bench layer | kernels | serve | kv | heal | placement``: the reproducible benchmarks (moeray/bench/)."""
+"""``moeray bench layer | kernels | serve | kv | heal | placement | spread``: the reproducible benchmarks (moeray/bench/)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bplace.add_argument("--bound-budget", type=float, default=30.0, help="seconds of bound solves per trace")
     bplace.add_argument("--seed", type=int, default=0)
     bplace.set_defaults(func=cmd_bench_placement)
+    bspread = bench_sub.add_parser("spread", help="replicas of a hot expert, live: the balance the load model "
+                                   "predicts of the plan beside the one the workers realize (a skewed checkpoint)")
+    bspread.add_argument("--model", help="a skewed checkpoint (default: built, gpt-oss with expert 0 hot)")
+    bspread.add_argument("--requests", type=int, default=16)
+    bspread.add_argument("--max-new-tokens", type=int, default=32)
+    bspread.add_argument("--replicas", type=int, default=8, help="redundant slots per MoE layer")
+    bspread.add_argument("--seed", type=int, default=0)
+    bspread.set_defaults(func=cmd_bench_spread)
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> int:
@@ -143,4 +151,12 @@ def cmd_bench_placement(args: argparse.Namespace) -> int:
 
     run_placement_bench(windows=args.windows, tokens=args.tokens, bound_windows=args.bound_windows,
                         bound_time_limit_s=args.bound_time_limit, bound_budget_s=args.bound_budget, seed=args.seed)
+    return 0
+
+
+def cmd_bench_spread(args: argparse.Namespace) -> int:
+    from moeray.bench.spread import run_spread_bench
+
+    run_spread_bench(checkpoint=args.model, requests=args.requests, max_new_tokens=args.max_new_tokens,
+                     replicas=args.replicas, seed=args.seed)
     return 0

@@ -78,3 +78,13 @@ def test_ray_engine_replicas_share_the_hot_expert(skewed, ray_local):
 
     with Engine(config(skewed)) as engine:
         check_spread(engine, skewed)
+
+
+def test_bench_spread_realizes_the_replicated_plan(capsys):
+    """`moeray bench spread`: after a rebalance with the replicated policy, the workers realize what it predicted."""
+    from moeray.bench.spread import run_spread_bench
+
+    rows = run_spread_bench(requests=6, max_new_tokens=12)["rows"]
+    assert "| mean |" in capsys.readouterr().out
+    assert all(r["hot_replicas"] > 1 and r["hot_share"] > 0.2 for r in rows), rows
+    assert all(r["gap"] <= 0.05 for r in rows), rows
