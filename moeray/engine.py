@@ -125,7 +125,7 @@ class Engine:
                 telemetry_config=config.telemetry.for_process("router", r, routers=config.routers),
                 transport=config.transport, restore_timeout_s=config.controller.restore_timeout_s,
                 kv_cache=config.kv_cache, device="cuda" if self.devices.router_gpus else "cpu",
-                micro_batches=config.micro_batches,
+                micro_batches=config.micro_batches, replica_rule=config.controller.replica_rule,
             ))
         ray.get([r.ping.remote() for r in self.routers])
         self.kv_pool: KVStats = ray.get(self.routers[0].kv_stats.remote())  # the KV pool's size, as it started

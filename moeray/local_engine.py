@@ -160,7 +160,8 @@ class LocalEngine:
                         num_threads=self._threads,
                         track_tokens=config.track_tokens, transport="direct", kv_cache=config.kv_cache,
                         telemetry_config=config.telemetry.for_process("router", 0, routers=1),
-                        restore_timeout_s=config.controller.restore_timeout_s, micro_batches=config.micro_batches)
+                        restore_timeout_s=config.controller.restore_timeout_s, micro_batches=config.micro_batches,
+                        replica_rule=config.controller.replica_rule)
         self.routers.append(router)
         self.kv_pool: KVStats = router.kv_stats()
         topology = Topology(worker_node=(0,) * config.workers, slots_per_worker=self.slots_per_worker)

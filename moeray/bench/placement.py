@@ -131,7 +131,7 @@ def run_placement_bench(*, windows: int = 12, tokens: int = 16384, bound_windows
                   f"| {_fmt(row.get('vs_bound'), '.4f', 'x')} | {_fmt(row.get('in_sample_vs_bound'), '.4f', 'x')} "
                   f"| {row['policy_ms_per_rebalance']:.0f} |", flush=True)
         summaries[trace_name] = rows
-    replay = _replica_rule_replay(windows=2, tokens=tokens, topology=topology, budget=budget, seed=seed)
+    replay = _replica_rule_replay(windows=3, tokens=tokens, topology=topology, budget=budget, seed=seed)
     targets = _targets(summaries)
     print(f"\n## targets (bench ran {time.perf_counter() - started:.0f} s)")
     for line, ok in targets:
@@ -139,46 +139,79 @@ def run_placement_bench(*, windows: int = 12, tokens: int = 16384, bound_windows
     return {"summaries": summaries, "targets": targets, "replay": replay}
 
 
-def _position_rule_LW(calls_LN, layout: Layout) -> np.ndarray:
-    """Pairs per (layer, worker) under the replica rule dispatch had before issue 28 (a pair's replica was its
-    position in the call modulo its expert's replica count): kept here only to measure what the fix changed."""
+def _position_rule_CLW(calls_LN, layout: Layout) -> np.ndarray:
+    """Pairs per (call, layer, worker) under the replica rule dispatch had before issue 28 (a pair's replica was
+    its position in the call modulo its expert's replica count): kept here only to measure what the fix changed."""
     replicas_LE, log2phy_LER = layout.replica_count_LE.numpy(), layout.log2phy_LER.numpy()
-    out_LW = np.zeros((layout.num_layers, layout.num_workers), dtype=np.int64)
-    for pair_expert_LN in calls_LN:
+    out_CLW = np.zeros((len(calls_LN), layout.num_layers, layout.num_workers), dtype=np.int64)
+    for c, pair_expert_LN in enumerate(calls_LN):
         for l, pair_expert_N in enumerate(pair_expert_LN):
             slot_N = log2phy_LER[l, pair_expert_N, np.arange(len(pair_expert_N)) % replicas_LE[l, pair_expert_N]]
-            out_LW[l] += np.bincount(layout.slot_worker_LP[l].numpy()[slot_N], minlength=layout.num_workers)
-    return out_LW
+            out_CLW[c, l] = np.bincount(layout.slot_worker_LP[l].numpy()[slot_N], minlength=layout.num_workers)
+    return out_CLW
 
 
 def _replica_rule_replay(*, windows: int, tokens: int, topology: Topology, budget: Budget, seed: int) -> dict:
-    """Predicted against realized balance: each trace's replicated plan (built on window 0) judged on window 1's
-    load replayed pair by pair: tokens pick their top-k by a gate's rule (traces.gate_choices: hot experts first),
-    calls of CALL_TOKENS tokens go through the replica rule, and the workers' realized pairs are set beside what the
-    load model predicted of the same expert counts."""
-    print(f"\n## predicted vs realized balance (replicated plan, window 1 replayed pair by pair in calls of "
+    """Predicted against realized balance: each trace's replicated plan (built on its next-to-last window) judged on
+    the last window's load replayed pair by pair (the drifting trace drifts in between): tokens pick their top-k by a gate's rule (traces.gate_choices: hot experts most
+    often first), calls of CALL_TOKENS tokens go through a replica rule, and the workers' realized pairs over the
+    window are set beside what the load model predicted of the same expert counts (for least_loaded: the rule run
+    on the window's counts as one call); a step's imbalance is one call's max / mean worker pairs, averaged over
+    calls and layers (what a step waits for)."""
+    print(f"\n## predicted vs realized balance (replicated plan, window {windows - 1} replayed pair by pair in calls of "
           f"{CALL_TOKENS} tokens, top-{TOP_K})")
-    print("| trace | predicted (load model) | realized, position rule (before) | routing gap before "
-          "| realized, routing.py (after) | routing gap after |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| trace | rule | window imbalance, predicted | window imbalance, realized | routing gap "
+          "| mean step imbalance |")
+    print("|---|---|---:|---:|---:|---:|")
     out = {}
     for trace_name, kind, kwargs in TRACES:
         loads = synthesize(kind, num_layers=LAYERS, num_experts=EXPERTS, num_windows=windows, tokens=tokens,
                            top_k=TOP_K, seed=seed, **kwargs)
-        plan = resolve_policy("replicated")(loads[0], topology, static_plan(
+        plan = resolve_policy("replicated")(loads[-2], topology, static_plan(
             "round_robin", num_layers=LAYERS, num_experts=EXPERTS, num_workers=WORKERS, redundant=budget.redundant),
             budget)
-        pairs_LTK = gate_choices(loads[1], tokens, TOP_K, seed=seed + 1)
+        pairs_LTK = gate_choices(loads[-1], tokens, TOP_K, seed=seed + 1)
         calls = [pairs_LTK[:, t:t + CALL_TOKENS].reshape(LAYERS, -1) for t in range(0, tokens, CALL_TOKENS)]
         expert_LE = np.stack([np.bincount(pairs_LTK[l].reshape(-1), minlength=EXPERTS) for l in range(LAYERS)])
-        predicted_LW = worker_load_LW(expert_LE, plan).numpy()
-        row = {"predicted": float(imbalance_L(predicted_LW).mean())}
-        for label, realized_LW in (("before", _position_rule_LW(calls, plan)), ("after", realized_load_LW(calls, plan))):
-            row[label] = float(imbalance_L(realized_LW).mean())
-            row[f"gap_{label}"] = float(routing_gap_L(realized_LW, predicted_LW).max())
-        out[trace_name] = row
-        print(f"| {trace_name} | {row['predicted']:.4f} | {row['before']:.4f} | {row['gap_before']:.2%} "
-              f"| {row['after']:.4f} | {row['gap_after']:.3%} |", flush=True)
+        rows = {}
+        for rule, model, realized_CLW in (("position (before)", "even", _position_rule_CLW(calls, plan)),
+                                          ("even (routing.py)", "even", realized_load_LW(calls, plan)),
+                                          ("least_loaded", "least_loaded", realized_load_LW(calls, plan, "least_loaded"))):
+            predicted_LW = worker_load_LW(expert_LE, plan, model).numpy()  # the load model under the rule
+            realized_LW = realized_CLW.sum(axis=0)
+            step_CL = realized_CLW.max(axis=2) / realized_CLW.mean(axis=2)
+            rows[rule] = row = {"predicted": float(imbalance_L(predicted_LW).mean()),
+                                "realized": float(imbalance_L(realized_LW).mean()),
+                                "gap": float(routing_gap_L(realized_LW, predicted_LW).max()),
+                                "step": float(step_CL.mean())}
+            print(f"| {trace_name} | {rule} | {row['predicted']:.4f} | {row['realized']:.4f} | {row['gap']:.3%} "
+                  f"| {row['step']:.4f} |", flush=True)
+        out[trace_name] = rows
+        if trace_name == TRACES[0][0]:
+            costs = (plan, pairs_LTK)
+    out["route_us"] = _rule_costs(*costs)
+    return out
+
+
+def _rule_costs(plan: Layout, pairs_LTK: np.ndarray) -> dict:
+    """The router's time to pick replicas for one layer call, per rule and call size (layer 0 of the plan)."""
+    from moeray.placement.algorithms.routing import RULES
+
+    replicas_E, log2phy_ER = plan.replica_count_LE[0].numpy(), plan.log2phy_LER[0].numpy()
+    slot_worker_P = plan.slot_worker_LP[0].numpy()
+    print("\n| replica rule | us per layer call, 1 token | 16 tokens | 256 tokens |")
+    print("|---|---:|---:|---:|")
+    out = {}
+    for rule, route in RULES.items():
+        out[rule] = {}
+        for tokens in (1, 16, 256):
+            calls = [pairs_LTK[0, t:t + tokens].reshape(-1) for t in range(0, min(len(pairs_LTK[0]), 200 * tokens),
+                                                                            tokens)]
+            cursor_E, start = np.zeros(len(replicas_E), np.int64), time.perf_counter()
+            for pair_expert_N in calls:
+                _, cursor_E = route(pair_expert_N, replicas_E, log2phy_ER, cursor_E, slot_worker_P, plan.num_workers)
+            out[rule][tokens] = (time.perf_counter() - start) / len(calls) * 1e6
+        print(f"| {rule} | {out[rule][1]:.0f} | {out[rule][16]:.0f} | {out[rule][256]:.0f} |")
     return out
 
 

@@ -59,6 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ctl.add_argument("--policy", help="rebalancing policy: a built-in name or package.module:function "
                      "(default: replicated)")
     ctl.add_argument("--policy-params", type=json.loads, help="the policy's parameters as a JSON object")
+    ctl.add_argument("--replica-rule", choices=("even", "least_loaded"),
+                     help="how a replicated expert's tokens split over its replicas in each step: even (default) or "
+                     "least_loaded (toward the step's least loaded workers; more router time per layer)")
     ctl.add_argument("--allow-policy-module", action="append", metavar="MODULE",
                      help="let SetPolicy / Rebalance name functions in this module (repeatable); besides the "
                      "built-ins and --policy, no other policy is accepted over the API")
@@ -104,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.placement_config, policy=args.policy, policy_params=args.policy_params,
             imbalance_threshold=args.imbalance_threshold, consecutive_windows=args.consecutive_windows,
             rebalance_interval_s=args.rebalance_interval_s, window_steps=args.window_steps,
-            restore_timeout_s=args.restore_timeout, max_workers=args.max_workers)
+            restore_timeout_s=args.restore_timeout, max_workers=args.max_workers, replica_rule=args.replica_rule)
         if args.allow_policy_module:  # added to the config file's list
             controller = dataclasses.replace(controller, allowed_policy_modules=(
                 *controller.allowed_policy_modules, *args.allow_policy_module))

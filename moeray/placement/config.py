@@ -28,6 +28,10 @@ class ControllerConfig:
     # ``moeray placement simulate --config`` replays to the same decisions (None: no trace). On the controller's node.
     trace_path: str | None = None
     weight_source: str = "peer"  # 'peer': fetch a slot from a worker holding it; 'checkpoint': always re-read
+    # How dispatch splits a replicated expert's pairs over its replicas in each call (routing.py): 'even' (equal
+    # shares within one pair), or 'least_loaded' (moved toward the workers that call loads least; better balanced
+    # steps, more router time per layer: BENCHMARKS.md, replica rules). The load model and the triggers follow it.
+    replica_rule: str = "even"
     max_moved_slots: int | None = None  # per rebalance, for policies that honour a budget (migration_aware)
     max_moved_bytes: int | None = None
     min_workers: int = 1  # bounds for ScaleWorkers and the autoscaler
@@ -62,6 +66,10 @@ class ControllerConfig:
             raise ValueError(f"restore_timeout_s must be > 0; got {self.restore_timeout_s}")
         if self.autoscale_polls < 1:
             raise ValueError(f"autoscale_polls must be >= 1; got {self.autoscale_polls}")
+        from moeray.placement.algorithms.routing import RULES
+
+        if self.replica_rule not in RULES:
+            raise ValueError(f"replica_rule {self.replica_rule!r} is not one of {tuple(RULES)}")
         if self.weight_source not in ("peer", "checkpoint"):
             raise ValueError(f"weight_source {self.weight_source!r} is not one of ('peer', 'checkpoint')")
         if not isinstance(self.policy_params, dict):

@@ -33,7 +33,7 @@ import torch
 
 from moeray import telemetry
 from moeray.placement.algorithms.plan import Plan
-from moeray.placement.algorithms.routing import route_pairs
+from moeray.placement.algorithms.routing import RULES
 from moeray.router import overlap
 from moeray.router.load import LoadCounter
 from moeray.transport.base import Transport
@@ -98,8 +98,10 @@ class ExpertDispatcher:
     """Dispatch and combine over ``transport``, which holds the worker handles ``plan`` numbers (see
     ``moeray.transport.make_transport``)."""
 
-    def __init__(self, plan: Plan, transport: Transport, *, track_tokens: bool = False) -> None:
+    def __init__(self, plan: Plan, transport: Transport, *, track_tokens: bool = False,
+                 replica_rule: str = "even") -> None:
         self.dead_workers: set[int] = set()
+        self._route = RULES[replica_rule]  # ControllerConfig.replica_rule
         self.transport = transport
         self.on_worker_lost = None  # called with a worker index when a call to it finds it dead
         self.load = LoadCounter(num_layers=plan.num_layers, num_experts=plan.num_experts,
@@ -202,7 +204,8 @@ class ExpertDispatcher:
         """Steps 2-4 for a set of pairs; the pairs of a worker that died are run again on live replicas.
         ``started``: when this layer's preparation began (for ``times``)."""
         # 2. A replica per pair: each expert deals its pairs to its live slots in turn, from where its last call
-        # stopped (moeray/placement/algorithms/routing.py, the rule the load model assumes).
+        # stopped, or (replica_rule least_loaded) then moves shares toward this call's least loaded workers
+        # (moeray/placement/algorithms/routing.py: the rule the load model follows too).
         replicas_LE, log2phy_LER = self._routing
         replicas_N = replicas_LE[layer, pair_expert_N]
         if not replicas_N.all():
@@ -210,8 +213,8 @@ class ExpertDispatcher:
             raise ExpertsUnavailable(layer, lost, sorted(self.dead_workers))
         with self._lock:  # NOTE: micro-batches dispatch on several threads; each takes the turn the last left
             cursor_LE = self._cursor_LE
-            slot_N, cursor_LE[layer] = route_pairs(pair_expert_N, replicas_LE[layer], log2phy_LER[layer],
-                                                   cursor_LE[layer])
+            slot_N, cursor_LE[layer] = self._route(pair_expert_N, replicas_LE[layer], log2phy_LER[layer],
+                                                   cursor_LE[layer], self._slot_worker_LP[layer], self.plan.num_workers)
         worker_N = self._slot_worker_LP[layer, slot_N]
         local_slot_N = self._local_slot_LP[layer, slot_N]
         # 3. One call per touched worker, carrying only the tokens it needs; the transport sends them all.

@@ -78,6 +78,7 @@ class Router:
         kv_cache: KVCacheConfig = KVCacheConfig(),
         device: str | None = None,
         micro_batches: int | None = None,
+        replica_rule: str = "even",
     ) -> None:
         torch.set_num_threads(num_threads)
         telemetry.setup(telemetry_config)
@@ -100,7 +101,8 @@ class Router:
                 pass
         # NOTE: the transport is built here, in this process: a compiled graph runs only where it was compiled.
         self.transport_name = transport
-        self.dispatcher = ExpertDispatcher(plan, make_transport(transport, workers), track_tokens=track_tokens)
+        self.dispatcher = ExpertDispatcher(plan, make_transport(transport, workers), track_tokens=track_tokens,
+                                           replica_rule=replica_rule)
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(loaded.checkpoint.path, loaded.checkpoint.config)  # a directory, also for a hub id

@@ -84,7 +84,24 @@ def test_bench_spread_realizes_the_replicated_plan(capsys):
     """`moeray bench spread`: after a rebalance with the replicated policy, the workers realize what it predicted."""
     from moeray.bench.spread import run_spread_bench
 
-    rows = run_spread_bench(requests=6, max_new_tokens=12)["rows"]
+    rows = run_spread_bench(requests=6, max_new_tokens=12, rules=("even",))["even"]["rows"]
     assert "| mean |" in capsys.readouterr().out
     assert all(r["hot_replicas"] > 1 and r["hot_share"] > 0.2 for r in rows), rows
     assert all(r["gap"] <= 0.05 for r in rows), rows
+
+
+def test_the_load_aware_rule_balances_steps_and_keeps_outputs(skewed):
+    """replica_rule least_loaded: the hot expert's pairs move toward the worker its other experts load less, so the
+    workers' realized imbalance drops below the even rule's on the same requests; outputs still equal transformers."""
+    from moeray.placement.algorithms.load import imbalance_L
+    from moeray.placement.config import ControllerConfig
+
+    _, _, _, expected_ids = skewed
+    realized = {}
+    for rule in ("even", "least_loaded"):
+        with LocalEngine(config(skewed, backend="local", controller=ControllerConfig(replica_rule=rule))) as engine:
+            assert [r.output_ids for r in engine.generate(PROMPTS, GREEDY)] == expected_ids
+            realized[rule] = float(imbalance_L(torch.tensor(engine.take_load()[1])).mean())
+    assert realized["least_loaded"] < realized["even"], realized
+    with pytest.raises(ValueError, match="replica_rule 'busiest' is not one of"):
+        ControllerConfig(replica_rule="busiest")

@@ -101,7 +101,47 @@ def test_the_load_model_expects_what_the_rule_routes():
         slot_N, cursor_E = route_pairs(pair_expert_N, replicas_E, log2phy_ER, cursor_E)
         realized_W += np.bincount(np.array(slot_worker_P)[slot_N], minlength=3)
         expert_E += np.bincount(pair_expert_N, minlength=6)
-    expected_W = worker_load_LW(torch.tensor([expert_E]), layout)[0].numpy()
+    expected_W = worker_load_LW(torch.tensor(np.array([expert_E])), layout)[0].numpy()
     assert (np.abs(realized_W - expected_W) < 2).all(), (realized_W, expected_W)  # 2 replicated slots a worker
     assert routing_gap_L([realized_W], [expected_W])[0] < 2 / expected_W.mean()
     assert routing_gap_L([[0, 0, 0]], [[0.0, 0.0, 0.0]]).tolist() == [0.0], "no tokens, no gap"
+
+
+@settings(max_examples=200, deadline=None)
+@given(layers(), st.integers(1, 4))
+def test_the_load_aware_rule_routes_every_pair_to_its_experts_live_slots(layer, num_workers):
+    from moeray.placement.algorithms.routing import route_pairs_least_loaded
+
+    replicas_E, log2phy_ER, pairs = layer
+    slot_worker_P = np.arange(log2phy_ER.size) % num_workers
+    cursor_E = np.zeros_like(replicas_E)
+    for pair_expert_N in pairs:
+        slot_N, after_E = route_pairs_least_loaded(pair_expert_N, replicas_E, log2phy_ER, cursor_E, slot_worker_P,
+                                                   num_workers)
+        again = route_pairs_least_loaded(pair_expert_N, replicas_E, log2phy_ER, cursor_E, slot_worker_P, num_workers)
+        assert np.array_equal(slot_N, again[0]) and np.array_equal(after_E, again[1]), "deterministic"
+        for e, r in enumerate(replicas_E.tolist()):
+            assert np.isin(slot_N[pair_expert_N == e], log2phy_ER[e, :r]).all(), "only the expert's live slots"
+        even_N, _ = route_pairs(pair_expert_N, replicas_E, log2phy_ER, cursor_E)
+        busiest = lambda s_N: np.bincount(slot_worker_P[s_N], minlength=num_workers).max() if len(s_N) else 0
+        assert busiest(slot_N) <= busiest(even_N), "never less balanced than the even split"
+        cursor_E = after_E
+
+
+def test_the_load_aware_rule_spares_a_busy_worker_and_splits_even_loads_as_route_pairs():
+    from moeray.placement.algorithms.routing import route_pairs_least_loaded
+
+    # expert 0 on workers 0 and 1; expert 1 (one copy) on worker 0 takes 6 of this call's pairs
+    replicas_E, log2phy_ER, slot_worker_P = np.array([2, 1]), np.array([[0, 1], [2, -1]]), np.array([0, 1, 0])
+    pair_expert_N = np.array([0] * 10 + [1] * 6)
+    slot_N, _ = route_pairs_least_loaded(pair_expert_N, replicas_E, log2phy_ER, np.zeros(2, int), slot_worker_P, 2)
+    assert np.bincount(slot_worker_P[slot_N], minlength=2).tolist() == [8, 8]  # even: [11, 5]
+    assert slot_N[:10].tolist() == [1, 1, 0, 1, 1, 1, 1, 0, 1, 1], "interleaved, not in blocks"
+    # equal loads: the same slots as the even rule, call after call
+    rng, cursor_a, cursor_b = np.random.default_rng(0), np.zeros(2, int), np.zeros(2, int)
+    replicas_E, log2phy_ER, slot_worker_P = np.array([3, 3]), np.array([[0, 1, 2], [3, 4, 5]]), np.arange(6)
+    for _ in range(20):
+        pair_expert_N = rng.integers(0, 2, size=int(rng.integers(1, 9)))
+        even_N, cursor_a = route_pairs(pair_expert_N, replicas_E, log2phy_ER, cursor_a)
+        aware_N, cursor_b = route_pairs_least_loaded(pair_expert_N, replicas_E, log2phy_ER, cursor_b, slot_worker_P, 6)
+        assert np.array_equal(even_N, aware_N)

@@ -314,7 +314,7 @@ def test_a_pair_level_replay_realizes_what_the_load_model_predicts():
     plan = resolve_policy("replicated")(load, topology, static_plan("round_robin", num_layers=L, num_experts=E,
                                                                     num_workers=W, redundant=budget.redundant), budget)
     calls = [pairs_LTK[:, t:t + 100].reshape(L, -1) for t in range(0, tokens, 100)]
-    realized_LW = realized_load_LW(calls, plan)
+    realized_LW = realized_load_LW(calls, plan).sum(axis=0)
     expert_LE = torch.from_numpy(np.stack([np.bincount(pairs_LTK[l].reshape(-1), minlength=E) for l in range(L)]))
     predicted_LW = worker_load_LW(expert_LE, plan).numpy()
     replicated_LW = np.zeros((L, W))

@@ -20,16 +20,35 @@ import torch
 from moeray.placement.algorithms.plan import Layout
 
 
-def worker_load_LW(load_LE: torch.Tensor, plan: Layout) -> torch.Tensor:
-    """Expected tokens per (layer, worker) when ``load_LE`` is routed through ``plan`` (float64)."""
+def worker_load_LW(load_LE: torch.Tensor, plan: Layout, rule: str = "even") -> torch.Tensor:
+    """Expected tokens per (layer, worker) when ``load_LE`` is routed through ``plan`` (float64) by the replica
+    rule ``rule`` (routing.RULES): 'even' in closed form, 'least_loaded' by running the rule on the load as one call
+    (its rounded counts), which is what a step of that load would get."""
     load_LE = torch.as_tensor(load_LE, dtype=torch.float64)
     if load_LE.shape != (plan.num_layers, plan.num_experts):
         raise ValueError(f"load shape {tuple(load_LE.shape)} does not match the plan's "
                          f"[{plan.num_layers} layers, {plan.num_experts} experts]")
+    if rule != "even":
+        return _routed_load_LW(load_LE, plan, rule)
     per_replica_LE = load_LE / plan.replica_count_LE
     slot_load_LP = per_replica_LE.gather(1, plan.phy2log_LP)
     out_LW = torch.zeros(plan.num_layers, plan.num_workers, dtype=torch.float64)
     return out_LW.scatter_add_(1, plan.slot_worker_LP, slot_load_LP)
+
+
+def _routed_load_LW(load_LE: torch.Tensor, plan: Layout, rule: str) -> torch.Tensor:
+    from moeray.placement.algorithms.routing import RULES
+
+    route, counts_LE = RULES[rule], load_LE.round().long().numpy()
+    replicas_LE, log2phy_LER = plan.replica_count_LE.numpy(), plan.log2phy_LER.numpy()
+    slot_worker_LP = plan.slot_worker_LP.numpy()
+    out_LW = torch.zeros(plan.num_layers, plan.num_workers, dtype=torch.float64)
+    for l in range(plan.num_layers):
+        pair_expert_N = np.repeat(np.arange(plan.num_experts), counts_LE[l])
+        slot_N, _ = route(pair_expert_N, replicas_LE[l], log2phy_LER[l], np.zeros(plan.num_experts, np.int64),
+                          slot_worker_LP[l], plan.num_workers)
+        out_LW[l] = torch.from_numpy(np.bincount(slot_worker_LP[l, slot_N], minlength=plan.num_workers).astype(float))
+    return out_LW
 
 
 def imbalance_L(worker_load_LW: torch.Tensor) -> torch.Tensor:
@@ -48,11 +67,12 @@ def routing_gap_L(realized_LW, expected_LW) -> np.ndarray:
     return np.where(mean_L > 0, gap_L / np.maximum(mean_L, 1e-12), 0.0)
 
 
-def expected_imbalance(load_LE, layout: Layout, dead: Collection[int] = ()) -> float:
+def expected_imbalance(load_LE, layout: Layout, dead: Collection[int] = (), rule: str = "even") -> float:
     """Mean over layers of max / mean expected worker load, over the workers not in ``dead``: what the triggers
     judge a window by, in the controller and the simulator alike (so both compute it here)."""
     live = [w for w in range(layout.num_workers) if w not in dead]
-    return float(imbalance_L(worker_load_LW(torch.as_tensor(load_LE, dtype=torch.float64), layout)[:, live]).mean())
+    load_LW = worker_load_LW(torch.as_tensor(load_LE, dtype=torch.float64), layout, rule)
+    return float(imbalance_L(load_LW[:, live]).mean())
 
 
 class LoadWindow:

@@ -32,7 +32,7 @@ import torch
 from moeray.placement.algorithms.load import expected_imbalance, imbalance_L, worker_load_LW
 from moeray.placement.algorithms.plan import Layout, Plan
 from moeray.placement.algorithms.policies import check_layout, resolve_policy, static_layout
-from moeray.placement.algorithms.routing import route_pairs
+from moeray.placement.algorithms.routing import RULES
 from moeray.placement.algorithms.topology import Budget, Topology
 from moeray.placement.algorithms.triggers import (Proposal, RebalanceState, WindowObservation, decide_apply,
                                                   decide_rebalance)
@@ -152,8 +152,9 @@ def replay(
             raise ValueError(f"window {t}: load shape {tuple(load_LE.shape)} is not [{num_layers}, {num_experts}]")
         time_s = None if times is None else times[t]
         # 1. Judge the plan in force on the window, and let the trigger decide, as the controller's _on_window does.
-        load_LW = worker_load_LW(load_LE, plan)
-        observation = WindowObservation(window=t, time_s=time_s, imbalance=expected_imbalance(load_LE, plan))
+        load_LW = worker_load_LW(load_LE, plan, config.replica_rule)
+        observation = WindowObservation(window=t, time_s=time_s,
+                                        imbalance=expected_imbalance(load_LE, plan, rule=config.replica_rule))
         decision, state = decide_rebalance(state, observation, config)
         record = dict(window=t, epoch=plan.epoch, worker_load_LW=load_LW, imbalance_L=imbalance_L(load_LW),
                       trigger=decision.reason)
@@ -165,7 +166,8 @@ def replay(
             new = layout.at_epoch(plan.epoch + 1)
             moved = plan.moved_slots(new)
             verdict, state = decide_apply(state, Proposal(time_s=time_s, imbalance_before=observation.imbalance,
-                                                          imbalance_after=expected_imbalance(load_LE, new),
+                                                          imbalance_after=expected_imbalance(load_LE, new,
+                                                                                         rule=config.replica_rule),
                                                           moved_slots=moved), config)
             if verdict.apply:
                 record.update(moved_slots=moved, rebalanced=True, policy_s=elapsed)
@@ -260,16 +262,19 @@ def optimal_bounds(
                   attempted=len(window_ids) * len(layers), seconds=time.perf_counter() - start)
 
 
-def realized_load_LW(calls_LN: Sequence[np.ndarray], layout: Layout) -> np.ndarray:
-    """Pairs per (layer, worker) that dispatch sends when each call's pair experts ``[L, N]`` go through the replica
-    rule in order, each expert's cursor carried from call to call as a router carries it: the pair-level replay that
-    checks the load model (``worker_load_LW``) against the rule dispatch runs (routing.py)."""
+def realized_load_LW(calls_LN: Sequence[np.ndarray], layout: Layout, rule: str = "even") -> np.ndarray:
+    """Pairs per (call, layer, worker) that dispatch sends when each call's pair experts ``[L, N]`` go through the
+    replica rule ``rule`` (routing.RULES) in order, each expert's cursor carried from call to call as a router
+    carries it: the pair-level replay that checks the load model (``worker_load_LW``) against the rule dispatch runs
+    (routing.py). Sum over the first axis for a run's totals; each call's max / mean is a step's imbalance."""
+    route = RULES[rule]
     replicas_LE, log2phy_LER = layout.replica_count_LE.numpy(), layout.log2phy_LER.numpy()
     slot_worker_LP = layout.slot_worker_LP.numpy()
     cursor_LE = np.zeros_like(replicas_LE)
-    out_LW = np.zeros((layout.num_layers, layout.num_workers), dtype=np.int64)
-    for pair_expert_LN in calls_LN:
+    out_CLW = np.zeros((len(calls_LN), layout.num_layers, layout.num_workers), dtype=np.int64)
+    for c, pair_expert_LN in enumerate(calls_LN):
         for l in range(layout.num_layers):
-            slot_N, cursor_LE[l] = route_pairs(pair_expert_LN[l], replicas_LE[l], log2phy_LER[l], cursor_LE[l])
-            out_LW[l] += np.bincount(slot_worker_LP[l, slot_N], minlength=layout.num_workers)
-    return out_LW
+            slot_N, cursor_LE[l] = route(pair_expert_LN[l], replicas_LE[l], log2phy_LER[l], cursor_LE[l],
+                                         slot_worker_LP[l], layout.num_workers)
+            out_CLW[c, l] = np.bincount(slot_worker_LP[l, slot_N], minlength=layout.num_workers)
+    return out_CLW

@@ -121,7 +121,8 @@ class PlacementController(ElasticWorkers):
         """One closed window: the trigger's decision, the rebalance it calls for, and its line in the trace."""
         current = self.plan
         observation = WindowObservation(window=window.index, time_s=window.time_s,
-                                        imbalance=expected_imbalance(window.load_LE, current, self.dead_workers))
+                                        imbalance=expected_imbalance(window.load_LE, current, self.dead_workers,
+                                                                     self.config.replica_rule))
         with self._lock:
             decision, self.rebalance_state = decide_rebalance(self.rebalance_state, observation, self.config)
         record = None
@@ -162,7 +163,8 @@ class PlacementController(ElasticWorkers):
     def expected_load(self, expert_LE: np.ndarray) -> np.ndarray:
         """Tokens per (layer, worker) the plan in force expects of ``expert_LE`` (float64; the load model's even
         split over replicas, which dispatch realizes within one pair per replica: routing.py)."""
-        return worker_load_LW(torch.as_tensor(expert_LE, dtype=torch.float64), self.plan).numpy()
+        return worker_load_LW(torch.as_tensor(expert_LE, dtype=torch.float64), self.plan,
+                              self.config.replica_rule).numpy()
 
     def take_load(self) -> tuple[np.ndarray, np.ndarray]:
         """Tokens per (layer, expert) and per (layer, worker) since the previous call (pulls first)."""
@@ -260,7 +262,7 @@ class PlacementController(ElasticWorkers):
 
     def _expected_imbalance(self, load_LE: torch.Tensor, plan: Plan) -> float:
         """Mean over layers of max / mean expected load over the live workers."""
-        return expected_imbalance(load_LE, plan, self.dead_workers)
+        return expected_imbalance(load_LE, plan, self.dead_workers, self.config.replica_rule)
 
     def _window_LE(self) -> torch.Tensor:
         return torch.as_tensor(self.window_load()[0], dtype=torch.float64)
