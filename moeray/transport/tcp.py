@@ -106,12 +106,14 @@ class Listener:
             threading.Thread(target=self._serve, args=(_nodelay(conn), peer), name=f"moeray-tcp:{peer}",
                              daemon=True).start()
 
-    def _refuse(self, conn: socket.socket, peer, why: str) -> None:
-        conn.close()
+    def _refuse(self, conn: socket.socket, peer, why: str, held: bool = False) -> None:
+        # NOTE: counted (and its place given up) before the close, so a peer that sees the close finds it counted
         with self._lock:
             self.refused += 1
+            self.held -= held
             first = peer[0] not in self._warned
             self._warned.add(peer[0])
+        conn.close()
         if first:  # NOTE: once per peer host: a stranger's retries must not flood the log
             log.warning("tcp: refused a connection from %s (%s); further refusals of that host are not logged",
                         peer[0], why)
@@ -130,15 +132,15 @@ class Listener:
     def _serve(self, conn: socket.socket, peer) -> None:
         """The opening, then: call in, result (or error) out, until the router closes."""
         try:
-            try:
-                method = self._open(conn)
-            except OSError as e:  # silent past the timeout, or closed mid-opening
-                method, why = None, f"no answer to the challenge: {e}"
-            else:
-                why = "a wrong answer to the challenge"
-            if method is None:
-                self._refuse(conn, peer, why)
-                return
+            method = self._open(conn)
+        except OSError as e:  # silent past the timeout, or closed mid-opening
+            method, why = None, f"no answer to the challenge: {e}"
+        else:
+            why = "a wrong answer to the challenge"
+        if method is None:
+            self._refuse(conn, peer, why, held=True)
+            return
+        try:
             with conn:
                 self._run(conn, peer, method)
         finally:
