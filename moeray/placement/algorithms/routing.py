@@ -1,5 +1,5 @@
-"""Which replica of its expert each (token, expert) pair of a layer goes to: the one rule live dispatch follows and the
-load model assumes (load.py: an expert's load divided evenly over its replicas).
+"""Which replica of its expert each (token, expert) pair of a layer goes to: the rules live dispatch follows, which the
+load model (load.py ``worker_load_LW``), the triggers and the simulator's pair-level replay follow too.
 
 Each expert deals its pairs to its live replicas in turn, continuing where its previous call stopped (a cursor per
 expert). So within every call each replica gets its equal share of that expert's pairs within one, over any run of
