@@ -178,6 +178,10 @@ class Engine:
         return ray.get(self.routers[router % len(self.routers)].score.remote(
             np.asarray(input_ids_BT), None if attention_mask_BT is None else np.asarray(attention_mask_BT)))
 
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int = 0, router: int = 0) -> list:
+        """Each prompt position's TokenLogprob given the tokens before it (None first), ``top`` alternatives each."""
+        return ray.get(self.routers[router % len(self.routers)].prompt_logprobs.remote(list(prompt_ids), top))
+
     # -- introspection -----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
         return {

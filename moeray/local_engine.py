@@ -227,6 +227,10 @@ class LocalEngine:
         return self.router.score(np.asarray(input_ids_BT),
                                  None if attention_mask_BT is None else np.asarray(attention_mask_BT))
 
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int = 0, router: int = 0) -> list:
+        """Each prompt position's TokenLogprob given the tokens before it (None first), ``top`` alternatives each."""
+        return self.router.prompt_logprobs(list(prompt_ids), top)
+
     # -- introspection -----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
         return {

@@ -22,6 +22,7 @@ def check_step_fits(max_batch_size: int, max_prefill_tokens: int, max_forward_to
                          f"{max_prefill_tokens} = {step} tokens, over max_forward_tokens {max_forward_tokens}: "
                          "raise max_forward_tokens or lower one of them")
 MIN_TEMPERATURE = 1e-5  # below it (but above 0) logits / temperature overflow float32: the sampler would fail
+MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
 _REQUEST_ID = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 
 
@@ -61,6 +62,9 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities of each new token, and of this many most likely alternatives (None: none), from the model's
+    # own logits: log-softmax in float32 over the whole vocabulary, before temperature, top-k or top-p.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -74,11 +78,23 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0 (0 disables it); got {self.top_k!r}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidRequest(f"seed must lie in [0, 2**64); got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequest(f"logprobs must lie in [0, {MAX_LOGPROBS}] (alternatives per token); got "
+                                 f"{self.logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token's log-probability, and the most likely tokens at its position with theirs (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,6 +103,7 @@ class GenerationResult:
     prompt_ids: list[int]
     output_ids: list[int]  # new tokens only
     finish_reason: str  # "stop" (a stop/eos token), "length" (max_new_tokens) or "abort"
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when SamplingParams.logprobs asked
 
     def to_json(self) -> dict:
         return {"prompt_ids": self.prompt_ids, "output_ids": self.output_ids}
@@ -99,6 +116,7 @@ class StreamChunk:
     request_id: str
     token_ids: list[int]
     finish_reason: str | None = None  # set on the last chunk only
+    logprobs: list[TokenLogprob] | None = None  # one per token, when SamplingParams.logprobs asked
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -53,15 +53,18 @@ class Feed:
         self.cond = threading.Condition()
         self.request_ids: dict[int, str] = {}  # key -> request id, while open or queued
         self.tokens: dict[int, list[int]] = {}  # key -> tokens not yet taken (insertion order: first news)
+        self.logprobs: dict[int, list] = {}  # key -> their TokenLogprobs, for requests that asked
         self.finished: dict[int, str] = {}  # key -> finish reason
         self.errors: dict[int, BaseException] = {}
         self.open: set[int] = set()  # keys started and not yet finished
         self.closed = False
         self.idle_since = time.monotonic()
 
-    def put_token(self, key: int, token: int) -> None:
+    def put_token(self, key: int, token: int, logprob=None) -> None:
         with self.cond:
             self.tokens.setdefault(key, []).append(token)
+            if logprob is not None:
+                self.logprobs.setdefault(key, []).append(logprob)
             self.cond.notify()
 
     def finish(self, key: int, reason: str | None, error: BaseException | None) -> None:
@@ -87,13 +90,14 @@ class Feed:
                 if not self.open and time.monotonic() - self.idle_since > IDLE_S:
                     self.closed = True
                 return None if self.closed else FeedBatch({})
-            tokens, finished, errors = self.tokens, self.finished, self.errors
-            self.tokens, self.finished, self.errors = {}, {}, {}
+            tokens, finished, errors, logprobs = self.tokens, self.finished, self.errors, self.logprobs
+            self.tokens, self.finished, self.errors, self.logprobs = {}, {}, {}, {}
             request_ids = {k: self.request_ids[k] for k in tokens}
             for k in (*finished, *errors):
                 del self.request_ids[k]
             self.idle_since = time.monotonic()
-        chunks = {k: StreamChunk(request_id=request_ids[k], token_ids=ids, finish_reason=finished.get(k))
+        chunks = {k: StreamChunk(request_id=request_ids[k], token_ids=ids, finish_reason=finished.get(k),
+                                 logprobs=logprobs.get(k))
                   for k, ids in tokens.items() if ids or k in finished}
         return FeedBatch(chunks, errors)
 

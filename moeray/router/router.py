@@ -25,14 +25,14 @@ from transformers import GenerationConfig
 from moeray import telemetry
 from moeray.model.backbone import build_backbone, resident_bytes
 from moeray.placement.algorithms.plan import Plan
-from moeray.request import (DEFAULT_MAX_FORWARD_TOKENS, GenerationResult, InvalidRequest, RequestLimits,
-                            SamplingParams, StreamChunk, check_request_id, new_request_id)
+from moeray.request import (DEFAULT_MAX_FORWARD_TOKENS, MAX_LOGPROBS, GenerationResult, InvalidRequest,
+                            RequestLimits, SamplingParams, StreamChunk, check_request_id, new_request_id)
 from moeray.router.dispatch import ExpertDispatcher, ExpertsUnavailable
 from moeray.router.feed import FeedBatch, Feeds
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.overlap import auto_min_tokens, plan_micro_batches
 from moeray.router.scheduler import KVStats, Scheduler
-from moeray.router.sequence import Sequence
+from moeray.router.sequence import Sequence, token_logprobs
 from moeray.transport import WorkerCall, make_transport, pack
 
 log = logging.getLogger(__name__)
@@ -195,18 +195,19 @@ class Router:
             yield from self._stream(prompt_ids, sampling, request_id, span)
 
     def _stream(self, prompt_ids, sampling, request_id, span) -> Iterator[StreamChunk]:
-        produced: queue.Queue[int] = queue.Queue()
-        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id, on_token=produced.put,
-                                                      span=span))
+        produced: queue.Queue[tuple] = queue.Queue()
+        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id,
+                                                      on_token=lambda *item: produced.put(item), span=span))
         try:
             while not (seq.done.is_set() and produced.empty()):
                 try:
-                    tokens = [produced.get(timeout=0.05)]
+                    items = [produced.get(timeout=0.05)]
                 except queue.Empty:
                     continue
                 while not produced.empty():
-                    tokens.append(produced.get_nowait())
-                yield StreamChunk(request_id=seq.request_id, token_ids=tokens)
+                    items.append(produced.get_nowait())
+                logprobs = [lp for _, lp in items] if sampling.logprobs is not None else None
+                yield StreamChunk(request_id=seq.request_id, token_ids=[t for t, _ in items], logprobs=logprobs)
             if seq.error is not None:
                 raise seq.error
             yield StreamChunk(request_id=seq.request_id, token_ids=[], finish_reason=seq.finish_reason)
@@ -285,6 +286,20 @@ class Router:
             raise InvalidRequest("attention_mask must hold 0 and 1 only, with at least one 1 per row")
         with telemetry.request_span("moeray.router.score", traceparent, current=True):
             return self.scheduler.score(ids, mask, last_only=last_only).float().cpu().numpy()
+
+    def prompt_logprobs(self, prompt_ids: list[int], top: int = 0, traceparent: str | None = None) -> list:
+        """Each prompt position's TokenLogprob given the tokens before it (None for the first, which has none), with
+        its ``top`` most likely alternatives: the prompt's half of OpenAI's ``echo`` with ``logprobs``. One
+        forward of the prompt, reduced here so that only the chosen and top tokens leave the router."""
+        ids = self.limits.check(prompt_ids, SamplingParams(max_new_tokens=1))
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise InvalidRequest(f"prompt logprobs must lie in [0, {MAX_LOGPROBS}] (alternatives per token); got {top}")
+        if len(ids) == 1:
+            return [None]
+        ids_BT = torch.tensor([ids])
+        with telemetry.request_span("moeray.router.score", traceparent, current=True):
+            logits_TV = self.scheduler.score(ids_BT, torch.ones_like(ids_BT))[0]
+        return [None, *token_logprobs(logits_TV[:-1], ids[1:], top)]
 
     def set_plan(self, plan: Plan, workers: list | None = None) -> int:
         """Switch to ``plan`` between forwards (a forward in flight finishes on the old epoch); returns the epoch.

@@ -48,7 +48,7 @@ from moeray.request import DEFAULT_MAX_FORWARD_TOKENS, DuplicateRequestId, Inval
 from moeray.router import overlap
 from moeray.router.kv_blocks import BlockTable, OutOfBlocks
 from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
-from moeray.router.sequence import Sequence, sample_next
+from moeray.router.sequence import Sequence, sample_next, sampled_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,9 @@ class Scheduler:
                 samplers += micro.samplers
                 logits.append(done[i])
         if samplers:
-            self._emit(samplers, sample_next(torch.cat(logits) if len(logits) > 1 else logits[0], samplers))
+            logits_BV = torch.cat(logits) if len(logits) > 1 else logits[0]
+            tokens = sample_next(logits_BV, samplers)
+            self._emit(samplers, tokens, sampled_logprobs(logits_BV, samplers, tokens))
 
     def _micro_batch(self, rows: list[tuple[Sequence, int]]) -> MicroBatch:
         ids, positions, keep, samplers = [], [], [], []
@@ -368,12 +370,14 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - returned: the step decides (recovery, or failing its sequences)
             return e
 
-    def _emit(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _emit(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> None:
         telemetry.tokens_emitted(seqs)
-        for seq, token in zip(seqs, tokens):
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.output_ids.append(token)
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
             if seq.on_token is not None:
-                seq.on_token(token)
+                seq.on_token(token, logprob)
             if token in seq.stop_ids:
                 self._finish(seq, "stop")
             elif len(seq.output_ids) >= seq.sampling.max_new_tokens:

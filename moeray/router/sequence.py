@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from moeray.request import GenerationResult, SamplingParams
+from moeray.request import GenerationResult, SamplingParams, TokenLogprob
 from moeray.router.kv_blocks import SeqBlocks
 
 
@@ -25,7 +25,7 @@ class Sequence:
     prompt_ids: list[int]
     sampling: SamplingParams
     stop_ids: frozenset[int]
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[int, TokenLogprob | None], None] | None = None  # each new token (and its logprobs)
     on_done: Callable[[Sequence], None] | None = None  # once, when it finished or failed (after ``done`` is set)
     output_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
@@ -37,6 +37,7 @@ class Sequence:
     last_token_s: float = 0.0  # when its latest token came (telemetry: time to first token, inter-token latency)
     kv: SeqBlocks = dataclasses.field(default_factory=SeqBlocks)
     num_computed: int = 0  # positions whose keys and values are in the pool
+    output_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # when sampling.logprobs asks
 
     def __post_init__(self) -> None:
         self.generator = None
@@ -58,7 +59,8 @@ class Sequence:
 
     def result(self) -> GenerationResult:
         return GenerationResult(request_id=self.request_id, prompt_ids=self.prompt_ids,
-                                output_ids=list(self.output_ids), finish_reason=self.finish_reason or "abort")
+                                output_ids=list(self.output_ids), finish_reason=self.finish_reason or "abort",
+                                logprobs=list(self.output_logprobs) if self.sampling.logprobs is not None else None)
 
 
 def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
@@ -81,3 +83,27 @@ def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             probs_V = probs_V.scatter(0, order_V, sorted_V.masked_fill(drop_V, 0))
         tokens[b] = int(torch.multinomial(probs_V, 1, generator=seq.generator))
     return tokens
+
+
+def token_logprobs(logits_TV: torch.Tensor, token_ids: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's log-probability of ``token_ids[t]`` and its ``top`` most likely tokens: log-softmax in float32 over
+    the whole vocabulary of the model's own logits (no temperature, top-k or top-p), as transformers' would be."""
+    logprobs_TV = torch.log_softmax(logits_TV.float(), dim=-1)
+    chosen_T = logprobs_TV.gather(1, torch.tensor(token_ids, device=logprobs_TV.device)[:, None])[:, 0].tolist()
+    if top:
+        values_TN, ids_TN = torch.topk(logprobs_TV, min(top, logprobs_TV.shape[-1]), dim=-1)
+        tops = [tuple(zip(i_N, v_N)) for i_N, v_N in zip(ids_TN.tolist(), values_TN.tolist())]
+    else:
+        tops = [()] * len(token_ids)
+    return [TokenLogprob(t, lp, top_N) for t, lp, top_N in zip(token_ids, chosen_T, tops)]
+
+
+def sampled_logprobs(logits_BV: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Per sequence, its new token's log-probabilities where its sampling asks for them (else None)."""
+    want = [b for b, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(seqs)
+    if want:
+        top = max(seqs[b].sampling.logprobs for b in want)
+        for b, record in zip(want, token_logprobs(logits_BV[want], [tokens[b] for b in want], top)):
+            out[b] = dataclasses.replace(record, top=record.top[:seqs[b].sampling.logprobs])
+    return out
