@@ -90,11 +90,13 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """One token's log-probability, and the most likely tokens at its position with theirs (most likely first)."""
+    """One token's log-probability, its rank, and the most likely tokens at its position with theirs (most likely
+    first)."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int = 1  # 1 + how many tokens are more likely than this one
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -89,13 +89,15 @@ def token_logprobs(logits_TV: torch.Tensor, token_ids: list[int], top: int) -> l
     """Each row's log-probability of ``token_ids[t]`` and its ``top`` most likely tokens: log-softmax in float32 over
     the whole vocabulary of the model's own logits (no temperature, top-k or top-p), as transformers' would be."""
     logprobs_TV = torch.log_softmax(logits_TV.float(), dim=-1)
-    chosen_T = logprobs_TV.gather(1, torch.tensor(token_ids, device=logprobs_TV.device)[:, None])[:, 0].tolist()
+    chosen_T1 = logprobs_TV.gather(1, torch.tensor(token_ids, device=logprobs_TV.device)[:, None])
+    rank_T = ((logprobs_TV > chosen_T1).sum(dim=1) + 1).tolist()
+    chosen_T = chosen_T1[:, 0].tolist()
     if top:
         values_TN, ids_TN = torch.topk(logprobs_TV, min(top, logprobs_TV.shape[-1]), dim=-1)
         tops = [tuple(zip(i_N, v_N)) for i_N, v_N in zip(ids_TN.tolist(), values_TN.tolist())]
     else:
         tops = [()] * len(token_ids)
-    return [TokenLogprob(t, lp, top_N) for t, lp, top_N in zip(token_ids, chosen_T, tops)]
+    return [TokenLogprob(t, lp, top_N, r) for t, lp, top_N, r in zip(token_ids, chosen_T, tops, rank_T)]
 
 
 def sampled_logprobs(logits_BV: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:

@@ -209,16 +209,24 @@ class EngineHandle:
 
     async def score(self, ids_BT: np.ndarray, mask_BT: np.ndarray | None, traceparent: str | None,
                     last_only: bool) -> np.ndarray:
-        """Logits [B, T, V] (``last_only``: [B, V]) from the least-loaded router (``Router.score``); a router that
-        dies meanwhile is passed over and the next one asked (scoring has no side effects)."""
+        """Logits [B, T, V] (``last_only``: [B, V]) from the least-loaded router (``Router.score``)."""
+        return np.asarray(await self._forward_only(lambda r: r.score.remote(ids_BT, mask_BT, traceparent,
+                                                                            last_only=last_only)))
+
+    async def prompt_logprobs(self, prompt_ids: list[int], top: int, traceparent: str | None = None) -> list:
+        """Each prompt position's TokenLogprob (None first) from the least-loaded router (``Router.prompt_logprobs``)."""
+        return await self._forward_only(lambda r: r.prompt_logprobs.remote(prompt_ids, top, traceparent))
+
+    async def _forward_only(self, call):
+        """``call(router)`` at the least-loaded router; one that dies meanwhile is passed over and the next one asked
+        (a forward without generation has no side effects)."""
         tried: set[int] = set()
         while True:
             index = self._pick(frozenset(tried))
             tried.add(index)
             self._in_flight[index] = self._in_flight.get(index, 0) + 1
             try:
-                return np.asarray(await self.routers[index].score.remote(ids_BT, mask_BT, traceparent,
-                                                                         last_only=last_only))
+                return await call(self.routers[index])
             except RayActorError:
                 self._failed(index)
                 if len(tried) == len(self.routers):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -190,7 +191,7 @@ class OpenAIServer:
             return self._error(e, request_id)
         finally:
             await events.aclose()
-        return JSONResponse(bodies.whole(pieces, parsed, chat, meta), headers=headers)
+        return JSONResponse(bodies.whole(pieces, parsed, chat, meta, self._decoder()), headers=headers)
 
     async def _run(self, parsed: Parsed, request_id: str) -> AsyncIterator[Piece]:
         """Every prompt's pieces, as they come. Each prompt takes one admission place, from when it is admitted
@@ -209,22 +210,45 @@ class OpenAIServer:
             async for piece in merged:
                 yield piece
 
+    def _decoder(self):
+        """A token id's text for log-probabilities (``token_id:N`` without a tokenizer, as vLLM writes it)."""
+        tokenizer = self.ingress.tokenizer
+        if tokenizer is None:
+            return lambda t: f"token_id:{t}"
+        return functools.lru_cache(maxsize=4096)(lambda t: tokenizer.decode([t]))
+
     async def _one(self, job: Job, request_id: str, parsed: Parsed) -> AsyncIterator[Piece]:
-        """One prompt at a router: token ids -> text deltas; a stop string ends it (the router request aborted)."""
+        """One prompt at a router: (its echo or prompt logprobs first, then) token ids -> text deltas; a stop
+        string ends it (the router request aborted)."""
         tokenizer = self.ingress.tokenizer
         text = None if tokenizer is None else TextStream(
             tokenizer, parsed.stop, include_stop_str_in_output=parsed.include_stop_str_in_output,
             skip_special_tokens=parsed.skip_special_tokens)
-        async with self.ingress.admission.slot(request_id), \
-                contextlib.aclosing(self._at_router(job, request_id, parsed, text)) as pieces:  # AdmissionFull, ...
-            async for piece in pieces:
-                yield piece
+        async with self.ingress.admission.slot(request_id):  # AdmissionFull, ...
+            if parsed.echo or parsed.prompt_logprobs is not None:
+                yield await self._prompt_piece(job, parsed)
+            if not job.generate:  # max_tokens 0 with echo: the prompt alone
+                yield Piece(job.index, "", [], "length")
+                return
+            async with contextlib.aclosing(self._at_router(job, request_id, parsed, text)) as pieces:
+                async for piece in pieces:
+                    yield piece
+
+    async def _prompt_piece(self, job: Job, parsed: Parsed) -> Piece:
+        """The choice's first piece: the prompt's text when echoed, its logprobs when asked for."""
+        records = None
+        if parsed.prompt_logprobs is not None:
+            records = await self.ingress.engine.prompt_logprobs(job.prompt_ids, parsed.prompt_logprobs)
+        echoed = ""
+        if parsed.echo:
+            echoed = job.prompt_text if job.prompt_text is not None else self.ingress.tokenizer.decode(job.prompt_ids)
+        return Piece(job.index, echoed, [], prompt_ids=job.prompt_ids, prompt_logprobs=records)
 
     async def _at_router(self, job: Job, request_id: str, parsed: Parsed, text: TextStream | None):
         chunks = self.ingress.engine.stream(job.prompt_ids, job.sampling, request_id, None)
         async with contextlib.aclosing(chunks):  # leaving early (a stop string, the client gone) aborts it
             async for chunk in chunks:
-                tokens = chunk.token_ids
+                tokens, logprobs = chunk.token_ids, chunk.logprobs
                 if text is None:
                     delta = ""
                 elif not parsed.stop:
@@ -235,13 +259,14 @@ class OpenAIServer:
                         delta += text.feed((t,))
                         if text.stop_hit is not None:
                             tokens = tokens[:k + 1]
+                            logprobs = logprobs[:k + 1] if logprobs is not None else None
                             break
                 stop = text is not None and text.stop_hit is not None
                 reason = "stop" if stop else chunk.finish_reason
                 if reason is not None and text is not None and not stop:
                     delta += text.finish()  # held-back text: it may still complete a stop string
                     reason = "stop" if text.stop_hit is not None else reason
-                yield Piece(job.index, delta, tokens, reason)
+                yield Piece(job.index, delta, tokens, reason, logprobs=logprobs)
                 if reason is not None:
                     return
 
@@ -251,13 +276,14 @@ class OpenAIServer:
         head = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
         usage_null = {"usage": None} if parsed.include_usage else {}
         completion_tokens = 0
+        logprobs = bodies.StreamLogprobs(parsed, self._decoder())
         try:
             if chat:
                 yield bodies.event({**head, "choices": bodies.first_choices(parsed), **usage_null})
             piece = first
             while piece is not None:
                 completion_tokens += len(piece.token_ids)
-                for choices in bodies.piece_choices(piece, chat, parsed.return_token_ids):
+                for choices in bodies.piece_choices(piece, chat, parsed.return_token_ids, logprobs):
                     yield bodies.event({**head, "choices": choices, **usage_null})
                 piece = await anext(events, None)
             if parsed.include_usage:

@@ -10,9 +10,12 @@ Fields (both endpoints): ``model``, ``max_tokens`` (chat: also ``max_completion_
 ``stream_options.include_usage``, ``n`` (1 only); moeray's extras, as vLLM names them: ``top_k`` (0 or -1: off),
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``return_token_ids``
 (token ids in each choice; on by default when the checkpoint has no tokenizer) and, for completions,
-``add_special_tokens`` (default true: a text prompt gets the tokenizer's BOS, as vLLM does). Fields that would change
-the output and are not implemented (logprobs, echo, best_of > 1, penalties, logit_bias, tools, response_format, ...)
-are refused when set to anything but their neutral value; any other unknown field is ignored.
+``add_special_tokens`` (default true: a text prompt gets the tokenizer's BOS, as vLLM does). Log-probabilities:
+completions' ``logprobs`` (alternatives per token, 0-20) and ``echo`` (the prompt first, with its logprobs when
+``logprobs`` is set; ``max_tokens`` 0 then scores the prompt alone), chat's ``logprobs`` and ``top_logprobs``, and
+vLLM's ``prompt_logprobs`` on both. Fields that would change the output and are not implemented (best_of > 1,
+penalties, logit_bias, tools, response_format, ...) are refused when set to anything but their neutral value; any
+other unknown field is ignored.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from moeray.request import InvalidRequest, RequestLimits, SamplingParams
+from moeray.request import MAX_LOGPROBS, InvalidRequest, RequestLimits, SamplingParams
 from moeray.serving.detokenize import check_stop_strings
 from moeray.serving.errors import clip
 
@@ -33,12 +36,12 @@ _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # field -> its neutral values: any other value is refused (the feature is not implemented)
 UNSUPPORTED = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "best_of": (None, 1),
     "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
-    "guided_choice": (None,), "guided_grammar": (None,), "prompt_logprobs": (None, 0), "audio": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
 
@@ -70,11 +73,14 @@ class _Common(_Body):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool | None = None
+    prompt_logprobs: int | None = None  # vLLM's: each prompt position's logprob and this many alternatives
 
 
 class CompletionBody(_Common):
     prompt: Any  # a string, token ids, or a list of either: checked in parse_completion
     add_special_tokens: bool = True
+    logprobs: int | None = None  # each token's logprob and this many alternatives (the legacy shape)
+    echo: bool = False  # the prompt before the completion (with its logprobs when logprobs is set)
 
 
 class ChatBody(_Common):
@@ -82,6 +88,8 @@ class ChatBody(_Common):
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +99,8 @@ class Job:
     index: int
     prompt_ids: list[int]
     sampling: SamplingParams
+    prompt_text: str | None = None  # as the client sent it (echo returns it)
+    generate: bool = True  # False: max_tokens 0 with echo, the prompt's logprobs only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +113,9 @@ class Parsed:
     skip_special_tokens: bool
     return_token_ids: bool
     model: str | None
+    logprobs: int | None = None  # alternatives per new token (None: no logprobs)
+    echo: bool = False
+    prompt_logprobs: int | None = None  # alternatives per prompt position (None: none): echo's, or vLLM's field
 
 
 def validation_message(error: ValidationError) -> tuple[str, str]:
@@ -130,10 +143,34 @@ def check_unsupported(body: dict) -> None:
             raise InvalidRequest(f"{field} is not supported by this server; leave it unset (got {show(body[field])})")
 
 
+def _count(value: int | None, field: str) -> int | None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise InvalidRequest(f"{field} must lie in [0, {MAX_LOGPROBS}]; got {value}")
+    return value
+
+
+def _logprobs(body: _Common) -> tuple[int | None, bool, int | None]:
+    """(alternatives per new token, echo, alternatives per prompt position), each None when not asked for."""
+    prompt = _count(body.prompt_logprobs, "prompt_logprobs")
+    if isinstance(body, ChatBody):
+        top = _count(body.top_logprobs, "top_logprobs")
+        if top is not None and not body.logprobs:
+            raise InvalidRequest(f"top_logprobs ({top}) needs logprobs: true")
+        return (top or 0) if body.logprobs else None, False, prompt
+    top = _count(body.logprobs, "logprobs")
+    if body.echo and top is not None and prompt is None:
+        prompt = top  # echo with logprobs: the prompt's tokens carry them too (OpenAI's legacy completions)
+    return top, body.echo, prompt
+
+
 def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_tokens: int | None,
-            default_max_tokens: int | None, has_tokenizer: bool) -> Parsed:
+            default_max_tokens: int | None, has_tokenizer: bool, texts: list[str | None] | None = None) -> Parsed:
     if body.n is not None and body.n != 1:
         raise InvalidRequest(f"n must be 1 (one choice per prompt); got {body.n}")
+    logprobs, echo, prompt_logprobs = _logprobs(body)
+    if echo and not has_tokenizer:
+        raise InvalidRequest("echo needs a checkpoint with a tokenizer (it returns the prompt as text); use "
+                             "return_token_ids")
     stop = check_stop_strings(body.stop)
     if stop and not has_tokenizer:
         raise InvalidRequest("stop strings need a checkpoint with a tokenizer; use stop_token_ids")
@@ -153,19 +190,22 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
                                      f"model's {limits.max_positions} positions")
         else:
             wanted = max_tokens
-            if wanted <= 0:
-                raise InvalidRequest(f"max_tokens must be a positive integer; got {wanted}")
+            if wanted == 0 and echo:  # the prompt alone, scored (lm-evaluation-harness's log-likelihoods)
+                pass
+            elif wanted <= 0:
+                raise InvalidRequest(f"max_tokens must be a positive integer (or 0 with echo); got {wanted}")
             if wanted > limits.max_new_tokens_cap:
                 raise InvalidRequest(f"max_tokens {wanted} is above the server's cap {limits.max_new_tokens_cap}")
         if len(ids) + wanted > limits.max_positions:
             raise InvalidRequest(f"{where}prompt of {len(ids)} tokens plus max_tokens {wanted} exceeds the "
                                  f"model's {limits.max_positions} positions")
         sampling = SamplingParams(
-            max_new_tokens=wanted, temperature=1.0 if body.temperature is None else body.temperature,
+            max_new_tokens=max(wanted, 1), temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed,
-            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs)
         try:
-            jobs.append(Job(i, limits.check(ids, sampling), sampling))
+            jobs.append(Job(i, limits.check(ids, sampling), sampling, prompt_text=texts[i] if texts else None,
+                            generate=wanted > 0))
         except InvalidRequest as e:
             raise InvalidRequest(f"{where}{e}") from None
     return Parsed(jobs=jobs, stop=stop, stream=body.stream,
@@ -173,7 +213,7 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
                   include_stop_str_in_output=body.include_stop_str_in_output,
                   skip_special_tokens=body.skip_special_tokens,
                   return_token_ids=(not has_tokenizer) if body.return_token_ids is None else body.return_token_ids,
-                  model=body.model)
+                  model=body.model, logprobs=logprobs, echo=echo, prompt_logprobs=prompt_logprobs)
 
 
 def _parse(cls, raw: Any):
@@ -218,7 +258,9 @@ def parse_completion(raw: Any, limits: RequestLimits, tokenizer) -> Parsed:
     if len(prompt) > MAX_PROMPTS:
         raise InvalidRequest(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed per request")
     ids: list[list[int]] = []
+    texts: list[str | None] = []
     for i, p in enumerate(prompt):
+        texts.append(p if isinstance(p, str) else None)
         field = "prompt" if single else f"prompt[{i}]"
         if isinstance(p, str):
             if tokenizer is None:
@@ -228,7 +270,7 @@ def parse_completion(raw: Any, limits: RequestLimits, tokenizer) -> Parsed:
             ids.append(_token_list(p, field))
         else:
             raise InvalidRequest(f"{field} must be a string or a list of token ids; got {type(p).__name__}")
-    return _common(body, ids, limits, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, tokenizer is not None)
+    return _common(body, ids, limits, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, tokenizer is not None, texts)
 
 
 def chat_messages(messages: Any) -> list[dict]:

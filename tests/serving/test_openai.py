@@ -333,6 +333,74 @@ def test_chat_completion_equals_transformers_on_the_templated_prompt(server):
         prompt) + len(want_ids)
 
 
+# -- log-probabilities -------------------------------------------------------------------------------------------
+def _log_softmax(server, ids: list[int]):
+    import torch
+
+    return torch.log_softmax(server["oracle"].logits(ids).float(), dim=-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server):
+    """lm-evaluation-harness's log-likelihood request: echo, logprobs 1, max_tokens 0, a text prompt: the prompt's
+    text back, each of its tokens' logprobs (None first) and top alternative, equal to transformers'."""
+    tok = server["tokenizer"]
+    prompt = "the quick brown fox jumps"
+    ids = tok(prompt)["input_ids"]
+    lp_TV = _log_softmax(server, ids)
+    out = server["client"].completions.create(model="tiny-chat", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                              temperature=0)
+    choice = out.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.tokens == [tok.decode([t]) for t in ids] and lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([lp_TV[t - 1, ids[t]].item() for t in range(1, len(ids))],
+                                                  abs=1e-4)
+    assert lp.top_logprobs[0] is None
+    for t in range(1, len(ids)):
+        best = int(lp_TV[t - 1].argmax())
+        assert lp.top_logprobs[t] == pytest.approx({tok.decode([best]): lp_TV[t - 1, best].item()}, abs=1e-4)
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:k]) for k in range(len(ids))]
+    # echo and generation together, streamed: the prompt's event first, then the new tokens, offsets running on
+    want_ids, want_text, _ = expected(server, ids, 5)
+    events = sse(curl(server["http"], "/v1/completions", {"prompt": prompt, "max_tokens": 5, "echo": True,
+                                                          "logprobs": 2, "temperature": 0, "stream": True})[1])
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == prompt + want_text
+    tokens = [t for e in events[:-1] if e["choices"][0]["logprobs"] for t in e["choices"][0]["logprobs"]["tokens"]]
+    offsets = [o for e in events[:-1] if e["choices"][0]["logprobs"]
+               for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert tokens == [tok.decode([t]) for t in ids + want_ids]
+    assert offsets == [sum(len(x) for x in tokens[:k]) for k in range(len(tokens))]
+    # vLLM's prompt_logprobs: the prompt token with its rank, and the alternatives
+    body = json.loads(curl(server["http"], "/v1/completions", {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 1,
+                                                               "temperature": 0})[1])
+    first, second = body["choices"][0]["prompt_logprobs"][:2]
+    assert first is None and second[str(ids[1])]["logprob"] == pytest.approx(lp_TV[0, ids[1]].item(), abs=1e-4)
+    assert second[str(ids[1])]["rank"] == 1 + int((lp_TV[0] > lp_TV[0, ids[1]]).sum())
+
+
+def test_chat_logprobs_equal_transformers_streamed_and_whole(server):
+    prompt = server["tokenizer"].apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
+    want_ids, want_text, _ = expected(server, prompt, 8)
+    lp_TV = _log_softmax(server, prompt + want_ids)[len(prompt) - 1:]
+    client, tok = server["client"], server["tokenizer"]
+    out = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == [tok.decode([t]) for t in want_ids]
+    assert [c.logprob for c in content] == pytest.approx([lp_TV[k, t].item() for k, t in enumerate(want_ids)],
+                                                         abs=1e-4)
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    for k, c in enumerate(content):
+        assert [a.token for a in c.top_logprobs] == [tok.decode([t]) for t in lp_TV[k].topk(3).indices.tolist()]
+    streamed = [c for chunk in client.chat.completions.create(
+        model="tiny-chat", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    plain = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_a_client_that_leaves_stops_its_generation(server):
     """curl killed after the first event: the router request is aborted and the admission place freed."""
     from ray._private.test_utils import wait_for_condition
@@ -369,7 +437,7 @@ BAD = {
     "stop token": ({"prompt": [5], "stop_token_ids": [300]}, "stop_token_ids", "stop token id 300 is outside"),
     "lone surrogate": ({"prompt": "a\ud800"}, "prompt", "lone surrogate"),
     "seed negative": ({"prompt": [5], "seed": -3}, "seed", "seed must lie in [0, 2**64)"),
-    "logprobs": ({"prompt": [5], "logprobs": 3}, "logprobs", "logprobs is not supported"),
+    "logprobs": ({"prompt": [5], "logprobs": 21}, "logprobs", "logprobs must lie in [0, 20]; got 21"),
     "stream not bool": ({"prompt": [5], "stream": "yes"}, "stream", "valid boolean"),
     "body a list": ([1, 2], None, "must be a JSON object"),
 }

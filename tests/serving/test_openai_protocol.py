@@ -61,7 +61,11 @@ def test_several_prompts_are_jobs_in_order():
 @pytest.mark.parametrize("body,message", [
     ({"prompt": [5], "n": 3}, "n must be 1 (one choice per prompt); got 3"),
     ({"prompt": [5], "max_tokens": 41}, "max_tokens 41 is above the server's cap 40"),
-    ({"prompt": [5], "max_tokens": -1}, "max_tokens must be a positive integer; got -1"),
+    ({"prompt": [5], "max_tokens": -1}, "max_tokens must be a positive integer (or 0 with echo); got -1"),
+    ({"prompt": [5], "max_tokens": 0}, "max_tokens must be a positive integer (or 0 with echo); got 0"),
+    ({"prompt": [5], "logprobs": 21}, "logprobs must lie in [0, 20]; got 21"),
+    ({"prompt": [5], "prompt_logprobs": -1}, "prompt_logprobs must lie in [0, 20]; got -1"),
+    ({"prompt": [5], "logprobs": True}, "logprobs: Input should be a valid integer; got true"),
     ({"prompt": [5] * 30, "max_tokens": 40}, "prompt of 30 tokens plus max_tokens 40 exceeds the model's 64"),
     ({"prompt": [5], "max_tokens": "3"}, "max_tokens: Input should be a valid integer; got '3'"),
     ({"prompt": [5], "max_tokens": 2.5}, "max_tokens: Input should be a valid integer; got 2.5"),
@@ -70,7 +74,7 @@ def test_several_prompts_are_jobs_in_order():
     ({"prompt": [5], "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage: Input should be"),
     ({"prompt": [5], "stop": "x"}, "stop strings need a checkpoint with a tokenizer"),
     ({"prompt": "hello"}, "prompt is text, which needs a checkpoint with a tokenizer"),
-    ({"prompt": [5], "echo": True}, "echo is not supported by this server; leave it unset (got true)"),
+    ({"prompt": [5], "echo": True}, "echo needs a checkpoint with a tokenizer (it returns the prompt as text)"),
     ({"prompt": [5], "best_of": 2}, "best_of is not supported"),
     ({"prompt": [5], "presence_penalty": 0.5}, "presence_penalty is not supported"),
     ({"prompt": [True]}, "prompt[0] must be a string or a list of token ids; got bool"),
@@ -83,6 +87,24 @@ def test_completion_refusals_name_the_field(body, message):
     with pytest.raises(InvalidRequest) as err:
         parse_completion(body, LIMITS, None)
     assert message in str(err.value), str(err.value)
+
+
+def test_logprobs_fields_become_sampling_and_echo_settings():
+    p = parse_completion({"prompt": "hi", "logprobs": 2, "echo": True, "max_tokens": 0}, LIMITS, FakeTokenizer())
+    [job] = p.jobs
+    assert (p.logprobs, p.echo, p.prompt_logprobs) == (2, True, 2), "echo with logprobs: the prompt's too"
+    assert (job.sampling.logprobs, job.generate, job.prompt_text) == (2, False, "hi")
+    p = parse_completion({"prompt": [5], "prompt_logprobs": 0, "max_tokens": 3}, LIMITS, None)
+    assert (p.logprobs, p.echo, p.prompt_logprobs, p.jobs[0].generate) == (None, False, 0, True)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    p = parse_chat({**chat, "logprobs": True, "top_logprobs": 4}, LIMITS, FakeTokenizer(), None)
+    assert (p.logprobs, p.jobs[0].sampling.logprobs) == (4, 4)
+    assert parse_chat({**chat, "logprobs": True}, LIMITS, FakeTokenizer(), None).logprobs == 0
+    assert parse_chat(chat, LIMITS, FakeTokenizer(), None).logprobs is None
+    with pytest.raises(InvalidRequest, match=r"top_logprobs \(3\) needs logprobs: true"):
+        parse_chat({**chat, "top_logprobs": 3}, LIMITS, FakeTokenizer(), None)
+    with pytest.raises(InvalidRequest, match=r"top_logprobs must lie in \[0, 20\]; got 21"):
+        parse_chat({**chat, "logprobs": True, "top_logprobs": 21}, LIMITS, FakeTokenizer(), None)
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted():
