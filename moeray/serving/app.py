@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from moeray import telemetry
-from moeray.request import check_request_id, new_request_id
+from moeray.request import MAX_LOGPROBS, InvalidRequest, check_request_id, new_request_id
 from moeray.serving import auth, codec, errors
 from moeray.serving.admission import Admission, serve_limits
 from moeray.serving.detokenize import text_stream
@@ -95,7 +95,16 @@ class Ingress:
                 if admitted.aborted:  # Abort came while it waited for a slot
                     yield codec.aborted_response(request_id)
                     return
+                prompt_logprobs = None
+                if request.sampling.HasField("prompt_logprobs"):
+                    if request.sampling.prompt_logprobs > MAX_LOGPROBS:
+                        raise InvalidRequest(f"prompt_logprobs must lie in [0, {MAX_LOGPROBS}]; got "
+                                             f"{request.sampling.prompt_logprobs}")
+                    prompt_logprobs = await self.engine.prompt_logprobs(ids, request.sampling.prompt_logprobs)
                 async for response in self._stream(ids, sampling, request_id, text):
+                    if prompt_logprobs is not None:  # on the first response
+                        codec.add_logprobs(response.prompt_logprobs, prompt_logprobs, ids)
+                        prompt_logprobs = None
                     yield response
         except errors.Fail:
             raise

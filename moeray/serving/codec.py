@@ -52,7 +52,19 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
         seed=int(msg.seed) if msg.HasField("seed") else None,
         stop_token_ids=tuple(int(t) for t in msg.stop_token_ids),
         ignore_eos=bool(msg.ignore_eos),
+        logprobs=int(msg.logprobs) if msg.HasField("logprobs") else None,
     )
+
+
+def add_logprobs(field, records, token_ids=None) -> None:
+    """``records`` (TokenLogprob, or None for a prompt's first token, whose id is ``token_ids[0]``) into ``field``."""
+    for k, r in enumerate(records):
+        if r is None:
+            field.add(token_id=token_ids[k])
+            continue
+        entry = field.add(token_id=r.token_id, logprob=r.logprob, rank=r.rank)
+        for t, lp in r.top:
+            entry.top.add(token_id=t, logprob=lp)
 
 
 # -- moeray.v1.GenerateService ------------------------------------------------------------------------------
@@ -71,6 +83,8 @@ def generate_response(chunk: StreamChunk, text: str, finish_reason: str | None, 
                       completion_tokens: int) -> generate_pb2.GenerateResponse:
     """One streamed chunk; the last (``finish_reason`` set: the router's, or "stop" for a stop string) with usage."""
     response = generate_pb2.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=text)
+    if chunk.logprobs:
+        add_logprobs(response.logprobs, chunk.logprobs)
     if finish_reason is not None:
         response.finish_reason = FINISH_REASONS[finish_reason]
         response.usage.prompt_tokens = prompt_tokens

@@ -84,6 +84,31 @@ def test_streaming_equals_offline_greedy(server, oracle):
     assert info.kv_blocks == server["engine"].config.max_batch_size * 2048 // 16
 
 
+def test_generate_logprobs_equal_transformers(server, oracle):
+    """SamplingParams.logprobs and prompt_logprobs over gRPC: each new token's and each prompt token's (the first
+    has none), with alternatives, equal to transformers' log-softmax."""
+    import torch
+
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    ref, prompt = oracle("mixtral"), PROMPTS[1]
+    request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=prompt), sampling=generate_pb2.
+                                           SamplingParams(max_new_tokens=6, logprobs=2, prompt_logprobs=1))
+    chunks = list(stub.Generate(request, timeout=60))
+    new = [t for c in chunks for t in c.token_ids]
+    lp_TV = torch.log_softmax(ref.logits(prompt + new).float(), dim=-1)
+    records = [r for c in chunks for r in c.logprobs]
+    assert [r.token_id for r in records] == new
+    for k, r in enumerate(records):
+        row = lp_TV[len(prompt) - 1 + k]
+        assert r.logprob == pytest.approx(row[r.token_id].item(), abs=1e-4) and r.rank == 1  # greedy: the best
+        assert [a.token_id for a in r.top] == row.topk(2).indices.tolist()
+    first = chunks[0].prompt_logprobs
+    assert [r.token_id for r in first] == prompt and not first[0].HasField("logprob")
+    assert [r.logprob for r in first[1:]] == pytest.approx([lp_TV[t - 1, prompt[t]].item()
+                                                             for t in range(1, len(prompt))], abs=1e-4)
+    assert all(not c.prompt_logprobs for c in chunks[1:]) and not _generate(stub, prompt, 2)[0].logprobs
+
+
 def test_tritonclient_model_infer_matches_transformers(server, oracle):
     client = triton.InferenceServerClient(url=server["address"])
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(server["model"])
