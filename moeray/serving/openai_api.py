@@ -4,6 +4,9 @@
     GET  /v1/models              the served model (the name gRPC uses)
     POST /v1/completions         prompt: text, token ids, or a list of either (one choice per prompt)
     POST /v1/chat/completions    messages rendered with the checkpoint's chat template (or --chat-template)
+    POST /tokenize               a prompt's or messages' token ids (vLLM's shape; also /v1/tokenize)
+    POST /detokenize             token ids' text (vLLM's shape; also /v1/detokenize)
+    GET  /tokenizer_info         the tokenizer's class, special tokens, vocabulary size and context length
 
 One deployment, two front doors: ``Ingress`` (moeray/serving/app.py) is a ``@serve.ingress()`` deployment whose
 ``__serve_build_asgi_app__`` returns ``build_http_app(self)``, so Serve's HTTP proxy sends HTTP requests to this
@@ -38,7 +41,8 @@ from moeray.request import InvalidRequest, new_request_id
 from moeray.serving import auth, errors
 from moeray.serving import openai_responses as bodies
 from moeray.serving.detokenize import TextStream
-from moeray.serving.openai_protocol import Job, Parsed, parse_chat, parse_completion
+from moeray.serving.openai_protocol import (Job, Parsed, parse_chat, parse_completion, parse_detokenize,
+                                            parse_tokenize)
 from moeray.serving.openai_responses import Piece
 
 
@@ -54,6 +58,10 @@ def build_http_app(ingress) -> FastAPI:
     app.add_api_route("/v1/models/{model:path}", api.model, methods=["GET"])
     app.add_api_route("/v1/completions", api.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    for prefix in ("", "/v1"):
+        app.add_api_route(f"{prefix}/tokenize", api.tokenize, methods=["POST"])
+        app.add_api_route(f"{prefix}/detokenize", api.detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", api.tokenizer_info, methods=["GET"])
     return app
 
 
@@ -93,6 +101,42 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
 
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            self.ingress.credentials.check_api_key(request.headers.get("authorization", ""))
+            body, ids = parse_tokenize(await self._json(request), self.ingress.tokenizer,
+                                       getattr(self.ingress, "chat_template", None))
+            self._check_model(body.model)
+        except Exception as e:  # noqa: BLE001
+            return self._error(e, None)
+        strs = [self.ingress.tokenizer.convert_ids_to_tokens(t) for t in ids] if body.return_token_strs else None
+        return JSONResponse({"count": len(ids), "max_model_len": self.ingress.limits.max_positions, "tokens": ids,
+                             "token_strs": strs})
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            self.ingress.credentials.check_api_key(request.headers.get("authorization", ""))
+            body, text = parse_detokenize(await self._json(request), self.ingress.tokenizer, self.ingress.limits)
+            self._check_model(body.model)
+        except Exception as e:  # noqa: BLE001
+            return self._error(e, None)
+        return JSONResponse({"prompt": text})
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        try:
+            self.ingress.credentials.check_api_key(request.headers.get("authorization", ""))
+            tok = self.ingress.tokenizer
+            if tok is None:
+                raise InvalidRequest("this checkpoint has no tokenizer")
+        except Exception as e:  # noqa: BLE001
+            return self._error(e, None)
+        return JSONResponse({"tokenizer_class": type(tok).__name__, "vocab_size": self.ingress.limits.vocab_size,
+                             "model_max_length": self.ingress.limits.max_positions,
+                             **{name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token",
+                                                                             "unk_token")},
+                             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                             "chat_template": getattr(self.ingress, "chat_template", None) or tok.chat_template})
+
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
@@ -101,7 +145,8 @@ class OpenAIServer:
         path = errors.clip(request.url.path)
         if exc.status_code == 404:
             e = errors.RouteNotFound(f"no route {request.method} {path}; this server serves GET /health, GET "
-                                     "/v1/models, POST /v1/completions and POST /v1/chat/completions")
+                                     "/v1/models, POST /v1/completions, POST /v1/chat/completions, POST /tokenize, "
+                                     "POST /detokenize and GET /tokenizer_info")
         elif exc.status_code == 405:
             e = errors.MethodNotAllowed(f"{request.method} is not allowed on {path}")
         else:  # Starlette raises only the two above for these routes
@@ -276,15 +321,18 @@ class OpenAIServer:
         head = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
         usage_null = {"usage": None} if parsed.include_usage else {}
         completion_tokens = 0
+
+        def usage() -> dict:  # the usage of every chunk: null, or so far (stream_options.continuous_usage_stats)
+            return {"usage": bodies.usage(parsed, completion_tokens)} if parsed.continuous_usage else usage_null
         logprobs = bodies.StreamLogprobs(parsed, self._decoder())
         try:
             if chat:
-                yield bodies.event({**head, "choices": bodies.first_choices(parsed), **usage_null})
+                yield bodies.event({**head, "choices": bodies.first_choices(parsed), **usage()})
             piece = first
             while piece is not None:
                 completion_tokens += len(piece.token_ids)
                 for choices in bodies.piece_choices(piece, chat, parsed.return_token_ids, logprobs):
-                    yield bodies.event({**head, "choices": choices, **usage_null})
+                    yield bodies.event({**head, "choices": choices, **usage()})
                 piece = await anext(events, None)
             if parsed.include_usage:
                 yield bodies.event({**head, "choices": [], "usage": bodies.usage(parsed, completion_tokens)})

@@ -52,7 +52,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's; accepted, usage comes once at the end
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (with include_usage)
 
 
 class _Common(_Body):
@@ -115,6 +115,7 @@ class Parsed:
     model: str | None
     logprobs: int | None = None  # alternatives per new token (None: no logprobs)
     echo: bool = False
+    continuous_usage: bool = False  # usage on every chunk of a stream
     prompt_logprobs: int | None = None  # alternatives per prompt position (None: none): echo's, or vLLM's field
 
 
@@ -210,6 +211,8 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
             raise InvalidRequest(f"{where}{e}") from None
     return Parsed(jobs=jobs, stop=stop, stream=body.stream,
                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                  continuous_usage=bool(body.stream_options and body.stream_options.include_usage
+                                        and body.stream_options.continuous_usage_stats),
                   include_stop_str_in_output=body.include_stop_str_in_output,
                   skip_special_tokens=body.skip_special_tokens,
                   return_token_ids=(not has_tokenizer) if body.return_token_ids is None else body.return_token_ids,
@@ -311,11 +314,9 @@ def chat_messages(messages: Any) -> list[dict]:
     return out
 
 
-def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | None) -> Parsed:
-    """/v1/chat/completions: ``messages`` rendered with the checkpoint's chat template (or the server's
-    ``--chat-template``), ``add_generation_prompt`` on, then tokenized without adding special tokens again."""
-    body = _parse(ChatBody, raw)
-    messages = chat_messages(body.messages)
+def render_chat(tokenizer, chat_template: str | None, messages: list[dict], add_generation_prompt: bool,
+                kwargs: dict | None) -> str:
+    """The chat template's text for ``messages`` (the checkpoint's template, or the server's --chat-template)."""
     if tokenizer is None:
         raise InvalidRequest("chat completions need a checkpoint with a tokenizer and a chat template; this one has "
                              "no tokenizer (use /v1/completions with token ids)")
@@ -325,12 +326,63 @@ def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | 
                              "with --chat-template FILE, or use /v1/completions)")
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=body.add_generation_prompt,
-                                             **(body.chat_template_kwargs or {}))
+                                             add_generation_prompt=add_generation_prompt, **(kwargs or {}))
     except Exception as e:  # noqa: BLE001 - a template's raise_exception(...) or bad kwargs: the request's fault
         raise InvalidRequest(f"the chat template cannot render these messages: {clip(str(e), 300)}") from None
     if not isinstance(text, str):
         raise InvalidRequest("the chat template did not render to text")
+    return text
+
+
+def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | None) -> Parsed:
+    """/v1/chat/completions: ``messages`` rendered with the checkpoint's chat template (or the server's
+    ``--chat-template``), ``add_generation_prompt`` on, then tokenized without adding special tokens again."""
+    body = _parse(ChatBody, raw)
+    messages = chat_messages(body.messages)
+    text = render_chat(tokenizer, chat_template, messages, body.add_generation_prompt, body.chat_template_kwargs)
     ids = _encode(tokenizer, text, "messages", False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return _common(body, [ids], limits, max_tokens, None, True)
+
+
+class TokenizeBody(_Body):
+    """vLLM's /tokenize: a ``prompt`` (text), or chat ``messages`` rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Any = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse_tokenize(raw: Any, tokenizer, chat_template: str | None) -> tuple[TokenizeBody, list[int]]:
+    """/tokenize: the body and the token ids of its prompt or messages (the ids /v1/completions or
+    /v1/chat/completions would run)."""
+    body = _parse(TokenizeBody, raw)
+    if tokenizer is None:
+        raise InvalidRequest("tokenize needs a checkpoint with a tokenizer")
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequest("tokenize takes a prompt (text) or messages, one of them")
+    if body.prompt is not None:
+        add = True if body.add_special_tokens is None else body.add_special_tokens
+        return body, _encode(tokenizer, body.prompt, "prompt", add)
+    text = render_chat(tokenizer, chat_template, chat_messages(body.messages), body.add_generation_prompt,
+                       body.chat_template_kwargs)
+    return body, _encode(tokenizer, text, "messages", bool(body.add_special_tokens))
+
+
+def parse_detokenize(raw: Any, tokenizer, limits: RequestLimits) -> tuple[DetokenizeBody, str]:
+    body = _parse(DetokenizeBody, raw)
+    if tokenizer is None:
+        raise InvalidRequest("detokenize needs a checkpoint with a tokenizer")
+    bad = next((t for t in body.tokens if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"tokens: token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    return body, tokenizer.decode(body.tokens)

@@ -401,6 +401,32 @@ def test_chat_logprobs_equal_transformers_streamed_and_whole(server):
     assert plain.choices[0].logprobs is None
 
 
+def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shapes(server):
+    tok, http = server["tokenizer"], server["http"]
+    status, body = curl(http, "/tokenize", {"prompt": "hello world", "return_token_strs": True})
+    out = json.loads(body)
+    ids = tok("hello world")["input_ids"]
+    assert status == 200 and out == {"count": len(ids), "max_model_len": POSITIONS, "tokens": ids,
+                                     "token_strs": tok.convert_ids_to_tokens(ids)}
+    templated = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
+    assert json.loads(curl(http, "/v1/tokenize", {"messages": MESSAGES})[1])["tokens"] == templated
+    assert json.loads(curl(http, "/detokenize", {"tokens": ids})[1]) == {"prompt": tok.decode(ids)}
+    info = json.loads(curl(http, "/tokenizer_info")[1])
+    assert (info["eos_token"], info["model_max_length"], info["vocab_size"]) == ("</s>", POSITIONS, len(tok))
+    assert_error(*curl(http, "/detokenize", {"tokens": [10**6]}), 400, "token id 1000000 is outside the vocabulary")
+    assert_error(*curl(http, "/tokenize", {"prompt": "x", "messages": MESSAGES}), 400, "a prompt (text) or messages")
+    assert_error(*curl(http, "/tokenize", {"prompt": "x"}, key="sk-wrong"), 401)
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(server):
+    events = sse(curl(server["http"], "/v1/completions", {
+        "prompt": [7, 8, 9], "max_tokens": 6, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})[1])[:-1]
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert all(e["usage"]["prompt_tokens"] == 3 for e in events) and counts == sorted(counts) and counts[-1] == 6
+    assert events[-1]["choices"] == []
+
+
 def test_a_client_that_leaves_stops_its_generation(server):
     """curl killed after the first event: the router request is aborted and the admission place freed."""
     from ray._private.test_utils import wait_for_condition
