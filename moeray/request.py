@@ -23,6 +23,8 @@ def check_step_fits(max_batch_size: int, max_prefill_tokens: int, max_forward_to
                          "raise max_forward_tokens or lower one of them")
 MIN_TEMPERATURE = 1e-5  # below it (but above 0) logits / temperature overflow float32: the sampler would fail
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+MAX_REPETITION_PENALTY = 10.0
 _REQUEST_ID = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 
 
@@ -65,6 +67,17 @@ class SamplingParams:
     # Log-probabilities of each new token, and of this many most likely alternatives (None: none), from the model's
     # own logits: log-softmax in float32 over the whole vocabulary, before temperature, top-k or top-p.
     logprobs: int | None = None
+    # Logit adjustments, applied in this order before temperature (as vLLM does): ``logit_bias`` added per token id;
+    # stop and end-of-sequence tokens barred until ``min_tokens`` new tokens; ``repetition_penalty`` (> 1 less
+    # likely) on every token in the prompt or output, CTRL's rule (a positive logit divided, a negative one
+    # multiplied); ``frequency_penalty`` times each token's count in the output, and ``presence_penalty`` once for
+    # any count, subtracted. ``min_p`` then drops, after temperature, tokens below min_p times the top probability.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -81,7 +94,31 @@ class SamplingParams:
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequest(f"logprobs must lie in [0, {MAX_LOGPROBS}] (alternatives per token); got "
                                  f"{self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
+                raise InvalidRequest(f"{name} must lie in [-2, 2]; got {getattr(self, name)!r}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidRequest(f"repetition_penalty must lie in (0, {MAX_REPETITION_PENALTY}] (1: none); got "
+                                 f"{self.repetition_penalty!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must lie in [0, 1]; got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequest(f"min_tokens must lie in [0, max_new_tokens {self.max_new_tokens}]; got "
+                                 f"{self.min_tokens!r}")
+        bias = tuple((int(t), float(b)) for t, b in dict(self.logit_bias).items())
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequest(f"logit_bias holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS} are allowed")
+        bad = next(((t, b) for t, b in bias if not -100.0 <= b <= 100.0), None)
+        if bad is not None:
+            raise InvalidRequest(f"logit_bias for token {bad[0]} must lie in [-100, 100]; got {bad[1]!r}")
+        object.__setattr__(self, "logit_bias", bias)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logit adjustment is set (the sampler skips the rest)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -150,6 +187,9 @@ class RequestLimits:
         bad = next((t for t in sampling.stop_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"stop token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        bad = next((t for t, _ in sampling.logit_bias if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"logit_bias token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
     def check_batch(self, prompts: Sequence[Sequence[int]],

@@ -63,15 +63,40 @@ class Sequence:
                                 logprobs=list(self.output_logprobs) if self.sampling.logprobs is not None else None)
 
 
+def adjusted_logits(logits_V: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """``seq``'s logit adjustments (SamplingParams: logit_bias, min_tokens, repetition, frequency and presence
+    penalties, in that order) applied to its next-token logits, in float32; a new tensor."""
+    s, logits_V = seq.sampling, logits_V.float().clone()
+    if s.logit_bias:
+        ids, bias = zip(*s.logit_bias)
+        logits_V[list(ids)] += torch.tensor(bias, device=logits_V.device)
+    if len(seq.output_ids) < s.min_tokens and seq.stop_ids:
+        logits_V[sorted(seq.stop_ids)] = float("-inf")
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_ids) | set(seq.output_ids)), device=logits_V.device)
+        picked = logits_V[seen]
+        logits_V[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
+    if (s.frequency_penalty or s.presence_penalty) and seq.output_ids:
+        count_V = torch.bincount(torch.tensor(seq.output_ids), minlength=logits_V.numel()).to(logits_V)
+        logits_V -= s.frequency_penalty * count_V + s.presence_penalty * (count_V > 0).to(logits_V)
+    return logits_V
+
+
 def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Each sequence's next token: the argmax where greedy, else a draw after temperature, top-k and top-p, from
-    the sequence's own generator (seeded per request)."""
+    """Each sequence's next token: the argmax where greedy, else a draw after temperature, top-k, top-p and min-p,
+    from the sequence's own generator (seeded per request); logit adjustments first where a sequence sets any."""
     tokens = logits_BV.argmax(dim=-1).tolist()
     for b, seq in enumerate(seqs):
         s = seq.sampling
+        logits_V = adjusted_logits(logits_BV[b], seq) if s.adjusts_logits else logits_BV[b]
         if s.greedy:
+            if s.adjusts_logits:
+                tokens[b] = int(logits_V.argmax())
             continue
-        logits_V = logits_BV[b].float() / s.temperature
+        logits_V = logits_V.float() / s.temperature
+        if s.min_p:  # on the whole distribution after temperature, before top-k and top-p (as vLLM)
+            probs_V = torch.softmax(logits_V, dim=-1)
+            logits_V = logits_V.masked_fill(probs_V < s.min_p * probs_V.max(), float("-inf"))
         if s.top_k:
             kth = torch.topk(logits_V, min(s.top_k, logits_V.numel())).values[-1]
             logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))

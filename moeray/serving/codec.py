@@ -53,6 +53,9 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(int(t) for t in msg.stop_token_ids),
         ignore_eos=bool(msg.ignore_eos),
         logprobs=int(msg.logprobs) if msg.HasField("logprobs") else None,
+        presence_penalty=float(msg.presence_penalty), frequency_penalty=float(msg.frequency_penalty),
+        repetition_penalty=float(msg.repetition_penalty) or 1.0, min_p=float(msg.min_p),
+        min_tokens=int(msg.min_tokens), logit_bias=tuple((int(t), float(b)) for t, b in msg.logit_bias.items()),
     )
 
 

@@ -13,9 +13,10 @@ Fields (both endpoints): ``model``, ``max_tokens`` (chat: also ``max_completion_
 ``add_special_tokens`` (default true: a text prompt gets the tokenizer's BOS, as vLLM does). Log-probabilities:
 completions' ``logprobs`` (alternatives per token, 0-20) and ``echo`` (the prompt first, with its logprobs when
 ``logprobs`` is set; ``max_tokens`` 0 then scores the prompt alone), chat's ``logprobs`` and ``top_logprobs``, and
-vLLM's ``prompt_logprobs`` on both. Fields that would change the output and are not implemented (best_of > 1,
-penalties, logit_bias, tools, response_format, ...) are refused when set to anything but their neutral value; any
-other unknown field is ignored.
+vLLM's ``prompt_logprobs`` on both. Logit adjustments: ``presence_penalty``, ``frequency_penalty``, ``logit_bias``
+and vLLM's ``repetition_penalty``, ``min_p``, ``min_tokens`` (moeray.request.SamplingParams says how each applies).
+Fields that would change the output and are not implemented (best_of > 1, tools, response_format, ...) are refused
+when set to anything but their neutral value; any other unknown field is ignored.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ _ROLES = ("system", "developer", "user", "assistant", "tool")
 # field -> its neutral values: any other value is refused (the feature is not implemented)
 UNSUPPORTED = {
     "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0), "tools": (None, []),
+    "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "audio": (None,),
@@ -74,6 +74,12 @@ class _Common(_Body):
     skip_special_tokens: bool = True
     return_token_ids: bool | None = None
     prompt_logprobs: int | None = None  # vLLM's: each prompt position's logprob and this many alternatives
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    repetition_penalty: float | None = None  # vLLM's extras
+    min_p: float | None = None
+    min_tokens: int = 0
 
 
 class CompletionBody(_Common):
@@ -164,11 +170,29 @@ def _logprobs(body: _Common) -> tuple[int | None, bool, int | None]:
     return top, body.echo, prompt
 
 
+def _adjustments(body: _Common) -> dict:
+    """The logit adjustments a body sets, as SamplingParams fields (which check their ranges)."""
+    out = {name: float(getattr(body, name)) for name in ("presence_penalty", "frequency_penalty",
+                                                         "repetition_penalty", "min_p")
+           if getattr(body, name) is not None}
+    if body.min_tokens:
+        out["min_tokens"] = body.min_tokens
+    if body.logit_bias:
+        bias = []
+        for key, value in body.logit_bias.items():
+            if not key.strip().isdigit():
+                raise InvalidRequest(f"logit_bias keys must be token ids; got {clip(key)}")
+            bias.append((int(key), float(value)))
+        out["logit_bias"] = tuple(bias)
+    return out
+
+
 def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_tokens: int | None,
             default_max_tokens: int | None, has_tokenizer: bool, texts: list[str | None] | None = None) -> Parsed:
     if body.n is not None and body.n != 1:
         raise InvalidRequest(f"n must be 1 (one choice per prompt); got {body.n}")
     logprobs, echo, prompt_logprobs = _logprobs(body)
+    adjustments = _adjustments(body)
     if echo and not has_tokenizer:
         raise InvalidRequest("echo needs a checkpoint with a tokenizer (it returns the prompt as text); use "
                              "return_token_ids")
@@ -203,7 +227,8 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
         sampling = SamplingParams(
             max_new_tokens=max(wanted, 1), temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed,
-            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs)
+            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+            **adjustments)
         try:
             jobs.append(Job(i, limits.check(ids, sampling), sampling, prompt_text=texts[i] if texts else None,
                             generate=wanted > 0))

@@ -22,7 +22,9 @@ _KIND = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "i
 _FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
            "seed", "stop", "stream", "stream_options", "n", "ignore_eos", "stop_token_ids", "return_token_ids",
            "include_stop_str_in_output", "skip_special_tokens", "add_special_tokens", "add_generation_prompt",
-           "chat_template_kwargs", "user", "logprobs", "top_logprobs", "echo", "prompt_logprobs", *UNSUPPORTED}
+           "chat_template_kwargs", "user", "logprobs", "top_logprobs", "echo", "prompt_logprobs",
+           "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "min_p", "min_tokens",
+           *UNSUPPORTED}
 _PARAM = re.compile(r"(?:prompt \d+: )?([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*)")
 _PARAM_PREFIXES = {"stop token id": "stop_token_ids", "prompt token id": "prompt", "prompt of": "prompt"}
 DONE = "data: [DONE]\n\n"

@@ -401,6 +401,38 @@ def test_chat_logprobs_equal_transformers_streamed_and_whole(server):
     assert plain.choices[0].logprobs is None
 
 
+def test_penalties_and_logit_bias_through_the_openai_client_equal_transformers(server):
+    """OpenAI's presence and frequency penalties and logit_bias, vLLM's repetition_penalty and min_tokens, greedy:
+    the same tokens as transformers' logits adjusted by the same rules (its own processors where it has them)."""
+    import torch
+
+    model, prompt, n = server["oracle"].model, [7, 8, 9, 7, 8, 9, 7, 8], 10
+    plain = server["oracle"].greedy(prompt, n)
+
+    def reference(presence=0.0, frequency=0.0, bias=None) -> list[int]:
+        ids = list(prompt)
+        for _ in range(n):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+            for t, b in (bias or {}).items():
+                logits[t] += b
+            counts = torch.bincount(torch.tensor(ids[len(prompt):], dtype=torch.long), minlength=logits.numel())
+            logits -= frequency * counts + presence * (counts > 0)
+            ids.append(int(logits.argmax()))
+        return ids[len(prompt):]
+
+    def ours(**extra) -> list[int]:
+        out = server["client"].completions.create(model="tiny-chat", prompt=prompt, max_tokens=n, temperature=0,
+                                                  extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+        return out.choices[0].model_extra["token_ids"]
+
+    bias = {plain[0]: -100.0, plain[1]: 3.0}
+    assert ours(presence_penalty=0.8, frequency_penalty=1.1, logit_bias={str(t): b for t, b in bias.items()}) == \
+        reference(presence=0.8, frequency=1.1, bias=bias)
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, repetition_penalty=1.6)
+    assert ours(repetition_penalty=1.6) == hf[0, len(prompt):].tolist()
+
+
 def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shapes(server):
     tok, http = server["tokenizer"], server["http"]
     status, body = curl(http, "/tokenize", {"prompt": "hello world", "return_token_strs": True})
