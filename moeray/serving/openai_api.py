@@ -249,7 +249,9 @@ class OpenAIServer:
                                      f"{admission.max_ongoing + admission.max_queued} requests at once")
             admission.check_room(len(jobs))
         ids = [request_id] if len(jobs) == 1 else [f"{request_id}-{j.index}" for j in jobs]
-        gens = [self._one(job, rid, parsed) for job, rid in zip(jobs, ids)]
+        # n > 1: a prompt's other choices start once its first has been prefilled, so they reuse its prompt blocks
+        prefilled = {j.first: asyncio.Event() for j in jobs if j.first >= 0}
+        gens = [self._one(job, rid, parsed, prefilled) for job, rid in zip(jobs, ids)]
         merged = gens[0] if len(gens) == 1 else _merge(gens)
         async with contextlib.aclosing(merged):
             async for piece in merged:
@@ -262,7 +264,8 @@ class OpenAIServer:
             return lambda t: f"token_id:{t}"
         return functools.lru_cache(maxsize=4096)(lambda t: tokenizer.decode([t]))
 
-    async def _one(self, job: Job, request_id: str, parsed: Parsed) -> AsyncIterator[Piece]:
+    async def _one(self, job: Job, request_id: str, parsed: Parsed,
+                   prefilled: dict[int, asyncio.Event] | None = None) -> AsyncIterator[Piece]:
         """One prompt at a router: (its echo or prompt logprobs first, then) token ids -> text deltas; a stop
         string ends it (the router request aborted)."""
         tokenizer = self.ingress.tokenizer
@@ -275,9 +278,18 @@ class OpenAIServer:
             if not job.generate:  # max_tokens 0 with echo: the prompt alone
                 yield Piece(job.index, "", [], "length")
                 return
-            async with contextlib.aclosing(self._at_router(job, request_id, parsed, text)) as pieces:
-                async for piece in pieces:
-                    yield piece
+            first = (prefilled or {}).get(job.first)
+            if first is not None and job.first != job.index:
+                await first.wait()
+            try:
+                async with contextlib.aclosing(self._at_router(job, request_id, parsed, text)) as pieces:
+                    async for piece in pieces:
+                        if first is not None:
+                            first.set()
+                        yield piece
+            finally:
+                if first is not None:
+                    first.set()  # ended or failed before a token: the others go ahead anyway
 
     async def _prompt_piece(self, job: Job, parsed: Parsed) -> Piece:
         """The choice's first piece: the prompt's text when echoed, its logprobs when asked for."""

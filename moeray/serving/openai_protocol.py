@@ -7,7 +7,8 @@ field and the limit (HTTP 400). pydantic checks types (strictly: "16" is not an 
 
 Fields (both endpoints): ``model``, ``max_tokens`` (chat: also ``max_completion_tokens``), ``temperature``
 (default 1.0, OpenAI's), ``top_p``, ``seed``, ``stop`` (a string or up to 16 strings), ``stream``,
-``stream_options.include_usage``, ``n`` (1 only); moeray's extras, as vLLM names them: ``top_k`` (0 or -1: off),
+``stream_options.include_usage``, ``n`` (choices per prompt, up to 16: one prefill, the others reuse its prompt
+blocks; with a seed, choice k samples with seed + k); moeray's extras, as vLLM names them: ``top_k`` (0 or -1: off),
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``return_token_ids``
 (token ids in each choice; on by default when the checkpoint has no tokenizer) and, for completions,
 ``add_special_tokens`` (default true: a text prompt gets the tokenizer's BOS, as vLLM does). Log-probabilities:
@@ -31,6 +32,7 @@ from moeray.serving.detokenize import check_stop_strings
 from moeray.serving.errors import clip
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each takes an admission place)
+MAX_N = 16  # choices per prompt (each takes an admission place)
 MAX_MESSAGES = 4096
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to what the positions allow
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -107,6 +109,7 @@ class Job:
     sampling: SamplingParams
     prompt_text: str | None = None  # as the client sent it (echo returns it)
     generate: bool = True  # False: max_tokens 0 with echo, the prompt's logprobs only
+    first: int = -1  # with n > 1, the index of its prompt's first choice, whose prefill the others share
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +192,9 @@ def _adjustments(body: _Common) -> dict:
 
 def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_tokens: int | None,
             default_max_tokens: int | None, has_tokenizer: bool, texts: list[str | None] | None = None) -> Parsed:
-    if body.n is not None and body.n != 1:
-        raise InvalidRequest(f"n must be 1 (one choice per prompt); got {body.n}")
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"n must lie in [1, {MAX_N}] (choices per prompt); got {n}")
     logprobs, echo, prompt_logprobs = _logprobs(body)
     adjustments = _adjustments(body)
     if echo and not has_tokenizer:
@@ -224,16 +228,19 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
         if len(ids) + wanted > limits.max_positions:
             raise InvalidRequest(f"{where}prompt of {len(ids)} tokens plus max_tokens {wanted} exceeds the "
                                  f"model's {limits.max_positions} positions")
-        sampling = SamplingParams(
-            max_new_tokens=max(wanted, 1), temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=body.seed,
-            stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            **adjustments)
-        try:
-            jobs.append(Job(i, limits.check(ids, sampling), sampling, prompt_text=texts[i] if texts else None,
-                            generate=wanted > 0))
-        except InvalidRequest as e:
-            raise InvalidRequest(f"{where}{e}") from None
+        for k in range(n):  # choice i * n + k; with a seed, choice k samples with seed + k (reproducible)
+            seed = body.seed if body.seed is None or k == 0 else (body.seed + k) % 2**64  # (a bad seed fails at 0)
+            sampling = SamplingParams(
+                max_new_tokens=max(wanted, 1), temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=seed,
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
+                **adjustments)
+            try:
+                jobs.append(Job(i * n + k, limits.check(ids, sampling), sampling,
+                                prompt_text=texts[i] if texts else None, generate=wanted > 0,
+                                first=i * n if n > 1 else -1))
+            except InvalidRequest as e:
+                raise InvalidRequest(f"{where}{e}") from None
     return Parsed(jobs=jobs, stop=stop, stream=body.stream,
                   include_usage=bool(body.stream_options and body.stream_options.include_usage),
                   continuous_usage=bool(body.stream_options and body.stream_options.include_usage

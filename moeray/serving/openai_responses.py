@@ -68,7 +68,7 @@ def event(data: dict) -> str:
 
 
 def usage(parsed: Parsed, completion_tokens: int) -> dict:
-    prompt = sum(len(j.prompt_ids) for j in parsed.jobs)
+    prompt = sum(len(j.prompt_ids) for j in parsed.jobs if j.first in (-1, j.index))  # once per prompt, as OpenAI
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 

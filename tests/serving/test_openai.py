@@ -433,6 +433,31 @@ def test_penalties_and_logit_bias_through_the_openai_client_equal_transformers(s
     assert ours(repetition_penalty=1.6) == hf[0, len(prompt):].tolist()
 
 
+def test_n_choices_share_one_prefill_and_a_seed_reproduces_them(server):
+    """n = 3 sampled choices of one prompt: indices 0-2, the same texts again for the same seed, choice k that of
+    n = 1 with seed + k; the second and third reuse the first's prompt blocks (prefix cache hits); usage counts the
+    prompt once. Greedy n = 2: both equal transformers."""
+    client, router = server["client"], server["engine"].routers[0]
+    prompt = list(range(10, 50))  # 40 tokens: whole blocks to share
+
+    def texts(**kw) -> list[str]:
+        out = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, temperature=1.0, **kw)
+        assert [c.index for c in out.choices] == list(range(kw.get("n", 1)))
+        return [c.text for c in out.choices], out.usage
+
+    before = ray.get(router.kv_stats.remote())
+    three, usage = texts(n=3, seed=11)
+    after = ray.get(router.kv_stats.remote())
+    shared = (len(prompt) - 1) // before.block_size * before.block_size
+    assert after.prefix_hits - before.prefix_hits >= 2 * shared, "choices 2 and 3 reuse choice 1's prompt blocks"
+    assert usage.prompt_tokens == len(prompt) and len(set(three)) > 1
+    assert texts(n=3, seed=11)[0] == three
+    assert [texts(seed=11 + k)[0][0] for k in range(3)] == three
+    want = expected(server, prompt, 6)[1]
+    greedy = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, temperature=0, n=2)
+    assert [c.text for c in greedy.choices] == [want, want]
+
+
 def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shapes(server):
     tok, http = server["tokenizer"], server["http"]
     status, body = curl(http, "/tokenize", {"prompt": "hello world", "return_token_strs": True})
@@ -485,7 +510,7 @@ BAD = {
     "max_tokens 0": ({"prompt": [5], "max_tokens": 0}, "max_tokens", "max_tokens must be a positive integer"),
     "max_tokens over cap": ({"prompt": [5], "max_tokens": CAP + 1}, "max_tokens", f"is above the server's cap {CAP}"),
     "positions": ({"prompt": [5] * 300, "max_tokens": 300}, "prompt", "exceeds the model's 512 positions"),
-    "n 2": ({"prompt": [5], "n": 2}, "n", "n must be 1"),
+    "n 17": ({"prompt": [5], "n": 17}, "n", "n must lie in [1, 16]"),
     "token outside vocab": ({"prompt": [5, 10**6]}, "prompt", "outside the vocabulary [0, 300)"),
     "token not int": ({"prompt": [5, 1.5]}, "prompt[1]", "must be a token id"),
     "empty prompt": ({"prompt": []}, "prompt", "prompt must be a string, a list of token ids"),

@@ -59,7 +59,8 @@ def test_several_prompts_are_jobs_in_order():
 
 
 @pytest.mark.parametrize("body,message", [
-    ({"prompt": [5], "n": 3}, "n must be 1 (one choice per prompt); got 3"),
+    ({"prompt": [5], "n": 17}, "n must lie in [1, 16] (choices per prompt); got 17"),
+    ({"prompt": [5], "n": 0}, "n must lie in [1, 16] (choices per prompt); got 0"),
     ({"prompt": [5], "max_tokens": 41}, "max_tokens 41 is above the server's cap 40"),
     ({"prompt": [5], "max_tokens": -1}, "max_tokens must be a positive integer (or 0 with echo); got -1"),
     ({"prompt": [5], "max_tokens": 0}, "max_tokens must be a positive integer (or 0 with echo); got 0"),
