@@ -458,6 +458,61 @@ def test_n_choices_share_one_prefill_and_a_seed_reproduces_them(server):
     assert [c.text for c in greedy.choices] == [want, want]
 
 
+LM_EVAL_MC = [{"q": "the quick brown", "choices": [" fox", " dog", " world"], "gold": 0},
+              {"q": "hello", "choices": [" world", " fox", " lazy"], "gold": 0},
+              {"q": "experts route tokens to", "choices": [" workers", " the", " dog"], "gold": 0},
+              {"q": "jumps over the lazy", "choices": [" dog", " fox"], "gold": 0}]
+LM_EVAL_GEN = [{"q": "the quick brown fox", "a": " jumps"}, {"q": "experts route", "a": " tokens"},
+               {"q": "hello world,", "a": " the"}]
+
+
+def _lm_eval_tasks(root) -> str:
+    """A multiple-choice task and a generation task over local JSON Lines files, as lm-evaluation-harness reads
+    them (its `json` dataset loader: no hub)."""
+    for name, docs in (("mc", LM_EVAL_MC), ("gen", LM_EVAL_GEN)):
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    common = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
+    (root / "mc.yaml").write_text("task: moeray_mc\n" + common.format(path=root / "mc.jsonl") + (
+        "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: gold\ntarget_delimiter: \"\"\nmetric_list:\n  - metric: acc\n"))
+    (root / "gen.yaml").write_text("task: moeray_gen\n" + common.format(path=root / "gen.jsonl") + (
+        "output_type: generate_until\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \"{{a}}\"\n"
+        "target_delimiter: \"\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"))
+    return str(root)
+
+
+def test_lm_evaluation_harness_scores_moeray_as_it_scores_transformers(server, checkpoint, tmp_path, monkeypatch):
+    """lm-evaluation-harness, unchanged: the same local tasks with its own `hf` backend (transformers in this
+    process) and with `local-completions` against the server (echo + logprobs for log-likelihoods, its remote
+    tokenizer over /tokenizer_info and /tokenize): per-choice log-likelihoods within 1e-3, the same greedy flags,
+    texts and accuracy."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    tasks = TaskManager(include_path=_lm_eval_tasks(tmp_path))
+    run = {}
+    for backend, args in (("hf", f"pretrained={checkpoint},dtype=float32,device=cpu"),
+                          ("local-completions", f"base_url={server['http']}/v1/completions,model=tiny-chat,"
+                                                f"auth_token={API_KEY},num_concurrent=2,max_retries=1")):
+        run[backend] = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=["moeray_mc", "moeray_gen"],
+                                               task_manager=tasks, log_samples=True, batch_size=1)
+    hf, ours = run["hf"], run["local-completions"]
+    for task in ("moeray_mc", "moeray_gen"):
+        theirs_s, ours_s = hf["samples"][task], ours["samples"][task]
+        assert [s["doc_id"] for s in theirs_s] == [s["doc_id"] for s in ours_s]
+        for a, b in zip(theirs_s, ours_s):
+            if task == "moeray_mc":
+                assert [g for _, g in a["filtered_resps"]] == [g for _, g in b["filtered_resps"]]
+                assert [ll for ll, _ in b["filtered_resps"]] == pytest.approx(
+                    [ll for ll, _ in a["filtered_resps"]], abs=1e-3)
+            else:
+                assert a["filtered_resps"] == b["filtered_resps"]
+    assert hf["results"]["moeray_mc"]["acc,none"] == ours["results"]["moeray_mc"]["acc,none"]
+    assert hf["results"]["moeray_gen"]["exact_match,none"] == ours["results"]["moeray_gen"]["exact_match,none"]
+
+
 def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shapes(server):
     tok, http = server["tokenizer"], server["http"]
     status, body = curl(http, "/tokenize", {"prompt": "hello world", "return_token_strs": True})
