@@ -53,6 +53,30 @@ def check_request_id(request_id: str, field: str = "request_id") -> str:
     return request_id
 
 
+STRUCTURED_KINDS = ("json", "json_schema", "regex", "choice", "grammar")
+MAX_STRUCTURED_CHARS = 64 * 1024  # a schema, regex or grammar's text
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """Output constrained to a language (moeray/router/grammar.py compiles it with xgrammar): ``json`` (any JSON
+    object), ``json_schema`` (the JSON schema in ``spec``), ``regex``, ``choice`` (one of the strings in
+    ``choices``) or ``grammar`` (EBNF in ``spec``, as xgrammar reads it)."""
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidRequest(f"structured output kind {self.kind!r} is not one of {STRUCTURED_KINDS}")
+        if len(self.spec) > MAX_STRUCTURED_CHARS or sum(map(len, self.choices)) > MAX_STRUCTURED_CHARS:
+            raise InvalidRequest(f"a structured output's {self.kind} is over {MAX_STRUCTURED_CHARS} characters")
+        if self.kind == "choice" and not self.choices:
+            raise InvalidRequest("a choice structured output needs at least one choice")
+        object.__setattr__(self, "choices", tuple(self.choices))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """Greedy by default (temperature 0); ``seed`` makes sampled output reproducible."""
@@ -78,6 +102,9 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # The output must belong to this language: tokens outside it are masked before sampling, and generation ends
+    # (a stop token) where the language allows nothing more.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:

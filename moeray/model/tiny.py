@@ -181,3 +181,27 @@ def save_mxfp4_checkpoint(path: str | os.PathLike, *, seed: int = 0, **overrides
                                    "lm_head"]})
     shutil.rmtree(src)
     return result
+
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")  # ids 0..5: pad, bos, eos as above
+
+
+def save_tokenized_checkpoint(arch: str, path: str | os.PathLike, *, corpus: str, chat_template: str | None = None,
+                              seed: int = 0, **overrides) -> Path:
+    """A tiny ``arch`` checkpoint whose vocabulary is a byte-level BPE tokenizer's, trained here on ``corpus`` (300
+    tokens, the special ones first), saved beside it with ``chat_template``: for what needs text (the OpenAI API,
+    structured outputs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([corpus] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        chat_template=chat_template)
+    out = save_tiny_checkpoint(arch, path, seed=seed, vocab_size=len(tokenizer), **overrides)
+    tokenizer.save_pretrained(path)
+    return out

@@ -32,6 +32,7 @@ from moeray.router.feed import FeedBatch, Feeds
 from moeray.router.kv_config import KVCacheConfig
 from moeray.router.overlap import auto_min_tokens, plan_micro_batches
 from moeray.router.scheduler import KVStats, Scheduler
+from moeray.router.grammar import Grammars
 from moeray.router.sequence import Sequence, token_logprobs
 from moeray.transport import WorkerCall, make_transport, pack
 
@@ -106,6 +107,7 @@ class Router:
         self.model, loaded = build_backbone(checkpoint_path, dtype, self.dispatcher, device=device)
         self.spec = loaded.spec
         self.eos_ids = _eos_ids(loaded.checkpoint.path, loaded.checkpoint.config)  # a directory, also for a hub id
+        self.grammars = Grammars(str(loaded.checkpoint.path), self.spec.vocab_size, self.eos_ids)
         self.limits = RequestLimits.of(self.spec, max_new_tokens_cap)
         self.restore_timeout_s = restore_timeout_s
         self.dispatcher.on_worker_lost = self._report_lost
@@ -114,7 +116,7 @@ class Router:
         min_tokens = None if transport == "direct" else auto_min_tokens(self.spec.num_experts, self.spec.top_k)
         self.scheduler = Scheduler(self.model, on_forward=self._on_forward, recover=self._recover,
                                    on_step_end=self.dispatcher.load.end_step, micro_batches=micro_batches,
-                                   micro_batch_min_tokens=min_tokens,
+                                   micro_batch_min_tokens=min_tokens, grammars=self.grammars,
                                    max_batch_size=max_batch_size, max_forward_tokens=max_forward_tokens,
                                    device=device,
                                    kv_cache_bytes=kv_cache.pool_bytes(torch.device(device)),
@@ -173,8 +175,14 @@ class Router:
         ids = self.limits.check(prompt_ids, sampling)
         request_id = check_request_id(request_id) if request_id else new_request_id()
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_ids))
-        return Sequence(request_id=request_id, prompt_ids=ids, sampling=sampling,
-                        stop_ids=frozenset(stop), on_token=on_token, span=span)
+        seq = Sequence(request_id=request_id, prompt_ids=ids, sampling=sampling, stop_ids=frozenset(stop),
+                       on_token=on_token, span=span)
+        if sampling.structured is not None:
+            if sampling.ignore_eos or not self.eos_ids:
+                raise InvalidRequest("a structured output ends with the model's end-of-sequence token: it needs one, "
+                                     "and cannot be combined with ignore_eos")
+            seq.matcher = self.grammars.matcher(sampling.structured)
+        return seq
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
                  traceparent: str | None = None) -> GenerationResult:

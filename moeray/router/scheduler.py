@@ -109,8 +109,10 @@ class Scheduler:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         prefix_caching: bool = True,
+        grammars=None,
     ) -> None:
         self.model = model
+        self.grammars = grammars  # moeray.router.grammar.Grammars: structured outputs' masks (None: no grammars)
         # Told each forward's token ids before it and None after, on the thread that runs that forward (micro-batches
         # run theirs at once, each on its own thread). Forwards are packed: every token is real, none is padding.
         self.on_forward = on_forward
@@ -279,6 +281,9 @@ class Scheduler:
         pending = [self._micro_batch([batch[r] for r in part]) for part in parts]
         seqs = [seq for seq, _ in batch]
         kind = "decode" if all(new == 1 for _, new in batch) else "prefill"
+        # structured outputs: their masks are filled on the grammar thread while the forward runs
+        sampled = [seq for m in pending for seq in m.samplers]
+        masks = None if self.grammars is None else self.grammars.fill_async([s.matcher for s in sampled])
         done: dict[int, torch.Tensor] = {}  # micro-batch index -> its sampled logits
         left = list(range(len(pending)))
         try:
@@ -317,7 +322,11 @@ class Scheduler:
                 logits.append(done[i])
         if samplers:
             logits_BV = torch.cat(logits) if len(logits) > 1 else logits[0]
-            tokens = sample_next(logits_BV, samplers)
+            allowed_BV = None
+            if masks is not None:
+                row = {id(seq): i for i, seq in enumerate(sampled)}
+                allowed_BV = masks.result()[[row[id(seq)] for seq in samplers]]
+            tokens = sample_next(logits_BV, samplers, allowed_BV)
             self._emit(samplers, tokens, sampled_logprobs(logits_BV, samplers, tokens))
 
     def _micro_batch(self, rows: list[tuple[Sequence, int]]) -> MicroBatch:
@@ -376,6 +385,10 @@ class Scheduler:
             seq.output_ids.append(token)
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
+            if seq.matcher is not None and not seq.matcher.accept_token(token):
+                seq.error = InvalidRequest(f"the structured output refused token {token}")  # a mask that lied
+                self._finish(seq, None)
+                continue
             if seq.on_token is not None:
                 seq.on_token(token, logprob)
             if token in seq.stop_ids:
@@ -392,10 +405,12 @@ class Scheduler:
         self._retire(seq)
 
     def close(self) -> None:
-        """Stop the micro-batch threads (after the last step)."""
+        """Stop the micro-batch and grammar threads (after the last step)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self.grammars is not None:
+            self.grammars.close()
 
     def kv_stats(self) -> KVStats:
         b = self.blocks

@@ -38,6 +38,7 @@ class Sequence:
     kv: SeqBlocks = dataclasses.field(default_factory=SeqBlocks)
     num_computed: int = 0  # positions whose keys and values are in the pool
     output_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # when sampling.logprobs asks
+    matcher: object = None  # its structured output's xgrammar matcher (moeray/router/grammar.py), if it has one
 
     def __post_init__(self) -> None:
         self.generator = None
@@ -82,15 +83,19 @@ def adjusted_logits(logits_V: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return logits_V
 
 
-def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence], allowed_BV: torch.Tensor | None = None) -> list[int]:
     """Each sequence's next token: the argmax where greedy, else a draw after temperature, top-k, top-p and min-p,
-    from the sequence's own generator (seeded per request); logit adjustments first where a sequence sets any."""
+    from the sequence's own generator (seeded per request); logit adjustments first where a sequence sets any, and
+    only the tokens ``allowed_BV`` allows (its structured output's mask) where it has a grammar."""
     tokens = logits_BV.argmax(dim=-1).tolist()
     for b, seq in enumerate(seqs):
         s = seq.sampling
+        adjusted = s.adjusts_logits or seq.matcher is not None
         logits_V = adjusted_logits(logits_BV[b], seq) if s.adjusts_logits else logits_BV[b]
+        if seq.matcher is not None:
+            logits_V = logits_V.float().masked_fill(~allowed_BV[b].to(logits_V.device), float("-inf"))
         if s.greedy:
-            if s.adjusts_logits:
+            if adjusted:
                 tokens[b] = int(logits_V.argmax())
             continue
         logits_V = logits_V.float() / s.temperature

@@ -16,18 +16,21 @@ completions' ``logprobs`` (alternatives per token, 0-20) and ``echo`` (the promp
 ``logprobs`` is set; ``max_tokens`` 0 then scores the prompt alone), chat's ``logprobs`` and ``top_logprobs``, and
 vLLM's ``prompt_logprobs`` on both. Logit adjustments: ``presence_penalty``, ``frequency_penalty``, ``logit_bias``
 and vLLM's ``repetition_penalty``, ``min_p``, ``min_tokens`` (moeray.request.SamplingParams says how each applies).
-Fields that would change the output and are not implemented (best_of > 1, tools, response_format, ...) are refused
-when set to anything but their neutral value; any other unknown field is ignored.
+Structured outputs (moeray/router/grammar.py): ``response_format`` (``json_object``, ``json_schema``) or vLLM's
+``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``. Fields that would change the output and are
+not implemented (best_of > 1, tools, ...) are refused when set to anything but their neutral value; any other
+unknown field is ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from moeray.request import MAX_LOGPROBS, InvalidRequest, RequestLimits, SamplingParams
+from moeray.request import MAX_LOGPROBS, InvalidRequest, RequestLimits, SamplingParams, StructuredOutput
 from moeray.serving.detokenize import check_stop_strings
 from moeray.serving.errors import clip
 
@@ -42,8 +45,7 @@ UNSUPPORTED = {
     "best_of": (None, 1),
     "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
-    "guided_choice": (None,), "guided_grammar": (None,), "audio": (None,),
+    "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
 
@@ -82,6 +84,12 @@ class _Common(_Body):
     repetition_penalty: float | None = None  # vLLM's extras
     min_p: float | None = None
     min_tokens: int = 0
+    # structured outputs: OpenAI's response_format, or vLLM's guided_* (one of them)
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None  # a JSON schema, as an object or its text
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionBody(_Common):
@@ -173,6 +181,39 @@ def _logprobs(body: _Common) -> tuple[int | None, bool, int | None]:
     return top, body.echo, prompt
 
 
+def _structured(body: _Common) -> StructuredOutput | None:
+    """The body's structured output (response_format or one guided_* field), or None."""
+    given = {name: getattr(body, name) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+             if getattr(body, name) is not None}
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type") != "text":
+        given["response_format"] = fmt
+    if len(given) > 1:
+        raise InvalidRequest(f"set one structured output at a time; got {', '.join(sorted(given))}")
+    if not given:
+        return None
+    (name, value), = given.items()
+    if name == "response_format":
+        kind = value.get("type")
+        if kind == "json_object":
+            return StructuredOutput("json")
+        if kind != "json_schema":
+            raise InvalidRequest(f"response_format.type must be text, json_object or json_schema; got {show(kind)}")
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequest("response_format.json_schema must be an object with a schema object")
+        return StructuredOutput("json_schema", json.dumps(spec.get("schema", {})))
+    if name == "guided_json":
+        if not isinstance(value, (dict, str)):
+            raise InvalidRequest(f"guided_json must be a JSON schema (an object or its text); got {show(value)}")
+        return StructuredOutput("json_schema", value if isinstance(value, str) else json.dumps(value))
+    if name == "guided_choice":
+        if not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidRequest("guided_choice must be a non-empty list of non-empty strings")
+        return StructuredOutput("choice", choices=tuple(value))
+    return StructuredOutput("regex" if name == "guided_regex" else "grammar", value)
+
+
 def _adjustments(body: _Common) -> dict:
     """The logit adjustments a body sets, as SamplingParams fields (which check their ranges)."""
     out = {name: float(getattr(body, name)) for name in ("presence_penalty", "frequency_penalty",
@@ -197,6 +238,9 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
         raise InvalidRequest(f"n must lie in [1, {MAX_N}] (choices per prompt); got {n}")
     logprobs, echo, prompt_logprobs = _logprobs(body)
     adjustments = _adjustments(body)
+    structured = _structured(body)
+    if structured is not None:
+        adjustments["structured"] = structured
     if echo and not has_tokenizer:
         raise InvalidRequest("echo needs a checkpoint with a tokenizer (it returns the prompt as text); use "
                              "return_token_ids")

@@ -24,7 +24,7 @@ _FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens",
            "include_stop_str_in_output", "skip_special_tokens", "add_special_tokens", "add_generation_prompt",
            "chat_template_kwargs", "user", "logprobs", "top_logprobs", "echo", "prompt_logprobs",
            "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "min_p", "min_tokens",
-           *UNSUPPORTED}
+           "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", *UNSUPPORTED}
 _PARAM = re.compile(r"(?:prompt \d+: )?([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*)")
 _PARAM_PREFIXES = {"stop token id": "stop_token_ids", "prompt token id": "prompt", "prompt of": "prompt"}
 DONE = "data: [DONE]\n\n"

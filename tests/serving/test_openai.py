@@ -35,7 +35,6 @@ API_KEY = "sk-moeray-test"
 CLI_KEY = "sk-moeray-cli"
 POSITIONS = 512
 CAP = 400
-SPECIAL = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")  # ids 0..5: pad, bos, eos as tiny's
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CLI_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -52,23 +51,10 @@ def _free_port() -> int:
 
 def make_chat_checkpoint(path) -> str:
     """A tiny Mixtral whose vocabulary is a byte-level BPE tokenizer's (trained here), with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from moeray.model.tiny import ARCHITECTURES, save_tokenized_checkpoint
 
-    from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS] * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=list(SPECIAL), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        chat_template=TEMPLATE)
-    save_tiny_checkpoint("mixtral", path, seed=ARCHITECTURES.index("mixtral"), vocab_size=len(tokenizer),
-                         max_position_embeddings=POSITIONS)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return str(save_tokenized_checkpoint("mixtral", path, corpus=CORPUS, chat_template=TEMPLATE,
+                                         seed=ARCHITECTURES.index("mixtral"), max_position_embeddings=POSITIONS))
 
 
 @pytest.fixture(scope="module")
@@ -511,6 +497,57 @@ def test_lm_evaluation_harness_scores_moeray_as_it_scores_transformers(server, c
                 assert a["filtered_resps"] == b["filtered_resps"]
     assert hf["results"]["moeray_mc"]["acc,none"] == ours["results"]["moeray_mc"]["acc,none"]
     assert hf["results"]["moeray_gen"]["exact_match,none"] == ours["results"]["moeray_gen"]["exact_match,none"]
+
+
+def test_structured_outputs_through_the_openai_client(server):
+    """client.chat.completions.parse with three pydantic models (response_format json_schema, strict) returns valid
+    objects, streamed and whole agree; vLLM's guided_choice and guided_regex hold; a schema that does not compile,
+    or two structured outputs at once, is a 400 naming it."""
+    import enum
+    import re
+
+    from pydantic import BaseModel, Field
+
+    class Pet(enum.Enum):
+        fox = "fox"
+        dog = "dog"
+
+    class Animal(BaseModel):
+        pet: Pet
+        hungry: bool
+
+    class Point(BaseModel):
+        x: int = Field(ge=0, le=9)
+        y: int = Field(ge=-5, le=5)
+
+    class Verdict(BaseModel):
+        label: str = Field(pattern="^(yes|no)$")
+        score: int = Field(ge=1, le=3)
+
+    client = server["client"]
+    for model in (Animal, Point, Verdict):
+        parsed = client.chat.completions.parse(model="tiny-chat", messages=MESSAGES, response_format=model,
+                                               max_tokens=60, temperature=0)
+        value = parsed.choices[0].message.parsed
+        assert isinstance(value, model) and parsed.choices[0].finish_reason == "stop", parsed
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny-chat", messages=MESSAGES, max_tokens=60, temperature=0, stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": model.__name__, "strict": True,
+                                                                    "schema": model.model_json_schema()}})
+            if c.choices)
+        assert model.model_validate_json(streamed) == value
+    out = client.completions.create(model="tiny-chat", prompt="the quick", max_tokens=20, temperature=0.8, seed=1,
+                                    extra_body={"guided_choice": ["fox", "lazy dog"]})
+    assert out.choices[0].text in ("fox", "lazy dog")
+    out = client.completions.create(model="tiny-chat", prompt="hello", max_tokens=20, temperature=0,
+                                    extra_body={"guided_regex": "[a-f]{3}[0-9]"})
+    assert re.fullmatch("[a-f]{3}[0-9]", out.choices[0].text)
+    assert_error(*curl(server["http"], "/v1/completions", {"prompt": "hi", "guided_json": {"type": "bogus"}}), 400,
+                 "the json schema cannot be compiled")
+    assert_error(*curl(server["http"], "/v1/completions", {"prompt": "hi", "guided_regex": "a",
+                                                           "guided_choice": ["b"]}), 400,
+                 "set one structured output at a time; got guided_choice, guided_regex")
+    still_right(server)
 
 
 def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shapes(server):
