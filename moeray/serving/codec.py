@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moeray.placement.algorithms.load import routing_gap_L
-from moeray.request import InvalidRequest, SamplingParams, StreamChunk
+from moeray.request import InvalidRequest, SamplingParams, StreamChunk, StructuredOutput
 from moeray.serving.errors import ResponseTooLarge, clip
 from moeray.serving.gen import generate_pb2, placement_pb2
 
@@ -56,7 +56,19 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
         presence_penalty=float(msg.presence_penalty), frequency_penalty=float(msg.frequency_penalty),
         repetition_penalty=float(msg.repetition_penalty) or 1.0, min_p=float(msg.min_p),
         min_tokens=int(msg.min_tokens), logit_bias=tuple((int(t), float(b)) for t, b in msg.logit_bias.items()),
+        structured=structured_from_proto(msg.structured) if msg.HasField("structured") else None,
     )
+
+
+def structured_from_proto(msg: generate_pb2.StructuredOutput) -> StructuredOutput | None:
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json")
+    if kind == "choice":
+        return StructuredOutput("choice", choices=tuple(msg.choice.choices))
+    return StructuredOutput(kind, getattr(msg, kind))
 
 
 def add_logprobs(field, records, token_ids=None) -> None:

@@ -107,6 +107,17 @@ def test_generate_logprobs_equal_transformers(server, oracle):
     assert [r.logprob for r in first[1:]] == pytest.approx([lp_TV[t - 1, prompt[t]].item()
                                                              for t in range(1, len(prompt))], abs=1e-4)
     assert all(not c.prompt_logprobs for c in chunks[1:]) and not _generate(stub, prompt, 2)[0].logprobs
+    # the logit adjustments and a structured output reach the router (this checkpoint has no tokenizer: refused)
+    request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=prompt), sampling=generate_pb2.
+                                           SamplingParams(max_new_tokens=6, repetition_penalty=1.5))
+    want = ref.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, repetition_penalty=1.5)
+    got = [t for c in stub.Generate(request, timeout=60) for t in c.token_ids]
+    assert got == want[0, len(prompt):].tolist()[:len(got)] and got
+    request.sampling.structured.regex = "[0-9]+"
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(request, timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structured outputs need a checkpoint with a tokenizer" in err.value.details()
 
 
 def test_tritonclient_model_infer_matches_transformers(server, oracle):

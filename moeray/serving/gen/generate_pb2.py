@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeray/v1/generate.proto\x12\tmoeray.v1\"\x9e\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12\x15\n\x0bprompt_text\x18\x03 \x01(\tH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.moeray.v1.SamplingParamsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x8f\x04\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0b \x01(\rH\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0e \x01(\x02\x12\r\n\x05min_p\x18\x0f \x01(\x02\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12<\n\nlogit_bias\x18\x11 \x03(\x0b\x32(.moeray.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"t\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.moeray.v1.TopLogprobB\n\n\x08_logprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.moeray.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.moeray.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x17.moeray.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc5\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_moe_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_positions\x18\x08 \x01(\r\x12\x14\n\x0ctotal_params\x18\t \x01(\x04\x12\x15\n\ractive_params\x18\n \x01(\x04\x12\x15\n\rhas_tokenizer\x18\x0b \x01(\x08\x12\x1a\n\x12kv_bytes_per_token\x18\x0c \x01(\x04\x12\x15\n\rkv_block_size\x18\r \x01(\r\x12\x11\n\tkv_blocks\x18\x0e \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xeb\x01\n\x0fGenerateService\x12G\n\x08Generate\x12\x1a.moeray.v1.GenerateRequest\x1a\x1b.moeray.v1.GenerateResponse\"\x00\x30\x01\x12<\n\x05\x41\x62ort\x12\x17.moeray.v1.AbortRequest\x1a\x18.moeray.v1.AbortResponse\"\x00\x12Q\n\x0cGetModelInfo\x12\x1e.moeray.v1.GetModelInfoRequest\x1a\x1f.moeray.v1.GetModelInfoResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18moeray/v1/generate.proto\x12\tmoeray.v1\"\x9e\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x13.moeray.v1.TokenIdsH\x00\x12\x15\n\x0bprompt_text\x18\x03 \x01(\tH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.moeray.v1.SamplingParamsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xc0\x04\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0b \x01(\rH\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0e \x01(\x02\x12\r\n\x05min_p\x18\x0f \x01(\x02\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12<\n\nlogit_bias\x18\x11 \x03(\x0b\x32(.moeray.v1.SamplingParams.LogitBiasEntry\x12/\n\nstructured\x18\x12 \x01(\x0b\x32\x1b.moeray.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x92\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.moeray.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"t\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.moeray.v1.TopLogprobB\n\n\x08_logprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.moeray.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.moeray.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.moeray.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x17.moeray.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xc5\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x16\n\x0enum_moe_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_positions\x18\x08 \x01(\r\x12\x14\n\x0ctotal_params\x18\t \x01(\x04\x12\x15\n\ractive_params\x18\n \x01(\x04\x12\x15\n\rhas_tokenizer\x18\x0b \x01(\x08\x12\x1a\n\x12kv_bytes_per_token\x18\x0c \x01(\x04\x12\x15\n\rkv_block_size\x18\r \x01(\r\x12\x11\n\tkv_blocks\x18\x0e \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xeb\x01\n\x0fGenerateService\x12G\n\x08Generate\x12\x1a.moeray.v1.GenerateRequest\x1a\x1b.moeray.v1.GenerateResponse\"\x00\x30\x01\x12<\n\x05\x41\x62ort\x12\x17.moeray.v1.AbortRequest\x1a\x18.moeray.v1.AbortResponse\"\x00\x12Q\n\x0cGetModelInfo\x12\x1e.moeray.v1.GetModelInfoRequest\x1a\x1f.moeray.v1.GetModelInfoResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1650
-  _globals['_FINISHREASON']._serialized_end=1770
+  _globals['_FINISHREASON']._serialized_start=1876
+  _globals['_FINISHREASON']._serialized_end=1996
   _globals['_GENERATEREQUEST']._serialized_start=40
   _globals['_GENERATEREQUEST']._serialized_end=198
   _globals['_TOKENIDS']._serialized_start=200
   _globals['_TOKENIDS']._serialized_end=223
   _globals['_SAMPLINGPARAMS']._serialized_start=226
-  _globals['_SAMPLINGPARAMS']._serialized_end=753
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=663
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=711
-  _globals['_TOPLOGPROB']._serialized_start=755
-  _globals['_TOPLOGPROB']._serialized_end=802
-  _globals['_TOKENLOGPROB']._serialized_start=804
-  _globals['_TOKENLOGPROB']._serialized_end=920
-  _globals['_USAGE']._serialized_start=922
-  _globals['_USAGE']._serialized_end=979
-  _globals['_GENERATERESPONSE']._serialized_start=982
-  _globals['_GENERATERESPONSE']._serialized_end=1227
-  _globals['_ABORTREQUEST']._serialized_start=1229
-  _globals['_ABORTREQUEST']._serialized_end=1263
-  _globals['_ABORTRESPONSE']._serialized_start=1265
-  _globals['_ABORTRESPONSE']._serialized_end=1297
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1299
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1320
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1323
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1648
-  _globals['_GENERATESERVICE']._serialized_start=1773
-  _globals['_GENERATESERVICE']._serialized_end=2008
+  _globals['_SAMPLINGPARAMS']._serialized_end=802
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=712
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=760
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=805
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=951
+  _globals['_CHOICES']._serialized_start=953
+  _globals['_CHOICES']._serialized_end=979
+  _globals['_TOPLOGPROB']._serialized_start=981
+  _globals['_TOPLOGPROB']._serialized_end=1028
+  _globals['_TOKENLOGPROB']._serialized_start=1030
+  _globals['_TOKENLOGPROB']._serialized_end=1146
+  _globals['_USAGE']._serialized_start=1148
+  _globals['_USAGE']._serialized_end=1205
+  _globals['_GENERATERESPONSE']._serialized_start=1208
+  _globals['_GENERATERESPONSE']._serialized_end=1453
+  _globals['_ABORTREQUEST']._serialized_start=1455
+  _globals['_ABORTREQUEST']._serialized_end=1489
+  _globals['_ABORTRESPONSE']._serialized_start=1491
+  _globals['_ABORTRESPONSE']._serialized_end=1523
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1525
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1546
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1549
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1874
+  _globals['_GENERATESERVICE']._serialized_start=1999
+  _globals['_GENERATESERVICE']._serialized_end=2234
 # @@protoc_insertion_point(module_scope)
