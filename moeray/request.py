@@ -53,7 +53,7 @@ def check_request_id(request_id: str, field: str = "request_id") -> str:
     return request_id
 
 
-STRUCTURED_KINDS = ("json", "json_schema", "regex", "choice", "grammar")
+STRUCTURED_KINDS = ("json", "json_schema", "regex", "choice", "grammar", "structural_tag")
 MAX_STRUCTURED_CHARS = 64 * 1024  # a schema, regex or grammar's text
 
 
@@ -61,7 +61,8 @@ MAX_STRUCTURED_CHARS = 64 * 1024  # a schema, regex or grammar's text
 class StructuredOutput:
     """Output constrained to a language (moeray/router/grammar.py compiles it with xgrammar): ``json`` (any JSON
     object), ``json_schema`` (the JSON schema in ``spec``), ``regex``, ``choice`` (one of the strings in
-    ``choices``) or ``grammar`` (EBNF in ``spec``, as xgrammar reads it)."""
+    ``choices``), ``grammar`` (EBNF in ``spec``, as xgrammar reads it) or ``structural_tag`` (xgrammar's JSON
+    structural tag: how tool_choice enforces a call)."""
 
     kind: str
     spec: str = ""

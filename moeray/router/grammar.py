@@ -69,6 +69,8 @@ class Grammars:
                 return compiler.compile_regex(structured.spec)
             if structured.kind == "choice":
                 return compiler.compile_regex("|".join(re.escape(c) for c in structured.choices))
+            if structured.kind == "structural_tag":
+                return compiler.compile_structural_tag(structured.spec)
             return compiler.compile_grammar(structured.spec)
         except (RuntimeError, ValueError) as e:  # xgrammar's parse and conversion errors; json's
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -44,6 +44,7 @@ from moeray.serving.detokenize import TextStream
 from moeray.serving.openai_protocol import (Job, Parsed, parse_chat, parse_completion, parse_detokenize,
                                             parse_tokenize)
 from moeray.serving.openai_responses import Piece
+from moeray.serving.tool_calls import HermesParser
 
 
 def build_http_app(ingress) -> FastAPI:
@@ -302,6 +303,8 @@ class OpenAIServer:
         return Piece(job.index, echoed, [], prompt_ids=job.prompt_ids, prompt_logprobs=records)
 
     async def _at_router(self, job: Job, request_id: str, parsed: Parsed, text: TextStream | None):
+        calls = HermesParser() if parsed.tools is not None and parsed.tools.parse else None
+        called = False
         chunks = self.ingress.engine.stream(job.prompt_ids, job.sampling, request_id, None)
         async with contextlib.aclosing(chunks):  # leaving early (a stop string, the client gone) aborts it
             async for chunk in chunks:
@@ -323,7 +326,15 @@ class OpenAIServer:
                 if reason is not None and text is not None and not stop:
                     delta += text.finish()  # held-back text: it may still complete a stop string
                     reason = "stop" if text.stop_hit is not None else reason
-                yield Piece(job.index, delta, tokens, reason, logprobs=logprobs)
+                tool_calls = None
+                if calls is not None:  # the text splits into content and the tool calls it holds
+                    delta, tool_calls = calls.feed(delta)
+                    if reason is not None:
+                        delta += calls.finish()
+                    called = called or bool(tool_calls)
+                    if reason == "stop" and called:
+                        reason = "tool_calls"
+                yield Piece(job.index, delta, tokens, reason, logprobs=logprobs, tool_calls=tool_calls or None)
                 if reason is not None:
                     return
 
@@ -336,14 +347,14 @@ class OpenAIServer:
 
         def usage() -> dict:  # the usage of every chunk: null, or so far (stream_options.continuous_usage_stats)
             return {"usage": bodies.usage(parsed, completion_tokens)} if parsed.continuous_usage else usage_null
-        logprobs = bodies.StreamLogprobs(parsed, self._decoder())
+        state = bodies.StreamState(parsed, self._decoder())
         try:
             if chat:
                 yield bodies.event({**head, "choices": bodies.first_choices(parsed), **usage()})
             piece = first
             while piece is not None:
                 completion_tokens += len(piece.token_ids)
-                for choices in bodies.piece_choices(piece, chat, parsed.return_token_ids, logprobs):
+                for choices in bodies.piece_choices(piece, chat, parsed.return_token_ids, state):
                     yield bodies.event({**head, "choices": choices, **usage()})
                 piece = await anext(events, None)
             if parsed.include_usage:

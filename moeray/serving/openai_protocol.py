@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from moeray.request import MAX_LOGPROBS, InvalidRequest, RequestLimits, SamplingParams, StructuredOutput
 from moeray.serving.detokenize import check_stop_strings
 from moeray.serving.errors import clip
+from moeray.serving.tool_calls import ToolRequest, check_tools, forced
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each takes an admission place)
 MAX_N = 16  # choices per prompt (each takes an admission place)
@@ -43,8 +44,7 @@ _ROLES = ("system", "developer", "user", "assistant", "tool")
 # field -> its neutral values: any other value is refused (the feature is not implemented)
 UNSUPPORTED = {
     "best_of": (None, 1),
-    "suffix": (None, ""), "tools": (None, []),
-    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
@@ -106,6 +106,9 @@ class ChatBody(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: Any = None  # checked in moeray/serving/tool_calls.py
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,7 @@ class Parsed:
     logprobs: int | None = None  # alternatives per new token (None: no logprobs)
     echo: bool = False
     continuous_usage: bool = False  # usage on every chunk of a stream
+    tools: ToolRequest | None = None  # a chat request's tools, whose calls the output is parsed for
     prompt_logprobs: int | None = None  # alternatives per prompt position (None: none): echo's, or vLLM's field
 
 
@@ -232,13 +236,19 @@ def _adjustments(body: _Common) -> dict:
 
 
 def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_tokens: int | None,
-            default_max_tokens: int | None, has_tokenizer: bool, texts: list[str | None] | None = None) -> Parsed:
+            default_max_tokens: int | None, has_tokenizer: bool, texts: list[str | None] | None = None,
+            tools: ToolRequest | None = None) -> Parsed:
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"n must lie in [1, {MAX_N}] (choices per prompt); got {n}")
     logprobs, echo, prompt_logprobs = _logprobs(body)
     adjustments = _adjustments(body)
     structured = _structured(body)
+    call = forced(tools) if tools is not None else None
+    if call is not None and structured is not None:
+        raise InvalidRequest("tool_choice required or a named function sets the output's structure; leave "
+                             "response_format and guided_* unset")
+    structured = structured or call
     if structured is not None:
         adjustments["structured"] = structured
     if echo and not has_tokenizer:
@@ -292,7 +302,7 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
                   include_stop_str_in_output=body.include_stop_str_in_output,
                   skip_special_tokens=body.skip_special_tokens,
                   return_token_ids=(not has_tokenizer) if body.return_token_ids is None else body.return_token_ids,
-                  model=body.model, logprobs=logprobs, echo=echo, prompt_logprobs=prompt_logprobs)
+                  model=body.model, logprobs=logprobs, echo=echo, prompt_logprobs=prompt_logprobs, tools=tools)
 
 
 def _parse(cls, raw: Any):
@@ -325,6 +335,8 @@ def parse_completion(raw: Any, limits: RequestLimits, tokenizer) -> Parsed:
     """/v1/completions: ``prompt`` is a string, a list of token ids, or a list of strings or token-id lists (each
     its own choice, index i; at most MAX_PROMPTS)."""
     body = _parse(CompletionBody, raw)
+    if raw.get("tools") or raw.get("tool_choice") not in (None, "none"):
+        raise InvalidRequest("tools are for /v1/chat/completions; completions take none")
     prompt, single = body.prompt, False
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
         prompt, single = [prompt], True
@@ -366,8 +378,8 @@ def chat_messages(messages: Any) -> list[dict]:
         if role not in _ROLES:
             raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got "
                                  f"{clip(role) if isinstance(role, str) else type(role).__name__}")
-        if m.get("tool_calls") or m.get("function_call"):
-            raise InvalidRequest(f"messages[{i}]: tool calls are not supported by this server")
+        if m.get("function_call"):
+            raise InvalidRequest(f"messages[{i}]: function_call is OpenAI's deprecated form; send tool_calls")
         content = m.get("content")
         if content is None:
             content = ""
@@ -386,12 +398,37 @@ def chat_messages(messages: Any) -> list[dict]:
         message = {"role": role, "content": content}
         if isinstance(m.get("name"), str):
             message["name"] = m["name"]
+        if m.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
         out.append(message)
     return out
 
 
+def _tool_calls(calls: Any, i: int) -> list[dict]:
+    """An assistant message's earlier tool calls, as chat templates read them (arguments as an object)."""
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest(f"messages[{i}].tool_calls[{j}] must be {{type: function, function: {{name, "
+                                 f"arguments}}}}")
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise InvalidRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
 def render_chat(tokenizer, chat_template: str | None, messages: list[dict], add_generation_prompt: bool,
-                kwargs: dict | None) -> str:
+                kwargs: dict | None, tools: list[dict] | None = None) -> str:
     """The chat template's text for ``messages`` (the checkpoint's template, or the server's --chat-template)."""
     if tokenizer is None:
         raise InvalidRequest("chat completions need a checkpoint with a tokenizer and a chat template; this one has "
@@ -402,7 +439,8 @@ def render_chat(tokenizer, chat_template: str | None, messages: list[dict], add_
                              "with --chat-template FILE, or use /v1/completions)")
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+                                             add_generation_prompt=add_generation_prompt,
+                                             **({"tools": tools} if tools else {}), **(kwargs or {}))
     except Exception as e:  # noqa: BLE001 - a template's raise_exception(...) or bad kwargs: the request's fault
         raise InvalidRequest(f"the chat template cannot render these messages: {clip(str(e), 300)}") from None
     if not isinstance(text, str):
@@ -415,10 +453,12 @@ def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | 
     ``--chat-template``), ``add_generation_prompt`` on, then tokenized without adding special tokens again."""
     body = _parse(ChatBody, raw)
     messages = chat_messages(body.messages)
-    text = render_chat(tokenizer, chat_template, messages, body.add_generation_prompt, body.chat_template_kwargs)
+    tools = check_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    text = render_chat(tokenizer, chat_template, messages, body.add_generation_prompt, body.chat_template_kwargs,
+                       tools.tools if tools is not None else None)
     ids = _encode(tokenizer, text, "messages", False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return _common(body, [ids], limits, max_tokens, None, True)
+    return _common(body, [ids], limits, max_tokens, None, True, tools=tools)
 
 
 class TokenizeBody(_Body):

@@ -24,7 +24,8 @@ _FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens",
            "include_stop_str_in_output", "skip_special_tokens", "add_special_tokens", "add_generation_prompt",
            "chat_template_kwargs", "user", "logprobs", "top_logprobs", "echo", "prompt_logprobs",
            "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "min_p", "min_tokens",
-           "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", *UNSUPPORTED}
+           "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools", "tool_choice",
+           "parallel_tool_calls", *UNSUPPORTED}
 _PARAM = re.compile(r"(?:prompt \d+: )?([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*)")
 _PARAM_PREFIXES = {"stop token id": "stop_token_ids", "prompt token id": "prompt", "prompt of": "prompt"}
 DONE = "data: [DONE]\n\n"
@@ -44,6 +45,7 @@ class Piece:
     logprobs: list | None = None
     prompt_ids: list[int] | None = None
     prompt_logprobs: list | None = None
+    tool_calls: list[dict] | None = None  # calls completed in this piece (OpenAI's shape, without an index)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -78,12 +80,14 @@ def whole(pieces: list[Piece], parsed: Parsed, chat: bool, meta: dict, decode: C
     texts = {j.index: [] for j in parsed.jobs}
     tokens = {j.index: [] for j in parsed.jobs}
     records = {j.index: [] for j in parsed.jobs}
+    calls = {j.index: [] for j in parsed.jobs}
     prompt: dict[int, Piece] = {}
     reasons: dict[int, str | None] = {j.index: None for j in parsed.jobs}
     for p in pieces:
         texts[p.index].append(p.text)
         tokens[p.index].extend(p.token_ids)
         records[p.index].extend(p.logprobs or ())
+        calls[p.index].extend(p.tool_calls or ())
         if p.prompt_ids is not None:
             prompt[p.index] = p
         reasons[p.index] = p.finish_reason or reasons[p.index]
@@ -92,8 +96,10 @@ def whole(pieces: list[Piece], parsed: Parsed, chat: bool, meta: dict, decode: C
         i, text = job.index, "".join(texts[job.index])
         if chat:
             logprobs = None if parsed.logprobs is None else chat_logprobs(tokens[i], records[i], decode)
-            choice = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": reasons[i]}
+            message = {"role": "assistant", "content": text}
+            if calls[i]:  # content null when only calls were said
+                message = {"role": "assistant", "content": text.strip() or None, "tool_calls": calls[i]}
+            choice = {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reasons[i]}
         else:
             logprobs = None
             if parsed.logprobs is not None:
@@ -158,12 +164,14 @@ def first_choices(parsed: Parsed) -> list[dict]:
             for j in parsed.jobs]
 
 
-class StreamLogprobs:
-    """Per choice of a stream, where its text stands (completions' ``text_offset`` runs on over its chunks)."""
+class StreamState:
+    """Per choice of a stream, where its text stands (completions' ``text_offset`` runs on over its chunks) and how
+    many tool calls it has sent (their deltas' ``index``)."""
 
     def __init__(self, parsed: Parsed, decode: Callable[[int], str]) -> None:
         self.parsed, self.decode = parsed, decode
         self.offset: dict[int, int] = {}
+        self.calls: dict[int, int] = {}  # per choice, the tool calls streamed so far (their deltas' index)
 
     def of(self, piece: Piece, chat: bool) -> dict | None:
         """The ``logprobs`` of the event ``piece`` makes (None where none were asked for)."""
@@ -178,23 +186,29 @@ class StreamLogprobs:
         return out
 
 
-def piece_choices(piece: Piece, chat: bool, return_token_ids: bool, logprobs: StreamLogprobs) -> list[list[dict]]:
+def piece_choices(piece: Piece, chat: bool, return_token_ids: bool, state: StreamState) -> list[list[dict]]:
     """The choices of the stream events one piece makes, in order (none when it carries nothing to send)."""
     ids = {"token_ids": piece.token_ids} if return_token_ids else {}
     prompt = {}
-    if piece.prompt_ids is not None and piece.prompt_logprobs is not None and logprobs.parsed.prompt_logprobs is not None:
-        prompt = {"prompt_logprobs": vllm_prompt_logprobs(piece.prompt_ids, piece.prompt_logprobs, logprobs.decode)}
+    if piece.prompt_ids is not None and piece.prompt_logprobs is not None and state.parsed.prompt_logprobs is not None:
+        prompt = {"prompt_logprobs": vllm_prompt_logprobs(piece.prompt_ids, piece.prompt_logprobs, state.decode)}
     # a piece whose text is held back (a partial character) still carries its tokens' logprobs
-    scored = bool(piece.token_ids) and logprobs.parsed.logprobs is not None
+    scored = bool(piece.token_ids) and state.parsed.logprobs is not None
     if not chat:
         if piece.text or ids or prompt or scored or piece.finish_reason is not None:
-            return [[{"index": piece.index, "text": piece.text, "logprobs": logprobs.of(piece, chat),
+            return [[{"index": piece.index, "text": piece.text, "logprobs": state.of(piece, chat),
                       "finish_reason": piece.finish_reason, **ids, **prompt}]]
         return []
     out = []
+    if piece.tool_calls:
+        state.calls[piece.index] = first = state.calls.get(piece.index, 0)
+        state.calls[piece.index] += len(piece.tool_calls)
+        out.append([{"index": piece.index, "delta": {"tool_calls": [
+            {"index": first + k, **call} for k, call in enumerate(piece.tool_calls)]}, "logprobs": None,
+            "finish_reason": None}])
     if piece.text or ids or scored or prompt:
         out.append([{"index": piece.index, "delta": {"content": piece.text},
-                     "logprobs": logprobs.of(piece, chat) if piece.token_ids else None, "finish_reason": None,
+                     "logprobs": state.of(piece, chat) if piece.token_ids else None, "finish_reason": None,
                      **ids, **prompt}])
     if piece.finish_reason is not None:
         out.append([{"index": piece.index, "delta": {}, "logprobs": None, "finish_reason": piece.finish_reason}])

@@ -550,6 +550,50 @@ def test_structured_outputs_through_the_openai_client(server):
     still_right(server)
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "enum": ["Paris", "Rome"]},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+                                               "required": ["city", "days"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                              "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["a", "b"], "additionalProperties": False}}}]
+
+
+def test_tool_calls_round_trip_with_required_and_named_tool_choice(server):
+    """tool_choice required: the answer is one or more calls of the offered tools, with arguments valid for their
+    schemas, finish_reason tool_calls, streamed as tool_calls deltas that assemble to the same calls; a named
+    function is that call; the calls and a tool's result go back as messages and the model answers."""
+    client = server["client"]
+    out = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                         max_tokens=120, temperature=0, parallel_tool_calls=False)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
+    call = choice.message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert arguments["city"] in ("Paris", "Rome") and 1 <= arguments["days"] <= 3
+    else:
+        assert call.function.name == "add" and set(arguments) == {"a", "b"}
+    assert call.id.startswith("call_") and call.type == "function"
+    named = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, tools=TOOLS, max_tokens=120,
+                                           temperature=0, tool_choice={"type": "function",
+                                                                       "function": {"name": "add"}})
+    [add] = named.choices[0].message.tool_calls
+    assert add.function.name == "add" and set(json.loads(add.function.arguments)) == {"a", "b"}
+    deltas = [d for c in client.chat.completions.create(
+        model="tiny-chat", messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=0,
+        parallel_tool_calls=False, stream=True) if c.choices for d in (c.choices[0].delta.tool_calls or ())]
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
+        (0, call.function.name, call.function.arguments)]
+    back = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                       {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    answer = client.chat.completions.create(model="tiny-chat", messages=back, tools=TOOLS, max_tokens=8,
+                                            temperature=0, tool_choice="none")
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
+
+
 def test_tokenize_detokenize_and_tokenizer_info_in_vllms_shapes(server):
     tok, http = server["tokenizer"], server["http"]
     status, body = curl(http, "/tokenize", {"prompt": "hello world", "return_token_strs": True})
@@ -630,7 +674,10 @@ CHAT_BAD = {
     "bad role": ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "must be one of"),
     "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
                    "messages[0].content[0]", "only text parts"),
-    "tools": ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "tools is not supported"),
+    "tools": ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools[0]", "tools[0] must be {type: function"),
+    "tool choice": ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
+                     "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice",
+                    "tool_choice names function 'g', which is not among the tools (f)"),
     "template kwargs": ({"messages": MESSAGES, "chat_template_kwargs": {"chat_template": "x"}}, None,
                         "the chat template cannot render these messages"),
 }
