@@ -16,7 +16,7 @@ from moeray.bench.serve import LoadResult
 
 
 async def _load_http(base_url: str, prompts: list[list[int]], concurrency: int, max_new_tokens: int,
-                     timeout_s: float, api_key: str | None, model: str | None) -> LoadResult:
+                     timeout_s: float, api_key: str | None, model: str | None, extra: dict | None) -> LoadResult:
     import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
@@ -33,6 +33,7 @@ async def _load_http(base_url: str, prompts: list[list[int]], concurrency: int, 
                     "return_token_ids": True}
             if model:
                 body["model"] = model
+            body.update(extra or {})
             async with gate:
                 start = last = time.perf_counter()
                 tokens: list[int] = []
@@ -67,6 +68,8 @@ async def _load_http(base_url: str, prompts: list[list[int]], concurrency: int, 
 
 
 def run_load_http(base_url: str, prompts: list[list[int]], concurrency: int, max_new_tokens: int = 16,
-                  timeout_s: float = 300.0, api_key: str | None = None, model: str | None = None) -> LoadResult:
-    """Streaming /v1/completions requests against ``base_url`` (e.g. http://127.0.0.1:8000)."""
-    return asyncio.run(_load_http(base_url, prompts, concurrency, max_new_tokens, timeout_s, api_key, model))
+                  timeout_s: float = 300.0, api_key: str | None = None, model: str | None = None,
+                  extra: dict | None = None) -> LoadResult:
+    """Streaming /v1/completions requests against ``base_url`` (e.g. http://127.0.0.1:8000); ``extra``: more body
+    fields (a structured output, say)."""
+    return asyncio.run(_load_http(base_url, prompts, concurrency, max_new_tokens, timeout_s, api_key, model, extra))

@@ -1,4 +1,4 @@
-"""``moeray bench layer | kernels | serve | kv | heal | placement | spread``: the reproducible benchmarks (moeray/bench/)."""
+"""``moeray bench layer | kernels | serve | kv | heal | placement | spread | structured``: the reproducible benchmarks (moeray/bench/)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bspread.add_argument("--replicas", type=int, default=8, help="redundant slots per MoE layer")
     bspread.add_argument("--seed", type=int, default=0)
     bspread.set_defaults(func=cmd_bench_spread)
+    bstruct = bench_sub.add_parser("structured", help="what a structured output costs: streaming HTTP load without "
+                                   "one, with a regex and with a JSON schema (xgrammar)")
+    bstruct.add_argument("--model", help="checkpoint with a tokenizer (default: the embedded demo)")
+    bstruct.add_argument("--streams", type=int, default=32)
+    bstruct.add_argument("--requests", type=int, default=64)
+    bstruct.add_argument("--max-new-tokens", type=int, default=32)
+    bstruct.add_argument("--workers", type=int, default=2)
+    bstruct.set_defaults(func=cmd_bench_structured)
 
 
 def cmd_bench_layer(args: argparse.Namespace) -> int:
@@ -159,4 +167,15 @@ def cmd_bench_spread(args: argparse.Namespace) -> int:
 
     run_spread_bench(checkpoint=args.model, requests=args.requests, max_new_tokens=args.max_new_tokens,
                      replicas=args.replicas, seed=args.seed)
+    return 0
+
+
+def cmd_bench_structured(args: argparse.Namespace) -> int:
+    from moeray.bench.structured import run_structured_bench
+    from moeray.serving.serve_env import set_serving_env
+
+    set_serving_env()  # before Ray starts, as under `moeray serve`
+    init_ray(None)
+    run_structured_bench(model_dir(args.model), streams=args.streams, requests=args.requests,
+                         max_new_tokens=args.max_new_tokens, workers=args.workers)
     return 0
