@@ -237,6 +237,7 @@ class OpenAIServer:
             return self._error(e, request_id)
         finally:
             await events.aclose()
+        pieces, parsed = bodies.keep_best(pieces, parsed)
         return JSONResponse(bodies.whole(pieces, parsed, chat, meta, self._decoder()), headers=headers)
 
     async def _run(self, parsed: Parsed, request_id: str) -> AsyncIterator[Piece]:

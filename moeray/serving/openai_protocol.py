@@ -8,7 +8,8 @@ field and the limit (HTTP 400). pydantic checks types (strictly: "16" is not an 
 Fields (both endpoints): ``model``, ``max_tokens`` (chat: also ``max_completion_tokens``), ``temperature``
 (default 1.0, OpenAI's), ``top_p``, ``seed``, ``stop`` (a string or up to 16 strings), ``stream``,
 ``stream_options.include_usage``, ``n`` (choices per prompt, up to 16: one prefill, the others reuse its prompt
-blocks; with a seed, choice k samples with seed + k); moeray's extras, as vLLM names them: ``top_k`` (0 or -1: off),
+blocks; with a seed, choice k samples with seed + k), ``best_of`` (completions: that many candidates, the n with the
+highest mean logprob per token returned; not streamed); moeray's extras, as vLLM names them: ``top_k`` (0 or -1: off),
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``return_token_ids``
 (token ids in each choice; on by default when the checkpoint has no tokenizer) and, for completions,
 ``add_special_tokens`` (default true: a text prompt gets the tokenizer's BOS, as vLLM does). Log-probabilities:
@@ -18,7 +19,7 @@ vLLM's ``prompt_logprobs`` on both. Logit adjustments: ``presence_penalty``, ``f
 and vLLM's ``repetition_penalty``, ``min_p``, ``min_tokens`` (moeray.request.SamplingParams says how each applies).
 Structured outputs (moeray/router/grammar.py): ``response_format`` (``json_object``, ``json_schema``) or vLLM's
 ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``. Fields that would change the output and are
-not implemented (best_of > 1, tools, ...) are refused when set to anything but their neutral value; any other
+not implemented (functions, suffix, ...) are refused when set to anything but their neutral value; any other
 unknown field is ignored.
 """
 
@@ -43,7 +44,6 @@ _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # field -> its neutral values: any other value is refused (the feature is not implemented)
 UNSUPPORTED = {
-    "best_of": (None, 1),
     "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
@@ -97,6 +97,7 @@ class CompletionBody(_Common):
     add_special_tokens: bool = True
     logprobs: int | None = None  # each token's logprob and this many alternatives (the legacy shape)
     echo: bool = False  # the prompt before the completion (with its logprobs when logprobs is set)
+    best_of: int | None = None  # candidates per prompt, of which the n most likely per token are returned
 
 
 class ChatBody(_Common):
@@ -137,6 +138,8 @@ class Parsed:
     echo: bool = False
     continuous_usage: bool = False  # usage on every chunk of a stream
     tools: ToolRequest | None = None  # a chat request's tools, whose calls the output is parsed for
+    n: int = 1  # choices returned per prompt; the jobs hold best_of candidates per prompt when that is more
+    best_of: int = 1
     prompt_logprobs: int | None = None  # alternatives per prompt position (None: none): echo's, or vLLM's field
 
 
@@ -241,6 +244,11 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"n must lie in [1, {MAX_N}] (choices per prompt); got {n}")
+    best_of = getattr(body, "best_of", None) or n
+    if not n <= best_of <= MAX_N:
+        raise InvalidRequest(f"best_of must lie in [n = {n}, {MAX_N}]; got {best_of}")
+    if best_of > n and body.stream:
+        raise InvalidRequest("best_of above n cannot be streamed (the best are known only at the end)")
     logprobs, echo, prompt_logprobs = _logprobs(body)
     adjustments = _adjustments(body)
     structured = _structured(body)
@@ -282,17 +290,18 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
         if len(ids) + wanted > limits.max_positions:
             raise InvalidRequest(f"{where}prompt of {len(ids)} tokens plus max_tokens {wanted} exceeds the "
                                  f"model's {limits.max_positions} positions")
-        for k in range(n):  # choice i * n + k; with a seed, choice k samples with seed + k (reproducible)
+        for k in range(best_of):  # candidate i * best_of + k; with a seed, it samples with seed + k (reproducible)
             seed = body.seed if body.seed is None or k == 0 else (body.seed + k) % 2**64  # (a bad seed fails at 0)
             sampling = SamplingParams(
                 max_new_tokens=max(wanted, 1), temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k, seed=seed,
-                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos, logprobs=logprobs,
-                **adjustments)
+                stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                # best_of ranks candidates by their tokens' logprobs: computed even when not returned
+                logprobs=logprobs if best_of == n else max(logprobs or 0, 0), **adjustments)
             try:
-                jobs.append(Job(i * n + k, limits.check(ids, sampling), sampling,
+                jobs.append(Job(i * best_of + k, limits.check(ids, sampling), sampling,
                                 prompt_text=texts[i] if texts else None, generate=wanted > 0,
-                                first=i * n if n > 1 else -1))
+                                first=i * best_of if best_of > 1 else -1))
             except InvalidRequest as e:
                 raise InvalidRequest(f"{where}{e}") from None
     return Parsed(jobs=jobs, stop=stop, stream=body.stream,
@@ -302,7 +311,8 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
                   include_stop_str_in_output=body.include_stop_str_in_output,
                   skip_special_tokens=body.skip_special_tokens,
                   return_token_ids=(not has_tokenizer) if body.return_token_ids is None else body.return_token_ids,
-                  model=body.model, logprobs=logprobs, echo=echo, prompt_logprobs=prompt_logprobs, tools=tools)
+                  model=body.model, logprobs=logprobs, echo=echo, prompt_logprobs=prompt_logprobs, tools=tools,
+                  n=n, best_of=best_of)
 
 
 def _parse(cls, raw: Any):

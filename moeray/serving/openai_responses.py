@@ -74,6 +74,29 @@ def usage(parsed: Parsed, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
 
+def keep_best(pieces: list[Piece], parsed: Parsed) -> tuple[list[Piece], Parsed]:
+    """best_of: per prompt, the ``n`` candidates with the highest mean logprob per new token (ties: the lower
+    index), renumbered prompt x n + rank, with the request reduced to their jobs."""
+    if parsed.best_of == parsed.n:
+        return pieces, parsed
+    total, count = {}, {}
+    for p in pieces:
+        total[p.index] = total.get(p.index, 0.0) + sum(r.logprob for r in p.logprobs or ())
+        count[p.index] = count.get(p.index, 0) + len(p.token_ids)
+    mean = {j.index: total.get(j.index, 0.0) / max(count.get(j.index, 0), 1) for j in parsed.jobs}
+    renumber = {}
+    for start in range(0, len(parsed.jobs), parsed.best_of):
+        group = parsed.jobs[start:start + parsed.best_of]
+        best = sorted(group, key=lambda j: (-mean[j.index], j.index))[:parsed.n]
+        for rank, job in enumerate(best):
+            renumber[job.index] = start // parsed.best_of * parsed.n + rank
+    jobs = [dataclasses.replace(j, index=renumber[j.index], first=renumber[j.index] // parsed.n * parsed.n)
+            for j in parsed.jobs if j.index in renumber]  # ``first``: usage counts each prompt once
+    kept = [dataclasses.replace(p, index=renumber[p.index], logprobs=p.logprobs if parsed.logprobs is not None
+                                else None) for p in pieces if p.index in renumber]
+    return kept, dataclasses.replace(parsed, jobs=sorted(jobs, key=lambda j: j.index), best_of=parsed.n)
+
+
 def whole(pieces: list[Piece], parsed: Parsed, chat: bool, meta: dict, decode: Callable[[int], str]) -> dict:
     """A completion (``chat``: chat completion) answered at once, one choice per prompt; ``meta``: id, created,
     model; ``decode``: a token id's text (for log-probabilities)."""

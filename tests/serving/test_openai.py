@@ -442,6 +442,15 @@ def test_n_choices_share_one_prefill_and_a_seed_reproduces_them(server):
     want = expected(server, prompt, 6)[1]
     greedy = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, temperature=0, n=2)
     assert [c.text for c in greedy.choices] == [want, want]
+    # best_of 3, n 1: the candidate of the highest mean logprob per token among the same three (same seeds)
+    scored = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, temperature=1.0, n=3,
+                                       seed=11, logprobs=0)
+    mean = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in scored.choices]
+    best = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, temperature=1.0, n=1,
+                                     best_of=3, seed=11)
+    assert [c.index for c in best.choices] == [0] and best.choices[0].logprobs is None
+    assert best.choices[0].text == scored.choices[max(range(3), key=lambda k: (mean[k], -k))].text
+    assert best.usage.prompt_tokens == len(prompt)
 
 
 LM_EVAL_MC = [{"q": "the quick brown", "choices": [" fox", " dog", " world"], "gold": 0},
