@@ -103,10 +103,10 @@ def test_micro_batches_give_the_tokens_and_logits_of_one_forward(arch, checkpoin
     logits = {}  # micro-batch count -> request id -> the logits it sampled from, step by step
     real = scheduler_module.sample_next
 
-    def recording(logits_SV, seqs):
+    def recording(logits_SV, seqs, allowed_SV=None):
         for row, seq in zip(logits_SV, seqs):
             logits[count].setdefault(seq.request_id, []).append(row.clone())
-        return real(logits_SV, seqs)
+        return real(logits_SV, seqs, allowed_SV)
 
     monkeypatch.setattr(scheduler_module, "sample_next", recording)
     ref = oracle(arch)
