@@ -38,11 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeray import telemetry
 from moeray.request import InvalidRequest, new_request_id
-from moeray.serving import auth, errors
+from moeray.serving import errors
 from moeray.serving import openai_responses as bodies
 from moeray.serving.detokenize import TextStream
-from moeray.serving.openai_protocol import (Job, Parsed, parse_chat, parse_completion, parse_detokenize,
-                                            parse_tokenize)
+from moeray.serving.openai_protocol import Job, Parsed, parse_chat, parse_completion
+from moeray.serving.openai_tokenize import parse_detokenize, parse_tokenize
 from moeray.serving.openai_responses import Piece
 from moeray.serving.tool_calls import HermesParser
 

@@ -33,14 +33,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moeray.request import MAX_LOGPROBS, InvalidRequest, RequestLimits, SamplingParams, StructuredOutput
 from moeray.serving.detokenize import check_stop_strings
+from moeray.serving.chat_template import chat_messages, render_chat
 from moeray.serving.errors import clip
 from moeray.serving.tool_calls import ToolRequest, check_tools, forced
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each takes an admission place)
 MAX_N = 16  # choices per prompt (each takes an admission place)
-MAX_MESSAGES = 4096
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to what the positions allow
-_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # field -> its neutral values: any other value is refused (the feature is not implemented)
 UNSUPPORTED = {
@@ -374,90 +373,6 @@ def parse_completion(raw: Any, limits: RequestLimits, tokenizer) -> Parsed:
     return _common(body, ids, limits, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, tokenizer is not None, texts)
 
 
-def chat_messages(messages: Any) -> list[dict]:
-    """``messages`` checked and reduced to what a chat template reads: role, content (text parts joined), name."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
-    if len(messages) > MAX_MESSAGES:
-        raise InvalidRequest(f"messages holds {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"messages[{i}] must be an object with role and content; got {type(m).__name__}")
-        role = m.get("role")
-        if role not in _ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got "
-                                 f"{clip(role) if isinstance(role, str) else type(role).__name__}")
-        if m.get("function_call"):
-            raise InvalidRequest(f"messages[{i}]: function_call is OpenAI's deprecated form; send tool_calls")
-        content = m.get("content")
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise InvalidRequest(f"messages[{i}].content[{j}]: only text parts ({{type: text, text}}) are "
-                                         f"supported; got {clip(str(kind))}")
-                texts.append(part["text"])
-            content = "\n".join(texts)
-        elif not isinstance(content, str):
-            raise InvalidRequest(f"messages[{i}].content must be a string or a list of text parts; got "
-                                 f"{type(content).__name__}")
-        message = {"role": role, "content": content}
-        if isinstance(m.get("name"), str):
-            message["name"] = m["name"]
-        if m.get("tool_calls"):
-            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
-        if role == "tool" and isinstance(m.get("tool_call_id"), str):
-            message["tool_call_id"] = m["tool_call_id"]
-        out.append(message)
-    return out
-
-
-def _tool_calls(calls: Any, i: int) -> list[dict]:
-    """An assistant message's earlier tool calls, as chat templates read them (arguments as an object)."""
-    if not isinstance(calls, list):
-        raise InvalidRequest(f"messages[{i}].tool_calls must be a list")
-    out = []
-    for j, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise InvalidRequest(f"messages[{i}].tool_calls[{j}] must be {{type: function, function: {{name, "
-                                 f"arguments}}}}")
-        arguments = fn.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError:
-                raise InvalidRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
-        out.append({"id": call.get("id"), "type": "function",
-                    "function": {"name": fn["name"], "arguments": arguments}})
-    return out
-
-
-def render_chat(tokenizer, chat_template: str | None, messages: list[dict], add_generation_prompt: bool,
-                kwargs: dict | None, tools: list[dict] | None = None) -> str:
-    """The chat template's text for ``messages`` (the checkpoint's template, or the server's --chat-template)."""
-    if tokenizer is None:
-        raise InvalidRequest("chat completions need a checkpoint with a tokenizer and a chat template; this one has "
-                             "no tokenizer (use /v1/completions with token ids)")
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise InvalidRequest("chat completions need a chat template; this checkpoint has none (start the server "
-                             "with --chat-template FILE, or use /v1/completions)")
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             **({"tools": tools} if tools else {}), **(kwargs or {}))
-    except Exception as e:  # noqa: BLE001 - a template's raise_exception(...) or bad kwargs: the request's fault
-        raise InvalidRequest(f"the chat template cannot render these messages: {clip(str(e), 300)}") from None
-    if not isinstance(text, str):
-        raise InvalidRequest("the chat template did not render to text")
-    return text
-
-
 def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | None) -> Parsed:
     """/v1/chat/completions: ``messages`` rendered with the checkpoint's chat template (or the server's
     ``--chat-template``), ``add_generation_prompt`` on, then tokenized without adding special tokens again."""
@@ -469,46 +384,3 @@ def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | 
     ids = _encode(tokenizer, text, "messages", False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return _common(body, [ids], limits, max_tokens, None, True, tools=tools)
-
-
-class TokenizeBody(_Body):
-    """vLLM's /tokenize: a ``prompt`` (text), or chat ``messages`` rendered with the chat template."""
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: Any = None
-    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (as vLLM)
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
-    return_token_strs: bool = False
-
-
-class DetokenizeBody(_Body):
-    model: str | None = None
-    tokens: list[int]
-
-
-def parse_tokenize(raw: Any, tokenizer, chat_template: str | None) -> tuple[TokenizeBody, list[int]]:
-    """/tokenize: the body and the token ids of its prompt or messages (the ids /v1/completions or
-    /v1/chat/completions would run)."""
-    body = _parse(TokenizeBody, raw)
-    if tokenizer is None:
-        raise InvalidRequest("tokenize needs a checkpoint with a tokenizer")
-    if (body.prompt is None) == (body.messages is None):
-        raise InvalidRequest("tokenize takes a prompt (text) or messages, one of them")
-    if body.prompt is not None:
-        add = True if body.add_special_tokens is None else body.add_special_tokens
-        return body, _encode(tokenizer, body.prompt, "prompt", add)
-    text = render_chat(tokenizer, chat_template, chat_messages(body.messages), body.add_generation_prompt,
-                       body.chat_template_kwargs)
-    return body, _encode(tokenizer, text, "messages", bool(body.add_special_tokens))
-
-
-def parse_detokenize(raw: Any, tokenizer, limits: RequestLimits) -> tuple[DetokenizeBody, str]:
-    body = _parse(DetokenizeBody, raw)
-    if tokenizer is None:
-        raise InvalidRequest("detokenize needs a checkpoint with a tokenizer")
-    bad = next((t for t in body.tokens if not 0 <= t < limits.vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"tokens: token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
-    return body, tokenizer.decode(body.tokens)

@@ -9,8 +9,8 @@ from moeray.request import DuplicateRequestId, InvalidRequest, RequestLimits
 from moeray.router.dispatch import ExpertsUnavailable
 from moeray.serving import errors
 from moeray.serving.openai_responses import error_body, param_of
-from moeray.serving.openai_protocol import (DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, chat_messages,
-                                            parse_chat, parse_completion)
+from moeray.serving.chat_template import chat_messages
+from moeray.serving.openai_protocol import DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, parse_chat, parse_completion
 
 pytestmark = pytest.mark.ray
 

@@ -60,7 +60,7 @@ def test_each_call_and_each_run_of_calls_splits_an_expert_within_one(layer):
 def test_a_hot_first_choice_spreads_over_its_replicas():
     """The bug this rule replaced: a replica picked by the pair's position t*K + rank is the token's rank whenever
     the replica count divides K, so an expert that is every token's first choice stayed on its first replica."""
-    tokens, K = 678, 2
+    tokens = 678  # top-2: pairs (token, 0) and (token, 1 + token % 3)
     pair_expert_N = np.stack([np.zeros(tokens, int), 1 + np.arange(tokens) % 3], axis=1).reshape(-1)
     replicas_E, log2phy_ER = np.array([2, 1, 1, 1]), np.array([[0, 1], [2, -1], [3, -1], [4, -1]])
     old_N = log2phy_ER[pair_expert_N, np.arange(len(pair_expert_N)) % replicas_E[pair_expert_N]]
