@@ -274,15 +274,17 @@ class OpenAIServer:
         text = None if tokenizer is None else TextStream(
             tokenizer, parsed.stop, include_stop_str_in_output=parsed.include_stop_str_in_output,
             skip_special_tokens=parsed.skip_special_tokens)
+        first = (prefilled or {}).get(job.first)
+        if first is not None and job.first != job.index:
+            await first.wait()  # NOTE: before taking an admission place, so a waiting choice never holds one
         async with self.ingress.admission.slot(request_id):  # AdmissionFull, ...
             if parsed.echo or parsed.prompt_logprobs is not None:
                 yield await self._prompt_piece(job, parsed)
             if not job.generate:  # max_tokens 0 with echo: the prompt alone
+                if first is not None:
+                    first.set()
                 yield Piece(job.index, "", [], "length")
                 return
-            first = (prefilled or {}).get(job.first)
-            if first is not None and job.first != job.index:
-                await first.wait()
             try:
                 async with contextlib.aclosing(self._at_router(job, request_id, parsed, text)) as pieces:
                     async for piece in pieces:
