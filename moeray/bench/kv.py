@@ -114,8 +114,7 @@ def _burst(engine, prompts: list[list[int]], max_new_tokens: int) -> tuple[list,
 
 def run_kv_bench(model: str, chunks: list[int], streams: int = 16, warmup: int = 16, long_prompt: int = 768,
                  prefix: int = 512, workers: int = 2, router_threads: int = 2) -> list[dict]:
-    import socket
-
+    
     import ray
     from ray import serve
 
@@ -123,11 +122,7 @@ def run_kv_bench(model: str, chunks: list[int], streams: int = 16, warmup: int =
     from moeray.engine import Engine
     from moeray.router.kv_config import KVCacheConfig
     from moeray.serving.app import start_serving
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from moeray.serving.ports import free_port
 
     rows, reference = [], None
     settings = [(f"chunked ({chunk}-token prefill budget)", chunk) for chunk in chunks]

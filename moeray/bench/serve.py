@@ -239,11 +239,7 @@ def _serve_one(model: str, concurrencies: list[int], requests_per_level: int, ma
     from moeray.engine import Engine
     from moeray.router.kv_config import KVCacheConfig
     from moeray.serving.app import start_serving
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from moeray.serving.ports import free_port
 
     rows = []
     # NOTE: no prefix caching: each load runs twice on the same prompts (overlap off, then on), and the second would

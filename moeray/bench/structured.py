@@ -8,7 +8,6 @@ outputs end when the object is complete, so only the per-token figures compare).
 from __future__ import annotations
 
 import json
-import socket
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "enum": ["fox", "dog", "cat"]},
           "age": {"type": "integer", "minimum": 0, "maximum": 99}, "tags": {"type": "array", "items": {
@@ -30,11 +29,7 @@ def run_structured_bench(model: str, *, streams: int = 32, requests: int = 64, m
     from moeray.engine import Engine
     from moeray.router.kv_config import KVCacheConfig
     from moeray.serving.app import start_serving
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from moeray.serving.ports import free_port
 
     rows = []
     # NOTE: no prefix caching: every setting runs the same prompts, and later ones would find them cached

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import TYPE_CHECKING
 
 from ray import serve
@@ -235,7 +236,27 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
     ingress = _ingress(handle, model_name, max_ongoing_requests, max_queued_requests, chat_template, credentials)
     # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
     serve.run(ingress, name=app_name, route_prefix=route_prefix, logging_config={"enable_access_log": False})
+    wait_for_proxies(grpc_port=grpc_port, http_port=http_port)
     return model_name or handle.model_name
+
+
+def wait_for_proxies(*, grpc_port: int, http_port: int, timeout_s: float = 180.0) -> None:
+    """Return once every Serve proxy is HEALTHY, i.e. listens on both ports; raise naming the ports if not.
+
+    serve.run returns when the replicas are up, but a proxy starts on its own schedule, and one whose bind fails
+    (a port taken) is restarted again and again on the same port without anything being raised here.
+    """
+    from ray.serve.schema import ProxyStatus
+
+    deadline, seen = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline:
+        seen = serve.status().proxies
+        if seen and all(status == ProxyStatus.HEALTHY for status in seen.values()):
+            return
+        time.sleep(0.2)
+    states = ", ".join(sorted(str(getattr(s, "value", s)) for s in seen.values())) or "none started"
+    raise RuntimeError(f"Serve's proxies are not listening on gRPC port {grpc_port} and HTTP port {http_port} "
+                       f"after {timeout_s:.0f} s (proxy states: {states}); is either port taken?")
 
 
 def start_proxies(*, grpc_port: int, http_port: int, host: str) -> None:

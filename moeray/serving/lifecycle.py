@@ -103,10 +103,11 @@ class Loading:
 
 def serve_loading(*, grpc_port: int, http_port: int, host: str, app_name: str = "moeray") -> None:
     """Start Serve's proxies and answer 'loading' on them until ``start_serving`` deploys the ingress."""
-    from moeray.serving.app import start_proxies
+    from moeray.serving.app import start_proxies, wait_for_proxies
 
     start_proxies(grpc_port=grpc_port, http_port=http_port, host=host)
     serve.run(Loading.bind(), name=app_name, route_prefix="/", logging_config={"enable_access_log": False})
+    wait_for_proxies(grpc_port=grpc_port, http_port=http_port)
 
 
 def drain(app_name: str = "moeray", timeout_s: float = 30.0, interrupted: threading.Event | None = None,

@@ -7,7 +7,6 @@ with tritonclient's, which tests/serving/test_grpc.py loads in the same pytest p
 """
 
 import re
-import socket
 import threading
 
 import grpc
@@ -20,6 +19,7 @@ from ray import serve
 from tritonclient.grpc import service_pb2 as kserve_pb2, service_pb2_grpc as kserve_pb2_grpc
 
 from conftest import PROMPTS, Oracle, _ray_start, assert_logits_close
+from moeray.serving.ports import free_port
 from moeray import Engine, EngineConfig
 from moeray.model.tiny import ARCHITECTURES, save_tiny_checkpoint
 from moeray.serving.app import start_serving
@@ -35,11 +35,6 @@ LONG = 7000
 APP = "moeray"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -51,8 +46,8 @@ def server(tmp_path_factory):
     try:
         with _ray_start():
             engine = Engine(EngineConfig(model=path, workers=2, routers=2, max_new_tokens_cap=CAP))
-            port = _free_port()
-            model = start_serving(engine, grpc_port=port, http_port=_free_port(), app_name=APP,
+            port = free_port()
+            model = start_serving(engine, grpc_port=port, http_port=free_port(), app_name=APP,
                                   max_ongoing_requests=2, max_queued_requests=2)
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             grpc.channel_ready_future(channel).result(timeout=60)

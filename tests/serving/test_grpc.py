@@ -3,7 +3,6 @@ write (tritonclient.grpc, grpcurl through reflection) and against its own genera
 
 import json
 import os
-import socket
 import subprocess
 import threading
 
@@ -16,6 +15,7 @@ import ray
 from ray import serve
 
 from conftest import PROMPTS, _ray_start, assert_logits_close
+from moeray.serving.ports import free_port
 from moeray import Engine, EngineConfig
 from moeray.serving.app import start_serving
 from moeray.serving.serve_env import set_serving_env
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.ray
 ADMIN_TOKEN = "s3cret-admin-token"
 MAX_MESSAGE_BYTES = 2**20
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +37,8 @@ def server(checkpoints, tmp_path_factory):
         with _ray_start():
             engine = Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, max_new_tokens_cap=64,
                                          track_tokens=True))
-            port = _free_port()
-            model_name = start_serving(engine, grpc_port=port, http_port=_free_port())
+            port = free_port()
+            model_name = start_serving(engine, grpc_port=port, http_port=free_port())
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             grpc.channel_ready_future(channel).result(timeout=60)
             yield {"address": f"127.0.0.1:{port}", "channel": channel, "model": model_name, "engine": engine}
@@ -393,10 +388,10 @@ def test_moeray_serve_and_generate_target(tmp_path, checkpoints, oracle):
     import sys
     import time
 
-    port = _free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}, "MOERAY_HOME": str(tmp_path)}
     server = subprocess.Popen([sys.executable, "-m", "moeray.cli", "serve", "--model", checkpoints["mixtral"],
-                               "--port", str(port), "--http-port", str(_free_port()), "--workers", "2",
+                               "--port", str(port), "--http-port", str(free_port()), "--workers", "2",
                                "--max-message-bytes", str(8 * 2**20)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -470,7 +465,7 @@ def test_admission_control_rejects_beyond_the_queue(server):
     from concurrent.futures import ThreadPoolExecutor
 
     port = int(server["address"].rsplit(":", 1)[1])
-    start_serving(server["engine"], grpc_port=port, http_port=_free_port(), app_name="moeray-small",
+    start_serving(server["engine"], grpc_port=port, http_port=free_port(), app_name="moeray-small",
                   route_prefix="/small", max_ongoing_requests=1, max_queued_requests=1)
     stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
     request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=PROMPTS[0]),

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
 from conftest import Oracle, _ray_start
+from moeray.serving.ports import free_port
 from moeray import Engine, EngineConfig
 from moeray.serving import lifecycle
 from moeray.serving.app import start_serving
@@ -42,11 +43,6 @@ CLI_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{%
 CORPUS = "hello world, the quick brown fox jumps over the lazy dog. experts route tokens to workers. "
 MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "hello, quick fox"}]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_chat_checkpoint(path) -> str:
@@ -73,7 +69,7 @@ def cli(checkpoint, tmp_path_factory):
     state: dict = {}
 
     def launch() -> None:
-        grpc_port, http_port = _free_port(), _free_port()
+        grpc_port, http_port = free_port(), free_port()
         log = tmp_path_factory.mktemp("log") / "serve.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "moeray.cli", "serve", "--model", checkpoint, "--port", str(grpc_port),
@@ -110,7 +106,7 @@ def _during_loading(http: str, grpc_address: str) -> dict:
 @pytest.fixture(scope="module")
 def server(checkpoint, cli):
     with _ray_start():
-        grpc_port, http_port = _free_port(), _free_port()
+        grpc_port, http_port = free_port(), free_port()
         http, address = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         lifecycle.serve_loading(grpc_port=grpc_port, http_port=http_port, host="127.0.0.1")
         loading = _during_loading(http, address)

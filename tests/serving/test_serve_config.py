@@ -3,7 +3,6 @@ deployment (what KubeRay's RayService does through the dashboard), builds the ap
 
 from __future__ import annotations
 
-import socket
 
 import grpc
 import pytest
@@ -12,16 +11,12 @@ import yaml
 from ray import serve
 
 from conftest import PROMPTS, _ray_start
+from moeray.serving.ports import free_port
 from moeray.serving.gen import generate_pb2, generate_pb2_grpc, placement_pb2, placement_pb2_grpc
 
 pytestmark = pytest.mark.ray
 MANIFEST = "deploy/ray-service.moeray-cpu-demo.yaml"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_demo_manifest_serve_config_deploys_and_serves(checkpoints, oracle):
@@ -32,9 +27,9 @@ def test_demo_manifest_serve_config_deploys_and_serves(checkpoints, oracle):
     with open(MANIFEST) as f:
         service = next(d for d in yaml.safe_load_all(f) if d and d.get("kind") == "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    port = _free_port()
+    port = free_port()
     # NOTE: loopback only in tests; the manifest's 0.0.0.0 is for a pod.
-    config["http_options"] = {"host": "127.0.0.1", "port": _free_port()}
+    config["http_options"] = {"host": "127.0.0.1", "port": free_port()}
     config["grpc_options"]["port"] = port
     app = config["applications"][0]
     app["args"].update(model=checkpoints["mixtral"], workers=2, replicas=2)

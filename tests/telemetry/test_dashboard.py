@@ -10,7 +10,7 @@ import urllib.request
 
 from moeray import telemetry
 from moeray.telemetry import TelemetryConfig
-from otel_helpers import free_port
+from moeray.serving.ports import free_port
 from test_telemetry_controller import make, skewed_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

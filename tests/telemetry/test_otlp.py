@@ -9,7 +9,7 @@ from ray import serve
 
 from moeray import telemetry
 from moeray.telemetry import TelemetryConfig
-from otel_helpers import free_port
+from moeray.serving.ports import free_port
 from otlp_collector import Collector
 
 CALLER_TRACE = "5b8efff798038103d269b633813fc60c"

@@ -16,7 +16,7 @@ import pytest
 
 from moeray import telemetry
 from moeray.telemetry import TelemetryConfig
-from otel_helpers import free_port
+from moeray.serving.ports import free_port
 from test_telemetry_controller import make, skewed_step
 
 
