@@ -99,12 +99,8 @@ class Engine:
                               num_threads=config.threads_per_actor, telemetry_config=config.telemetry,
                               routers=config.routers, max_forward_tokens=config.max_forward_tokens)
         self.workers.extend(spawn(w, self.initial_plan.experts_of(w)) for w in range(config.workers))
-        try:
-            ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"{config.workers} expert workers asking {options} were not all placed within "
-                               f"start_timeout_s={config.start_timeout_s}s; the cluster has "
-                               f"{ray.cluster_resources()}") from None
+        # NOTE: the routers and the controller start while the workers load (each process's start and imports take
+        # seconds); the workers' pings are awaited first below, so a load error is still the one raised.
         router_cls = ray.remote(Router)
         # Routers go where their placement group's bundles are: spread over the nodes (attention nodes when
         # disaggregated), each with its GPU; a node lost takes its bundle elsewhere and Ray restarts the router there.
@@ -127,8 +123,6 @@ class Engine:
                 kv_cache=config.kv_cache, device="cuda" if self.devices.router_gpus else "cpu",
                 micro_batches=config.micro_batches, replica_rule=config.controller.replica_rule,
             ))
-        ray.get([r.ping.remote() for r in self.routers])
-        self.kv_pool: KVStats = ray.get(self.routers[0].kv_stats.remote())  # the KV pool's size, as it started
         # NOTE: the controller is the only writer of the plan from here on. A crashed controller restarts and
         # rebuilds the plan from the workers; requests never wait on it. It stays on this process's node (hard
         # affinity): its actors share this process's fate anyway (it owns them), and a soft one spilled onto other
@@ -141,6 +135,14 @@ class Engine:
             config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
             budget=self.budget, workers=self.workers, routers=self.routers, spawn=spawn,
             telemetry_config=config.telemetry.for_process("controller"))
+        try:
+            ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{config.workers} expert workers asking {options} were not all placed within "
+                               f"start_timeout_s={config.start_timeout_s}s; the cluster has "
+                               f"{ray.cluster_resources()}") from None
+        ray.get([r.ping.remote() for r in self.routers])
+        self.kv_pool: KVStats = ray.get(self.routers[0].kv_stats.remote())  # the KV pool's size, as it started
         ray.get(self.controller.ping.remote())
         ray.get([r.set_controller.remote(self.controller) for r in self.routers])  # for restores after a loss
         log.info("moeray engine ready: %d routers, %d workers", len(self.routers), len(self.workers))

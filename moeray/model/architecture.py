@@ -11,12 +11,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
-from transformers.integrations import moe as hf_moe
 
 from moeray.kernels.api import CLAMPED_SWIGLU, GLU, ExpertQuant, GatedActivation
 from moeray.model.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+# NOTE: transformers is imported where a model is built or described, not here: expert workers import this module
+# for ModelSpec alone, and transformers costs them a second of their start.
 
 EXPERTS_IMPLEMENTATION = "moeray"
 
@@ -96,6 +102,8 @@ def _moeray_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 @functools.cache
 def register_experts_implementation() -> None:
+    from transformers.integrations import moe as hf_moe
+
     hf_moe.ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _moeray_experts_forward)
 
 
@@ -106,6 +114,8 @@ def is_experts_module(module: torch.nn.Module) -> bool:
 
 def build_meta_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
     """The full model on the meta device, with its experts routed through moeray's implementation."""
+    from transformers import AutoModelForCausalLM
+
     register_experts_implementation()
     config._experts_implementation = EXPERTS_IMPLEMENTATION
     try:
@@ -116,6 +126,8 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.M
 
 
 def _activation_of(module: torch.nn.Module, config: PretrainedConfig) -> GatedActivation:
+    from transformers.integrations import moe as hf_moe
+
     apply_gate = type(module)._apply_gate
     if apply_gate is hf_moe._default_apply_gate:
         return GatedActivation(kind=GLU, act=config.hidden_act)

@@ -14,10 +14,9 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import transformers
-from transformers import AutoConfig, PretrainedConfig
-
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from moeray.model.hub import HubFile, HubSource
 
 
@@ -101,6 +100,9 @@ def _read_header(file: Path) -> dict:
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read config.json and every safetensors header of a checkpoint directory or hub id (``org/name[@revision]``;
     an existing directory wins); raise CheckpointError if unusable."""
+    import transformers  # NOTE: here, not at the top: expert workers import this module without needing it
+    from transformers import AutoConfig
+
     from moeray.model import hub  # NOTE: hub imports this module
 
     ref = hub.parse_model_ref(path)

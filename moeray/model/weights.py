@@ -21,7 +21,6 @@ import re
 
 import torch
 from safetensors import safe_open
-from transformers.core_model_loading import WeightRenaming
 
 from moeray.kernels.quantized import FP8, MXFP4, ExpertQuant
 from moeray.model.architecture import MoELayerSpec, ModelSpec
@@ -56,8 +55,10 @@ class WeightIndex:
     quant: CheckpointQuant = CheckpointQuant()
 
 
-def _renamings(model: torch.nn.Module) -> list[WeightRenaming]:
+def _renamings(model: torch.nn.Module) -> list:
+    """transformers' WeightRenaming rules for ``model`` (imported here: expert workers read weights without it)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
 
     return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
 

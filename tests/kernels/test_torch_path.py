@@ -86,3 +86,26 @@ def _cast(w: ExpertWeights, dtype: torch.dtype) -> ExpertWeights:
     tensors = {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if f.name != "interleaved"}
     return ExpertWeights(**{k: None if t is None else t.to(dtype) for k, t in tensors.items()},
                          interleaved=w.interleaved)
+
+
+@pytest.mark.parametrize("name", ["silu", "swish", "relu"])
+def test_the_activations_taken_from_torch_are_transformers_own(name):
+    """The names an expert worker builds from torch (no transformers import) compute what ACT2FN's do."""
+    from transformers.activations import ACT2FN
+
+    from moeray.kernels.activation import _TORCH, _activation
+
+    assert name in _TORCH
+    x = torch.linspace(-6, 6, 97)
+    torch.testing.assert_close(_activation(name)(x), ACT2FN[name](x), rtol=0, atol=0)
+
+
+def test_an_expert_worker_imports_no_transformers():
+    """transformers costs a worker a second of its start on 2 cores; the worker module and its weights code
+    import it only where a model is built (the router, the driver)."""
+    import subprocess
+    import sys
+
+    code = "import sys, moeray.experts.worker; print('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
