@@ -9,6 +9,7 @@ import sys
 
 from moeray.cli.common import (MODEL_HELP, add_initial_flags, add_kv_cache_flags, add_micro_batch_flag,
                                add_thread_flags, init_ray, kv_cache_config, model_dir)
+from moeray.serving.tool_calls import SYNTAXES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      "$MOERAY_API_KEY, which keeps the key out of the process list; none: open)")
     srv.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template for /v1/chat/completions, "
                      "replacing the checkpoint's (tokenizer_config.json / chat_template.jinja)")
+    srv.add_argument("--tool-call-parser", choices=sorted(SYNTAXES), help="the tool-call syntax chat answers are "
+                     "read for (default: the checkpoint family's: deepseek_v3 for DeepSeek-V3, openai (harmony) for "
+                     "gpt-oss, hermes otherwise)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM / Ctrl-C, seconds to let "
                      "requests in flight finish while refusing new ones (default 30)")
     ctl = srv.add_argument_group("live placement (see README: Placement)")
@@ -153,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             name = start_serving(engine, grpc_port=args.port, http_port=args.http_port, host=args.host,
                                  model_name=args.served_model_name, chat_template=chat_template,
+                                 tool_call_parser=args.tool_call_parser,
                                  max_ongoing_requests=args.max_ongoing, max_queued_requests=args.max_queued,
                                  credentials=credentials)
             print(f"moeray: serving model {name!r} over gRPC on {args.host}:{args.port} and HTTP (OpenAI-compatible) "

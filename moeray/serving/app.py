@@ -25,6 +25,7 @@ from moeray.serving.admission import Admission, serve_limits
 from moeray.serving.detokenize import text_stream
 from moeray.serving.engine_handle import EngineHandle
 from moeray.serving.serve_env import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_ENV
+from moeray.serving.tool_calls import syntax_of
 from moeray.serving.wire import SERVICER_FUNCTIONS  # noqa: F401 - the generated ones, decoding errors answered
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 class Ingress:
     def __init__(self, *, engine: EngineHandle, model_name: str | None = None,
                  credentials: auth.Credentials | None = None, max_ongoing: int = 256, max_queued: int = 256,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, tool_call_parser: str | None = None) -> None:
         self.engine = engine
         self.credentials = credentials or auth.Credentials()  # the API key and admin token (moeray/serving/auth.py)
         self.chat_template = chat_template  # --chat-template: overrides the checkpoint's (HTTP chat completions)
@@ -48,6 +49,7 @@ class Ingress:
         telemetry.setup(engine.telemetry)
         self.model_name = model_name or engine.model_name
         self.spec, self.limits = engine.spec, engine.limits
+        self.call_syntax = syntax_of(self.spec.architecture, tool_call_parser)  # --tool-call-parser, else the family's
         self.tokenizer = None
         if engine.has_tokenizer:
             from transformers import AutoTokenizer
@@ -219,7 +221,8 @@ class Ingress:
 def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host: str = "127.0.0.1",
                   model_name: str | None = None, app_name: str = "moeray", route_prefix: str = "/",
                   max_ongoing_requests: int = 256, max_queued_requests: int = 256,
-                  chat_template: str | None = None, credentials: auth.Credentials | None = None) -> str:
+                  chat_template: str | None = None, credentials: auth.Credentials | None = None,
+                  tool_call_parser: str | None = None) -> str:
     """Start Serve's proxies and deploy the ingress in front of ``engine``'s routers; returns the model name.
 
     Admission control (exact, in the ingress: moeray/serving/admission.py): at most ``max_ongoing_requests``
@@ -233,7 +236,8 @@ def start_serving(engine, *, grpc_port: int = 9000, http_port: int = 8000, host:
     start_proxies(grpc_port=grpc_port, http_port=http_port, host=host)
     handle = EngineHandle.of(engine)
     credentials = credentials or auth.Credentials.from_env()  # None: this process's environment, read once here
-    ingress = _ingress(handle, model_name, max_ongoing_requests, max_queued_requests, chat_template, credentials)
+    ingress = _ingress(handle, model_name, max_ongoing_requests, max_queued_requests, chat_template, credentials,
+                       tool_call_parser)
     # NOTE: the gRPC proxy routes to an application only when it has a route prefix (then, alone, by default).
     serve.run(ingress, name=app_name, route_prefix=route_prefix, logging_config={"enable_access_log": False})
     wait_for_proxies(grpc_port=grpc_port, http_port=http_port)
@@ -269,10 +273,10 @@ def start_proxies(*, grpc_port: int, http_port: int, host: str) -> None:
 
 
 def _ingress(engine: EngineHandle, model_name: str | None, max_ongoing: int, max_queued: int,
-             chat_template: str | None, credentials: auth.Credentials):
+             chat_template: str | None, credentials: auth.Credentials, tool_call_parser: str | None = None):
     return Ingress.options(**serve_limits(max_ongoing, max_queued)).bind(
         engine=engine, model_name=model_name, credentials=credentials, max_ongoing=max_ongoing,
-        max_queued=max_queued, chat_template=chat_template)
+        max_queued=max_queued, chat_template=chat_template, tool_call_parser=tool_call_parser)
 
 
 class EngineHost:
@@ -295,7 +299,8 @@ def build_app(args: dict):
     """The Serve application builder for ``serveConfigV2`` (``import_path: moeray.serving.app:build_app``).
 
     ``args``: EngineConfig fields (``model`` defaults to the embedded demo; ``controller`` a mapping of
-    ControllerConfig fields), plus ``model_name``, ``max_ongoing_requests`` and ``max_queued_requests``. The engine
+    ControllerConfig fields), plus ``model_name``, ``max_ongoing_requests``, ``max_queued_requests``, ``chat_template``
+    and ``tool_call_parser``. The engine
     lives in a detached actor named ``moeray-engine-<app>`` (one per application name, ``app_name`` arg), reused when
     Serve rebuilds the application, so expert workers keep their slots across redeploys of the ingress.
     """
@@ -306,7 +311,7 @@ def build_app(args: dict):
 
     args = dict(args)
     serving = {k: args.pop(k) for k in ("model_name", "max_ongoing_requests", "max_queued_requests", "app_name",
-                                        "chat_template") if k in args}
+                                        "chat_template", "tool_call_parser") if k in args}
     if not args.get("model"):
         from moeray.model.demo import ensure_demo_checkpoint
 
@@ -328,4 +333,4 @@ def build_app(args: dict):
     # NOTE: the pod's own environment (a Secret's file named by $MOERAY_ADMIN_TOKEN_FILE), read in the builder
     return _ingress(ray.get(host.state.remote()), serving.get("model_name"),
                     serving.get("max_ongoing_requests", 256), serving.get("max_queued_requests", 256),
-                    serving.get("chat_template"), auth.Credentials.from_env())
+                    serving.get("chat_template"), auth.Credentials.from_env(), serving.get("tool_call_parser"))

@@ -49,6 +49,7 @@ No Ray and no gRPC here: this module only turns ids into text.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
@@ -97,12 +98,21 @@ def _decoder(tokenizer) -> tuple[Callable[[list[int]], str], frozenset[int]]:
     return (lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)), special
 
 
+@functools.lru_cache(maxsize=8)
+def _ids_of(tokenizer, special: frozenset[int], contents: frozenset[str]) -> frozenset[int]:
+    """The special ids among ``special`` whose text is one of ``contents`` (once per tokenizer and set)."""
+    decode, _ = _decoder(tokenizer)
+    return frozenset(i for i in special if decode([i]) in contents)
+
+
 class Detokenizer:
     """Incremental detokenization of one request's new tokens (see the module docstring for the contract)."""
 
-    def __init__(self, tokenizer, *, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True, keep_special: Iterable[str] = ()) -> None:
         self._decode, special = _decoder(tokenizer)
-        self._skip = special if skip_special_tokens else frozenset()
+        self._skip = frozenset()
+        if skip_special_tokens:  # ``keep_special``: special tokens kept all the same (a tool-call syntax's markers)
+            self._skip = special - _ids_of(tokenizer, special, frozenset(keep_special)) if keep_special else special
         self._window: list[int] = []  # the anchor ids, then the ids not settled yet
         self._anchor = 0  # len of the anchor part of the window
         self._prefix_text = ""  # decode(window[:anchor])
@@ -204,8 +214,8 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, stop: str | Iterable[str] | None = (), *, include_stop_str_in_output: bool = False,
-                 skip_special_tokens: bool = True) -> None:
-        self.detokenizer = Detokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+                 skip_special_tokens: bool = True, keep_special: Iterable[str] = ()) -> None:
+        self.detokenizer = Detokenizer(tokenizer, skip_special_tokens=skip_special_tokens, keep_special=keep_special)
         self.matcher = StopMatcher(stop, include_stop_str_in_output=include_stop_str_in_output)
 
     @property

@@ -44,7 +44,6 @@ from moeray.serving.detokenize import TextStream
 from moeray.serving.openai_protocol import Job, Parsed, parse_chat, parse_completion
 from moeray.serving.openai_tokenize import parse_detokenize, parse_tokenize
 from moeray.serving.openai_responses import Piece
-from moeray.serving.tool_calls import HermesParser
 
 
 def build_http_app(ingress) -> FastAPI:
@@ -208,7 +207,8 @@ class OpenAIServer:
             self.ingress.credentials.check_api_key(request.headers.get("authorization", ""))
             raw = await self._json(request)
             if chat:
-                parsed = parse_chat(raw, ingress.limits, ingress.tokenizer, getattr(ingress, "chat_template", None))
+                parsed = parse_chat(raw, ingress.limits, ingress.tokenizer, getattr(ingress, "chat_template", None),
+                                    ingress.call_syntax)
             else:
                 parsed = parse_completion(raw, ingress.limits, ingress.tokenizer)
             self._check_model(parsed.model)
@@ -271,9 +271,10 @@ class OpenAIServer:
         """One prompt at a router: (its echo or prompt logprobs first, then) token ids -> text deltas; a stop
         string ends it (the router request aborted)."""
         tokenizer = self.ingress.tokenizer
+        markers = parsed.syntax.markers if _parses(parsed) else ()  # the call syntax's, special tokens or not
         text = None if tokenizer is None else TextStream(
             tokenizer, parsed.stop, include_stop_str_in_output=parsed.include_stop_str_in_output,
-            skip_special_tokens=parsed.skip_special_tokens)
+            skip_special_tokens=parsed.skip_special_tokens, keep_special=markers)
         first = (prefilled or {}).get(job.first)
         if first is not None and job.first != job.index:
             await first.wait()  # NOTE: before taking an admission place, so a waiting choice never holds one
@@ -306,7 +307,7 @@ class OpenAIServer:
         return Piece(job.index, echoed, [], prompt_ids=job.prompt_ids, prompt_logprobs=records)
 
     async def _at_router(self, job: Job, request_id: str, parsed: Parsed, text: TextStream | None):
-        calls = HermesParser() if parsed.tools is not None and parsed.tools.parse else None
+        calls = parsed.syntax.parser() if _parses(parsed) and text is not None else None
         called = False
         chunks = self.ingress.engine.stream(job.prompt_ids, job.sampling, request_id, None)
         async with contextlib.aclosing(chunks):  # leaving early (a stop string, the client gone) aborts it
@@ -329,15 +330,17 @@ class OpenAIServer:
                 if reason is not None and text is not None and not stop:
                     delta += text.finish()  # held-back text: it may still complete a stop string
                     reason = "stop" if text.stop_hit is not None else reason
-                tool_calls = None
-                if calls is not None:  # the text splits into content and the tool calls it holds
-                    delta, tool_calls = calls.feed(delta)
+                split = None
+                if calls is not None:  # the text splits into content, reasoning and the tool calls it holds
+                    split = calls.feed(delta)
                     if reason is not None:
-                        delta += calls.finish()
-                    called = called or bool(tool_calls)
+                        split += calls.finish()
+                    delta, called = split.content, called or bool(split.calls)
                     if reason == "stop" and called:
                         reason = "tool_calls"
-                yield Piece(job.index, delta, tokens, reason, logprobs=logprobs, tool_calls=tool_calls or None)
+                yield Piece(job.index, delta, tokens, reason, logprobs=logprobs,
+                            tool_calls=(split.calls or None) if split else None,
+                            reasoning=split.reasoning if split else "")
                 if reason is not None:
                     return
 
@@ -370,6 +373,12 @@ class OpenAIServer:
             yield bodies.DONE
         finally:
             await events.aclose()
+
+
+def _parses(parsed: Parsed) -> bool:
+    """Whether a chat answer is read for its calls (and, in harmony, its channels)."""
+    syntax = parsed.syntax
+    return syntax is not None and (syntax.always or (parsed.tools is not None and parsed.tools.parse))
 
 
 def _code(exc: BaseException) -> str | None:

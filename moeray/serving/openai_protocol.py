@@ -35,7 +35,7 @@ from moeray.request import MAX_LOGPROBS, InvalidRequest, RequestLimits, Sampling
 from moeray.serving.detokenize import check_stop_strings
 from moeray.serving.chat_template import chat_messages, render_chat
 from moeray.serving.errors import clip
-from moeray.serving.tool_calls import ToolRequest, check_tools, forced
+from moeray.serving.tool_calls import SYNTAXES, CallSyntax, ToolRequest, check_tools, forced
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (each takes an admission place)
 MAX_N = 16  # choices per prompt (each takes an admission place)
@@ -137,6 +137,7 @@ class Parsed:
     echo: bool = False
     continuous_usage: bool = False  # usage on every chunk of a stream
     tools: ToolRequest | None = None  # a chat request's tools, whose calls the output is parsed for
+    syntax: CallSyntax | None = None  # a chat answer's call syntax (moeray/serving/tool_calls.py)
     n: int = 1  # choices returned per prompt; the jobs hold best_of candidates per prompt when that is more
     best_of: int = 1
     prompt_logprobs: int | None = None  # alternatives per prompt position (None: none): echo's, or vLLM's field
@@ -239,7 +240,7 @@ def _adjustments(body: _Common) -> dict:
 
 def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_tokens: int | None,
             default_max_tokens: int | None, has_tokenizer: bool, texts: list[str | None] | None = None,
-            tools: ToolRequest | None = None) -> Parsed:
+            tools: ToolRequest | None = None, syntax: CallSyntax | None = None) -> Parsed:
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"n must lie in [1, {MAX_N}] (choices per prompt); got {n}")
@@ -251,7 +252,7 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
     logprobs, echo, prompt_logprobs = _logprobs(body)
     adjustments = _adjustments(body)
     structured = _structured(body)
-    call = forced(tools) if tools is not None else None
+    call = forced(tools, syntax) if tools is not None else None
     if call is not None and structured is not None:
         raise InvalidRequest("tool_choice required or a named function sets the output's structure; leave "
                              "response_format and guided_* unset")
@@ -311,7 +312,7 @@ def _common(body: _Common, prompts: list[list[int]], limits: RequestLimits, max_
                   skip_special_tokens=body.skip_special_tokens,
                   return_token_ids=(not has_tokenizer) if body.return_token_ids is None else body.return_token_ids,
                   model=body.model, logprobs=logprobs, echo=echo, prompt_logprobs=prompt_logprobs, tools=tools,
-                  n=n, best_of=best_of)
+                  syntax=syntax, n=n, best_of=best_of)
 
 
 def _parse(cls, raw: Any):
@@ -373,9 +374,11 @@ def parse_completion(raw: Any, limits: RequestLimits, tokenizer) -> Parsed:
     return _common(body, ids, limits, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, tokenizer is not None, texts)
 
 
-def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | None) -> Parsed:
+def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | None,
+               syntax: CallSyntax = SYNTAXES["hermes"]) -> Parsed:
     """/v1/chat/completions: ``messages`` rendered with the checkpoint's chat template (or the server's
-    ``--chat-template``), ``add_generation_prompt`` on, then tokenized without adding special tokens again."""
+    ``--chat-template``), ``add_generation_prompt`` on, then tokenized without adding special tokens again;
+    ``syntax``: the server's tool-call syntax (``--tool-call-parser``)."""
     body = _parse(ChatBody, raw)
     messages = chat_messages(body.messages)
     tools = check_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
@@ -383,4 +386,4 @@ def parse_chat(raw: Any, limits: RequestLimits, tokenizer, chat_template: str | 
                        tools.tools if tools is not None else None)
     ids = _encode(tokenizer, text, "messages", False)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return _common(body, [ids], limits, max_tokens, None, True, tools=tools)
+    return _common(body, [ids], limits, max_tokens, None, True, tools=tools, syntax=syntax)

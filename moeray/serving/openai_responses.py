@@ -46,6 +46,7 @@ class Piece:
     prompt_ids: list[int] | None = None
     prompt_logprobs: list | None = None
     tool_calls: list[dict] | None = None  # calls completed in this piece (OpenAI's shape, without an index)
+    reasoning: str = ""  # the model's reasoning (harmony's analysis channel), vLLM's reasoning_content
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -104,6 +105,7 @@ def whole(pieces: list[Piece], parsed: Parsed, chat: bool, meta: dict, decode: C
     tokens = {j.index: [] for j in parsed.jobs}
     records = {j.index: [] for j in parsed.jobs}
     calls = {j.index: [] for j in parsed.jobs}
+    reasoning = {j.index: [] for j in parsed.jobs}
     prompt: dict[int, Piece] = {}
     reasons: dict[int, str | None] = {j.index: None for j in parsed.jobs}
     for p in pieces:
@@ -111,6 +113,7 @@ def whole(pieces: list[Piece], parsed: Parsed, chat: bool, meta: dict, decode: C
         tokens[p.index].extend(p.token_ids)
         records[p.index].extend(p.logprobs or ())
         calls[p.index].extend(p.tool_calls or ())
+        reasoning[p.index].append(p.reasoning)
         if p.prompt_ids is not None:
             prompt[p.index] = p
         reasons[p.index] = p.finish_reason or reasons[p.index]
@@ -122,6 +125,8 @@ def whole(pieces: list[Piece], parsed: Parsed, chat: bool, meta: dict, decode: C
             message = {"role": "assistant", "content": text}
             if calls[i]:  # content null when only calls were said
                 message = {"role": "assistant", "content": text.strip() or None, "tool_calls": calls[i]}
+            if any(reasoning[i]):
+                message["reasoning_content"] = "".join(reasoning[i])
             choice = {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reasons[i]}
         else:
             logprobs = None
@@ -229,6 +234,9 @@ def piece_choices(piece: Piece, chat: bool, return_token_ids: bool, state: Strea
         out.append([{"index": piece.index, "delta": {"tool_calls": [
             {"index": first + k, **call} for k, call in enumerate(piece.tool_calls)]}, "logprobs": None,
             "finish_reason": None}])
+    if piece.reasoning:
+        out.append([{"index": piece.index, "delta": {"reasoning_content": piece.reasoning}, "logprobs": None,
+                     "finish_reason": None}])
     if piece.text or ids or scored or prompt:
         out.append([{"index": piece.index, "delta": {"content": piece.text},
                      "logprobs": state.of(piece, chat) if piece.token_ids else None, "finish_reason": None,

@@ -9,6 +9,7 @@ environment; admission 2 running + 2 queued), and ``moeray serve`` in a subproce
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,7 +75,8 @@ def cli(checkpoint, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "moeray.cli", "serve", "--model", checkpoint, "--port", str(grpc_port),
              "--http-port", str(http_port), "--workers", "2", "--served-model-name", "chatty", "--api-key", CLI_KEY,
-             "--chat-template", str(template), "--drain-timeout", "60", "--max-new-tokens-cap", str(CAP)],
+             "--chat-template", str(template), "--drain-timeout", "60", "--max-new-tokens-cap", str(CAP),
+             "--tool-call-parser", "openai"],
             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env)
         lines: list[str] = []
         threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
@@ -848,9 +850,36 @@ def test_moeray_serve_shrugs_off_hostile_clients(cli, checkpoint, tmp_path):
     assert not marker.exists()
 
 
+def _harmony_answers(http: str) -> None:
+    """Chat answers read as harmony: the analysis channel is reasoning_content, final the content (whole and
+    streamed), a commentary message to functions.NAME a call. The tiny model does not speak harmony, so a regex
+    and tool_choice required make it."""
+    word = "[a-z]{1,6}"
+    body = {"model": "chatty", "messages": MESSAGES, "max_tokens": 300, "temperature": 0,
+            "guided_regex": rf"<\|channel\|>analysis<\|message\|>{word}<\|end\|><\|start\|>assistant"
+                            rf"<\|channel\|>final<\|message\|>{word}"}
+    status, text = curl(http, "/v1/chat/completions", body, key=CLI_KEY)
+    message = json.loads(text)["choices"][0]["message"]
+    assert status == 200 and re.fullmatch(word, message["reasoning_content"]), text
+    assert re.fullmatch(word, message["content"]) and "tool_calls" not in message, text
+    deltas = [e["choices"][0]["delta"] for e in sse(curl(http, "/v1/chat/completions", {**body, "stream": True},
+                                                         key=CLI_KEY)[1])[:-1] if e["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"], deltas
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"], deltas
+    status, text = curl(http, "/v1/chat/completions", {"model": "chatty", "messages": MESSAGES, "tools": TOOLS,
+                                                       "tool_choice": "required", "parallel_tool_calls": False,
+                                                       "max_tokens": 200, "temperature": 0}, key=CLI_KEY)
+    choice = json.loads(text)["choices"][0]
+    [call] = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, text
+    arguments = json.loads(call["function"]["arguments"])
+    assert call["function"]["name"] in ("get_weather", "add") and arguments.keys() in ({"city", "days"}, {"a", "b"})
+
+
 def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
-    """--served-model-name, --api-key, --chat-template; on SIGTERM: health 503 / NOT_SERVING, new requests 503 /
-    UNAVAILABLE, the stream in flight runs to its end, and the process exits 0."""
+    """--served-model-name, --api-key, --chat-template, --tool-call-parser (gpt-oss's harmony channels); on SIGTERM:
+    health 503 / NOT_SERVING, new requests 503 / UNAVAILABLE, the stream in flight runs to its end, and the process
+    exits 0."""
     banner = _ready(cli)
     assert "'chatty'" in banner and cli["http"] + "/v1" in banner, cli["lines"]
     http = cli["http"]
@@ -867,6 +896,7 @@ def test_moeray_serve_flags_and_sigterm_drain(cli, checkpoint):
     # the key went to the ingress as an argument: no process the server started has it in its environment
     started = _descendants(cli["proc"].pid)
     assert len(started) > 3 and not [pid for pid in started if CLI_KEY.encode() in _environ(pid)]
+    _harmony_answers(http)
 
     stream = subprocess.Popen(
         ["curl", "-sS", "-N", "--max-time", "120", http + "/v1/completions", "-H", f"Authorization: Bearer {CLI_KEY}",

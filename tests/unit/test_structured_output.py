@@ -92,3 +92,35 @@ def test_bad_structured_records_and_ignore_eos_are_refused(engine):
         StructuredOutput("choice")
     with pytest.raises(InvalidRequest, match="cannot be combined with ignore_eos"):
         _run(engine, StructuredOutput("regex", "a"), n=1, ignore_eos=True)
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+             "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Nice"]}},
+             "required": ["city"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["a"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("syntax", ["hermes", "deepseek_v3", "deepseek_v31", "openai"])
+def test_forced_tool_calls_in_each_syntax_parse_back(engine, syntax):
+    """tool_choice named and required, forced in the syntax's own markers (xgrammar's structural tags), come back
+    out of that syntax's parser as calls of the offered tools with arguments valid for their schemas."""
+    from moeray.serving.tool_calls import SYNTAXES, check_tools, forced, split_calls
+
+    eng, tok = engine
+    spec = SYNTAXES[syntax]
+    for choice, names in (({"type": "function", "function": {"name": "add"}}, {"add"}),
+                          ("required", {"add", "get_weather"})):
+        request = check_tools(TOOLS, choice, parallel=False)  # one call: the 256 positions hold it
+        results = eng.generate([tok("the quick brown")["input_ids"], tok("experts route")["input_ids"]],
+                               SamplingParams(max_new_tokens=240, structured=forced(request, spec)))
+        for r in results:
+            text = tok.decode(r.output_ids, skip_special_tokens=True)
+            content, calls = split_calls(text, spec)
+            assert calls and content is None and r.finish_reason == "stop", (syntax, text)
+            for call in calls:
+                assert call["function"]["name"] in names, (syntax, text)
+                arguments = json.loads(call["function"]["arguments"])
+                assert arguments in ({"a": a} for a in range(10)) or arguments in ({"city": "Paris"},
+                                                                                   {"city": "Nice"}), text
