@@ -29,7 +29,8 @@ from moeray.experts.worker import WorkerSpawner
 from moeray.model.backbone import LoadedCheckpoint, inspect_checkpoint
 from moeray.placement.algorithms.plan import Plan
 from moeray.placement.runtime.actors import ControllerActor, topology_of
-from moeray.request import GenerationResult, RequestLimits, SamplingParams, StreamChunk
+from moeray.request import (MAX_MIGRATIONS, GenerationResult, RequestLimits, SamplingParams, StreamChunk,
+                            new_request_id)
 from moeray.router.router import Router
 from moeray.router.scheduler import KVStats
 
@@ -99,8 +100,14 @@ class Engine:
                               num_threads=config.threads_per_actor, telemetry_config=config.telemetry,
                               routers=config.routers, max_forward_tokens=config.max_forward_tokens)
         self.workers.extend(spawn(w, self.initial_plan.experts_of(w)) for w in range(config.workers))
-        # NOTE: the routers and the controller start while the workers load (each process's start and imports take
-        # seconds); the workers' pings are awaited first below, so a load error is still the one raised.
+        # NOTE: the workers are placed and loaded before any router starts: a router's group reserved first could
+        # take a device a worker needs, and a router waiting on a worker never placed would hang the cleanup.
+        try:
+            ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{config.workers} expert workers asking {options} were not all placed within "
+                               f"start_timeout_s={config.start_timeout_s}s; the cluster has "
+                               f"{ray.cluster_resources()}") from None
         router_cls = ray.remote(Router)
         # Routers go where their placement group's bundles are: spread over the nodes (attention nodes when
         # disaggregated), each with its GPU; a node lost takes its bundle elsewhere and Ray restarts the router there.
@@ -135,13 +142,7 @@ class Engine:
             config=config.controller, plan=self.initial_plan, topology=topology_of(self.workers, self.slots_per_worker),
             budget=self.budget, workers=self.workers, routers=self.routers, spawn=spawn,
             telemetry_config=config.telemetry.for_process("controller"))
-        try:
-            ray.get([w.ping.remote() for w in self.workers], timeout=config.start_timeout_s)  # surfaces load errors
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"{config.workers} expert workers asking {options} were not all placed within "
-                               f"start_timeout_s={config.start_timeout_s}s; the cluster has "
-                               f"{ray.cluster_resources()}") from None
-        ray.get([r.ping.remote() for r in self.routers])
+        ray.get([r.ping.remote() for r in self.routers])  # NOTE: the controller starts meanwhile
         self.kv_pool: KVStats = ray.get(self.routers[0].kv_stats.remote())  # the KV pool's size, as it started
         ray.get(self.controller.ping.remote())
         ray.get([r.set_controller.remote(self.controller) for r in self.routers])  # for restores after a loss
@@ -156,13 +157,28 @@ class Engine:
 
     def stream(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None, request_id: str | None = None,
                router: int = 0) -> Iterator[StreamChunk]:
-        """Tokens as they are produced; the last chunk carries the finish reason. Bad input raises at once."""
+        """Tokens as they are produced; the last chunk carries the finish reason. Bad input raises at once. A router
+        that dies goes unnoticed: the request goes on at the next router from the tokens it streamed (as the
+        ingress does, moeray/serving/engine_handle.py), at most MAX_MIGRATIONS times."""
         sampling = sampling or SamplingParams()
         ids = self.limits.check(prompt_ids, sampling)
-        chunks = self.routers[router % len(self.routers)].stream.options(num_returns="streaming").remote(
-            ids, sampling, request_id)
-        for ref in chunks:
-            yield ray.get(ref)
+        request_id = request_id or new_request_id()  # the same id wherever it goes on
+        streamed: list[int] = []
+        for moved in range(MAX_MIGRATIONS + 1):
+            index = (router + moved) % len(self.routers)
+            chunks = self.routers[index].stream.options(num_returns="streaming").remote(
+                ids, sampling, request_id, None, streamed)
+            try:
+                for ref in chunks:
+                    chunk = ray.get(ref)
+                    streamed.extend(chunk.token_ids)
+                    yield chunk
+                return
+            except ray.exceptions.RayActorError:
+                if moved == MAX_MIGRATIONS:
+                    raise
+                log.warning("router %d died while request %s ran (%d tokens streamed): it goes on at router %d",
+                            index, request_id, len(streamed), (router + moved + 1) % len(self.routers))
 
     def abort(self, request_id: str) -> bool:
         """Stop a running request on whichever router runs it; False if none does."""
