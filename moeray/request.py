@@ -25,6 +25,9 @@ MIN_TEMPERATURE = 1e-5  # below it (but above 0) logits / temperature overflow f
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias
 MAX_REPETITION_PENALTY = 10.0
+# A request whose router dies goes on at another from the tokens it streamed (Engine.stream, the ingress) this many
+# times, then fails with the router's error.
+MAX_MIGRATIONS = 3
 _REQUEST_ID = re.compile(r"[!-~]+")  # printable ASCII, no spaces
 
 
@@ -218,6 +221,16 @@ class RequestLimits:
         bad = next((t for t, _ in sampling.logit_bias if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"logit_bias token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def check_resumed(self, resumed: Sequence[int], sampling: SamplingParams) -> list[int]:
+        """A resumed request's output so far (tokens it streamed before its router died): fewer than it may make."""
+        ids = list(resumed)
+        if len(ids) >= sampling.max_new_tokens:
+            raise InvalidRequest(f"{len(ids)} resumed tokens leave nothing of max_new_tokens {sampling.max_new_tokens}")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"resumed token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
         return ids
 
     def check_batch(self, prompts: Sequence[Sequence[int]],

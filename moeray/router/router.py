@@ -171,17 +171,22 @@ class Router:
                     self.scheduler.forward_lock.release()
 
     def new_sequence(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
-                     on_token=None, span=None) -> Sequence:
+                     on_token=None, span=None, resumed: list[int] = ()) -> Sequence:
+        """``resumed``: tokens this request already produced elsewhere (a router lost): they are its output so far,
+        recomputed with the prompt, and it continues after them exactly (penalties, limits, seed, grammar)."""
         ids = self.limits.check(prompt_ids, sampling)
+        resumed = self.limits.check_resumed(resumed, sampling)
         request_id = check_request_id(request_id) if request_id else new_request_id()
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_ids))
         seq = Sequence(request_id=request_id, prompt_ids=ids, sampling=sampling, stop_ids=frozenset(stop),
-                       on_token=on_token, span=span)
+                       on_token=on_token, span=span, output_ids=resumed)
         if sampling.structured is not None:
             if sampling.ignore_eos or not self.eos_ids:
                 raise InvalidRequest("a structured output ends with the model's end-of-sequence token: it needs one, "
                                      "and cannot be combined with ignore_eos")
             seq.matcher = self.grammars.matcher(sampling.structured)
+            if not all(seq.matcher.accept_token(t) for t in resumed):
+                raise InvalidRequest("the resumed tokens do not follow the request's structured output")
         return seq
 
     def generate(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
@@ -196,15 +201,15 @@ class Router:
         return seq.result()
 
     def stream(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None,
-               traceparent: str | None = None) -> Iterator[StreamChunk]:
+               traceparent: str | None = None, resumed: list[int] = ()) -> Iterator[StreamChunk]:
         """Yield new tokens as the shared batch produces them (a Ray streaming generator). If the consumer goes
-        away mid-stream the request is aborted, freeing its batch slot."""
+        away mid-stream the request is aborted, freeing its batch slot. ``resumed``: see ``new_sequence``."""
         with telemetry.request_span("moeray.router.request", traceparent, request_id) as span:
-            yield from self._stream(prompt_ids, sampling, request_id, span)
+            yield from self._stream(prompt_ids, sampling, request_id, span, resumed)
 
-    def _stream(self, prompt_ids, sampling, request_id, span) -> Iterator[StreamChunk]:
+    def _stream(self, prompt_ids, sampling, request_id, span, resumed=()) -> Iterator[StreamChunk]:
         produced: queue.Queue[tuple] = queue.Queue()
-        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id,
+        seq = self.scheduler.submit(self.new_sequence(prompt_ids, sampling, request_id, resumed=list(resumed),
                                                       on_token=lambda *item: produced.put(item), span=span))
         try:
             while not (seq.done.is_set() and produced.empty()):
@@ -224,14 +229,14 @@ class Router:
                 self.scheduler.abort(seq.request_id)
 
     def start(self, prompt_ids: list[int], sampling: SamplingParams, request_id: str, feed_id: str, key: int,
-              traceparent: str | None = None) -> None:
+              traceparent: str | None = None, resumed: list[int] = ()) -> None:
         """Start one request whose chunks go out on feed ``feed_id`` under ``key`` (``moeray.router.feed``; the
         ingress's path). Returns once it is queued; bad input raises InvalidRequest here, and a feed that has ended
-        raises FeedClosed."""
+        raises FeedClosed. ``resumed``: the tokens it already streamed from a router that died (``new_sequence``)."""
         span_scope = contextlib.ExitStack()
         span = span_scope.enter_context(telemetry.request_span("moeray.router.request", traceparent, request_id))
         try:
-            seq = self.new_sequence(prompt_ids, sampling, request_id, span=span)
+            seq = self.new_sequence(prompt_ids, sampling, request_id, span=span, resumed=list(resumed))
             feed = self.feeds.register(feed_id, key, seq.request_id)
         except BaseException as e:
             span_scope.__exit__(type(e), e, e.__traceback__)

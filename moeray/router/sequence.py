@@ -9,6 +9,7 @@ Shape legend: B sequences sampled, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -44,10 +45,14 @@ class Sequence:
         self.generator = None
         if not self.sampling.greedy:
             self.generator = torch.Generator()
-            if self.sampling.seed is not None:
-                self.generator.manual_seed(self.sampling.seed)
-            else:
-                self.generator.seed()
+            self.base_seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
+
+    def seeded_generator(self) -> torch.Generator:
+        """The generator for the next draw, seeded by (the request's seed, how many tokens it has produced): the
+        sampler's whole state is in the request, so a sequence resumed elsewhere from its output so far (a router
+        lost, moeray/serving/engine_handle.py) draws exactly what it would have."""
+        self.generator.manual_seed(hash((self.base_seed, len(self.output_ids))) & (2**63 - 1))
+        return self.generator
 
     @property
     def num_tokens(self) -> int:
@@ -111,7 +116,7 @@ def sample_next(logits_BV: torch.Tensor, seqs: list[Sequence], allowed_BV: torch
             # keep the smallest prefix whose mass reaches top_p (always at least the top token)
             drop_V = sorted_V.cumsum(0) - sorted_V >= s.top_p
             probs_V = probs_V.scatter(0, order_V, sorted_V.masked_fill(drop_V, 0))
-        tokens[b] = int(torch.multinomial(probs_V, 1, generator=seq.generator))
+        tokens[b] = int(torch.multinomial(probs_V, 1, generator=seq.seeded_generator()))
     return tokens
 
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray.exceptions import RayActorError
 
-from moeray.request import InvalidRequest, RequestLimits, SamplingParams, StreamChunk
+from moeray import telemetry
+from moeray.request import MAX_MIGRATIONS, InvalidRequest, RequestLimits, SamplingParams, StreamChunk
 from moeray.router.feed import FeedClosed
 from moeray.serving.errors import reason
 
@@ -139,12 +140,16 @@ class EngineHandle:
                      traceparent: str | None = None) -> AsyncIterator[StreamChunk]:
         """The chunks of one request at the least-loaded router, through this ingress's feed from that router
         (``moeray.router.feed``: one Ray stream per router for all of this ingress's requests there). A router that
-        dies before sending a token (its node lost) costs nothing: the request starts again on another router;
-        after a token, it fails with the router's error (UNAVAILABLE). A consumer that stops before the last chunk
-        (a stop string, a client gone) aborts it there, freeing its batch slot: close this generator promptly
-        (``contextlib.aclosing``)."""
+        dies (its node lost) costs the request nothing: it goes on at another router (or the same one, restarted,
+        when no other is left) from the tokens it already streamed, which that router recomputes with the prompt
+        (``Router.start``'s ``resumed``), so the stream continues with no token repeated or missing; greedy output is
+        what it would have been, and so is a seeded one (the seed and the count of tokens are the sampler's state).
+        After MAX_MIGRATIONS such moves it fails with the router's error (UNAVAILABLE). A consumer that stops before
+        the last chunk (a stop string, a client gone) aborts it there, freeing its batch slot: close this generator
+        promptly (``contextlib.aclosing``)."""
         tried: set[int] = set()
-        reopened = 0
+        reopened = migrations = 0
+        streamed: list[int] = []  # its tokens so far: where a move to another router resumes it from
         while True:
             index = self._pick(frozenset(tried))
             tried.add(index)
@@ -157,13 +162,15 @@ class EngineHandle:
                 await reader.ready.wait()
                 if reader.ended:  # before the router had it open: its death, or a refusal
                     raise reader.end
-                await router.start.remote(prompt_ids, sampling, request_id, reader.feed_id, key, traceparent)
+                await router.start.remote(prompt_ids, sampling, request_id, reader.feed_id, key, traceparent,
+                                          streamed)
                 while True:
                     item = await chunks.get()
                     if isinstance(item, BaseException):
                         raise item
                     finished = item.finish_reason is not None
                     sent = sent or bool(item.token_ids)
+                    streamed.extend(item.token_ids)
                     yield item
                     if finished:
                         return
@@ -180,7 +187,16 @@ class EngineHandle:
                 # NOTE: the router ended the request by dying: nothing to abort, and never another request's id.
                 finished = True
                 self._failed(index)
-                if sent or len(tried) == len(self.routers):
+                if streamed:
+                    migrations += 1
+                    if migrations > MAX_MIGRATIONS:
+                        raise
+                    tried = {index}  # any other router; this one (restarted by Ray) only when none is left
+                    telemetry.request_migrated()
+                    log.warning("router %d died while request %s ran (%d tokens streamed): it goes on at another "
+                                "router from them", index, request_id, len(streamed))
+                    continue
+                if len(tried) == len(self.routers):
                     raise
                 log.warning("router %d died before request %s had a token: starting it on another router", index,
                             request_id)

@@ -396,6 +396,12 @@ def queue_depth(waiting: int) -> None:
         M.queue_depth.set(waiting)
 
 
+def request_migrated() -> None:
+    """A request's router died as it ran; the ingress moved it to another (moeray/serving/engine_handle.py)."""
+    if STATE.metrics:
+        M.requests_migrated.add(1)
+
+
 def rejected(code) -> None:
     """The ingress refused a request with gRPC status ``code`` (a grpc.StatusCode or its name)."""
     if STATE.metrics:

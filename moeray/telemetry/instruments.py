@@ -50,6 +50,8 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str, str], ...] = (
     ("moeray_expert_compute_seconds", "histogram", "s", ("worker", "layer"), "worker",
      "a worker's grouped expert compute for one layer call"),
     ("moeray_rejected_requests", "counter", "1", ("code",), "ingress", "requests the ingress answered with an error, by gRPC status code"),
+    ("moeray_requests_migrated", "counter", "1", (), "ingress",
+     "requests whose router died as they ran, gone on at another router from the tokens they had streamed"),
     ("moeray_requests_running", "gauge", "1", (), "ingress",
      "requests admitted and running at the routers (the admission counter: gRPC and HTTP)"),
     ("moeray_requests_waiting", "gauge", "1", (), "ingress",

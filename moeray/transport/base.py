@@ -79,7 +79,11 @@ def make_transport(name: str, workers: list) -> Transport:
     raise ValueError(f"transport {name!r} is not one of {TRANSPORTS}")
 
 
-PING_TIMEOUT_S = 30.0
+PING_TIMEOUT_S = 30.0  # how long a liveness call may take before a worker counts as dead (a slow one is not)
+
+
+class WorkerFailed(RuntimeError):
+    """A worker's ``forward`` raised (anything but its death): the router's step fails with its message."""
 
 
 def call_each(workers: list, members: list[int], method: str, timeout_s: float = PING_TIMEOUT_S) -> set[int]:

@@ -49,14 +49,13 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
-from moeray.transport.base import Sent, call_each
+from moeray.transport.base import PING_TIMEOUT_S, Sent, WorkerFailed, call_each
 from moeray.transport.wire import WireTensor, WorkerCall, pack
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 60.0  # rendezvous of one group (store connect and every rank's connections)
 GET_TIMEOUT_S = 300.0  # one layer's results, as for the compiled graph: a loaded CPU machine is slow
-PING_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0  # a STOP header to a live, idle member
 MAX_ATTEMPTS = 3  # exchanges of one layer: a death found per attempt, then give up
 IDLE_WAIT = datetime.timedelta(days=365)  # a worker's wait for the next header: "for ever" (see the docstring)
@@ -70,10 +69,6 @@ OK, ERROR = 0, 1
 RESULT_FIELDS = ("status", "rows", "cols", "dtype", "length")
 # Wire dtype names (WireTensor.dtype) by code; a payload travels as its wire array's raw bits.
 DTYPES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e8m0fnu", "uint8", "int32")
-
-
-class WorkerFailed(RuntimeError):
-    """A worker's ``forward`` raised (anything but its death): the router's step fails with its message."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,13 +39,12 @@ import time
 import ray
 from ray.exceptions import RayActorError, RayChannelError, RayChannelTimeoutError
 
-from moeray.transport.base import Sent, call_each
+from moeray.transport.base import PING_TIMEOUT_S, Sent, call_each
 from moeray.transport.wire import WorkerCall
 
 log = logging.getLogger(__name__)
 
 GET_TIMEOUT_S = 300.0  # one layer's results; Ray's default (10 s) is too short for a loaded CPU machine
-PING_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 3  # executions of one layer: a death found per attempt, then give up
 IDLE_TEARDOWN_S = 10.0  # a compile costs ~0.1-1 s; an idle graph's polling costs a core per few workers
 POLL_BACKOFF = 0.5  # < 1, so that an overestimate shrinks (see the module docstring)

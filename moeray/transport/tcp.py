@@ -39,7 +39,7 @@ import struct
 import threading
 
 from moeray.transport import frames
-from moeray.transport.base import Sent, call_each
+from moeray.transport.base import PING_TIMEOUT_S, Sent, WorkerFailed, call_each
 from moeray.transport.frames import FrameError
 from moeray.transport.wire import WireTensor, WorkerCall
 
@@ -49,17 +49,12 @@ CONNECT_TIMEOUT_S = 30.0  # the router's wait to connect and be challenged
 OPEN_TIMEOUT_S = 5.0  # the worker's wait for a new connection's answer to its challenge
 MAX_CONNECTIONS = 64  # per worker, opening or open: routers x concurrent micro-batch sends, with room
 GET_TIMEOUT_S = 300.0  # one layer's result, as on the other paths: a loaded CPU machine is slow
-PING_TIMEOUT_S = 30.0
 MAX_ATTEMPTS = 2  # a live worker whose connection broke gets its call again once, on a new connection
 KEY_BYTES = NONCE_BYTES = 32
 METHODS = ("forward", "round_trip_call")  # what a connection may run (the second: moeray bench layer's floor)
 _MAGIC = b"MRY1"
 _CHALLENGE = struct.Struct(f"!4s{NONCE_BYTES}s")  # the worker's: magic, a fresh nonce
 _ANSWER = struct.Struct("!32sB")  # the router's: HMAC-SHA256(key, magic + nonce + method index), the method index
-
-
-class WorkerFailed(RuntimeError):
-    """A worker's ``forward`` raised (anything but its death): the router's step fails with its message."""
 
 
 def opening_mac(key: bytes, nonce: bytes, method_index: int) -> bytes:

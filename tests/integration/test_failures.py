@@ -66,23 +66,67 @@ def test_a_worker_dies_with_the_only_copy_and_the_step_waits_for_restore(cluster
         assert history[-1]["reason"] == "replace: workers [0] lost", "then a replacement joined"
 
 
-def test_a_router_dies_its_requests_fail_clearly_and_it_comes_back_on_the_current_plan(cluster, checkpoints, oracle):
+def test_a_router_dies_its_streams_go_on_elsewhere_and_it_comes_back_on_the_current_plan(cluster, checkpoints,
+                                                                                            oracle):
+    """Engine.stream: the stream on the killed router continues at the other from the tokens it had, with no token
+    repeated or missing, and ends as the undisturbed run does; the restarted router takes the plan in force."""
     ref = oracle("mixtral")
     with Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, replicas=2)) as engine:
         record = engine.rebalance(policy="round_robin")  # the plan in force is no longer the routers' first one
         assert record["applied"]
         sampling = SamplingParams(max_new_tokens=64, ignore_eos=True)
+        undisturbed = [t for c in engine.stream(PROMPTS[1], sampling, router=1) for t in c.token_ids]
         doomed = engine.stream(PROMPTS[1], sampling, router=0)
         survivor = engine.submit(PROMPTS[3], SamplingParams(max_new_tokens=16), router=1)
-        next(doomed)
+        first = next(doomed)
         ray.kill(engine.routers[0], no_restart=False)
-        with pytest.raises(ray.exceptions.RayActorError):
-            list(doomed)
+        rest = list(doomed)
+        assert list(first.token_ids) + [t for c in rest for t in c.token_ids] == undisturbed
+        assert rest[-1].finish_reason == "length"
         assert ray.get(survivor, timeout=120).output_ids == ref.greedy(PROMPTS[3]), "the other router carried on"
         wait_for_condition(lambda: _answers(engine.routers[0]), timeout=120)
         assert ray.get(engine.routers[0].epoch.remote()) == record["epoch"], "restarted on the plan in force"
         again = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=16))  # prompt 0 goes to router 0
         assert again[0].output_ids == ref.greedy(PROMPTS[0])
+
+
+def test_a_router_dies_under_load_and_the_ingress_loses_no_request(cluster, checkpoints, caplog):
+    """Through the ingress's handle (what Serve's replica runs; tests/serving/test_grpc.py through a real server):
+    greedy and seeded streams spread over both routers; one router is killed once every stream has tokens. Every
+    stream ends as its undisturbed run does, with no token repeated or missing."""
+    import asyncio
+
+    from moeray.serving.engine_handle import EngineHandle
+
+    samplings = [SamplingParams(max_new_tokens=40, ignore_eos=True),
+                 SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=1.0, top_p=0.9, seed=7,
+                                frequency_penalty=0.4)]
+    jobs = [(p, samplings[i % 2]) for i, p in enumerate(PROMPTS * 2)]
+    with Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2)) as engine:
+        handle = EngineHandle.of(engine)
+
+        async def run(kill: bool) -> list[list[int]]:
+            started = [asyncio.Event() for _ in jobs]
+
+            async def one(i: int, prompt, sampling) -> list[int]:
+                tokens = []
+                async for chunk in handle.stream(list(prompt), sampling, f"r{kill}-{i}"):
+                    tokens += chunk.token_ids
+                    started[i].set()
+                return tokens
+
+            tasks = [asyncio.create_task(one(i, p, s)) for i, (p, s) in enumerate(jobs)]
+            if kill:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+                ray.kill(engine.routers[0], no_restart=False)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 300)
+
+        undisturbed = asyncio.run(run(kill=False))
+        with caplog.at_level("WARNING", logger="moeray.serving.engine_handle"):
+            assert asyncio.run(run(kill=True)) == undisturbed
+        assert all(len(t) == 40 for t in undisturbed)
+        moved = [r for r in caplog.records if "goes on at another router" in r.getMessage()]
+        assert moved and all("router 0 died" in r.getMessage() for r in moved), "requests did move"
 
 
 def _healed(engine: Engine, workers: int) -> bool:

@@ -37,11 +37,12 @@ def server(checkpoints, tmp_path_factory):
         with _ray_start():
             engine = Engine(EngineConfig(model=checkpoints["mixtral"], workers=2, routers=2, max_new_tokens_cap=64,
                                          track_tokens=True))
-            port = free_port()
-            model_name = start_serving(engine, grpc_port=port, http_port=free_port())
+            port, http_port = free_port(), free_port()
+            model_name = start_serving(engine, grpc_port=port, http_port=http_port)
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             grpc.channel_ready_future(channel).result(timeout=60)
-            yield {"address": f"127.0.0.1:{port}", "channel": channel, "model": model_name, "engine": engine}
+            yield {"address": f"127.0.0.1:{port}", "channel": channel, "model": model_name, "engine": engine,
+                   "http": f"http://127.0.0.1:{http_port}"}
             channel.close()
             serve.shutdown()
             engine.shutdown()
@@ -486,3 +487,46 @@ def test_admission_control_rejects_beyond_the_queue(server):
     rejected = [o for o in outcomes if o == grpc.StatusCode.RESOURCE_EXHAUSTED]
     served = [o for o in outcomes if o == 48]
     assert rejected and served and len(rejected) + len(served) == 6, outcomes
+
+
+def test_a_router_killed_under_load_loses_no_request_on_either_api(server):
+    """Last here (it kills a router): greedy streams over gRPC and over HTTP (the openai client), spread over both
+    routers; router 0 is killed once every stream has tokens. Every stream ends as its undisturbed run through the
+    same server did, with no token repeated or missing (the ingress moves it, moeray/serving/engine_handle.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    stub = generate_pb2_grpc.GenerateServiceStub(server["channel"])
+    client = openai.OpenAI(base_url=server["http"] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def over_grpc(prompt, started: threading.Event) -> list[int]:
+        request = generate_pb2.GenerateRequest(prompt_ids=generate_pb2.TokenIds(ids=prompt), sampling=generate_pb2.
+                                               SamplingParams(max_new_tokens=48, ignore_eos=True))
+        tokens = []
+        for chunk in stub.Generate(request, timeout=120):
+            tokens += chunk.token_ids
+            started.set()
+        return tokens
+
+    def over_http(prompt, started: threading.Event) -> list[int]:
+        tokens = []
+        for chunk in client.completions.create(model=server["model"], prompt=prompt, max_tokens=48, stream=True,
+                                               temperature=0, extra_body={"ignore_eos": True}):
+            tokens += getattr(chunk.choices[0], "token_ids", None) or []
+            started.set()
+        return tokens
+
+    def run(kill: bool) -> list[list[int]]:
+        jobs = [(over_grpc if i % 2 else over_http, p) for i, p in enumerate(PROMPTS * 2)]
+        started = [threading.Event() for _ in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(fn, p, e) for (fn, p), e in zip(jobs, started)]
+            if kill:
+                assert all(e.wait(120) for e in started)
+                ray.kill(server["engine"].routers[0], no_restart=False)
+            return [f.result(timeout=300) for f in futures]
+
+    undisturbed = run(kill=False)
+    assert all(len(t) == 48 for t in undisturbed)
+    assert run(kill=True) == undisturbed
