@@ -226,7 +226,7 @@ class RequestLimits:
     def check_resumed(self, resumed: Sequence[int], sampling: SamplingParams) -> list[int]:
         """A resumed request's output so far (tokens it streamed before its router died): fewer than it may make."""
         ids = list(resumed)
-        if len(ids) >= sampling.max_new_tokens:
+        if ids and len(ids) >= sampling.max_new_tokens:
             raise InvalidRequest(f"{len(ids)} resumed tokens leave nothing of max_new_tokens {sampling.max_new_tokens}")
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
         if bad is not None:

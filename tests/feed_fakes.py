@@ -51,7 +51,7 @@ class FeedRouter:
     def _queue(self, feed_id: str) -> asyncio.Queue:
         return self._feeds.setdefault(feed_id, asyncio.Queue())
 
-    def _start(self, ids, sampling, request_id, feed_id, key, traceparent):
+    def _start(self, ids, sampling, request_id, feed_id, key, traceparent, resumed=()):
         self.started.append(request_id)
         self._running.add(request_id)
         asyncio.get_running_loop().create_task(self._produce(request_id, self._queue(feed_id), key))

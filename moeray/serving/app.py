@@ -49,7 +49,8 @@ class Ingress:
         telemetry.setup(engine.telemetry)
         self.model_name = model_name or engine.model_name
         self.spec, self.limits = engine.spec, engine.limits
-        self.call_syntax = syntax_of(self.spec.architecture, tool_call_parser)  # --tool-call-parser, else the family's
+        # --tool-call-parser, else the family's (a handle without a spec: a test's, Hermes)
+        self.call_syntax = syntax_of(self.spec.architecture if self.spec else "", tool_call_parser)
         self.tokenizer = None
         if engine.has_tokenizer:
             from transformers import AutoTokenizer

@@ -118,9 +118,9 @@ def test_requests_on_one_router_share_its_feed_and_an_ended_feed_is_reopened():
     feeds: list[str] = []
     start = router._start
 
-    def recording_start(ids, sampling, request_id, feed_id, key, traceparent):
+    def recording_start(ids, sampling, request_id, feed_id, key, traceparent, resumed=()):
         feeds.append(feed_id)
-        return start(ids, sampling, request_id, feed_id, key, traceparent)
+        return start(ids, sampling, request_id, feed_id, key, traceparent, resumed)
 
     router.start = Method(recording_start)
 
@@ -133,13 +133,13 @@ def test_requests_on_one_router_share_its_feed_and_an_ended_feed_is_reopened():
     # The feed ended idle just as a request came: its start is refused, and it starts again on a new feed.
     closed = [True]
 
-    def refusing_start(ids, sampling, request_id, feed_id, key, traceparent):
+    def refusing_start(ids, sampling, request_id, feed_id, key, traceparent, resumed=()):
         feeds.append(feed_id)
         if closed.pop() if closed else False:
             async def refuse():
                 raise FeedClosed(f"feed {feed_id} has ended")
             return refuse()
-        return start(ids, sampling, request_id, feed_id, key, traceparent)
+        return start(ids, sampling, request_id, feed_id, key, traceparent, resumed)
 
     router.start = Method(refusing_start)
 
