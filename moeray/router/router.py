@@ -152,12 +152,17 @@ class Router:
             return False
         import ray  # a controller is a Ray actor: the in-process engine has none
 
+        deadline = time.monotonic() + self.restore_timeout_s
         try:
-            ray.get(self.controller.restore.remote(sorted(self.dispatcher.dead_workers)),
-                    timeout=self.restore_timeout_s)
+            record = ray.get(self.controller.restore.remote(sorted(self.dispatcher.dead_workers)),
+                             timeout=self.restore_timeout_s)
         except Exception:
             log.exception("the placement controller could not restore %s", error)
             return False
+        # NOTE: a restore another router asked for first answers at once with the plan in force; its switch to
+        # this router may still be on its way, and a retry before it would find the same experts missing.
+        while self.dispatcher.plan.epoch < record.get("epoch", 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return True
 
     def _run(self) -> None:
