@@ -11,6 +11,7 @@ import torch
 
 from moeray.deployment import TOPOLOGIES
 from moeray.request import DEFAULT_MAX_FORWARD_TOKENS, check_step_fits
+from moeray.router.prefill_budget import FLOOR as PREFILL_FLOOR
 from moeray.model.architecture import ModelSpec
 from moeray.model.backbone import LoadedCheckpoint
 from moeray.placement.algorithms.plan import Plan
@@ -80,7 +81,8 @@ class EngineConfig:
                      "threads_per_actor", "router_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        check_step_fits(self.max_batch_size, self.kv_cache.max_prefill_tokens, self.max_forward_tokens)  # early
+        # early; the automatic budget needs room for its floor
+        check_step_fits(self.max_batch_size, self.kv_cache.max_prefill_tokens or PREFILL_FLOOR, self.max_forward_tokens)
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0; got {self.replicas}")
         if self.micro_batches is not None and not 1 <= self.micro_batches <= MAX_MICRO_BATCHES:

@@ -11,10 +11,15 @@ random point), and the run measures
 
 Both with no replicas (every expert once: the steps that need a lost expert wait for the replacement) and with
 every expert replicated once (the survivors take over within the step; the replacement restores redundancy).
+
+``--victim router``: two routers, the requests streamed (``Engine.stream``) over both, and one router killed: its
+requests go on at the other from the tokens they had (moeray/serving/engine_handle.py does the same for the
+ingress); time to full service is until Ray has the killed router answering again.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import statistics
 import time
@@ -43,26 +48,56 @@ def _timed_batch(engine, prompts, sampling) -> tuple[list[list[int]], list[float
     return outputs, latency
 
 
-def _one_kill(engine, prompts, sampling, rng, workers: int) -> dict:
+def _timed_streams(engine, prompts, sampling) -> tuple[list[list[int]], list[float]]:
+    """As ``_timed_batch``, each request streamed (``Engine.stream`` moves one whose router dies)."""
+    import concurrent.futures
+
+    started = time.perf_counter()
+
+    def one(i: int) -> tuple[list[int], float]:
+        tokens = [t for chunk in engine.stream(prompts[i], sampling, router=i) for t in chunk.token_ids]
+        return tokens, time.perf_counter() - started
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        done = list(pool.map(one, range(len(prompts))))
+    return [d[0] for d in done], [d[1] for d in done]
+
+
+def _answers(actor) -> bool:
+    import ray
+
+    try:
+        return ray.get(actor.ping.remote(), timeout=5)
+    except ray.exceptions.RayError:
+        return False
+
+
+def _one_kill(engine, prompts, sampling, rng, workers: int, victim: str = "worker") -> dict:
     import threading
 
     import ray
 
-    expected, base = _timed_batch(engine, prompts, sampling)
+    batch = _timed_streams if victim == "router" else _timed_batch
+    expected, base = batch(engine, prompts, sampling)
     result: dict = {}
 
     def kill() -> None:
         time.sleep(rng.uniform(0.2, 0.6) * max(base))  # somewhere mid-batch
-        victim = rng.randrange(workers)
-        ray.kill(ray.get(engine.controller.workers.remote())[victim])
+        if victim == "router":
+            router = engine.routers[rng.randrange(len(engine.routers))]
+            ray.kill(router, no_restart=False)
+            healed = functools.partial(_answers, router)
+        else:
+            ray.kill(ray.get(engine.controller.workers.remote())[rng.randrange(workers)])
+            healed = functools.partial(_healed, engine, workers)
         killed = time.perf_counter()
-        while not _healed(engine, workers) or time.perf_counter() - killed < 0.05:
+        while not healed() or time.perf_counter() - killed < 0.05:
             time.sleep(0.02)
         result["heal_s"] = time.perf_counter() - killed
 
     killer = threading.Thread(target=kill)
     killer.start()
-    outputs, latency = _timed_batch(engine, prompts, sampling)
+    outputs, latency = batch(engine, prompts, sampling)
     killer.join()
     extra = [a - b for a, b in zip(latency, base)]
     return {"heal_s": result["heal_s"], "extra_s_max": max(extra), "extra_s_mean": statistics.fmean(extra),
@@ -70,7 +105,7 @@ def _one_kill(engine, prompts, sampling, rng, workers: int) -> dict:
 
 
 def run_heal_bench(model: str, *, workers: int = 3, kills: int = 5, requests: int = 8,
-                   max_new_tokens: int = 48) -> list[dict]:
+                   max_new_tokens: int = 48, victim: str = "worker") -> list[dict]:
     import ray
 
     from moeray import Engine, EngineConfig, SamplingParams
@@ -83,11 +118,14 @@ def run_heal_bench(model: str, *, workers: int = 3, kills: int = 5, requests: in
     prompts = [[5 + i, 6 + i, 7 + i, 40 + 3 * i] for i in range(requests)]
     rows = []
     try:
-        for replicas, label in ((0, "no replicas"), (num_experts, "every expert twice")):
-            config = EngineConfig(model=model, workers=workers, use_gpus=True, router_threads=1, replicas=replicas)
+        setups = ((0, 2, "2 routers, one killed"),) if victim == "router" else \
+            ((0, 1, "no replicas"), (num_experts, 1, "every expert twice"))
+        for replicas, routers, label in setups:
+            config = EngineConfig(model=model, workers=workers, use_gpus=True, router_threads=1, replicas=replicas,
+                                  routers=routers)
             with Engine(config) as engine:
                 engine.generate(prompts[:2], sampling)  # warm up
-                runs = [_one_kill(engine, prompts, sampling, rng, workers) for _ in range(kills)]
+                runs = [_one_kill(engine, prompts, sampling, rng, workers, victim) for _ in range(kills)]
             heal = [r["heal_s"] for r in runs]
             row = {"setup": label, "kills": kills, "heal_s_p50": statistics.median(heal), "heal_s_max": max(heal),
                    "extra_s_p50": statistics.median(r["extra_s_max"] for r in runs),
@@ -101,7 +139,7 @@ def run_heal_bench(model: str, *, workers: int = 3, kills: int = 5, requests: in
                   f"identical in {row['identical_outputs']}/{kills} runs", flush=True)
     finally:
         ray.shutdown()
-    print(f"moeray bench heal: {workers} workers (one fake GPU each), {requests} greedy requests of "
+    print(f"moeray bench heal: a {victim} killed; {workers} workers (one fake GPU each), {requests} greedy requests of "
           f"{max_new_tokens} tokens in flight per kill; p50 over kills, per-run extra latency = the slowest request's "
           f"latency minus its undisturbed latency")
     return rows

@@ -125,7 +125,8 @@ def run_kv_bench(model: str, chunks: list[int], streams: int = 16, warmup: int =
     from moeray.serving.ports import free_port
 
     rows, reference = [], None
-    settings = [(f"chunked ({chunk}-token prefill budget)", chunk) for chunk in chunks]
+    settings = [("automatic prefill budget (the default)", None)]
+    settings += [(f"chunked ({chunk}-token prefill budget)", chunk) for chunk in chunks]
     settings.append((f"baseline: whole prompt in one step ({long_prompt + 256}-token budget)", long_prompt + 256))
     print(f"moeray bench kv: {model}, {workers} workers, 1 router x {router_threads} threads; {streams} streams, "
           f"a {long_prompt}-token prompt, a {prefix}-token shared prefix")

@@ -59,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bheal.add_argument("--kills", type=int, default=5)
     bheal.add_argument("--requests", type=int, default=8)
     bheal.add_argument("--max-new-tokens", type=int, default=48)
+    bheal.add_argument("--victim", choices=("worker", "router"), default="worker",
+                       help="what is killed: an expert worker, or one of two routers")
     bheal.set_defaults(func=cmd_bench_heal)
     bplace = bench_sub.add_parser("placement", help="placement policies on synthetic traces vs round_robin and "
                                   "optimal's bound")
@@ -150,7 +152,7 @@ def cmd_bench_heal(args: argparse.Namespace) -> int:
     from moeray.bench.heal import run_heal_bench
 
     run_heal_bench(model_dir(args.model), workers=args.workers, kills=args.kills, requests=args.requests,
-                   max_new_tokens=args.max_new_tokens)
+                   max_new_tokens=args.max_new_tokens, victim=args.victim)
     return 0
 
 

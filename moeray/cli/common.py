@@ -68,9 +68,10 @@ def add_kv_cache_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-memory", help="the KV pool's size: bytes (8GiB, 512MB) or a fraction such as 0.9 "
                        "of the device's free memory after the weights (default: 2048 tokens per batch slot)")
     group.add_argument("--kv-block-size", type=int, default=16, help="token positions per KV block (default 16)")
-    group.add_argument("--max-prefill-tokens", type=int, default=512,
+    group.add_argument("--max-prefill-tokens", type=int, default=None,
                        help="prompt tokens a step prefills beside the running streams' next tokens; longer prompts "
-                       "are prefilled in chunks (default 512)")
+                       "are prefilled in chunks (default: chosen each step from measured step costs, so that no "
+                       "running stream waits more than twice a decode step)")
     group.add_argument("--max-forward-tokens", type=int, default=DEFAULT_MAX_FORWARD_TOKENS,
                        help="the most tokens one forward sends the expert workers (a step, a scored batch's rows); "
                        "it bounds what a worker's data port accepts (default %(default)s)")

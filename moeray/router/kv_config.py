@@ -16,13 +16,15 @@ class KVCacheConfig:
     # DEFAULT_TOKENS_PER_SEQUENCE tokens per batch slot.
     memory: str | int | float | None = None
     block_size: int = 16  # token positions per KV block
-    max_prefill_tokens: int = 512  # prompt tokens a step may prefill beside its running sequences' next tokens
+    # Prompt tokens a step may prefill beside its running sequences' next tokens. None: chosen each step from measured
+    # step costs, so that no running stream's gap passes twice a decode step (moeray/router/prefill_budget.py).
+    max_prefill_tokens: int | None = None
     prefix_caching: bool = True  # share full blocks between sequences with the same prefix
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"kv block_size must be >= 1; got {self.block_size}")
-        if self.max_prefill_tokens < 1:
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1; got {self.max_prefill_tokens}")
         fraction = self._fraction()
         if fraction is not None and not 0 < fraction <= 1:

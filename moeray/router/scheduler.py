@@ -8,11 +8,13 @@ submit ─▶ waiting ──admit: shared prefix blocks, blocks for the first ch
 ```
 
 A step takes every running sequence (its next token, or the next chunk of its prompt while it is still
-prefilling), then admits waiting sequences while the step's prefill budget (``max_prefill_tokens``) and the batch
-size allow. A prompt longer than the budget is prefilled over several steps, so running streams wait at most one
-chunk. A sequence whose keys and values fill a block takes a new one; when the pool has none, the most recently
-admitted sequence is preempted: its blocks go back and it waits at the head of the queue to be prefilled again
-over its prompt and the tokens it has produced, so its output continues exactly. A request that could never fit
+prefilling), then admits waiting sequences while the step's prefill budget and the batch size allow. The budget is
+``max_prefill_tokens`` when set, else chosen each step from measured step costs so that a step with prompt tokens
+takes at most twice a decode step (``moeray.router.prefill_budget``). A prompt longer than the budget is prefilled
+over several steps, so running streams wait at most one chunk. A sequence whose keys and values fill a block
+takes a new one; when the pool has none, the most recently admitted sequence is preempted: its blocks go back and
+it waits at the head of the queue to be prefilled again over its prompt and the tokens it has produced, so its
+output continues exactly. A request that could never fit
 the pool, even alone, is refused when it is submitted.
 
 Sequence state is one number: ``num_computed``, its positions whose keys and values are in the pool. A step feeds
@@ -44,8 +46,9 @@ import torch
 
 from moeray import telemetry
 from moeray.model.architecture import kv_layout_of
+from moeray.router.prefill_budget import FLOOR as PREFILL_FLOOR, PrefillBudget
 from moeray.request import DEFAULT_MAX_FORWARD_TOKENS, DuplicateRequestId, InvalidRequest, check_step_fits
-from moeray.router import overlap
+from moeray.router import overlap, scoring
 from moeray.router.kv_blocks import BlockTable, OutOfBlocks
 from moeray.router.kv_pool import KVPool, Row, StepLayout, use_paged_attention
 from moeray.router.sequence import Sequence, sample_next, sampled_logprobs
@@ -54,7 +57,6 @@ log = logging.getLogger(__name__)
 
 MAX_STEP_RETRIES = 3  # a step that still fails after this many recoveries fails its sequences
 DEFAULT_BLOCK_SIZE = 16
-DEFAULT_MAX_PREFILL_TOKENS = 512
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the pool's size when none is given: this many tokens per batch slot
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +109,7 @@ class Scheduler:
         device: torch.device | str = "cpu",
         kv_cache_bytes: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
-        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        max_prefill_tokens: int | None = None,
         prefix_caching: bool = True,
         grammars=None,
     ) -> None:
@@ -121,10 +123,12 @@ class Scheduler:
         # run again from where it started.
         self.recover = recover
         self.max_batch_size = max_batch_size
-        if max_prefill_tokens < 1:
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1; got {max_prefill_tokens}")
-        self.max_prefill_tokens = max_prefill_tokens
-        check_step_fits(max_batch_size, max_prefill_tokens, max_forward_tokens)
+        check_step_fits(max_batch_size, max_prefill_tokens or PREFILL_FLOOR, max_forward_tokens)
+        self.max_prefill_tokens = max_prefill_tokens  # None: automatic, from measured step costs (prefill_budget.py)
+        self.prefill_rule = None if max_prefill_tokens is not None else \
+            PrefillBudget(ceiling=max_forward_tokens - max_batch_size)
         self.max_forward_tokens = max_forward_tokens  # a step's tokens stay under it; a score splits its rows by it
         overlap.plan_micro_batches([1], micro_batches)  # refuses a bad count here, naming it
         self.micro_batches = micro_batches  # None: automatic (plan_micro_batches); may change between steps
@@ -212,7 +216,11 @@ class Scheduler:
             self._finish(seq, "abort")
         batch = self._schedule()
         if batch:
-            self._run(batch)
+            ran = time.perf_counter()
+            clean = self._run(batch)
+            if self.prefill_rule is not None and clean:  # a step that waited on a recovery measures nothing
+                self.prefill_rule.observe(sum(new == 1 for _, new in batch), sum(new for _, new in batch if new > 1),
+                                          time.perf_counter() - ran)
         self.steps += 1
         self.step_s += time.perf_counter() - started
         telemetry.kv_cache(self.kv_stats())
@@ -220,6 +228,8 @@ class Scheduler:
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """This step's (sequence, new positions): the running ones first, then admissions."""
         budget, batch, i = self.max_prefill_tokens, [], 0
+        if budget is None:
+            budget = self.prefill_rule.budget(sum(s.num_tokens - s.num_computed == 1 for s in self.running))
         while i < len(self.running):
             seq = self.running[i]
             remaining = seq.num_tokens - seq.num_computed
@@ -275,7 +285,8 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def _run(self, batch: list[tuple[Sequence, int]]) -> None:
+    def _run(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """Run one step's batch; True when every micro-batch ran at its first attempt (no failure, no recovery)."""
         batch = [b for b in batch if b[1] == 1] + [b for b in batch if b[1] != 1]  # the layout's decode block first
         parts = overlap.plan_micro_batches([new for _, new in batch], self.micro_batches, self.micro_batch_min_tokens)
         pending = [self._micro_batch([batch[r] for r in part]) for part in parts]
@@ -286,6 +297,7 @@ class Scheduler:
         masks = None if self.grammars is None else self.grammars.fill_async([s.matcher for s in sampled])
         done: dict[int, torch.Tensor] = {}  # micro-batch index -> its sampled logits
         left = list(range(len(pending)))
+        clean = True  # every micro-batch ran at its first attempt
         try:
             for attempt in range(1 + MAX_STEP_RETRIES):
                 results = self._forward([pending[i] for i in left], kind, seqs)
@@ -293,6 +305,7 @@ class Scheduler:
                 failed = [(i, r) for i, r in zip(left, results) if isinstance(r, Exception)]
                 if not failed:
                     break
+                clean = False
                 error = failed[0][1]
                 if attempt < MAX_STEP_RETRIES and self.recover is not None and self.recover(error):
                     log.warning("step failed (%s); retrying %d of its %d micro-batches after recovery", error,
@@ -328,6 +341,7 @@ class Scheduler:
                 allowed_BV = masks.result()[[row[id(seq)] for seq in samplers]]
             tokens = sample_next(logits_BV, samplers, allowed_BV)
             self._emit(samplers, tokens, sampled_logprobs(logits_BV, samplers, tokens))
+        return clean
 
     def _micro_batch(self, rows: list[tuple[Sequence, int]]) -> MicroBatch:
         ids, positions, keep, samplers = [], [], [], []
@@ -419,58 +433,8 @@ class Scheduler:
                        tokens_held=sum(s.num_computed for s in self.running), preemptions=self.preemptions,
                        prefix_queries=self.prefix_queries, prefix_hits=self.prefix_hits)
 
-    # -- scoring -----------------------------------------------------------------------------------------
+    # -- scoring (moeray/router/scoring.py) ---------------------------------------------------------------
     def score(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Logits for every position of a padded batch (no cache kept), [B, T, V], zero at padding; with
-        ``last_only``, each row's logits at its last real position only, [B, V]. Rows are packed like a step's
-        prefill chunks, so padding costs nothing; a batch of more than ``max_forward_tokens`` real tokens runs as
-        several forwards of whole rows."""
+        """Logits for every position of a padded batch (no cache kept): ``scoring.score``."""
         self.scores += 1
-        real_BT = mask_BT.bool()
-        lengths = real_BT.sum(dim=1).tolist()
-        longest = max(lengths)
-        if longest > self.max_forward_tokens:
-            raise InvalidRequest(f"a row of {longest} tokens is over this engine's max_forward_tokens "
-                                 f"{self.max_forward_tokens} (a scored row runs in one forward)")
-        groups, size = [[]], 0
-        for b, n in enumerate(lengths):
-            if size + n > self.max_forward_tokens:
-                groups, size = [*groups, []], 0
-            groups[-1].append(b)
-            size += n
-        logits = [self._score_rows(ids_BT, real_BT, rows, last_only) for rows in groups]
-        if last_only:
-            return torch.cat(logits)
-        logits_BTV = logits[0].new_zeros(*ids_BT.shape, logits[0].shape[-1])
-        for rows, logits_QV in zip(groups, logits):
-            start = 0
-            for b in rows:
-                logits_BTV[b, real_BT[b].to(logits_QV.device)] = logits_QV[start:start + lengths[b]]
-                start += lengths[b]
-        return logits_BTV
-
-    def _score_rows(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, rows: list[int],
-                    last_only: bool) -> torch.Tensor:
-        """One forward over ``rows`` of the batch: logits [Q, V] for their real tokens in row order, or with
-        ``last_only`` [len(rows), V]."""
-        lengths = [int(real_BT[b].sum()) for b in rows]
-        order = sorted(range(len(rows)), key=lambda i: lengths[i] != 1)  # one-token rows: the decode block
-        layout = StepLayout([Row(0, lengths[i]) for i in order], None, self.device)
-        ids_Q = torch.cat([ids_BT[rows[i]][real_BT[rows[i]]] for i in order])
-        pos_Q = torch.cat([torch.arange(lengths[i]) for i in order])
-        start = dict(zip(order, torch.tensor([0] + [lengths[i] for i in order]).cumsum(0).tolist()))
-        with self.forward_lock, torch.no_grad(), layout.active():
-            self.on_forward(ids_Q)
-            try:
-                keep = None if not last_only else \
-                    torch.tensor([start[i] + lengths[i] - 1 for i in range(len(rows))], device=self.device)
-                out = self.model(input_ids=ids_Q[None].to(self.device), position_ids=pos_Q[None].to(self.device),
-                                 cache=layout, use_cache=True, logits_to_keep=0 if keep is None else keep)
-            finally:
-                self.on_forward(None)
-                if self.on_step_end is not None:
-                    self.on_step_end()
-        logits_QV = out.logits[0]
-        if last_only:
-            return logits_QV
-        return torch.cat([logits_QV[start[i]:start[i] + lengths[i]] for i in range(len(rows))])
+        return scoring.score(self, ids_BT, mask_BT, last_only)

@@ -18,6 +18,7 @@ from moeray import EngineConfig, InvalidRequest, LocalEngine, SamplingParams
 from moeray.model.checkpoint import CheckpointError
 from moeray.model.tiny import ARCHITECTURES, save_fp8_checkpoint, save_tiny_checkpoint
 from moeray.placement.config import ControllerConfig
+from moeray.router.kv_config import KVCacheConfig
 from moeray.transport.direct import DirectTransport
 
 GREEDY = SamplingParams(max_new_tokens=16)
@@ -111,7 +112,9 @@ def test_config_names_the_backends_and_their_limits(checkpoints, tmp_path):
         EngineConfig(model=path, transport="direct")
     with pytest.raises(ValueError, match=r"a step may carry max_batch_size \+ max_prefill_tokens = 32 \+ 512 = 544 "
                                          r"tokens, over max_forward_tokens 500: raise max_forward_tokens"):
-        EngineConfig(model=path, max_forward_tokens=500)
+        EngineConfig(model=path, max_forward_tokens=500, kv_cache=KVCacheConfig(max_prefill_tokens=512))
+    with pytest.raises(ValueError, match=r"32 \+ 16 = 48 tokens, over max_forward_tokens 40"):  # the automatic floor
+        EngineConfig(model=path, max_forward_tokens=40)
     with pytest.raises(ValueError, match="LocalEngine runs backend 'local'; the config asks for backend 'ray'"):
         LocalEngine(EngineConfig(model=path))
     with pytest.raises(CheckpointError, match="does not exist"):
