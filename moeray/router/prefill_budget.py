@@ -6,13 +6,14 @@ decode step. From the recent steps it knows
 
 - ``t_decode``: the median duration of recent decode-only steps, what a stream's gap is when nothing arrives;
 - ``b``: the seconds each prompt token adds to a step, the least-squares slope (through the origin) of the prefill
-  steps' extra time over ``t_decode`` against their prompt tokens;
+  steps' extra time over ``t_decode`` against their prompt tokens (the chunks within 4x of the largest measured);
 
 and allows ``(target_ratio - 1) * t_decode / b`` prompt tokens, within ``[floor, ceiling]``. The floor keeps a long
 prompt moving however busy the batch is; the ceiling is what one forward may carry. With no stream running there
 is nothing to stall and a prompt gets the ceiling; before a prefill step has been measured, ``start``, small, so the
-first measurement costs the streams little; while prefill steps cost less than noise can show, twice the largest
-measured. Pure: the scheduler tells it each step (``observe``) and asks it
+first measurement costs the streams little. It never grows past twice the largest chunk measured beside streams, so
+it reaches a large budget by doubling, each step measured, rather than by extrapolating a slope fitted on small
+ones. Pure: the scheduler tells it each step (``observe``) and asks it
 before each (``budget``); `--max-prefill-tokens` replaces it with a fixed number.
 """
 
@@ -56,8 +57,11 @@ class PrefillBudget:
         if not self._decode_s or not self._prefill:
             return None
         t_decode = statistics.median(self._decode_s)
-        num = sum(p * (t - t_decode) for p, t in self._prefill)
-        den = sum(p * p for p, _ in self._prefill)
+        largest = max(p for p, _ in self._prefill)
+        # the chunks within 4x of the largest: a small chunk's extra time is mostly noise
+        fit = [(p, t) for p, t in self._prefill if 4 * p >= largest]
+        num = sum(p * (t - t_decode) for p, t in fit)
+        den = sum(p * p for p, _ in fit)
         return max(num / den, 0.0)
 
     def budget(self, decoding: int) -> int:
@@ -67,8 +71,10 @@ class PrefillBudget:
         per_token = self.seconds_per_token()
         if per_token is None:
             allowed = self.start
-        elif per_token == 0:  # cheaper than measurable: twice the largest measured, and measure again
-            allowed = 2 * max(p for p, _ in self._prefill)
         else:
-            allowed = (self.target_ratio - 1) * statistics.median(self._decode_s) / per_token
+            # NOTE: never past twice the largest prompt chunk measured: a slope fitted on small chunks is mostly
+            # noise, and extrapolated it let a whole 768-token prompt into one step (7.5x the decode gap, measured)
+            grown = 2 * max(p for p, _ in self._prefill)
+            allowed = grown if per_token == 0 else \
+                min((self.target_ratio - 1) * statistics.median(self._decode_s) / per_token, grown)
         return int(min(max(allowed, self.floor), self.ceiling))

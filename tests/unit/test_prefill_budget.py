@@ -63,3 +63,18 @@ def test_free_looking_prefill_grows_the_budget_until_it_shows_a_cost():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrefillBudget(**kwargs)
+
+
+def test_a_slope_from_small_chunks_is_not_extrapolated_to_a_whole_prompt():
+    """Streams that arrived 16 prompt tokens at a time give a noisy slope; the long prompt after them is let in by
+    doubling from what was measured, never in one step."""
+    rng, rule = random.Random(2), PrefillBudget(ceiling=8000)
+    for _ in range(20):
+        rule.observe(16, 0, step_s(0, rng))
+        rule.observe(16, 16, step_s(0, rng))  # 16 tokens' cost is within the noise: the slope says ~free
+    assert rule.budget(16) == 32
+    chunks = []
+    for _ in range(4):
+        chunks.append(rule.budget(16))
+        rule.observe(16, chunks[-1], step_s(chunks[-1], rng))
+    assert chunks[:3] == [32, 64, 128] and chunks[3] < 160, chunks
